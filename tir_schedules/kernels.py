@@ -1,0 +1,168 @@
+"""TIR PrimFuncs of the PQ lookup layer, shape-specialised and unscheduled.
+
+Each kernel mirrors a numpy function in ``tvm_lut.pq`` (the reference the tests hold it against):
+
+=====================  ===========================  ========================================
+kernel                 computes                     numpy reference
+=====================  ===========================  ========================================
+``im2col``             NCHW -> (rows, D_pad) patches ``pq.im2col`` + ``pq.pad_columns``
+``encode_dot``         argmin_k (b_k - x . p_k)      ``pq.encode`` (``l2`` and ``cosine``)
+``encode_l1``          argmin_k sum |x - p_k|        ``pq.encode`` (``l1``)
+``accumulate``         sum_c int8 T[c, code, m]      ``pq.accumulate``
+=====================  ===========================  ========================================
+
+Kernels are tagged ``"op_pattern": 8`` (opaque: FuseOps leaves them alone; see cookbook P5) and
+``"tvm_lut.kernel"`` with their role, which schedules and tuning filter on.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+from tvm.script import tirx as T
+
+KERNEL_ATTR = "tvm_lut.kernel"
+
+
+def _opaque(func: tirx.PrimFunc, role: str) -> tirx.PrimFunc:
+    return func.with_attr("op_pattern", 8).with_attr(KERNEL_ATTR, role).with_attr("tirx.noalias", True)
+
+
+def im2col(
+    n: int,
+    c: int,
+    h: int,
+    w: int,
+    kernel_hw: tuple[int, int],
+    strides: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    d_pad: int,
+) -> tirx.PrimFunc:
+    """(N, C, H, W) float32 -> (N*OH*OW, D_pad) patch rows, columns (c, kh, kw), zero padded."""
+    kh, kw = kernel_hw
+    sh, sw = strides
+    pt, pl, pb, pr = padding
+    dh, dw = dilation
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    d = c * kh * kw
+    x = te.placeholder((n, c, h, w), "float32", name="x")
+
+    def patch(r, col):
+        b, rem = r // (oh * ow), r % (oh * ow)
+        y, xx = rem // ow, rem % ow
+        ci, tap = col // (kh * kw), col % (kh * kw)
+        iy = y * sh - pt + (tap // kw) * dh
+        ix = xx * sw - pl + (tap % kw) * dw
+        inside = tirx.all(col < d, iy >= 0, iy < h, ix >= 0, ix < w)
+        return tirx.if_then_else(inside, x[b, tirx.min(ci, c - 1), iy, ix], tirx.const(0.0, "float32"))
+
+    cols = te.compute((n * oh * ow, d_pad), patch, name="im2col")
+    return _opaque(te.create_prim_func([x, cols]).without_attr("global_symbol"), "im2col")
+
+
+def encode_dot(n: int, c: int, k: int, v: int, with_bias: bool) -> tirx.PrimFunc:
+    """codes[n, c] = argmin_k (bias[c, k] - sum_v x[n, cV+v] * p[c, k, v]); L2 (with bias) or cosine."""
+    if with_bias:
+
+        @T.prim_func(private=True, s_tir=True)
+        def func(
+            x: T.Buffer((n, c * v), "float32"),
+            cents: T.Buffer((c, k, v), "float32"),
+            cbias: T.Buffer((c, k), "float32"),
+            codes: T.Buffer((n, c), "int32"),
+        ):
+            score = T.sblock_alloc_buffer((n, c, k), "float32")
+            best = T.sblock_alloc_buffer((n, c), "float32")
+            for i, j, q, t in T.grid(n, c, k, v):
+                with T.sblock("score"):
+                    vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
+                    with T.init():
+                        score[vi, vj, vq] = cbias[vj, vq]
+                    score[vi, vj, vq] = score[vi, vj, vq] - x[vi, vj * v + vt] * cents[vj, vq, vt]
+            for i, j, q in T.grid(n, c, k):
+                with T.sblock("argmin"):
+                    vi, vj, vq = T.axis.remap("SSR", [i, j, q])
+                    with T.init():
+                        codes[vi, vj] = 0
+                        best[vi, vj] = T.float32(3.4e38)
+                    take: T.let[T.bool] = score[vi, vj, vq] < best[vi, vj]
+                    codes[vi, vj] = T.Select(take, vq, codes[vi, vj])
+                    best[vi, vj] = T.Select(take, score[vi, vj, vq], best[vi, vj])
+
+    else:
+
+        @T.prim_func(private=True, s_tir=True)
+        def func(
+            x: T.Buffer((n, c * v), "float32"),
+            cents: T.Buffer((c, k, v), "float32"),
+            codes: T.Buffer((n, c), "int32"),
+        ):
+            score = T.sblock_alloc_buffer((n, c, k), "float32")
+            best = T.sblock_alloc_buffer((n, c), "float32")
+            for i, j, q, t in T.grid(n, c, k, v):
+                with T.sblock("score"):
+                    vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
+                    with T.init():
+                        score[vi, vj, vq] = T.float32(0)
+                    score[vi, vj, vq] = score[vi, vj, vq] - x[vi, vj * v + vt] * cents[vj, vq, vt]
+            for i, j, q in T.grid(n, c, k):
+                with T.sblock("argmin"):
+                    vi, vj, vq = T.axis.remap("SSR", [i, j, q])
+                    with T.init():
+                        codes[vi, vj] = 0
+                        best[vi, vj] = T.float32(3.4e38)
+                    take: T.let[T.bool] = score[vi, vj, vq] < best[vi, vj]
+                    codes[vi, vj] = T.Select(take, vq, codes[vi, vj])
+                    best[vi, vj] = T.Select(take, score[vi, vj, vq], best[vi, vj])
+
+    return _opaque(func, "encode")
+
+
+def encode_l1(n: int, c: int, k: int, v: int) -> tirx.PrimFunc:
+    """codes[n, c] = argmin_k sum_v |x[n, cV+v] - p[c, k, v]|: subtract, abs, add; no multiplies."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(
+        x: T.Buffer((n, c * v), "float32"),
+        cents: T.Buffer((c, k, v), "float32"),
+        codes: T.Buffer((n, c), "int32"),
+    ):
+        score = T.sblock_alloc_buffer((n, c, k), "float32")
+        best = T.sblock_alloc_buffer((n, c), "float32")
+        for i, j, q, t in T.grid(n, c, k, v):
+            with T.sblock("score"):
+                vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
+                with T.init():
+                    score[vi, vj, vq] = T.float32(0)
+                score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(x[vi, vj * v + vt] - cents[vj, vq, vt])
+        for i, j, q in T.grid(n, c, k):
+            with T.sblock("argmin"):
+                vi, vj, vq = T.axis.remap("SSR", [i, j, q])
+                with T.init():
+                    codes[vi, vj] = 0
+                    best[vi, vj] = T.float32(3.4e38)
+                take: T.let[T.bool] = score[vi, vj, vq] < best[vi, vj]
+                codes[vi, vj] = T.Select(take, vq, codes[vi, vj])
+                best[vi, vj] = T.Select(take, score[vi, vj, vq], best[vi, vj])
+
+    return _opaque(func, "encode")
+
+
+def accumulate(n: int, c: int, k: int, m: int) -> tirx.PrimFunc:
+    """acc[n, m] = sum_c int32(T[c, codes[n, c], m]) over int8 tables (C, K, M)."""
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(
+        codes: T.Buffer((n, c), "int32"),
+        tables: T.Buffer((c, k, m), "int8"),
+        acc: T.Buffer((n, m), "int32"),
+    ):
+        for i, o, j in T.grid(n, m, c):
+            with T.sblock("acc"):
+                vi, vo, vj = T.axis.remap("SSR", [i, o, j])
+                with T.init():
+                    acc[vi, vo] = 0
+                acc[vi, vo] = acc[vi, vo] + T.Cast("int32", tables[vj, codes[vi, vj], vo])
+
+    return _opaque(func, "accumulate")

@@ -1,0 +1,284 @@
+"""Product quantization (PQ) for linear layers: the numpy reference implementation.
+
+A linear map ``y = x @ W`` (x: N x D rows, W: D x M) becomes a table lookup:
+
+1. split each row into ``C`` subspaces of length ``V`` (D is zero-padded up to ``D_pad = C * V``);
+2. per subspace ``c`` keep ``K`` centroids ``P[c] in R^{K x V}`` (the codebook);
+3. **encode**: ``code[n, c]`` = index of the nearest centroid of ``x[n, cV:(c+1)V]``;
+4. **tables** (offline): ``T[c, k, m] = P[c, k] . W[cV:(c+1)V, m]``, stored as int8 with one symmetric
+   scale per output ``m``;
+5. **accumulate**: ``y[n, m] = scale[m] * sum_c Tq[c, code[n, c], m] (+ bias[m])``.
+
+Everything here is float32/int numpy and mirrors operation for operation what the TIR kernels in
+``tir_schedules.kernels`` compute, so tests can hold one against the other. The integer accumulate is
+bit-exact; the float encoders agree except on near-ties (the compiled kernel may fuse multiply-adds).
+
+Distances (how a subvector picks its centroid):
+
+* ``"l2"`` (LUT-NN): ``argmin_k ||x - p_k||^2 = argmin_k (0.5 ||p_k||^2 - x . p_k)``; the kernel evaluates
+  the right-hand form: K*V multiplies and K*V adds per subspace.
+* ``"cosine"`` (PECAN-A, angle-based): ``argmax_k x . p_k / ||p_k||``, evaluated as ``argmin_k -x . u_k``
+  with unit centroids ``u_k``; the table still uses the un-normalised centroid.
+* ``"l1"`` (PECAN-D, multiplier-free): ``argmin_k sum_v |x_v - p_kv|``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+DISTANCES = ("l2", "cosine", "l1")
+
+#: Defaults from LUT-NN: 16 centroids (a 4-bit code), 9-long subvectors for 3x3 convs, 4 otherwise.
+DEFAULT_K = 16
+
+
+def default_subvector_len(kind: str, kernel_hw: tuple[int, int] | None) -> int:
+    """LUT-NN's default V: one input channel's 3x3 patch for 3x3 convs, 4 for everything else."""
+    if kind == "conv2d" and kernel_hw == (3, 3):
+        return 9
+    return 4
+
+
+def num_subspaces(d: int, v: int) -> int:
+    """Number of codebooks C for a D-long row split into V-long subvectors (the last is zero-padded)."""
+    return math.ceil(d / v)
+
+
+def pad_columns(x: np.ndarray, d_pad: int) -> np.ndarray:
+    """Zero-pad the last axis of ``x`` to ``d_pad`` columns (a no-op when already that wide)."""
+    d = x.shape[-1]
+    if d == d_pad:
+        return x
+    pad = [(0, 0)] * (x.ndim - 1) + [(0, d_pad - d)]
+    return np.pad(x, pad)
+
+
+def im2col(
+    x: np.ndarray,
+    kernel_hw: tuple[int, int],
+    strides: tuple[int, int] = (1, 1),
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    dilation: tuple[int, int] = (1, 1),
+) -> np.ndarray:
+    """NCHW input -> (N*OH*OW, C*KH*KW) patch rows, columns ordered (c, kh, kw) like an OIHW weight.
+
+    ``padding`` is (top, left, bottom, right) as in Relax's conv2d. With this column order a V=KH*KW
+    subspace is exactly one input channel's patch (LUT-NN's choice for 3x3 convs).
+    """
+    n, c, h, w = x.shape
+    kh, kw = kernel_hw
+    sh, sw = strides
+    pt, pl, pb, pr = padding
+    dh, dw = dilation
+    xp = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    cols = np.empty((n, oh, ow, c, kh, kw), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xp[:, :, i * dh : i * dh + sh * (oh - 1) + 1 : sh, j * dw : j * dw + sw * (ow - 1) + 1 : sw]
+            cols[:, :, :, :, i, j] = patch.transpose(0, 2, 3, 1)
+    return cols.reshape(n * oh * ow, c * kh * kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Codebook learning (post-training, from calibration rows)
+# ----------------------------------------------------------------------------------------------
+
+
+def fit_codebooks(rows: np.ndarray, v: int, k: int, distance: str = "l2", seed: int = 0) -> np.ndarray:
+    """Learn K centroids per subspace from calibration rows (n x D_pad, D_pad = C*V) -> (C, K, V).
+
+    ``l2`` and ``cosine`` use scikit-learn's k-means (``cosine`` on unit-normalised subvectors, i.e.
+    spherical k-means, then each centroid is rescaled to the mean norm of its members so the table row
+    stays a faithful reconstruction). ``l1`` refines the k-means solution with a few k-medians steps,
+    which minimise the L1 distance the encoder uses.
+    """
+    from sklearn.cluster import KMeans
+
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+    n, d_pad = rows.shape
+    if d_pad % v:
+        raise ValueError(f"row width {d_pad} is not a multiple of the subvector length V={v}")
+    if n < k:
+        raise ValueError(f"K={k} centroids need at least {k} calibration vectors, got {n}")
+    c_count = d_pad // v
+    out = np.empty((c_count, k, v), dtype=np.float32)
+    rows = rows.astype(np.float32, copy=False)
+    for c in range(c_count):
+        sub = rows[:, c * v : (c + 1) * v]
+        data = sub
+        if distance == "cosine":
+            norms = np.linalg.norm(sub, axis=1, keepdims=True)
+            data = sub / np.maximum(norms, 1e-12)
+        km = KMeans(n_clusters=k, n_init=1, max_iter=100, random_state=seed + c)
+        # k-means on data with fewer distinct points than K warns and duplicates centroids: harmless here.
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                labels = km.fit_predict(data.astype(np.float64))
+        cent = km.cluster_centers_.astype(np.float32)
+        if distance == "cosine":
+            for j in range(k):
+                members = labels == j
+                mean_norm = float(norms[members].mean()) if members.any() else 0.0
+                cent[j] = cent[j] / max(float(np.linalg.norm(cent[j])), 1e-12) * mean_norm
+        elif distance == "l1":
+            for _ in range(5):
+                labels = np.abs(sub[:, None, :] - cent[None]).sum(-1).argmin(1)
+                for j in range(k):
+                    members = sub[labels == j]
+                    if len(members):
+                        cent[j] = np.median(members, axis=0)
+        out[c] = cent
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder operands and encoding (what the encode kernel computes)
+# ----------------------------------------------------------------------------------------------
+
+
+def encoder_operands(centroids: np.ndarray, distance: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Centroids as the encode kernel consumes them, plus the per-centroid bias (L2 only).
+
+    l2: (P, 0.5*||P||^2); cosine: (P/||P||, None); l1: (P, None).
+    """
+    p = centroids.astype(np.float32)
+    if distance == "l2":
+        return p, (np.float32(0.5) * (p * p).sum(-1, dtype=np.float32)).astype(np.float32)
+    if distance == "cosine":
+        norms = np.sqrt((p * p).sum(-1, keepdims=True, dtype=np.float32))
+        return (p / np.maximum(norms, np.float32(1e-12))).astype(np.float32), None
+    if distance == "l1":
+        return p, None
+    raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+
+
+def encode_scores(x: np.ndarray, enc_centroids: np.ndarray, enc_bias: np.ndarray | None, distance: str) -> np.ndarray:
+    """Per (row, subspace, centroid) score, accumulated over v in order like the kernel -> (N, C, K)."""
+    c_count, k, v = enc_centroids.shape
+    xs = x.astype(np.float32).reshape(x.shape[0], c_count, 1, v)
+    if distance == "l1":
+        score = np.zeros((x.shape[0], c_count, k), np.float32)
+        for i in range(v):
+            score = score + np.abs(xs[..., i] - enc_centroids[None, :, :, i])
+        return score
+    score = np.broadcast_to(enc_bias, (x.shape[0], c_count, k)).astype(np.float32) if enc_bias is not None else (
+        np.zeros((x.shape[0], c_count, k), np.float32))
+    for i in range(v):
+        score = score - xs[..., i] * enc_centroids[None, :, :, i]
+    return score
+
+
+def encode(x: np.ndarray, enc_centroids: np.ndarray, enc_bias: np.ndarray | None, distance: str) -> np.ndarray:
+    """Nearest-centroid codes (N, C) int32 for padded rows x (N, C*V); ties go to the lowest index."""
+    return encode_scores(x, enc_centroids, enc_bias, distance).argmin(-1).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables and accumulation
+# ----------------------------------------------------------------------------------------------
+
+
+def build_tables(centroids: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Float tables T[c, k, m] = P[c, k] . W[cV:(c+1)V, m] for a (D_pad, M) weight -> (C, K, M)."""
+    c_count, k, v = centroids.shape
+    w = weight.astype(np.float32).reshape(c_count, v, -1)
+    return np.einsum("ckv,cvm->ckm", centroids.astype(np.float64), w.astype(np.float64)).astype(np.float32)
+
+
+def quantize_tables(tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantization with one scale per output column -> (int8 (C, K, M), scale (M,))."""
+    amax = np.abs(tables).max(axis=(0, 1))
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(tables / scale), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def accumulate(codes: np.ndarray, tables_q: np.ndarray) -> np.ndarray:
+    """int32 sums y[n, m] = sum_c Tq[c, code[n, c], m]: what the accumulate kernel computes, bit for bit."""
+    n, c_count = codes.shape
+    acc = np.zeros((n, tables_q.shape[2]), dtype=np.int32)
+    for c in range(c_count):
+        acc += tables_q[c, codes[:, c], :].astype(np.int32)
+    return acc
+
+
+@dataclass
+class PQLayer:
+    """Everything one LUT layer stores: codebooks, int8 tables and the per-output affine epilogue."""
+
+    centroids: np.ndarray  # (C, K, V) float32, the learned codebooks (table rows are built from these)
+    tables: np.ndarray  # (C, K, M) int8
+    scale: np.ndarray  # (M,) float32 dequantisation scale per output
+    bias: np.ndarray | None  # (M,) float32 or None
+    distance: str
+    d: int  # unpadded input width D
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.centroids.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.centroids.shape[1]
+
+    @property
+    def v(self) -> int:
+        return self.centroids.shape[2]
+
+    @property
+    def m(self) -> int:
+        return self.tables.shape[2]
+
+    def encoder_operands(self) -> tuple[np.ndarray, np.ndarray | None]:
+        return encoder_operands(self.centroids, self.distance)
+
+    def emulate(self, x: np.ndarray) -> np.ndarray:
+        """Reference output for rows x (N, D): encode -> accumulate -> scale (+ bias), as compiled."""
+        xp = pad_columns(x.astype(np.float32), self.num_codebooks * self.v)
+        cents, cbias = self.encoder_operands()
+        acc = accumulate(encode(xp, cents, cbias, self.distance), self.tables)
+        y = acc.astype(np.float32) * self.scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def fit_layer(
+    rows: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    *,
+    k: int = DEFAULT_K,
+    v: int = 4,
+    distance: str = "l2",
+    seed: int = 0,
+) -> PQLayer:
+    """Post-training PQ of one linear layer y = x @ weight + bias from calibration rows (n, D).
+
+    ``weight`` is (D, M) with any batch-norm scale already folded in.
+    """
+    d, _m = weight.shape
+    if rows.ndim != 2 or rows.shape[1] != d:
+        raise ValueError(f"calibration rows have shape {rows.shape}, expected (n, {d})")
+    if not np.isfinite(rows).all():
+        raise ValueError("calibration rows contain NaN or Inf")
+    d_pad = num_subspaces(d, v) * v
+    centroids = fit_codebooks(pad_columns(rows, d_pad), v, k, distance, seed)
+    tables_q, scale = quantize_tables(build_tables(centroids, pad_columns(weight.T, d_pad).T))
+    return PQLayer(
+        centroids=centroids,
+        tables=tables_q,
+        scale=scale,
+        bias=None if bias is None else bias.astype(np.float32),
+        distance=distance,
+        d=d,
+    )

@@ -1,0 +1,8 @@
+"""Relax passes of tvm-lut (TVM 0.27 has no Relay; the card's ``relay.transform`` name is kept as an alias).
+
+One pass per module, CamelCase class named like the pass, as in ``tvm/relax/transform/``.
+"""
+
+from .lutify import LAYERS_ATTR, LUTify
+
+__all__ = ["LUTify", "LAYERS_ATTR"]

@@ -1,0 +1,316 @@
+"""LUTify: rewrite conv2d/dense layers of a Relax module into product-quantization table lookups.
+
+Each convertible layer (see ``tvm_lut.graph``) becomes::
+
+    im2col (conv only) -> encode (nearest centroid per subspace) -> accumulate (int8 table rows,
+    int32 sums) -> astype float32 * scale (+ bias) -> reshape/permute back to the layer's layout
+
+with codebooks and tables as module constants, and its bias/batch-norm epilogue folded in. Codebooks
+are learned by k-means on the layer's real inputs, collected by running the model on calibration data
+(``tvm_lut.calibrate``); learned codebooks can be passed in instead (``codebooks=``).
+
+Layers stay exact, with the reason recorded, when the rewrite cannot apply (grouped conv, dynamic
+shape, non-float32) or, unless ``all_layers=True``, when it would not pay: the L2/cosine encoder spends
+K*D multiplies per row against D*M for the exact layer, so a layer with M <= K gains nothing.
+
+Order: apply on the imported module, before ``tvm_lut.build`` (which legalizes the remaining ops).
+The per-layer decisions are kept in the module attribute ``"tvm_lut.layers"`` (JSON) and on the pass
+object (``.layers``) for reports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from tir_schedules import kernels, x86
+from tvm_lut import calibrate, cost, graph, pq
+from tvm_lut.errors import CalibrationError, OptionError
+from tvm_lut.options import LayerOptions, coerce
+
+log = logging.getLogger("tvm_lut")
+
+LAYERS_ATTR = "tvm_lut.layers"
+
+
+@dataclass
+class _Plan:
+    layer: graph.Layer
+    record: dict
+    pq_layer: pq.PQLayer | None = None
+
+
+@tvm.transform.module_pass(opt_level=0, name="LUTify")
+class LUTify:
+    """Replace conv2d/dense layers by PQ table lookups (LUT-NN / TabConv style).
+
+    Parameters
+    ----------
+    calibration : array, tensor, list of batches, or mapping input name -> array
+        Inputs of the model to learn codebooks from (a few hundred samples are typical).
+    k, v, distance : defaults for every layer: centroids per codebook (16), subvector length
+        (9 for 3x3 convs, 4 otherwise) and encoder distance (``"l2"``, ``"cosine"``, ``"l1"``).
+    layers : per-layer options by name, e.g. ``{"features.3": {"k": 8}, "fc": "exact"}``.
+    all_layers : also convert layers where lookup is not expected to pay (M <= K).
+    codebooks : learned centroids by layer name, each (C, K, V); skips k-means for those layers.
+    target : where calibration runs and what the kernels are scheduled for (default: this x86 host).
+    schedule : apply the hand schedules (``False`` leaves kernels for MetaSchedule).
+    """
+
+    def __init__(
+        self,
+        calibration=None,
+        *,
+        k: int = pq.DEFAULT_K,
+        v: int | None = None,
+        distance: str = "l2",
+        layers: dict | None = None,
+        all_layers: bool = False,
+        codebooks: dict | None = None,
+        seed: int = 0,
+        max_calibration_rows: int = 16384,
+        target="x86",
+        schedule: bool = True,
+        progress: bool = True,
+    ):
+        self.calibration = calibration
+        self.defaults = LayerOptions(k=k, v=v, distance=distance)
+        self.layer_options = {n: coerce(n, o) for n, o in (layers or {}).items()}
+        self.all_layers = all_layers
+        self.codebooks = dict(codebooks or {})
+        self.seed = seed
+        self.max_rows = max_calibration_rows
+        self.target = target
+        self.schedule = schedule
+        self.progress = progress
+        self.layers: list[dict] = []
+
+    # -- planning ------------------------------------------------------------------------------
+
+    def _plan(self, layer: graph.Layer) -> _Plan:
+        opts = self.layer_options.get(layer.name, LayerOptions())
+        rec = {
+            "name": layer.name,
+            "kind": layer.kind,
+            "weight_param": layer.weight_param,
+            "input_shape": list(layer.input_shape),
+            "output_shape": list(layer.output_shape),
+            "method": "exact",
+            "reason": "",
+        }
+        if layer.unsupported:
+            rec["reason"] = layer.unsupported
+            if opts.method == "pq":
+                log.warning("layer %s stays exact: %s", layer.name, layer.unsupported)
+            return _Plan(layer, rec)
+        kh = layer.conv["kernel_hw"] if layer.conv else None
+        k = opts.k or self.defaults.k
+        v = opts.v or self.defaults.v or pq.default_subvector_len(layer.kind, kh)
+        distance = opts.distance or self.defaults.distance
+        if layer.name in self.codebooks:
+            cb = np.asarray(self.codebooks[layer.name], dtype=np.float32)
+            if cb.ndim != 3:
+                raise OptionError(f"codebooks[{layer.name!r}] has shape {cb.shape}, expected (C, K, V)")
+            k, v = int(cb.shape[1]), int(cb.shape[2])
+        c = pq.num_subspaces(layer.d, v)
+        rec.update(
+            d=layer.d, m=layer.m, k=k, v=v, c=c, distance=distance, has_bias=layer.bias is not None,
+            rows_per_sample=layer.rows_per_sample, conv=None if layer.conv is None else {
+                key: list(val) if isinstance(val, tuple) else val for key, val in layer.conv.items()},
+        )
+        if opts.method == "exact":
+            rec["reason"] = "requested"
+        elif layer.m <= k and not self.all_layers and opts.method != "pq":
+            rec["reason"] = (f"narrow layer (M={layer.m} <= K={k}): encoding costs K*D={k * layer.d} "
+                             f"multiplies per row vs D*M={layer.d * layer.m} exact; force with all_layers")
+        else:
+            rec["method"] = "pq"
+        if rec["method"] == "exact":
+            log.info("layer %s stays exact: %s", layer.name, rec["reason"])
+        return _Plan(layer, rec)
+
+    # -- the pass ------------------------------------------------------------------------------
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        found = graph.find_layers(mod)
+        names = {l.name for l in found}
+        unknown = sorted(set(self.layer_options) - names) + sorted(set(self.codebooks) - names)
+        if unknown:
+            raise OptionError(f"unknown layer name(s) {unknown}; the model's layers are: {sorted(names)}")
+        plans = [self._plan(l) for l in found]
+        todo = [p for p in plans if p.record["method"] == "pq"]
+        need_calib = [p for p in todo if p.layer.name not in self.codebooks]
+        rows = {}
+        if need_calib:
+            if self.calibration is None:
+                raise CalibrationError("LUTify needs calibration data (or codebooks=) to learn codebooks for "
+                                       + ", ".join(p.layer.name for p in need_calib))
+            inputs = calibrate.normalize_inputs(self.calibration, graph.input_signature(mod["main"]))
+            rows = calibrate.collect(mod, [p.layer for p in need_calib], inputs, target=self.target,
+                                     max_rows=self.max_rows, seed=self.seed, progress=self.progress)
+        for p in todo:
+            r = p.record
+            name = p.layer.name
+            if name in self.codebooks:
+                p.pq_layer = _from_codebooks(p.layer, np.asarray(self.codebooks[name], np.float32), r["distance"])
+            else:
+                if len(rows[name]) < r["k"]:
+                    raise CalibrationError(f"layer {name!r}: K={r['k']} centroids need at least {r['k']} "
+                                           f"calibration vectors, got {len(rows[name])}")
+                p.pq_layer = pq.fit_layer(rows[name], p.layer.weight, p.layer.bias, k=r["k"], v=r["v"],
+                                          distance=r["distance"], seed=self.seed)
+        for p in plans:
+            _account(p)
+        self.layers = [p.record for p in plans]
+        out = _rewrite(mod, todo, self.schedule) if todo else mod
+        return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))
+
+
+def _from_codebooks(layer: graph.Layer, centroids: np.ndarray, distance: str) -> pq.PQLayer:
+    c, _k, v = centroids.shape
+    if c * v < layer.d or (c - 1) * v >= layer.d:
+        raise OptionError(f"codebooks for {layer.name!r} have C={c}, V={v}, which does not cover D={layer.d}")
+    tables_q, scale = pq.quantize_tables(pq.build_tables(centroids, pq.pad_columns(layer.weight.T, c * v).T))
+    return pq.PQLayer(centroids, tables_q, scale, layer.bias, distance, layer.d)
+
+
+def _account(p: _Plan) -> None:
+    """Fill the record's op counts and byte sizes (per input sample)."""
+    r, layer = p.record, p.layer
+    if layer.weight is None or "d" not in r:
+        return
+    rows = layer.rows_per_sample
+    r["exact_ops"] = cost.exact_ops(rows, layer.d, layer.m, layer.bias is not None)
+    r["weight_bytes"] = cost.weight_bytes(layer.d, layer.m, layer.bias is not None)
+    if r["method"] == "pq":
+        r["lut_ops"] = cost.lut_ops(rows, r["c"], r["k"], r["v"], r["m"], r["distance"], r["has_bias"])
+        r["table_bytes"] = cost.table_bytes(r["c"], r["k"], r["m"], r["has_bias"])
+        r["codebook_bytes"] = cost.codebook_bytes(r["c"], r["k"], r["v"], r["distance"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The rewrite
+# ----------------------------------------------------------------------------------------------
+
+
+def _ident(name: str) -> str:
+    return re.sub(r"\W", "_", name).strip("_") or "layer"
+
+
+@mutator
+class _LookupRewriter(PyExprMutator):
+    def __init__(self, mod, plans: list[_Plan], schedule: bool):
+        super().__init__(mod)
+        self.by_call = {p.layer.call_var: p for p in plans}
+        self.drop = [v for p in plans for v in [p.layer.call_var, *p.layer.folded_vars]]
+        self.schedule = schedule
+        self.kernels: dict[tuple, relax.GlobalVar] = {}
+
+    def _kernel(self, key: tuple, name: str, make) -> relax.GlobalVar:
+        gv = self.kernels.get(key)
+        if gv is None:
+            func = make()
+            if self.schedule:
+                func = x86.schedule(func)
+            gv = self.builder_.add_func(func, name)
+            self.kernels[key] = gv
+        return gv
+
+    def visit_var_binding_(self, binding):
+        plan = self.by_call.get(binding.var)
+        if plan is not None:
+            x = self.visit_expr(plan.layer.input_expr)
+            out_var = plan.layer.output_var
+            y = self._emit_lookup(plan, x, as_output=not isinstance(out_var, relax.DataflowVar))
+            self.set_var_remap(out_var, y)
+            return
+        if any(binding.var.same_as(v) for v in self.drop):
+            return
+        super().visit_var_binding_(binding)
+
+    def _emit_lookup(self, plan: _Plan, x, as_output: bool):
+        layer, q, r = plan.layer, plan.pq_layer, plan.record
+        bb, tag = self.builder_, _ident(layer.name)
+        c, k, v, m = q.num_codebooks, q.k, q.v, q.m
+        dp, rows = c * v, layer.rows
+        ops = []  # (expr) in order; the last one becomes the layer output
+        if layer.kind == "conv2d":
+            cv = layer.conv
+            n_, ch, h, w = layer.input_shape
+            gv = self._kernel(("im2col", tuple(layer.input_shape), tuple(cv["kernel_hw"]), tuple(cv["strides"]),
+                               tuple(cv["padding"]), tuple(cv["dilation"]), dp), f"lut_im2col_{tag}",
+                              lambda: kernels.im2col(n_, ch, h, w, cv["kernel_hw"], cv["strides"], cv["padding"],
+                                                     cv["dilation"], dp))
+            x2 = bb.emit(relax.call_tir(gv, [x], relax.TensorType((rows, dp), "float32")))
+        else:
+            x2 = x if len(layer.input_shape) == 2 else bb.emit(relax.op.reshape(x, (rows, layer.d)))
+            if dp != layer.d:
+                x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, dp - layer.d]))
+        cents, cbias = q.encoder_operands()
+        if q.distance == "l1":
+            enc = self._kernel(("enc_l1", rows, c, k, v), f"lut_encode_{tag}", lambda: kernels.encode_l1(rows, c, k, v))
+            enc_args = [x2, relax.const(cents)]
+        else:
+            with_bias = cbias is not None
+            enc = self._kernel(("enc_dot", rows, c, k, v, with_bias), f"lut_encode_{tag}",
+                               lambda: kernels.encode_dot(rows, c, k, v, with_bias))
+            enc_args = [x2, relax.const(cents)] + ([relax.const(cbias)] if with_bias else [])
+        codes = bb.emit(relax.call_tir(enc, enc_args, relax.TensorType((rows, c), "int32")))
+        acc_gv = self._kernel(("acc", rows, c, k, m), f"lut_accumulate_{tag}",
+                              lambda: kernels.accumulate(rows, c, k, m))
+        acc = bb.emit(relax.call_tir(acc_gv, [codes, relax.const(q.tables)], relax.TensorType((rows, m), "int32")))
+        y = bb.emit(relax.op.astype(acc, "float32"))
+        ops.append(relax.op.multiply(y, relax.const(q.scale)))
+        if q.bias is not None:
+            ops.append(lambda prev: relax.op.add(prev, relax.const(q.bias)))
+        if layer.kind == "conv2d":
+            n_, _, oh, ow = layer.output_shape
+            ops.append(lambda prev: relax.op.reshape(prev, (n_, oh, ow, m)))
+            ops.append(lambda prev: relax.op.permute_dims(prev, [0, 3, 1, 2]))
+        elif len(layer.output_shape) != 2:
+            ops.append(lambda prev: relax.op.reshape(prev, layer.output_shape))
+        prev = None
+        for i, op in enumerate(ops):
+            expr = op if prev is None else op(prev)
+            last = i == len(ops) - 1
+            prev = bb.emit_output(expr) if (last and as_output) else bb.emit(expr)
+        return prev
+
+
+def _rewrite(mod: tvm.IRModule, plans: list[_Plan], schedule: bool) -> tvm.IRModule:
+    func = mod["main"]
+    m = _LookupRewriter(mod, plans, schedule)
+    new_main = m.visit_expr(func)
+    m.builder_.update_func(m.builder_.get().get_global_var("main"), new_main)
+    out = m.builder_.get()
+    out = relax.transform.DeadCodeElimination(["main"])(out)
+    return _drop_unused_params(out)
+
+
+def _drop_unused_params(mod: tvm.IRModule) -> tvm.IRModule:
+    """Remove weight parameters no longer used (the converted layers' weights) and their values."""
+    func = mod["main"]
+    n_in = graph.num_inputs(func)
+    used = {v for v in relax.analysis.free_vars(func.body)}
+    values = list(func.attrs["params"]) if func.attrs is not None and "params" in func.attrs else None
+    keep, keep_vals = list(func.params[:n_in]), []
+    for i, p in enumerate(func.params[n_in:]):
+        if any(p.same_as(u) for u in used):
+            keep.append(p)
+            if values is not None:
+                keep_vals.append(values[i])
+    if len(keep) == len(func.params):
+        return mod
+    new = relax.Function(keep, func.body, func.ret_ty, func.is_pure, func.attrs)
+    if values is not None:
+        new = new.with_attr("params", keep_vals)
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    out["main"] = new
+    return out

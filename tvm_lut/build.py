@@ -1,0 +1,130 @@
+"""Targets, building a Relax module into a VM executable, and running it batch by batch.
+
+``build`` is what users call after ``LUTify``; ``compile_with_params`` is what the CLI uses to keep
+the remaining (exact-layer) weights out of the ``.so`` as a params file. ``BatchRunner`` feeds a whole
+dataset through a shape-specialised executable in chunks of its compiled batch size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from . import graph
+from .errors import TargetError
+
+#: Target names the CLI and ``build`` accept. ARM and the simulated CAM come with their own issue.
+TARGETS = ("x86",)
+
+
+def resolve_target(target) -> tvm.target.Target:
+    """A target name ("x86"), a target dict, or a ``tvm.target.Target`` -> ``tvm.target.Target``."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        return tvm.target.Target(target)
+    if target in ("x86", "llvm", "host", None):
+        from tir_schedules.x86 import host_target
+
+        return host_target()
+    raise TargetError(f"unknown target {target!r}; supported: {', '.join(TARGETS)}")
+
+
+def split_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[tuple[str, np.ndarray]]]:
+    """(module without the ``"params"`` attribute, [(weight name, value)] in parameter order)."""
+    func = mod["main"]
+    values = graph.param_values(func)
+    if func.attrs is None or "params" not in func.attrs:
+        return mod, []
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    out["main"] = func.without_attr("params")
+    return out, list(values.items())
+
+
+def bind_params(mod: tvm.IRModule) -> tvm.IRModule:
+    """Bind every weight into the module as a constant and fold what becomes constant (transposes)."""
+    stripped, params = split_params(mod)
+    if not params:
+        return stripped
+    bound = relax.transform.BindParams("main", {k: v for k, v in params})(stripped)
+    return relax.transform.FoldConstant()(bound)
+
+
+def build(mod: tvm.IRModule, target="x86") -> relax.VMExecutable:
+    """Compile a (LUTified) module into a self-contained Relax VM executable.
+
+    Weights are bound as constants, so ``lib.export_library("model.so")`` is the whole model and
+    ``relax.VirtualMachine(lib, tvm.cpu())["main"](x)`` runs it.
+    """
+    tgt = resolve_target(target)
+    return tvm.compile(bind_params(mod), tgt)
+
+
+def compile_with_params(mod: tvm.IRModule, target="x86") -> tuple[relax.VMExecutable, list[tuple[str, np.ndarray]]]:
+    """Compile keeping weights as runtime inputs: (executable, [(name, value)] to pass after the inputs)."""
+    tgt = resolve_target(target)
+    stripped, params = split_params(mod)
+    return tvm.compile(stripped, tgt), params
+
+
+def _flatten(out) -> list[np.ndarray]:
+    if isinstance(out, tvm.runtime.Tensor):
+        return [out.numpy()]
+    if hasattr(out, "numpy"):
+        return [out.numpy()]
+    res = []
+    for o in out:
+        res.extend(_flatten(o))
+    return res
+
+
+class BatchRunner:
+    """Runs a shape-specialised VM executable over datasets of any length, chunk by chunk."""
+
+    def __init__(self, ex, params: list[np.ndarray], inputs: list[tuple[str, tuple, str]], device=None):
+        self.device = device or tvm.cpu()
+        self.vm = relax.VirtualMachine(ex, self.device)
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(p), self.device) for p in params]
+        self.inputs = inputs
+        self.batch = int(inputs[0][1][0])
+
+    def _batches(self, arrays: dict[str, np.ndarray]) -> Iterator[tuple[list, int]]:
+        n = len(next(iter(arrays.values())))
+        for start in range(0, n, self.batch):
+            chunk = []
+            valid = min(self.batch, n - start)
+            for name, shape, dtype in self.inputs:
+                part = arrays[name][start : start + self.batch].astype(dtype, copy=False)
+                if valid < self.batch:
+                    pad = np.zeros((self.batch - valid,) + part.shape[1:], dtype)
+                    part = np.concatenate([part, pad])
+                chunk.append(tvm.runtime.tensor(np.ascontiguousarray(part), self.device))
+            yield chunk, valid
+
+    def run_batches(self, arrays: dict[str, np.ndarray]) -> Iterator[tuple[list[np.ndarray], int]]:
+        """Yield (outputs of one chunk, number of valid rows in it)."""
+        for chunk, valid in self._batches(arrays):
+            outs = _flatten(self.vm["main"](*chunk, *self.params))
+            yield outs, valid
+
+    def run(self, arrays: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """All outputs for the whole dataset, concatenated over chunks (padding rows dropped)."""
+        parts: list[list[np.ndarray]] = []
+        for outs, valid in self.run_batches(arrays):
+            parts.append([o[:valid] for o in outs])
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+    def latency_ms(self, number: int = 20, repeat: int = 3) -> float:
+        """Median wall time of one batch in milliseconds (TVM's time_evaluator, zeros as input)."""
+        args = [tvm.runtime.tensor(np.zeros(shape, dtype), self.device) for _, shape, dtype in self.inputs]
+        timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
+        res = timer(*args, *self.params)
+        return float(np.median(res.results) * 1e3)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,159 @@
+"""Calibration: the real inputs of every conv2d/dense layer, collected from the model itself.
+
+The model is instrumented in Relax (``main`` additionally returns each layer's input activation),
+compiled with TVM and run on the calibration batches, so the same code serves PyTorch and ONNX
+models. Conv inputs are unfolded (im2col) into rows; each layer keeps a random subsample of at most
+``max_rows`` rows for k-means.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from . import graph, pq
+from .build import BatchRunner, bind_params, resolve_target
+from .errors import CalibrationError
+
+log = logging.getLogger("tvm_lut")
+
+RESERVED = ("labels",)
+
+
+def _as_array(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def normalize_inputs(data, signature: list[tuple[str, tuple, str]], what: str = "calibration") -> dict[str, np.ndarray]:
+    """Bring user data into {model input name: array of samples}, checking names, shapes and values.
+
+    Accepts one array/tensor (single-input models), a list of batches (concatenated), a mapping
+    name -> array (an ``np.load``-ed ``.npz``; the key ``labels`` is ignored here), or a list of such
+    mappings.
+    """
+    if data is None:
+        raise CalibrationError(f"no {what} data given")
+    names = [s[0] for s in signature]
+    if isinstance(data, Mapping) or hasattr(data, "files"):
+        mapping = {k: _as_array(data[k]) for k in (data.files if hasattr(data, "files") else data.keys())
+                   if k not in RESERVED}
+    elif isinstance(data, (list, tuple)) and data and (isinstance(data[0], Mapping)):
+        mapping = {k: np.concatenate([_as_array(b[k]) for b in data]) for k in data[0] if k not in RESERVED}
+    elif isinstance(data, (list, tuple)):
+        if not data:
+            raise CalibrationError(f"{what} data is empty (no batches)")
+        mapping = {"": np.concatenate([_as_array(b) for b in data])}
+    else:
+        mapping = {"": _as_array(data)}
+    if set(mapping) == {""} or (len(names) == 1 and len(mapping) == 1):
+        if len(names) != 1:
+            raise CalibrationError(f"the model has {len(names)} inputs ({', '.join(names)}): give {what} data "
+                                   "as arrays named after them")
+        mapping = {names[0]: next(iter(mapping.values()))}
+    unknown = sorted(set(mapping) - set(names))
+    missing = [n for n in names if n not in mapping]
+    if unknown or missing:
+        raise CalibrationError(f"{what} arrays {unknown} do not match the model inputs {names}"
+                               + (f" (missing: {missing})" if missing else ""))
+    out, count = {}, None
+    for name, shape, dtype in signature:
+        arr = mapping[name]
+        if arr.size == 0 or arr.ndim == 0 or len(arr) == 0:
+            raise CalibrationError(f"{what} array {name!r} is empty")
+        if tuple(arr.shape[1:]) != tuple(shape[1:]):
+            raise CalibrationError(f"{what} array {name!r} has shape {arr.shape}, but model input {name!r} "
+                                   f"expects (N, {', '.join(map(str, shape[1:]))})")
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise CalibrationError(f"{what} array {name!r} contains {bad} NaN/Inf values")
+        if count is not None and len(arr) != count:
+            raise CalibrationError(f"{what} arrays have different sample counts ({count} vs {len(arr)} for {name!r})")
+        count = len(arr)
+        out[name] = arr.astype(dtype, copy=False)
+    return out
+
+
+@mutator
+class _ExposeInputs(PyExprMutator):
+    """Re-emits ``main`` and makes the given variables visible outside dataflow blocks."""
+
+    def __init__(self, mod, targets):
+        super().__init__(mod)
+        self.targets = list(targets)
+        self.exposed: dict = {}
+
+    def visit_var_binding_(self, binding):
+        super().visit_var_binding_(binding)
+        if any(binding.var.same_as(t) for t in self.targets):
+            new = self.visit_expr(binding.var)
+            if isinstance(new, relax.DataflowVar):
+                new = self.builder_.emit_output(new)
+            self.exposed[binding.var] = new
+
+
+def instrument(mod: tvm.IRModule, layers: list[graph.Layer]) -> tvm.IRModule:
+    """A module whose ``main`` returns (original output, input of layer 0, input of layer 1, ...)."""
+    func = mod["main"]
+    targets = [l.input_expr for l in layers if not any(l.input_expr.same_as(p) for p in func.params)]
+    m = _ExposeInputs(mod, targets)
+    new = m.visit_expr(func)
+    outs = []
+    for l in layers:
+        param = next((p for p in new.params if l.input_expr.same_as(p)), None)
+        outs.append(param if param is not None else next(v for k, v in m.exposed.items() if k.same_as(l.input_expr)))
+    result = relax.BlockBuilder().normalize(relax.Tuple([new.body.body, *outs]))
+    body = relax.SeqExpr(new.body.blocks, result)
+    inst = relax.Function(new.params, body, result.ty, func.is_pure, func.attrs)
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    out["main"] = inst
+    return relax.transform.Normalize()(out)
+
+
+def layer_rows(layer: graph.Layer, x: np.ndarray) -> np.ndarray:
+    """The (rows, D) matrix a layer multiplies by its weight, from its input activation."""
+    if layer.kind == "conv2d":
+        c = layer.conv
+        return pq.im2col(x, c["kernel_hw"], c["strides"], c["padding"], c["dilation"])
+    return x.reshape(-1, x.shape[-1])
+
+
+def collect(
+    mod: tvm.IRModule,
+    layers: list[graph.Layer],
+    inputs: dict[str, np.ndarray],
+    *,
+    target="x86",
+    max_rows: int = 16384,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Layer name -> calibration rows (n, D) from running the model on ``inputs``."""
+    from tqdm import tqdm
+
+    if not layers:
+        return {}
+    signature = graph.input_signature(mod["main"])
+    ex = tvm.compile(bind_params(instrument(mod, layers)), resolve_target(target))
+    runner = BatchRunner(ex, [], signature)
+    n = len(next(iter(inputs.values())))
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list[np.ndarray]] = {l.name: [] for l in layers}
+    steps = (n + runner.batch - 1) // runner.batch
+    bar = tqdm(total=steps, desc="calibrating", unit="batch", disable=not progress or steps < 4, leave=False)
+    for outs, valid in runner.run_batches(inputs):
+        for layer, x in zip(layers, outs[1:]):
+            r = layer_rows(layer, x[:valid])
+            keep = min(len(r), max(1, int(np.ceil(max_rows * valid / n))))
+            if keep < len(r):
+                r = r[rng.choice(len(r), keep, replace=False)]
+            rows[layer.name].append(r.astype(np.float32))
+        bar.update(1)
+    bar.close()
+    return {name: np.concatenate(parts)[:max_rows] for name, parts in rows.items()}

@@ -1,0 +1,61 @@
+"""Arithmetic and storage of a layer, exact vs lookup, per input sample.
+
+Counting rules (one output row = one output pixel of a conv, one token/row of a dense layer; ``R`` rows
+per sample; a sum of ``n`` terms costs ``n - 1`` adds; ``Dp = C * V`` is D padded to whole subspaces,
+the width the encoder actually processes):
+
+exact layer        multiplies ``R*D*M``                   adds ``R*(D-1)*M`` (+ ``R*M`` with a bias)
+encode, l2         multiplies ``R*K*Dp``                  adds ``R*K*Dp``  (each of the K*C scores:
+                   ``0.5||p||^2 - x.p`` = V multiplies, V-1 adds, 1 add of the centroid term)
+encode, cosine     multiplies ``R*K*Dp``                  adds ``R*K*C*(V-1)``  (``x.u``, unit centroids)
+encode, l1         multiplies 0                           adds ``R*K*C*(2V-1)`` (V subtractions, V-1 adds;
+                   absolute values are sign clears and not counted)
+argmin             compares ``R*C*(K-1)``
+accumulate         adds ``R*(C-1)*M`` (integer table adds)
+dequantise         multiplies ``R*M`` (one scale per output) and adds ``R*M`` with a bias
+
+Storage: the exact layer keeps ``D*M`` float32 weights (+ ``M`` bias); the lookup layer keeps int8
+tables ``C*K*M`` + a float32 scale per output (+ bias), and codebooks ``C*K*V`` float32 (+ ``C*K``
+centroid terms for l2).
+"""
+
+from __future__ import annotations
+
+
+def exact_ops(rows: int, d: int, m: int, has_bias: bool) -> dict[str, int]:
+    return {
+        "mul": rows * d * m,
+        "add": rows * (d - 1) * m + (rows * m if has_bias else 0),
+        "cmp": 0,
+    }
+
+
+def lut_ops(rows: int, c: int, k: int, v: int, m: int, distance: str, has_bias: bool) -> dict[str, int]:
+    dp = c * v
+    if distance == "l2":
+        enc_mul, enc_add = k * dp, k * dp
+    elif distance == "cosine":
+        enc_mul, enc_add = k * dp, k * c * (v - 1)
+    elif distance == "l1":
+        enc_mul, enc_add = 0, k * c * (2 * v - 1)
+    else:
+        raise ValueError(f"unknown distance {distance!r}")
+    return {
+        "mul": rows * (enc_mul + m),
+        "add": rows * (enc_add + (c - 1) * m + (m if has_bias else 0)),
+        "cmp": rows * c * (k - 1),
+        "encode_mul": rows * enc_mul,
+        "encode_add": rows * enc_add,
+    }
+
+
+def weight_bytes(d: int, m: int, has_bias: bool) -> int:
+    return 4 * (d * m + (m if has_bias else 0))
+
+
+def table_bytes(c: int, k: int, m: int, has_bias: bool) -> int:
+    return c * k * m + 4 * m + (4 * m if has_bias else 0)
+
+
+def codebook_bytes(c: int, k: int, v: int, distance: str) -> int:
+    return 4 * c * k * v + (4 * c * k if distance == "l2" else 0)

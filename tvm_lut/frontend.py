@@ -1,0 +1,190 @@
+"""Frontends: PyTorch (``torch.export``) and ONNX models to Relax, with weights under their source names.
+
+Both return an IRModule in TVM's keep-params form: ``main(inputs..., weights...)`` with
+``num_input`` and the weight values in the ``"params"`` function attribute. TVM's importers rename
+weights to identifiers (``features.3.weight`` -> ``p_features_3_weight``); we rename them back so a
+torch layer ``features.3`` is called ``features.3`` in every option and report.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .errors import ModelError
+
+log = logging.getLogger("tvm_lut")
+
+
+def rename_params(mod: tvm.IRModule, names: dict[str, str], func_name: str = "main") -> tvm.IRModule:
+    """Rename parameter variables of ``mod[func_name]`` (old var name -> new name); values are kept."""
+    func = mod[func_name]
+    new_params, remap = [], {}
+    for p in func.params:
+        new = names.get(p.name)
+        if new is None or new == p.name:
+            new_params.append(p)
+            continue
+        nv = relax.Var(new, p.ty)
+        new_params.append(nv)
+        remap[p] = nv
+    if not remap:
+        return mod
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    out[func_name] = _bind_vars(func, new_params, remap)
+    return out
+
+
+def _bind_vars(func: relax.Function, new_params: list, remap: dict) -> relax.Function:
+    """``func`` with parameters replaced (``remap``: old Var -> new Var) throughout its body."""
+
+    @relax.expr_functor.mutator
+    class _Rename(relax.expr_functor.PyExprMutator):
+        def visit_var_(self, var):
+            return remap.get(var, var)
+
+    body = _Rename().visit_expr(func.body)
+    return relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs)
+
+
+def _check_file(path: str | os.PathLike, suffixes: Sequence[str]) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelError(f"model file not found: {path}")
+    if not any(path.endswith(s) for s in suffixes):
+        raise ModelError(f"{path}: unsupported model file type (expected {' or '.join(suffixes)})")
+    return path
+
+
+def from_torch(model, example_inputs, *, dynamic_shapes=None) -> tvm.IRModule:
+    """Import a PyTorch module through ``torch.export`` (the module is put in eval mode)."""
+    import torch
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    model = model.eval()
+    with torch.no_grad():
+        ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes)
+    return from_exported_program(ep)
+
+
+def from_exported_program(ep) -> tvm.IRModule:
+    """Import a ``torch.export.ExportedProgram`` keeping parameters as named inputs."""
+    from tvm.relax.frontend.torch import from_exported_program as _import
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mod = _import(ep, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+    sig = ep.graph_signature
+    names = dict(sig.inputs_to_parameters)
+    names.update(getattr(sig, "inputs_to_buffers", {}) or {})
+    return rename_params(mod, names)
+
+
+def load_torch_program(path: str | os.PathLike) -> tvm.IRModule:
+    """Import a ``torch.export.save``-d program (``.pt2``)."""
+    import torch
+
+    path = _check_file(path, (".pt2",))
+    try:
+        ep = torch.export.load(path)
+    except Exception as exc:  # torch raises many types for bad archives
+        raise ModelError(f"{path}: not a readable torch.export program ({type(exc).__name__}: {exc})") from exc
+    return from_exported_program(ep)
+
+
+def _onnx_layer_names(graph) -> dict[str, str]:
+    """Initializer name -> source name, naming auto-named weights (``onnx::Conv_22``) after their node."""
+    inits = {i.name for i in graph.initializer}
+    out = {}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w = node.input[1]
+        if w not in inits or w.endswith(".weight"):
+            continue
+        if node.name:
+            parts = [p for p in node.name.strip("/").split("/") if p]
+            base = parts[-2] if len(parts) >= 2 else parts[0]
+            out[w] = f"{base}.weight"
+            if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
+                out[node.input[2]] = f"{base}.bias"
+    return out
+
+
+def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batch: int = 1) -> tvm.IRModule:
+    """Import an ONNX model (a path or a ``ModelProto``).
+
+    Symbolic dims of the inputs (``batch``, ``N``...) are fixed: a leading one to ``batch``, unless
+    ``shape_dict`` gives the full shape. The compiled model is shape-specialised; ``tvm-lut run``
+    iterates over a dataset in chunks of that batch.
+    """
+    import onnx
+
+    if isinstance(model, (str, os.PathLike)):
+        path = _check_file(model, (".onnx",))
+        try:
+            model = onnx.load(path)
+            onnx.checker.check_model(model)
+        except Exception as exc:
+            raise ModelError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {exc})") from exc
+    else:
+        path = "<ModelProto>"
+    graph = model.graph
+    init_names = {i.name for i in graph.initializer}
+    shapes = dict(shape_dict or {})
+    for inp in graph.input:
+        if inp.name in init_names or inp.name in shapes:
+            continue
+        dims = []
+        for i, d in enumerate(inp.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(int(d.dim_value))
+            elif i == 0:
+                dims.append(batch)
+            else:
+                raise ModelError(f"{path}: input {inp.name!r} has symbolic dim {i} ({d.dim_param!r}); "
+                                 "give its shape explicitly (--input-shape)")
+        shapes[inp.name] = dims
+    # Give initializers unique identifiers before import, then restore source names on the Relax vars.
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    source = _onnx_layer_names(model.graph)
+    safe = {}
+    for i, init in enumerate(model.graph.initializer):
+        tmp = f"tvmlut_w{i}"
+        safe[tmp] = source.get(init.name, init.name)
+        old = init.name
+        init.name = tmp
+        for node in model.graph.node:
+            for j, name in enumerate(node.input):
+                if name == old:
+                    node.input[j] = tmp
+        for inp in model.graph.input:
+            if inp.name == old:
+                inp.name = tmp
+    from tvm.relax.frontend.onnx import from_onnx as _import
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = _import(model, shape_dict=shapes, keep_params_in_input=True)
+    except tvm.error.OpNotImplemented as exc:
+        raise ModelError(f"{path}: {exc}") from exc
+    return rename_params(mod, safe)
+
+
+def load_model(path: str | os.PathLike, *, batch: int = 1, shape_dict=None) -> tvm.IRModule:
+    """A model file (``.onnx`` or a ``torch.export`` ``.pt2``) as a Relax IRModule."""
+    p = os.fspath(path)
+    if p.endswith(".onnx"):
+        return from_onnx(p, shape_dict, batch=batch)
+    if p.endswith(".pt2"):
+        return load_torch_program(p)
+    _check_file(p, (".onnx", ".pt2"))
+    raise AssertionError("unreachable")

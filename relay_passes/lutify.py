@@ -62,6 +62,9 @@ class LUTify:
     codebooks : learned centroids by layer name, each (C, K, V); skips k-means for those layers.
     target : where calibration runs and what the kernels are scheduled for (default: this x86 host).
     schedule : apply the hand schedules (``False`` leaves kernels for MetaSchedule).
+    sequential : calibrate each layer on the inputs it sees once the layers before it are already
+        lookups (one calibration run per layer; corrects compounding error). ``False`` calibrates all
+        layers in one run of the exact model.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class LUTify:
         max_calibration_rows: int = 16384,
         target="x86",
         schedule: bool = True,
+        sequential: bool = False,
         progress: bool = True,
     ):
         self.calibration = calibration
@@ -89,6 +93,7 @@ class LUTify:
         self.max_rows = max_calibration_rows
         self.target = target
         self.schedule = schedule
+        self.sequential = sequential
         self.progress = progress
         self.layers: list[dict] = []
 
@@ -147,30 +152,63 @@ class LUTify:
         plans = [self._plan(l) for l in found]
         todo = [p for p in plans if p.record["method"] == "pq"]
         need_calib = [p for p in todo if p.layer.name not in self.codebooks]
-        rows = {}
+        inputs = None
         if need_calib:
             if self.calibration is None:
                 raise CalibrationError("LUTify needs calibration data (or codebooks=) to learn codebooks for "
                                        + ", ".join(p.layer.name for p in need_calib))
             inputs = calibrate.normalize_inputs(self.calibration, graph.input_signature(mod["main"]))
-            rows = calibrate.collect(mod, [p.layer for p in need_calib], inputs, target=self.target,
-                                     max_rows=self.max_rows, seed=self.seed, progress=self.progress)
-        for p in todo:
-            r = p.record
-            name = p.layer.name
-            if name in self.codebooks:
-                p.pq_layer = _from_codebooks(p.layer, np.asarray(self.codebooks[name], np.float32), r["distance"])
-            else:
-                if len(rows[name]) < r["k"]:
-                    raise CalibrationError(f"layer {name!r}: K={r['k']} centroids need at least {r['k']} "
-                                           f"calibration vectors, got {len(rows[name])}")
-                p.pq_layer = pq.fit_layer(rows[name], p.layer.weight, p.layer.bias, k=r["k"], v=r["v"],
-                                          distance=r["distance"], seed=self.seed)
+        if self.sequential:
+            self._fit_sequential(mod, found, todo, inputs)
+        else:
+            rows = {}
+            if need_calib:
+                rows = calibrate.collect(mod, [p.layer for p in need_calib], inputs, target=self.target,
+                                         max_rows=self.max_rows, seed=self.seed, progress=self.progress)
+            for p in todo:
+                self._fit(p, rows.get(p.layer.name))
         for p in plans:
             _account(p)
         self.layers = [p.record for p in plans]
         out = _rewrite(mod, todo, self.schedule) if todo else mod
         return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))
+
+    def _fit(self, p: _Plan, rows: np.ndarray | None, targets: np.ndarray | None = None) -> None:
+        r, name = p.record, p.layer.name
+        if name in self.codebooks:
+            p.pq_layer = _from_codebooks(p.layer, np.asarray(self.codebooks[name], np.float32), r["distance"])
+            return
+        if len(rows) < r["k"]:
+            raise CalibrationError(f"layer {name!r}: K={r['k']} centroids need at least {r['k']} "
+                                   f"calibration vectors, got {len(rows)}")
+        p.pq_layer = pq.fit_layer(rows, p.layer.weight, p.layer.bias, k=r["k"], v=r["v"],
+                                  distance=r["distance"], seed=self.seed, targets=targets)
+
+    def _fit_sequential(self, mod, found: list, todo: list[_Plan], inputs) -> None:
+        """Fit layers in program order, each on its inputs in the model with earlier layers converted.
+
+        Codebooks are learned on those (already approximate) inputs; tables are then fitted to the exact
+        model's output of the layer for the same rows, so each layer also corrects the error upstream.
+        """
+        from tqdm import tqdm
+
+        learn = [p for p in todo if p.layer.name not in self.codebooks]
+        exact = calibrate.collect(mod, [p.layer for p in learn], inputs, target=self.target,
+                                  max_rows=self.max_rows, seed=self.seed, progress=False) if learn else {}
+        done: list[_Plan] = []
+        bar = tqdm(todo, desc="learning codebooks", unit="layer", disable=not self.progress, leave=False)
+        for p in bar:
+            rows = targets = None
+            if p.layer.name not in self.codebooks:
+                cur = _rewrite(mod, done, self.schedule) if done else mod
+                # converted layers vanish from the graph; the others keep their program order
+                remaining = [l for l in found if not any(l is d.layer for d in done)]
+                now = graph.find_layers(cur)[remaining.index(p.layer)]
+                rows = calibrate.collect(cur, [now], inputs, target=self.target, max_rows=self.max_rows,
+                                         seed=self.seed, progress=False, keys=[p.layer.name])[p.layer.name]
+                targets = exact[p.layer.name].astype(np.float64) @ p.layer.weight.astype(np.float64)
+            self._fit(p, rows, targets)
+            done.append(p)
 
 
 def _from_codebooks(layer: graph.Layer, centroids: np.ndarray, distance: str) -> pq.PQLayer:

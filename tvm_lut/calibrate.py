@@ -133,8 +133,16 @@ def collect(
     max_rows: int = 16384,
     seed: int = 0,
     progress: bool = True,
+    keys: list[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Layer name -> calibration rows (n, D) from running the model on ``inputs``."""
+    """Layer key -> calibration rows (n, D) from running the model on ``inputs``.
+
+    Rows are subsampled with one random stream per layer, seeded by ``seed`` and the layer's key
+    (its name unless ``keys`` are given): two runs of the same layer on the same inputs (say in the
+    exact model and in a partly converted one) pick the same rows, so their rows pair up.
+    """
+    import zlib
+
     from tqdm import tqdm
 
     if not layers:
@@ -143,17 +151,18 @@ def collect(
     ex = tvm.compile(bind_params(instrument(mod, layers)), resolve_target(target))
     runner = BatchRunner(ex, [], signature)
     n = len(next(iter(inputs.values())))
-    rng = np.random.default_rng(seed)
-    rows: dict[str, list[np.ndarray]] = {l.name: [] for l in layers}
+    keys = keys or [l.name for l in layers]
+    rngs = [np.random.default_rng([seed, zlib.crc32(k.encode())]) for k in keys]
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     steps = (n + runner.batch - 1) // runner.batch
     bar = tqdm(total=steps, desc="calibrating", unit="batch", disable=not progress or steps < 4, leave=False)
     for outs, valid in runner.run_batches(inputs):
-        for layer, x in zip(layers, outs[1:]):
+        for layer, key, rng, x in zip(layers, keys, rngs, outs[1:]):
             r = layer_rows(layer, x[:valid])
             keep = min(len(r), max(1, int(np.ceil(max_rows * valid / n))))
             if keep < len(r):
-                r = r[rng.choice(len(r), keep, replace=False)]
-            rows[layer.name].append(r.astype(np.float32))
+                r = r[np.sort(rng.choice(len(r), keep, replace=False))]
+            rows[key].append(r.astype(np.float32))
         bar.update(1)
     bar.close()
     return {name: np.concatenate(parts)[:max_rows] for name, parts in rows.items()}

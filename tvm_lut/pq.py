@@ -252,6 +252,65 @@ class PQLayer:
         return y
 
 
+def _one_hot(codes: np.ndarray, k: int):
+    """Sparse (n, C*K) indicator matrix of the codes (scipy CSR)."""
+    from scipy import sparse
+
+    n, c_count = codes.shape
+    cols = (codes.astype(np.int64) + np.arange(c_count, dtype=np.int64) * k).ravel()
+    rows = np.repeat(np.arange(n, dtype=np.int64), c_count)
+    return sparse.csr_matrix((np.ones(n * c_count), (rows, cols)), shape=(n, c_count * k))
+
+
+def refine_tables(
+    codes: np.ndarray,
+    k: int,
+    targets: np.ndarray,
+    init: np.ndarray,
+    ridges: tuple[float, ...] = (1e-2, 1e-1, 1.0),
+    holdout: float = 0.2,
+    seed: int = 0,
+) -> tuple[np.ndarray, float | None]:
+    """Least-squares tables (MADDNESS-style ridge refinement), validated on held-out rows.
+
+    With the codes fixed the layer output is linear in the table entries, so the tables that best
+    reproduce ``targets`` (n, M) solve a ridge regression over one-hot code indicators, pulled
+    towards ``init`` (the P.W tables). Each ridge strength (relative to the mean code frequency) is
+    fitted on all but a ``holdout`` fraction of the rows and scored on the rest, against ``init``
+    itself; the winner is refitted on all rows. Returns (tables, chosen ridge or None if ``init`` won).
+    """
+    n, c_count = codes.shape
+    m = targets.shape[1]
+    ck = c_count * k
+    t0 = init.reshape(ck, m).astype(np.float64)
+    y = targets.astype(np.float64)
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(n * holdout)
+    if n_val < 16:
+        return init, None
+    val, fit = perm[:n_val], perm[n_val:]
+
+    def solve(idx, ridge):
+        g = _one_hot(codes[idx], k)
+        gram = (g.T @ g).toarray()
+        lam = ridge * max(len(idx) * c_count / ck, 1.0)  # relative to the mean code frequency
+        return np.linalg.solve(gram + lam * np.eye(ck), g.T @ y[idx] + lam * t0)
+
+    g_val = _one_hot(codes[val], k)
+    best, best_err = None, float(np.linalg.norm(g_val @ t0 - y[val]))
+    for ridge in ridges:
+        err = float(np.linalg.norm(g_val @ solve(fit, ridge) - y[val]))
+        if err < best_err:
+            best, best_err = ridge, err
+    if best is None:
+        return init, None
+    return solve(np.arange(n), best).reshape(c_count, k, m).astype(np.float32), best
+
+
+#: Largest C*K for which the dense ridge solve is used (a (C*K)^2 system; beyond it the P.W tables stay).
+MAX_REFINE_UNKNOWNS = 4096
+
+
 def fit_layer(
     rows: np.ndarray,
     weight: np.ndarray,
@@ -261,10 +320,16 @@ def fit_layer(
     v: int = 4,
     distance: str = "l2",
     seed: int = 0,
+    refine: bool = True,
+    targets: np.ndarray | None = None,
 ) -> PQLayer:
     """Post-training PQ of one linear layer y = x @ weight + bias from calibration rows (n, D).
 
-    ``weight`` is (D, M) with any batch-norm scale already folded in.
+    ``weight`` is (D, M) with any batch-norm scale already folded in. With ``refine`` the float tables
+    are re-fitted by validated ridge regression (``refine_tables``) before int8 quantization, when
+    C*K <= ``MAX_REFINE_UNKNOWNS``, towards ``targets`` (n, M): by default ``rows @ weight``; in
+    sequential calibration, the exact model's outputs of this layer for the same rows, so the tables
+    also absorb the error of the layers before it.
     """
     d, _m = weight.shape
     if rows.ndim != 2 or rows.shape[1] != d:
@@ -272,8 +337,16 @@ def fit_layer(
     if not np.isfinite(rows).all():
         raise ValueError("calibration rows contain NaN or Inf")
     d_pad = num_subspaces(d, v) * v
-    centroids = fit_codebooks(pad_columns(rows, d_pad), v, k, distance, seed)
-    tables_q, scale = quantize_tables(build_tables(centroids, pad_columns(weight.T, d_pad).T))
+    xp = pad_columns(rows, d_pad)
+    centroids = fit_codebooks(xp, v, k, distance, seed)
+    tables = build_tables(centroids, pad_columns(weight.T, d_pad).T)
+    if refine and tables.shape[0] * k <= MAX_REFINE_UNKNOWNS:
+        cents, cbias = encoder_operands(centroids, distance)
+        codes = encode(xp, cents, cbias, distance)
+        if targets is None:
+            targets = rows.astype(np.float64) @ weight.astype(np.float64)
+        tables, _ = refine_tables(codes, k, targets, tables, seed=seed)
+    tables_q, scale = quantize_tables(tables)
     return PQLayer(
         centroids=centroids,
         tables=tables_q,

@@ -196,7 +196,7 @@ class LUTify:
         exact = calibrate.collect(mod, [p.layer for p in learn], inputs, target=self.target,
                                   max_rows=self.max_rows, seed=self.seed, progress=False) if learn else {}
         done: list[_Plan] = []
-        bar = tqdm(todo, desc="learning codebooks", unit="layer", disable=not self.progress, leave=False)
+        bar = tqdm(todo, desc="learning codebooks", unit="layer", disable=None if self.progress else True, leave=False)
         for p in bar:
             rows = targets = None
             if p.layer.name not in self.codebooks:

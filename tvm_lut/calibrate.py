@@ -155,7 +155,7 @@ def collect(
     rngs = [np.random.default_rng([seed, zlib.crc32(k.encode())]) for k in keys]
     rows: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     steps = (n + runner.batch - 1) // runner.batch
-    bar = tqdm(total=steps, desc="calibrating", unit="batch", disable=not progress or steps < 4, leave=False)
+    bar = tqdm(total=steps, desc="calibrating", unit="batch", disable=True if (not progress or steps < 4) else None, leave=False)
     for outs, valid in runner.run_batches(inputs):
         for layer, key, rng, x in zip(layers, keys, rngs, outs[1:]):
             r = layer_rows(layer, x[:valid])

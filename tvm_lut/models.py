@@ -73,7 +73,7 @@ def train_classifier(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
-    bar = tqdm(total=steps, desc="training", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=steps, desc="training", unit="step", disable=None if progress else True, leave=False)
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), batch_size):

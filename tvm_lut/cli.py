@@ -1,0 +1,163 @@
+"""The ``tvm-lut`` command line: compile, run, report, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import zipfile
+
+import numpy as np
+
+from .errors import CalibrationError, LUTError, ModelError, OptionError
+
+
+def _load_npz(path: str, what: str):
+    if not os.path.isfile(path):
+        raise CalibrationError(f"{what} file not found: {path}")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):
+            raise CalibrationError(f"{path}: expected an .npz archive of named arrays, got a single array")
+        return {k: data[k] for k in data.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise CalibrationError(f"{path}: not a readable .npz file ({exc})") from exc
+
+
+def _parse_shapes(specs: list[str]) -> dict[str, list[int]]:
+    out = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            if not sep:
+                raise ValueError
+            out[name] = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            raise OptionError(f"--input-shape {spec!r}: expected NAME:1x3x32x32") from None
+    return out
+
+
+def cmd_compile(args) -> int:
+    from . import frontend, options, pipeline
+    from .build import resolve_target
+
+    resolve_target(args.target)  # fail fast, before any work
+    layer_opts = options.parse_cli(args.layer)
+    calib = _load_npz(args.calib, "calibration")
+    mod = frontend.load_model(args.model, batch=args.batch, shape_dict=_parse_shapes(args.input_shape) or None)
+    kwargs = dict(k=args.k, v=args.v, distance=args.distance, layers=layer_opts, all_layers=args.all_layers,
+                  sequential=args.sequential, max_calibration_rows=args.max_calib_rows)
+    manifest = pipeline.compile_to_dir(args.out, mod, calib, target=args.target, holdout=args.holdout,
+                                       seed=args.seed, source=os.path.basename(args.model),
+                                       measure_latency=not args.no_latency, progress=not args.quiet, **kwargs)
+    from .report import format_report
+
+    print(format_report(manifest["report"]))
+    print(f"\nwrote {args.out}/ (model.so, params.bin, manifest.json, report.json)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .artifact import Model, replace_dir  # noqa: F401
+
+    model = Model(args.artifact)
+    data = _load_npz(args.input, "input")
+    labels = data.pop("labels", None)
+    outputs = model.run(data)
+    out = args.output
+    tmp = out + ".tmp.npz"
+    try:
+        np.savez(tmp, **outputs)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    n = len(next(iter(outputs.values())))
+    msg = f"ran {n} samples through {args.artifact} -> {out} ({', '.join(outputs)})"
+    if labels is not None:
+        first = next(iter(outputs.values()))
+        acc = float((first.reshape(n, -1).argmax(-1) == labels.reshape(-1)[:n]).mean() * 100)
+        msg += f"; top-1 accuracy against 'labels': {acc:.2f}%"
+    print(msg)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .artifact import read_manifest
+    from .report import format_report
+
+    report = read_manifest(args.artifact)["report"]
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_report(report, exact_counts=args.exact_counts))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+
+    demo_main(out=args.out, epochs=args.epochs, calib_images=args.calib_images, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tvm-lut", description="Compile neural networks into table lookups with TVM.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="LUTify a model (.onnx or torch.export .pt2) and build it")
+    c.add_argument("model", help="model file: .onnx or a torch.export.save'd .pt2")
+    c.add_argument("--calib", required=True, help=".npz with one array per model input (+ optional 'labels')")
+    c.add_argument("--target", default="x86", help="compilation target (default: x86, this host)")
+    c.add_argument("-o", "--out", required=True, help="output artifact directory")
+    c.add_argument("--k", type=int, default=16, help="centroids per codebook (default 16)")
+    c.add_argument("--v", type=int, default=None, help="subvector length (default: 9 for 3x3 convs, else 4)")
+    c.add_argument("--distance", default="l2", choices=["l2", "cosine", "l1"], help="encoder distance")
+    c.add_argument("--layer", action="append", default=[], metavar="NAME:OPTS",
+                   help="per-layer options, e.g. features.3:k=8,v=2 or fc:exact (repeatable)")
+    c.add_argument("--all-layers", action="store_true", help="also convert layers where lookup does not pay (M<=K)")
+    c.add_argument("--sequential", action="store_true", help="calibrate layer by layer on converted upstream layers")
+    c.add_argument("--batch", type=int, default=1, help="batch size for a symbolic leading input dim (ONNX)")
+    c.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x32x32", help="fix an input shape")
+    c.add_argument("--holdout", type=float, default=0.2, help="fraction of labelled calibration rows kept for accuracy")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-calib-rows", type=int, default=16384, help="rows per layer used for k-means")
+    c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run a compiled artifact on a dataset")
+    r.add_argument("artifact", help="artifact directory written by 'compile'")
+    r.add_argument("--input", required=True, help=".npz with one array per model input")
+    r.add_argument("--output", required=True, help=".npz to write the outputs to")
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="per-layer table of an artifact: methods, ops, bytes, accuracy, latency")
+    rep.add_argument("artifact")
+    rep.add_argument("--json", action="store_true", help="print the report as JSON")
+    rep.add_argument("--exact-counts", action="store_true", help="print integer op counts instead of k/M/G")
+    rep.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("demo", help="the main job on embedded data: LeNet-5/MNIST, exact vs LUT")
+    d.add_argument("--out", default="tvm-lut-demo", help="output directory (default ./tvm-lut-demo)")
+    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--calib-images", type=int, default=2048)
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LUTError as exc:
+        print(f"tvm-lut: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The whole job behind ``tvm-lut compile`` (and the demo): LUTify, build, measure, save.
+
+Measurements are side by side in one process: the exact model and the LUT model are built for the
+same target the same way (weights as runtime inputs, kernels hand-scheduled, other ops TVM's default
+CPU lowering), and timed with TVM's ``time_evaluator`` on the same batch. When the calibration data
+carries ``labels``, a held-out part of it (never used for calibration) gives exact vs LUT accuracy.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tvm
+
+from relay_passes import LAYERS_ATTR, LUTify
+
+from . import artifact, graph
+from .build import BatchRunner, compile_with_params, default_threads, resolve_target
+from .calibrate import normalize_inputs
+from .errors import CalibrationError
+
+log = logging.getLogger("tvm_lut")
+
+
+def split_calibration(data, signature, holdout: float, seed: int = 0):
+    """(calibration inputs, held-out inputs or None, held-out labels or None) from user data."""
+    labels = None
+    if hasattr(data, "files") or isinstance(data, dict):
+        keys = data.files if hasattr(data, "files") else list(data)
+        if "labels" in keys:
+            labels = np.asarray(data["labels"])
+    inputs = normalize_inputs(data, signature)
+    n = len(next(iter(inputs.values())))
+    if labels is None:
+        return inputs, None, None
+    if len(labels) != n:
+        raise CalibrationError(f"'labels' has {len(labels)} entries but the inputs have {n} samples")
+    n_hold = int(round(n * holdout))
+    if n_hold < 1 or n - n_hold < 1:
+        raise CalibrationError(f"cannot hold back {holdout:.0%} of {n} samples for accuracy: need more data "
+                               "or another --holdout")
+    perm = np.random.default_rng(seed).permutation(n)
+    hold, cal = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+    return ({k: v[cal] for k, v in inputs.items()}, {k: v[hold] for k, v in inputs.items()}, labels[hold])
+
+
+def _totals(layers: list[dict]) -> dict:
+    t = {"exact_mul": 0, "exact_add": 0, "lut_mul": 0, "lut_add": 0, "lut_cmp": 0,
+         "weight_bytes": 0, "lut_weight_bytes": 0, "table_bytes": 0, "codebook_bytes": 0}
+    for r in layers:
+        if "exact_ops" not in r:
+            continue
+        t["exact_mul"] += r["exact_ops"]["mul"]
+        t["exact_add"] += r["exact_ops"]["add"]
+        t["weight_bytes"] += r["weight_bytes"]
+        if r["method"] == "pq":
+            t["lut_mul"] += r["lut_ops"]["mul"]
+            t["lut_add"] += r["lut_ops"]["add"]
+            t["lut_cmp"] += r["lut_ops"]["cmp"]
+            t["table_bytes"] += r["table_bytes"]
+            t["codebook_bytes"] += r["codebook_bytes"]
+        else:
+            t["lut_mul"] += r["exact_ops"]["mul"]
+            t["lut_add"] += r["exact_ops"]["add"]
+            t["lut_weight_bytes"] += r["weight_bytes"]
+    t["mul_removed_frac"] = 1.0 - t["lut_mul"] / t["exact_mul"] if t["exact_mul"] else 0.0
+    return t
+
+
+def _accuracy(runner: BatchRunner, inputs, labels) -> tuple[float, np.ndarray]:
+    logits = runner.run(inputs)[0]
+    pred = logits.reshape(len(logits), -1).argmax(-1)
+    return float((pred == labels.reshape(-1)).mean() * 100.0), pred
+
+
+def compile_and_measure(
+    mod: tvm.IRModule,
+    calibration,
+    *,
+    target="x86",
+    holdout: float = 0.2,
+    seed: int = 0,
+    output_names: list[str] | None = None,
+    source: str = "",
+    measure_latency: bool = True,
+    progress: bool = True,
+    evaluation: tuple | None = None,
+    **lutify_options,
+) -> tuple[object, list, dict]:
+    """LUTify ``mod`` on ``calibration`` and build it; returns (executable, params, manifest).
+
+    ``evaluation=(inputs, labels)`` measures accuracy on that data instead of a held-out part of the
+    calibration data.
+    """
+    tgt = resolve_target(target)
+    signature = graph.input_signature(mod["main"])
+    for name, shape, _ in signature:
+        if any(isinstance(d, str) for d in shape):
+            raise CalibrationError(f"model input {name!r} has a dynamic shape {shape}: give a fixed shape")
+    calib, held, labels = split_calibration(calibration, signature, holdout, seed)
+    if evaluation is not None:
+        held, labels = normalize_inputs(evaluation[0], signature, what="evaluation"), np.asarray(evaluation[1])
+    pass_ = LUTify(calibration=calib, target=tgt, seed=seed, progress=progress, **lutify_options)
+    lut_mod = pass_(mod)
+    layers = pass_.layers
+    lut_ex, lut_params = compile_with_params(lut_mod, tgt)
+    exact_ex, exact_params = compile_with_params(mod, tgt)
+    lut_run = BatchRunner(lut_ex, [v for _, v in lut_params], signature)
+    exact_run = BatchRunner(exact_ex, [v for _, v in exact_params], signature)
+    report: dict = {
+        "model": source,
+        "target": str(tgt),
+        "batch": lut_run.batch,
+        "layers": layers,
+        "totals": _totals(layers),
+        "accuracy": None,
+        "latency": None,
+    }
+    if held is not None:
+        acc_e, pred_e = _accuracy(exact_run, held, labels)
+        acc_l, pred_l = _accuracy(lut_run, held, labels)
+        report["accuracy"] = {"exact": acc_e, "lut": acc_l, "drop": acc_e - acc_l, "rows": int(len(labels)),
+                              "agreement": float((pred_e == pred_l).mean() * 100.0)}
+    if measure_latency:
+        e_ms, l_ms = exact_run.latency_ms(), lut_run.latency_ms()
+        report["latency"] = {"exact_ms": e_ms, "lut_ms": l_ms, "speedup": e_ms / l_ms, "batch": lut_run.batch,
+                             "threads": default_threads(), "note": "per batch; both builds untuned "
+                             "(TVM default CPU lowering for non-LUT ops)"}
+    outputs = output_names or _output_names(lut_mod)
+    manifest = {
+        "source": source,
+        "target": str(tgt),
+        "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in signature],
+        "outputs": outputs,
+        "layers": layers,
+        "report": report,
+        "options": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                    for k, v in lutify_options.items()},
+    }
+    assert LAYERS_ATTR in lut_mod.attrs
+    return lut_ex, lut_params, manifest
+
+
+def _output_names(mod: tvm.IRModule) -> list[str]:
+    ty = mod["main"].ret_ty
+    count = len(ty.fields) if hasattr(ty, "fields") else 1
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def compile_to_dir(out: str, mod: tvm.IRModule, calibration, **kwargs) -> dict:
+    """``compile_and_measure`` and write the artifact to ``out`` atomically; returns the manifest."""
+    ex, params, manifest = compile_and_measure(mod, calibration, **kwargs)
+    artifact.save(out, ex, params, manifest)
+    return manifest

@@ -1,0 +1,72 @@
+"""``tvm-lut report``: the per-layer table of methods, operations and storage, exact vs lookup.
+
+Operation counts are per input sample and follow the rules in ``tvm_lut.cost`` (printed under the
+table), so each figure can be checked by hand.
+"""
+
+from __future__ import annotations
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_report(report: dict, exact_counts: bool = False) -> str:
+    """The report as a plain-text table (``exact_counts`` prints integers instead of k/M/G)."""
+    num = (lambda n: str(int(n))) if exact_counts else _fmt
+    head = ("layer", "kind", "method", "K", "V", "C", "dist", "mul exact", "mul LUT", "add exact", "add LUT",
+            "cmp LUT", "weight B", "table B", "codebk B", "note")
+    rows = []
+    for r in report["layers"]:
+        pqm = r["method"] == "pq"
+        ex = r.get("exact_ops", {})
+        lut = r.get("lut_ops", ex) if pqm else ex
+        rows.append((
+            r["name"], r["kind"], r["method"],
+            str(r.get("k", "")) if pqm else "", str(r.get("v", "")) if pqm else "", str(r.get("c", "")) if pqm else "",
+            r.get("distance", "") if pqm else "",
+            num(ex.get("mul", 0)) if ex else "-", num(lut.get("mul", 0)) if lut else "-",
+            num(ex.get("add", 0)) if ex else "-", num(lut.get("add", 0)) if lut else "-",
+            num(lut.get("cmp", 0)) if pqm else "0",
+            num(r.get("weight_bytes", 0)), num(r["table_bytes"]) if pqm else "-",
+            num(r["codebook_bytes"]) if pqm else "-", r.get("reason", ""),
+        ))
+    t = report["totals"]
+    rows.append(("TOTAL", "", "", "", "", "", "", num(t["exact_mul"]), num(t["lut_mul"]), num(t["exact_add"]),
+                 num(t["lut_add"]), num(t["lut_cmp"]), num(t["weight_bytes"]), num(t["table_bytes"]),
+                 num(t["codebook_bytes"]), ""))
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
+    widths[-1] = 0
+    line = lambda cells: "  ".join(str(c).ljust(w) if i < len(cells) - 1 else str(c)
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [f"model: {report.get('model', '')}   target: {report.get('target', '')}   batch: {report.get('batch', '')}",
+           line(head), line(["-" * w for w in widths[:-1]] + ["----"])]
+    out += [line(r) for r in rows[:-1]]
+    out.append(line(["-" * w for w in widths[:-1]] + [""]))
+    out.append(line(rows[-1]))
+    out.append("")
+    removed = t.get("mul_removed_frac", 0.0)
+    lut_bytes = t["table_bytes"] + t["codebook_bytes"] + t["lut_weight_bytes"]
+    out.append(f"multiplies removed: {removed:.1%}   model bytes exact {num(t['weight_bytes'])}, "
+               f"LUT {num(lut_bytes)} (tables {num(t['table_bytes'])} + codebooks {num(t['codebook_bytes'])}"
+               f" + exact layers {num(t['lut_weight_bytes'])})")
+    acc = report.get("accuracy")
+    if acc:
+        out.append(f"accuracy on {acc['rows']} held-out rows: exact {acc['exact']:.2f}%  LUT {acc['lut']:.2f}%  "
+                   f"(drop {acc['drop']:+.2f} points, top-1 agreement {acc['agreement']:.1f}%)")
+    else:
+        out.append("accuracy: not measured (the calibration file has no 'labels' array)")
+    lat = report.get("latency")
+    if lat:
+        out.append(f"latency per batch of {lat['batch']}, {lat['threads']} threads: exact {lat['exact_ms']:.3f} ms  "
+                   f"LUT {lat['lut_ms']:.3f} ms  (x{lat['speedup']:.2f}; {lat['note']})")
+    out.append("")
+    out.append("counts per input sample; R = rows per sample (output pixels or tokens), Dp = C*V:")
+    out.append("  exact: mul R*D*M, add R*(D-1)*M (+R*M bias).  LUT: encode l2 mul R*K*Dp add R*K*Dp | cosine mul "
+               "R*K*Dp add R*K*C*(V-1) | l1 mul 0 add R*K*C*(2V-1);")
+    out.append("  + accumulate add R*(C-1)*M, dequantise mul R*M (+R*M bias add), argmin cmp R*C*(K-1).")
+    out.append("  bytes: weight 4*(D*M+M); table C*K*M int8 + 4*M scale (+4*M bias); codebook 4*C*K*V (+4*C*K for l2).")
+    return "\n".join(out)

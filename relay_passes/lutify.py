@@ -95,7 +95,8 @@ class LUTify:
         self.schedule = schedule
         self.sequential = sequential
         self.progress = progress
-        self.layers: list[dict] = []
+        self.layers: list[dict] = []  # per-layer decision records (also in the module attribute)
+        self.pq_layers: dict[str, pq.PQLayer] = {}  # fitted codebooks/tables by layer name
 
     # -- planning ------------------------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class LUTify:
         for p in plans:
             _account(p)
         self.layers = [p.record for p in plans]
+        self.pq_layers = {p.layer.name: p.pq_layer for p in todo}
         out = _rewrite(mod, todo, self.schedule) if todo else mod
         return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))
 

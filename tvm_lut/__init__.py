@@ -18,12 +18,25 @@ Typical use::
 
 __version__ = "0.1.0"
 
-from relay_passes import LUTify  # noqa: E402
-
-from . import relay  # noqa: E402
 from .build import build  # noqa: E402
 from .errors import ArtifactError, CalibrationError, LUTError, ModelError, OptionError, TargetError  # noqa: E402
 from .frontend import from_exported_program, from_onnx, from_torch, load_model  # noqa: E402
+
+
+
+def __getattr__(name: str):
+    # The passes live in the sibling package ``relay_passes``, which itself imports tvm_lut's math
+    # modules; resolving them lazily keeps either import order working.
+    if name == "LUTify":
+        from relay_passes import LUTify
+
+        return LUTify
+    if name == "relay":
+        import importlib
+
+        return importlib.import_module(".relay", __name__)
+    raise AttributeError(f"module 'tvm_lut' has no attribute {name!r}")
+
 
 __all__ = [
     "LUTify", "relay", "build", "from_torch", "from_onnx", "from_exported_program", "load_model",

@@ -1,0 +1,77 @@
+"""TIR kernels, unscheduled and hand-scheduled for x86, against the numpy reference on random shapes."""
+
+import numpy as np
+import pytest
+import tvm
+
+from tir_schedules import kernels, x86
+from tvm_lut import pq
+
+TARGET = x86.host_target()
+
+
+def _run(func, *arrays, out_shape, out_dtype):
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), TARGET)
+    args = [tvm.runtime.tensor(a) for a in arrays] + [tvm.runtime.tensor(np.zeros(out_shape, out_dtype))]
+    ex["main"](*args)
+    return args[-1].numpy()
+
+
+def test_host_target_sets_mcpu_and_cores():
+    assert str(TARGET.attrs["mcpu"]) == tvm.target.codegen.llvm_get_system_cpu()
+    assert int(TARGET.attrs["num-cores"]) >= 1
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 16, 1), (37, 7, 16, 23), (64, 13, 8, 130), (5, 3, 4, 64)])
+def test_accumulate_bit_exact(scheduled, shape):
+    n, c, k, m = shape
+    rng = np.random.default_rng(sum(shape))
+    codes = rng.integers(0, k, (n, c)).astype(np.int32)
+    tab = rng.integers(-127, 128, (c, k, m)).astype(np.int8)
+    f = kernels.accumulate(n, c, k, m)
+    f = x86.schedule(f) if scheduled else f
+    np.testing.assert_array_equal(_run(f, codes, tab, out_shape=(n, m), out_dtype="int32"), pq.accumulate(codes, tab))
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
+@pytest.mark.parametrize("shape", [(33, 5, 16, 4), (7, 3, 16, 9), (50, 11, 8, 3)])
+def test_encode_matches_reference(scheduled, distance, shape):
+    n, c, k, v = shape
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal((n, c * v)).astype(np.float32)
+    cents = rng.standard_normal((c, k, v)).astype(np.float32)
+    ec, eb = pq.encoder_operands(cents, distance)
+    f = kernels.encode_l1(n, c, k, v) if distance == "l1" else kernels.encode_dot(n, c, k, v, eb is not None)
+    f = x86.schedule(f) if scheduled else f
+    got = _run(f, *([x, ec] + ([eb] if eb is not None else [])), out_shape=(n, c), out_dtype="int32")
+    ref = pq.encode(x, ec, eb, distance)
+    mismatch = got != ref
+    if mismatch.any():  # allowed only on float near-ties (the compiled code may fuse multiply-adds)
+        scores = pq.encode_scores(x, ec, eb, distance)
+        rows, cols = np.nonzero(mismatch)
+        gap = np.abs(scores[rows, cols, got[rows, cols]] - scores[rows, cols, ref[rows, cols]])
+        assert np.all(gap <= 1e-5 * (1 + np.abs(scores[rows, cols, ref[rows, cols]])))
+    assert mismatch.mean() < 0.01
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("case", [
+    ((2, 3, 9, 8), (3, 3), (2, 1), (1, 0, 2, 1), (1, 2), 28),
+    ((1, 4, 6, 6), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 4),
+    ((3, 2, 5, 7), (5, 5), (1, 1), (2, 2, 2, 2), (1, 1), 52),
+])
+def test_im2col_matches_reference(scheduled, case):
+    shape, khw, strides, padding, dilation, d_pad = case
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    f = kernels.im2col(*shape, khw, strides, padding, dilation, d_pad)
+    f = x86.schedule(f) if scheduled else f
+    ref = pq.pad_columns(pq.im2col(x, khw, strides, padding, dilation), d_pad)
+    np.testing.assert_array_equal(_run(f, x, out_shape=ref.shape, out_dtype="float32"), ref)
+
+
+def test_kernels_are_opaque_and_tagged():
+    f = kernels.accumulate(4, 2, 16, 8)
+    assert int(f.attrs["op_pattern"]) == 8 and str(f.attrs[kernels.KERNEL_ATTR]) == "accumulate"
+    assert bool(x86.schedule(f).attrs["tirx.is_scheduled"])

@@ -1,0 +1,154 @@
+"""The LUTify pass: rewrite correctness against the numpy emulator, options, and layers left exact."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+
+import relay_passes
+import tvm_lut
+from tvm_lut import pq, relay
+
+
+def _run(mod, x):
+    vm = tvm.relax.VirtualMachine(tvm_lut.build(mod), tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def _assert_matches_emulator(got, ref):
+    """Bit-exact except rows whose codes flipped on a float near-tie (rare; compiled code may fuse FMAs)."""
+    same_rows = np.all(got == ref, axis=-1)
+    assert same_rows.mean() > 0.97, same_rows.mean()
+
+
+def test_relay_alias_is_the_pass():
+    assert relay.transform.LUTify is relay_passes.LUTify is tvm_lut.LUTify
+    assert isinstance(relay.transform.LUTify(calibration=np.zeros((1, 1))), tvm.transform.Pass)
+
+
+def test_dense_layer_matches_emulator_bit_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 48)).eval()
+    x = np.random.default_rng(0).standard_normal((256, 30)).astype(np.float32)
+    mod = tvm_lut.from_torch(model, torch.from_numpy(x[:32]))
+    p = relay.transform.LUTify(calibration=x, progress=False)
+    lut = p(mod)
+    assert [r["method"] for r in p.layers] == ["pq"] and p.layers[0]["c"] == 8  # D=30 padded to 32
+    assert len(lut["main"].params) == 1  # converted weights leave the signature
+    got = _run(lut, x[:32])
+    _assert_matches_emulator(got, p.pq_layers["0"].emulate(x[:32]))
+
+
+def test_conv_with_stride_padding_dilation_and_bn_matches_emulator():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(20)
+    model = nn.Sequential(nn.Conv2d(4, 20, 3, stride=2, padding=(1, 2), dilation=(2, 1)), bn).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+    x = np.random.default_rng(1).standard_normal((16, 4, 10, 9)).astype(np.float32)
+    mod = tvm_lut.from_torch(model, torch.from_numpy(x[:4]))
+    p = relay.transform.LUTify(calibration=x, progress=False)
+    lut = p(mod)
+    text = lut["main"].script(show_meta=False)
+    assert "batch_norm" not in text and "conv2d" not in text and "lut_accumulate_0" in text
+    got = _run(lut, x[:4])
+    rec = p.layers[0]
+    assert rec["v"] == 9 and rec["has_bias"]  # 3x3 conv default V=9; BN shift becomes the bias
+    cols = pq.im2col(x[:4], (3, 3), (2, 2), (1, 2, 1, 2), (2, 1))
+    ref = p.pq_layers["0"].emulate(cols).reshape(4, got.shape[2], got.shape[3], 20).transpose(0, 3, 1, 2)
+    _assert_matches_emulator(got.transpose(0, 2, 3, 1).reshape(-1, 20), ref.transpose(0, 2, 3, 1).reshape(-1, 20))
+    with torch.no_grad():
+        exact = model(torch.from_numpy(x[:4])).numpy()
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.5
+
+
+def test_narrow_and_unsupported_layers_stay_exact_with_reason(small_cnn, small_inputs):
+    mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:4]))
+    p = relay.transform.LUTify(calibration=small_inputs, progress=False)
+    lut = p(mod)
+    rec = {r["name"]: r for r in p.layers}
+    assert rec["features.5"]["method"] == "exact" and "groups=4" in rec["features.5"]["reason"]
+    assert rec["fc2"]["method"] == "exact" and "narrow layer (M=10 <= K=16)" in rec["fc2"]["reason"]
+    assert rec["features.0"]["method"] == "pq" and rec["fc1"]["method"] == "pq"
+    assert json.loads(str(lut.attrs[relay_passes.LAYERS_ATTR])) == p.layers
+    # remaining exact weights stay parameters, with their values
+    names = [q.name for q in lut["main"].params]
+    assert "fc2.weight" in names and "features.5.weight" in names and "fc1.weight" not in names
+    forced = relay.transform.LUTify(calibration=small_inputs, all_layers=True, progress=False)
+    forced(mod)
+    assert {r["name"]: r["method"] for r in forced.layers}["fc2"] == "pq"
+    # the LUT model still runs and stays close to the exact one
+    with torch.no_grad():
+        exact = small_cnn(torch.from_numpy(small_inputs[:4])).numpy()
+    got = _run(lut, small_inputs[:4])
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.5
+
+
+def test_per_layer_options(small_cnn, small_inputs):
+    mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:4]))
+    p = relay.transform.LUTify(calibration=small_inputs, progress=False, layers={
+        "features.0": {"k": 8, "v": 3, "distance": "l1"}, "fc1": "exact", "features.3": {"distance": "cosine"}})
+    p(mod)
+    rec = {r["name"]: r for r in p.layers}
+    assert (rec["features.0"]["k"], rec["features.0"]["v"], rec["features.0"]["distance"]) == (8, 3, "l1")
+    assert p.pq_layers["features.0"].centroids.shape == (9, 8, 3)
+    assert rec["fc1"]["method"] == "exact" and rec["fc1"]["reason"] == "requested"
+    assert rec["features.3"]["distance"] == "cosine"
+
+
+def test_learned_codebooks_are_used_as_given():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32)).eval()
+    cents = np.random.default_rng(0).standard_normal((2, 16, 4)).astype(np.float32)
+    x = np.random.default_rng(1).standard_normal((32, 8)).astype(np.float32)
+    mod = tvm_lut.from_torch(model, torch.from_numpy(x))
+    p = relay.transform.LUTify(codebooks={"0": cents}, progress=False)
+    got = _run(p(mod), x)
+    np.testing.assert_array_equal(p.pq_layers["0"].centroids, cents)
+    _assert_matches_emulator(got, p.pq_layers["0"].emulate(x))
+
+
+def test_dynamic_shapes_stay_exact():
+    model = nn.Sequential(nn.Linear(8, 32)).eval()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    mod = tvm_lut.from_torch(model, torch.zeros(4, 8), dynamic_shapes=({0: batch},))
+    p = relay.transform.LUTify(calibration=np.zeros((4, 8), np.float32), progress=False)
+    p(mod)
+    assert p.layers[0]["method"] == "exact" and "dynamic shape" in p.layers[0]["reason"]
+
+
+def test_unknown_layer_name_is_an_error(small_cnn, small_inputs):
+    mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:4]))
+    with pytest.raises(tvm_lut.OptionError, match=r"unknown layer name\(s\) \['features.9'\].*fc1"):
+        relay.transform.LUTify(calibration=small_inputs, layers={"features.9": "exact"})(mod)
+    with pytest.raises(tvm_lut.OptionError, match="unknown option"):
+        relay.transform.LUTify(calibration=small_inputs, layers={"fc1": {"kk": 3}})
+    with pytest.raises(tvm_lut.OptionError, match="unknown distance"):
+        relay.transform.LUTify(calibration=small_inputs, distance="l3")
+
+
+def test_k_larger_than_calibration_vectors_is_an_error():
+    model = nn.Sequential(nn.Linear(8, 32)).eval()
+    mod = tvm_lut.from_torch(model, torch.zeros(4, 8))
+    with pytest.raises(tvm_lut.CalibrationError, match=r"layer '0': K=16 centroids need at least 16.*got 8"):
+        relay.transform.LUTify(calibration=np.ones((8, 8), np.float32), progress=False)(mod)
+
+
+def test_missing_calibration_is_an_error():
+    mod = tvm_lut.from_torch(nn.Sequential(nn.Linear(8, 32)).eval(), torch.zeros(4, 8))
+    with pytest.raises(tvm_lut.CalibrationError, match="needs calibration data"):
+        relay.transform.LUTify()(mod)
+
+
+def test_sequential_calibration_runs(small_cnn, small_inputs):
+    mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:4]))
+    p = relay.transform.LUTify(calibration=small_inputs, sequential=True, all_layers=True, progress=False)
+    got = _run(p(mod), small_inputs[:4])
+    with torch.no_grad():
+        exact = small_cnn(torch.from_numpy(small_inputs[:4])).numpy()
+    assert np.isfinite(got).all() and np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.6

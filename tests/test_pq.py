@@ -1,0 +1,115 @@
+"""The numpy PQ reference: encoders, tables, int8 quantization, accumulate, emulator, codebooks."""
+
+import numpy as np
+import pytest
+
+from tvm_lut import pq
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1)
+
+
+def test_l2_encoder_is_nearest_centroid(rng):
+    x = rng.standard_normal((200, 12)).astype(np.float32)
+    cents = rng.standard_normal((3, 16, 4)).astype(np.float32)
+    ec, eb = pq.encoder_operands(cents, "l2")
+    codes = pq.encode(x, ec, eb, "l2")
+    brute = ((x.reshape(200, 3, 1, 4) - cents[None]) ** 2).sum(-1).argmin(-1)
+    assert (codes == brute).mean() > 0.995  # differences only on float near-ties
+
+
+def test_cosine_encoder_maximises_angle_similarity(rng):
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    cents = rng.standard_normal((2, 16, 4)).astype(np.float32) * rng.uniform(0.1, 5, (2, 16, 1)).astype(np.float32)
+    ec, eb = pq.encoder_operands(cents, "cosine")
+    assert eb is None
+    codes = pq.encode(x, ec, eb, "cosine")
+    xs = x.reshape(200, 2, 1, 4)
+    cos = (xs * cents[None]).sum(-1) / np.linalg.norm(cents, axis=-1)[None]
+    assert (codes == cos.argmax(-1)).mean() > 0.995
+
+
+def test_l1_encoder(rng):
+    x = rng.standard_normal((100, 8)).astype(np.float32)
+    cents = rng.standard_normal((2, 16, 4)).astype(np.float32)
+    codes = pq.encode(x, cents, None, "l1")
+    brute = np.abs(x.reshape(100, 2, 1, 4) - cents[None]).sum(-1).argmin(-1)
+    np.testing.assert_array_equal(codes, brute)
+
+
+def test_int8_tables_symmetric_per_output(rng):
+    t = rng.standard_normal((5, 16, 7)).astype(np.float32)
+    t[:, :, 3] = 0
+    q, s = pq.quantize_tables(t)
+    assert q.dtype == np.int8 and q.min() >= -127 and q.max() <= 127
+    assert np.all(np.abs(q).max(axis=(0, 1))[[0, 1, 2, 4, 5, 6]] == 127)
+    assert s[3] == 1.0 and np.all(q[:, :, 3] == 0)
+    assert np.abs(q * s - t).max() <= s.max() / 2 + 1e-6
+
+
+def test_accumulate_sums_table_rows(rng):
+    codes = rng.integers(0, 16, (9, 4)).astype(np.int32)
+    tab = rng.integers(-127, 128, (4, 16, 5)).astype(np.int8)
+    acc = pq.accumulate(codes, tab)
+    assert acc.dtype == np.int32
+    for n in range(9):
+        np.testing.assert_array_equal(acc[n], sum(tab[c, codes[n, c]].astype(np.int32) for c in range(4)))
+
+
+def test_im2col_matches_direct_convolution(rng):
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 2)).astype(np.float32)
+    cols = pq.im2col(x, (3, 2), (2, 1), (1, 0, 2, 1), (2, 1))
+    y = cols @ w.reshape(5, -1).T
+    import torch
+
+    ref = torch.nn.functional.conv2d(torch.from_numpy(np.pad(x, ((0, 0), (0, 0), (1, 2), (0, 1)))),
+                                     torch.from_numpy(w), stride=(2, 1), dilation=(2, 1)).numpy()
+    np.testing.assert_allclose(y.reshape(ref.shape[0], ref.shape[2], ref.shape[3], 5).transpose(0, 3, 1, 2), ref,
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
+def test_fit_layer_approximates_the_layer(rng, distance):
+    basis = rng.standard_normal((4, 10)).astype(np.float32)
+    rows = (rng.standard_normal((3000, 4)) @ basis).astype(np.float32)  # low-rank, clusterable data
+    w = rng.standard_normal((10, 24)).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    layer = pq.fit_layer(rows[:2000], w, b, k=16, v=4, distance=distance)
+    assert layer.num_codebooks == 3 and layer.centroids.shape == (3, 16, 4) and layer.tables.dtype == np.int8
+    y = layer.emulate(rows[2000:])
+    ref = rows[2000:] @ w + b
+    rel = np.linalg.norm(y - ref) / np.linalg.norm(ref)
+    assert rel < 0.6, rel
+    # an uninformed baseline (always the mean) is much worse
+    assert rel < 0.8 * np.linalg.norm(ref - ref.mean(0)) / np.linalg.norm(ref)
+
+
+def test_fit_codebooks_needs_k_vectors(rng):
+    with pytest.raises(ValueError, match="at least 16 calibration vectors"):
+        pq.fit_codebooks(rng.standard_normal((10, 8)).astype(np.float32), 4, 16)
+
+
+def test_fit_layer_rejects_nonfinite(rng):
+    rows = rng.standard_normal((100, 8)).astype(np.float32)
+    rows[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pq.fit_layer(rows, np.ones((8, 4), np.float32), None)
+
+
+def test_refined_tables_never_worse_on_validation(rng):
+    rows = rng.standard_normal((2000, 8)).astype(np.float32)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    plain = pq.fit_layer(rows, w, None, refine=False)
+    refined = pq.fit_layer(rows, w, None, refine=True)
+    test = rng.standard_normal((500, 8)).astype(np.float32)
+    err = lambda l: np.linalg.norm(l.emulate(test) - test @ w)
+    assert err(refined) <= err(plain) * 1.05
+
+
+def test_default_subvector_lengths():
+    assert pq.default_subvector_len("conv2d", (3, 3)) == 9
+    assert pq.default_subvector_len("conv2d", (1, 1)) == 4
+    assert pq.default_subvector_len("dense", None) == 4

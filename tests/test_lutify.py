@@ -64,7 +64,9 @@ def test_conv_with_stride_padding_dilation_and_bn_matches_emulator():
     _assert_matches_emulator(got.transpose(0, 2, 3, 1).reshape(-1, 20), ref.transpose(0, 2, 3, 1).reshape(-1, 20))
     with torch.no_grad():
         exact = model(torch.from_numpy(x[:4])).numpy()
-    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 0.5
+    # folded BN is right: far better than predicting each channel's mean (random data, V=9: coarse)
+    baseline = np.linalg.norm(exact - exact.mean(axis=(0, 2, 3), keepdims=True))
+    assert np.linalg.norm(got - exact) < 0.8 * baseline
 
 
 def test_narrow_and_unsupported_layers_stay_exact_with_reason(small_cnn, small_inputs):

@@ -36,7 +36,8 @@ def normalize_inputs(data, signature: list[tuple[str, tuple, str]], what: str = 
 
     Accepts one array/tensor (single-input models), a list of batches (concatenated), a mapping
     name -> array (an ``np.load``-ed ``.npz``; the key ``labels`` is ignored here), or a list of such
-    mappings.
+    mappings. Named arrays must carry the model's input names; an unnamed one (a bare array, or
+    numpy's default ``arr_0``) is taken as the only input of a single-input model.
     """
     if data is None:
         raise CalibrationError(f"no {what} data given")
@@ -52,7 +53,7 @@ def normalize_inputs(data, signature: list[tuple[str, tuple, str]], what: str = 
         mapping = {"": np.concatenate([_as_array(b) for b in data])}
     else:
         mapping = {"": _as_array(data)}
-    if set(mapping) == {""} or (len(names) == 1 and len(mapping) == 1):
+    if set(mapping) in ({""}, {"arr_0"}):  # unnamed: a bare array, or np.savez(path, array)
         if len(names) != 1:
             raise CalibrationError(f"the model has {len(names)} inputs ({', '.join(names)}): give {what} data "
                                    "as arrays named after them")

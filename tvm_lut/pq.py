@@ -267,7 +267,7 @@ def refine_tables(
     k: int,
     targets: np.ndarray,
     init: np.ndarray,
-    ridges: tuple[float, ...] = (1e-2, 1e-1, 1.0),
+    ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0),
     holdout: float = 0.2,
     seed: int = 0,
 ) -> tuple[np.ndarray, float | None]:

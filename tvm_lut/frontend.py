@@ -21,6 +21,9 @@ from .errors import ModelError
 
 log = logging.getLogger("tvm_lut")
 
+#: Module attribute with the model's output names, where the source format has them (ONNX).
+OUTPUT_NAMES_ATTR = "tvm_lut.output_names"
+
 
 def rename_params(mod: tvm.IRModule, names: dict[str, str], func_name: str = "main") -> tvm.IRModule:
     """Rename parameter variables of ``mod[func_name]`` (old var name -> new name); values are kept."""
@@ -176,7 +179,8 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
             mod = _import(model, shape_dict=shapes, keep_params_in_input=True)
     except tvm.error.OpNotImplemented as exc:
         raise ModelError(f"{path}: {exc}") from exc
-    return rename_params(mod, safe)
+    mod = rename_params(mod, safe)
+    return mod.with_attr(OUTPUT_NAMES_ATTR, [o.name for o in graph.output])
 
 
 def load_model(path: str | os.PathLike, *, batch: int = 1, shape_dict=None) -> tvm.IRModule:

@@ -19,6 +19,7 @@ from . import artifact, graph
 from .build import BatchRunner, compile_with_params, default_threads, resolve_target
 from .calibrate import normalize_inputs
 from .errors import CalibrationError
+from .frontend import OUTPUT_NAMES_ATTR
 
 log = logging.getLogger("tvm_lut")
 
@@ -143,8 +144,13 @@ def compile_and_measure(
 
 
 def _output_names(mod: tvm.IRModule) -> list[str]:
+    """The source model's output names (ONNX), else ``output`` / ``output_0``, ``output_1``..."""
     ty = mod["main"].ret_ty
     count = len(ty.fields) if hasattr(ty, "fields") else 1
+    if mod.attrs is not None and OUTPUT_NAMES_ATTR in mod.attrs:
+        names = [str(n) for n in mod.attrs[OUTPUT_NAMES_ATTR]]
+        if len(names) == count:
+            return names
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 

@@ -286,7 +286,7 @@ def refine_tables(
     y = targets.astype(np.float64)
     perm = np.random.default_rng(seed).permutation(n)
     n_val = int(n * holdout)
-    if n_val < 16:
+    if n_val < 200 or n - n_val < ck:  # too few rows to fit ck unknowns per output, or to validate
         return init, None
     val, fit = perm[:n_val], perm[n_val:]
 

@@ -293,15 +293,10 @@ class _LookupRewriter(PyExprMutator):
             x2 = x if len(layer.input_shape) == 2 else bb.emit(relax.op.reshape(x, (rows, layer.d)))
             if dp != layer.d:
                 x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, dp - layer.d]))
-        cents, cbias = q.encoder_operands()
-        if q.distance == "l1":
-            enc = self._kernel(("enc_l1", rows, c, k, v), f"lut_encode_{tag}", lambda: kernels.encode_l1(rows, c, k, v))
-            enc_args = [x2, relax.const(cents)]
-        else:
-            with_bias = cbias is not None
-            enc = self._kernel(("enc_dot", rows, c, k, v, with_bias), f"lut_encode_{tag}",
-                               lambda: kernels.encode_dot(rows, c, k, v, with_bias))
-            enc_args = [x2, relax.const(cents)] + ([relax.const(cbias)] if with_bias else [])
+        cents, offsets = q.encoder_operands()
+        enc = self._kernel(("encode", rows, c, k, v, q.distance), f"lut_encode_{tag}",
+                           lambda: kernels.encode(rows, c, k, v, q.distance))
+        enc_args = [x2, relax.const(cents), relax.const(offsets)]
         codes = bb.emit(relax.call_tir(enc, enc_args, relax.TensorType((rows, c), "int32")))
         acc_gv = self._kernel(("acc", rows, c, k, m), f"lut_accumulate_{tag}",
                               lambda: kernels.accumulate(rows, c, k, m))

@@ -43,9 +43,9 @@ def test_encode_matches_reference(scheduled, distance, shape):
     x = rng.standard_normal((n, c * v)).astype(np.float32)
     cents = rng.standard_normal((c, k, v)).astype(np.float32)
     ec, eb = pq.encoder_operands(cents, distance)
-    f = kernels.encode_l1(n, c, k, v) if distance == "l1" else kernels.encode_dot(n, c, k, v, eb is not None)
+    f = kernels.encode(n, c, k, v, distance)
     f = x86.schedule(f) if scheduled else f
-    got = _run(f, *([x, ec] + ([eb] if eb is not None else [])), out_shape=(n, c), out_dtype="int32")
+    got = _run(f, x, ec, eb, out_shape=(n, c), out_dtype="int32")
     ref = pq.encode(x, ec, eb, distance)
     mismatch = got != ref
     if mismatch.any():  # allowed only on float near-ties (the compiled code may fuse multiply-adds)

@@ -52,7 +52,7 @@ def test_counts_cosine_and_l1():
     out = _records("l1")["out"]
     assert out["lut_ops"]["mul"] == 16  # multiplier-free encoder; only the per-output dequantise scale
     assert out["lut_ops"]["add"] == 16 * 5 * 7 + 4 * 16 + 16
-    assert out["codebook_bytes"] == 4 * 5 * 16 * 4
+    assert out["codebook_bytes"] == 4 * 5 * 16 * 4 + 4 * 5 * 16
 
 
 def test_printed_report_has_every_layer_totals_and_formulas():

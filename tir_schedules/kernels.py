@@ -6,8 +6,7 @@ Each kernel mirrors a numpy function in ``tvm_lut.pq`` (the reference the tests 
 kernel                 computes                     numpy reference
 =====================  ===========================  ========================================
 ``im2col``             NCHW -> (rows, D_pad) patches ``pq.im2col`` + ``pq.pad_columns``
-``encode_dot``         argmin_k (b_k - x . p_k)      ``pq.encode`` (``l2`` and ``cosine``)
-``encode_l1``          argmin_k sum |x - p_k|        ``pq.encode`` (``l1``)
+``encode``             argmin_k (b_k -/+ dist terms) ``pq.encode`` (``l2``, ``cosine``, ``l1``)
 ``accumulate``         sum_c int8 T[c, code, m]      ``pq.accumulate``
 =====================  ===========================  ========================================
 
@@ -61,71 +60,21 @@ def im2col(
     return _opaque(te.create_prim_func([x, cols]).without_attr("global_symbol"), "im2col")
 
 
-def encode_dot(n: int, c: int, k: int, v: int, with_bias: bool) -> tirx.PrimFunc:
-    """codes[n, c] = argmin_k (bias[c, k] - sum_v x[n, cV+v] * p[c, k, v]); L2 (with bias) or cosine."""
-    if with_bias:
+def encode(n: int, c: int, k: int, v: int, distance: str) -> tirx.PrimFunc:
+    """codes[n, c] = argmin_k score[n, c, k], one kernel for the three distances.
 
-        @T.prim_func(private=True, s_tir=True)
-        def func(
-            x: T.Buffer((n, c * v), "float32"),
-            cents: T.Buffer((c, k, v), "float32"),
-            cbias: T.Buffer((c, k), "float32"),
-            codes: T.Buffer((n, c), "int32"),
-        ):
-            score = T.sblock_alloc_buffer((n, c, k), "float32")
-            best = T.sblock_alloc_buffer((n, c), "float32")
-            for i, j, q, t in T.grid(n, c, k, v):
-                with T.sblock("score"):
-                    vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
-                    with T.init():
-                        score[vi, vj, vq] = cbias[vj, vq]
-                    score[vi, vj, vq] = score[vi, vj, vq] - x[vi, vj * v + vt] * cents[vj, vq, vt]
-            for i, j, q in T.grid(n, c, k):
-                with T.sblock("argmin"):
-                    vi, vj, vq = T.axis.remap("SSR", [i, j, q])
-                    with T.init():
-                        codes[vi, vj] = 0
-                        best[vi, vj] = T.float32(3.4e38)
-                    take: T.let[T.bool] = score[vi, vj, vq] < best[vi, vj]
-                    codes[vi, vj] = T.Select(take, vq, codes[vi, vj])
-                    best[vi, vj] = T.Select(take, score[vi, vj, vq], best[vi, vj])
-
-    else:
-
-        @T.prim_func(private=True, s_tir=True)
-        def func(
-            x: T.Buffer((n, c * v), "float32"),
-            cents: T.Buffer((c, k, v), "float32"),
-            codes: T.Buffer((n, c), "int32"),
-        ):
-            score = T.sblock_alloc_buffer((n, c, k), "float32")
-            best = T.sblock_alloc_buffer((n, c), "float32")
-            for i, j, q, t in T.grid(n, c, k, v):
-                with T.sblock("score"):
-                    vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
-                    with T.init():
-                        score[vi, vj, vq] = T.float32(0)
-                    score[vi, vj, vq] = score[vi, vj, vq] - x[vi, vj * v + vt] * cents[vj, vq, vt]
-            for i, j, q in T.grid(n, c, k):
-                with T.sblock("argmin"):
-                    vi, vj, vq = T.axis.remap("SSR", [i, j, q])
-                    with T.init():
-                        codes[vi, vj] = 0
-                        best[vi, vj] = T.float32(3.4e38)
-                    take: T.let[T.bool] = score[vi, vj, vq] < best[vi, vj]
-                    codes[vi, vj] = T.Select(take, vq, codes[vi, vj])
-                    best[vi, vj] = T.Select(take, score[vi, vj, vq], best[vi, vj])
-
-    return _opaque(func, "encode")
-
-
-def encode_l1(n: int, c: int, k: int, v: int) -> tirx.PrimFunc:
-    """codes[n, c] = argmin_k sum_v |x[n, cV+v] - p[c, k, v]|: subtract, abs, add; no multiplies."""
+    ``score = offset[c, k] - sum_v x[n, cV+v] * p[c, k, v]`` for ``l2`` (offset ``0.5||p||^2``) and
+    ``cosine`` (unit centroids, zero offset); ``score = offset[c, k] + sum_v |x[n, cV+v] - p[c, k, v]|``
+    for ``l1`` (zero offset; subtract, abs and add only: no multiplies). The distance is resolved when
+    the kernel is built, so each variant compiles to its own straight-line code.
+    """
+    l1 = distance == "l1"
 
     @T.prim_func(private=True, s_tir=True)
     def func(
         x: T.Buffer((n, c * v), "float32"),
         cents: T.Buffer((c, k, v), "float32"),
+        offsets: T.Buffer((c, k), "float32"),
         codes: T.Buffer((n, c), "int32"),
     ):
         score = T.sblock_alloc_buffer((n, c, k), "float32")
@@ -134,8 +83,11 @@ def encode_l1(n: int, c: int, k: int, v: int) -> tirx.PrimFunc:
             with T.sblock("score"):
                 vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
                 with T.init():
-                    score[vi, vj, vq] = T.float32(0)
-                score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(x[vi, vj * v + vt] - cents[vj, vq, vt])
+                    score[vi, vj, vq] = offsets[vj, vq]
+                if l1:
+                    score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(x[vi, vj * v + vt] - cents[vj, vq, vt])
+                else:
+                    score[vi, vj, vq] = score[vi, vj, vq] - x[vi, vj * v + vt] * cents[vj, vq, vt]
         for i, j, q in T.grid(n, c, k):
             with T.sblock("argmin"):
                 vi, vj, vq = T.axis.remap("SSR", [i, j, q])

@@ -15,8 +15,11 @@ accumulate         adds ``R*(C-1)*M`` (integer table adds)
 dequantise         multiplies ``R*M`` (one scale per output) and adds ``R*M`` with a bias
 
 Storage: the exact layer keeps ``D*M`` float32 weights (+ ``M`` bias); the lookup layer keeps int8
-tables ``C*K*M`` + a float32 scale per output (+ bias), and codebooks ``C*K*V`` float32 (+ ``C*K``
-centroid terms for l2).
+tables ``C*K*M`` + a float32 scale per output (+ bias), and codebooks ``C*K*V`` float32 + ``C*K``
+float32 score offsets (``0.5||p||^2`` for l2, zero for cosine/l1: one encode kernel serves all three).
+
+Batch norm and bias ops folded into a layer are not counted separately: the exact column counts the
+folded layer, as a compiler would run it.
 """
 
 from __future__ import annotations
@@ -57,5 +60,5 @@ def table_bytes(c: int, k: int, m: int, has_bias: bool) -> int:
     return c * k * m + 4 * m + (4 * m if has_bias else 0)
 
 
-def codebook_bytes(c: int, k: int, v: int, distance: str) -> int:
-    return 4 * c * k * v + (4 * c * k if distance == "l2" else 0)
+def codebook_bytes(c: int, k: int, v: int, distance: str) -> int:  # noqa: ARG001 (same for every distance)
+    return 4 * c * k * v + 4 * c * k

@@ -145,41 +145,39 @@ def fit_codebooks(rows: np.ndarray, v: int, k: int, distance: str = "l2", seed: 
 # ----------------------------------------------------------------------------------------------
 
 
-def encoder_operands(centroids: np.ndarray, distance: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Centroids as the encode kernel consumes them, plus the per-centroid bias (L2 only).
+def encoder_operands(centroids: np.ndarray, distance: str) -> tuple[np.ndarray, np.ndarray]:
+    """Centroids as the encode kernel consumes them, and the per-centroid score offset (C, K).
 
-    l2: (P, 0.5*||P||^2); cosine: (P/||P||, None); l1: (P, None).
+    l2: (P, 0.5*||P||^2); cosine: (P/||P||, 0); l1: (P, 0).
     """
     p = centroids.astype(np.float32)
+    zeros = np.zeros(p.shape[:2], np.float32)
     if distance == "l2":
         return p, (np.float32(0.5) * (p * p).sum(-1, dtype=np.float32)).astype(np.float32)
     if distance == "cosine":
         norms = np.sqrt((p * p).sum(-1, keepdims=True, dtype=np.float32))
-        return (p / np.maximum(norms, np.float32(1e-12))).astype(np.float32), None
+        return (p / np.maximum(norms, np.float32(1e-12))).astype(np.float32), zeros
     if distance == "l1":
-        return p, None
+        return p, zeros
     raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
 
 
-def encode_scores(x: np.ndarray, enc_centroids: np.ndarray, enc_bias: np.ndarray | None, distance: str) -> np.ndarray:
+def encode_scores(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray, distance: str) -> np.ndarray:
     """Per (row, subspace, centroid) score, accumulated over v in order like the kernel -> (N, C, K)."""
     c_count, k, v = enc_centroids.shape
     xs = x.astype(np.float32).reshape(x.shape[0], c_count, 1, v)
-    if distance == "l1":
-        score = np.zeros((x.shape[0], c_count, k), np.float32)
-        for i in range(v):
-            score = score + np.abs(xs[..., i] - enc_centroids[None, :, :, i])
-        return score
-    score = np.broadcast_to(enc_bias, (x.shape[0], c_count, k)).astype(np.float32) if enc_bias is not None else (
-        np.zeros((x.shape[0], c_count, k), np.float32))
+    score = np.broadcast_to(offsets, (x.shape[0], c_count, k)).astype(np.float32)
     for i in range(v):
-        score = score - xs[..., i] * enc_centroids[None, :, :, i]
+        if distance == "l1":
+            score = score + np.abs(xs[..., i] - enc_centroids[None, :, :, i])
+        else:
+            score = score - xs[..., i] * enc_centroids[None, :, :, i]
     return score
 
 
-def encode(x: np.ndarray, enc_centroids: np.ndarray, enc_bias: np.ndarray | None, distance: str) -> np.ndarray:
+def encode(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray, distance: str) -> np.ndarray:
     """Nearest-centroid codes (N, C) int32 for padded rows x (N, C*V); ties go to the lowest index."""
-    return encode_scores(x, enc_centroids, enc_bias, distance).argmin(-1).astype(np.int32)
+    return encode_scores(x, enc_centroids, offsets, distance).argmin(-1).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,14 +236,14 @@ class PQLayer:
     def m(self) -> int:
         return self.tables.shape[2]
 
-    def encoder_operands(self) -> tuple[np.ndarray, np.ndarray | None]:
+    def encoder_operands(self) -> tuple[np.ndarray, np.ndarray]:
         return encoder_operands(self.centroids, self.distance)
 
     def emulate(self, x: np.ndarray) -> np.ndarray:
         """Reference output for rows x (N, D): encode -> accumulate -> scale (+ bias), as compiled."""
         xp = pad_columns(x.astype(np.float32), self.num_codebooks * self.v)
-        cents, cbias = self.encoder_operands()
-        acc = accumulate(encode(xp, cents, cbias, self.distance), self.tables)
+        cents, offsets = self.encoder_operands()
+        acc = accumulate(encode(xp, cents, offsets, self.distance), self.tables)
         y = acc.astype(np.float32) * self.scale
         if self.bias is not None:
             y = y + self.bias
@@ -341,8 +339,8 @@ def fit_layer(
     centroids = fit_codebooks(xp, v, k, distance, seed)
     tables = build_tables(centroids, pad_columns(weight.T, d_pad).T)
     if refine and tables.shape[0] * k <= MAX_REFINE_UNKNOWNS:
-        cents, cbias = encoder_operands(centroids, distance)
-        codes = encode(xp, cents, cbias, distance)
+        cents, offsets = encoder_operands(centroids, distance)
+        codes = encode(xp, cents, offsets, distance)
         if targets is None:
             targets = rows.astype(np.float64) @ weight.astype(np.float64)
         tables, _ = refine_tables(codes, k, targets, tables, seed=seed)

@@ -68,5 +68,5 @@ def format_report(report: dict, exact_counts: bool = False) -> str:
     out.append("  exact: mul R*D*M, add R*(D-1)*M (+R*M bias).  LUT: encode l2 mul R*K*Dp add R*K*Dp | cosine mul "
                "R*K*Dp add R*K*C*(V-1) | l1 mul 0 add R*K*C*(2V-1);")
     out.append("  + accumulate add R*(C-1)*M, dequantise mul R*M (+R*M bias add), argmin cmp R*C*(K-1).")
-    out.append("  bytes: weight 4*(D*M+M); table C*K*M int8 + 4*M scale (+4*M bias); codebook 4*C*K*V (+4*C*K for l2).")
+    out.append("  bytes: weight 4*(D*M+M); table C*K*M int8 + 4*M scale (+4*M bias); codebook 4*C*K*V + 4*C*K offsets.")
     return "\n".join(out)

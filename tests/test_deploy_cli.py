@@ -214,3 +214,25 @@ def test_run_rejects_mismatched_input(tmp_path, capsys, onnx_case):
     np.savez(tmp_path / "data.npz", pixels=x)
     _fails(capsys, ["run", out, "--input", str(tmp_path / "data.npz"), "--output", str(tmp_path / "p.npz")],
            r"input arrays \['pixels'\] do not match the model inputs \['image'\]", None)
+
+
+def test_onnx_dotted_input_names_are_kept(tmp_path, small_cnn, small_inputs):
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(small_cnn, (torch.zeros(2, 3, 8, 8),), str(path), input_names=["input.1"], dynamo=False)
+    np.savez(tmp_path / "calib.npz", **{"input.1": small_inputs})
+    out = str(tmp_path / "out")
+    assert cli.main(["compile", str(path), "--calib", str(tmp_path / "calib.npz"), "-o", out, "-q",
+                     "--no-latency"]) == 0
+    assert Model(out).run({"input.1": small_inputs[:5]})["output"].shape == (5, 10)
+
+
+def test_dynamic_batch_pt2_is_fixed_to_batch(tmp_path, small_cnn, small_inputs):
+    dim = torch.export.Dim("b", min=1, max=64)
+    ep = torch.export.export(small_cnn, (torch.from_numpy(small_inputs[:4]),), dynamic_shapes=({0: dim},))
+    torch.export.save(ep, str(tmp_path / "dyn.pt2"))
+    out = str(tmp_path / "out")
+    assert cli.main(["compile", str(tmp_path / "dyn.pt2"), "--calib", _calib(tmp_path, small_inputs, name="x"),
+                     "-o", out, "--batch", "8", "-q", "--no-latency"]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["inputs"][0]["shape"] == [8, 3, 8, 8]
+    assert {l["name"]: l["method"] for l in manifest["layers"]}["fc1"] == "pq"

@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer options, e.g. features.3:k=8,v=2 or fc:exact (repeatable)")
     c.add_argument("--all-layers", action="store_true", help="also convert layers where lookup does not pay (M<=K)")
     c.add_argument("--sequential", action="store_true", help="calibrate layer by layer on converted upstream layers")
-    c.add_argument("--batch", type=int, default=1, help="batch size for a symbolic leading input dim (ONNX)")
+    c.add_argument("--batch", type=int, default=1, help="batch size for a symbolic leading input dim (ONNX, dynamic .pt2)")
     c.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x32x32", help="fix an input shape")
     c.add_argument("--holdout", type=float, default=0.2, help="fraction of labelled calibration rows kept for accuracy")
     c.add_argument("--seed", type=int, default=0)

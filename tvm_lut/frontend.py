@@ -18,6 +18,7 @@ import tvm
 from tvm import relax
 
 from .errors import ModelError
+from .graph import num_inputs as graph_num_inputs
 
 log = logging.getLogger("tvm_lut")
 
@@ -90,8 +91,21 @@ def from_exported_program(ep) -> tvm.IRModule:
     return rename_params(mod, names)
 
 
-def load_torch_program(path: str | os.PathLike) -> tvm.IRModule:
-    """Import a ``torch.export.save``-d program (``.pt2``)."""
+def fix_batch(mod: tvm.IRModule, batch: int) -> tvm.IRModule:
+    """Bind symbolic leading (batch) dims of the inputs to ``batch``: compiled models are static."""
+    func = mod["main"]
+    bindings = {}
+    for p in func.params[: graph_num_inputs(func)]:
+        shape = p.ty.shape if isinstance(p.ty, relax.TensorType) else None
+        if shape is not None and len(shape) and isinstance(shape[0], tvm.tirx.Var):
+            bindings[shape[0]] = batch
+    if not bindings:
+        return mod
+    return relax.transform.BindSymbolicVars(bindings, "main")(mod)
+
+
+def load_torch_program(path: str | os.PathLike, batch: int = 1) -> tvm.IRModule:
+    """Import a ``torch.export.save``-d program (``.pt2``); a dynamic batch dim is fixed to ``batch``."""
     import torch
 
     path = _check_file(path, (".pt2",))
@@ -99,7 +113,7 @@ def load_torch_program(path: str | os.PathLike) -> tvm.IRModule:
         ep = torch.export.load(path)
     except Exception as exc:  # torch raises many types for bad archives
         raise ModelError(f"{path}: not a readable torch.export program ({type(exc).__name__}: {exc})") from exc
-    return from_exported_program(ep)
+    return fix_batch(from_exported_program(ep), batch)
 
 
 def _onnx_layer_names(graph) -> dict[str, str]:
@@ -176,7 +190,7 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            mod = _import(model, shape_dict=shapes, keep_params_in_input=True)
+            mod = _import(model, shape_dict=shapes, keep_params_in_input=True, sanitize_input_names=False)
     except tvm.error.OpNotImplemented as exc:
         raise ModelError(f"{path}: {exc}") from exc
     mod = rename_params(mod, safe)
@@ -189,6 +203,6 @@ def load_model(path: str | os.PathLike, *, batch: int = 1, shape_dict=None) -> t
     if p.endswith(".onnx"):
         return from_onnx(p, shape_dict, batch=batch)
     if p.endswith(".pt2"):
-        return load_torch_program(p)
+        return load_torch_program(p, batch=batch)
     _check_file(p, (".onnx", ".pt2"))
     raise AssertionError("unreachable")

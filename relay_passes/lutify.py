@@ -296,7 +296,7 @@ class _LookupRewriter(PyExprMutator):
         cents, offsets = q.encoder_operands()
         enc = self._kernel(("encode", rows, c, k, v, q.distance), f"lut_encode_{tag}",
                            lambda: kernels.encode(rows, c, k, v, q.distance))
-        enc_args = [x2, relax.const(cents), relax.const(offsets)]
+        enc_args = [x2, relax.const(np.ascontiguousarray(cents.transpose(0, 2, 1))), relax.const(offsets)]
         codes = bb.emit(relax.call_tir(enc, enc_args, relax.TensorType((rows, c), "int32")))
         acc_gv = self._kernel(("acc", rows, c, k, m), f"lut_accumulate_{tag}",
                               lambda: kernels.accumulate(rows, c, k, m))

@@ -36,7 +36,7 @@ def test_accumulate_bit_exact(scheduled, shape):
 
 @pytest.mark.parametrize("scheduled", [False, True])
 @pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
-@pytest.mark.parametrize("shape", [(33, 5, 16, 4), (7, 3, 16, 9), (50, 11, 8, 3)])
+@pytest.mark.parametrize("shape", [(33, 5, 16, 4), (7, 3, 16, 9), (50, 11, 8, 3), (64, 6, 16, 4), (24, 3, 32, 2)])
 def test_encode_matches_reference(scheduled, distance, shape):
     n, c, k, v = shape
     rng = np.random.default_rng(sum(shape))
@@ -45,7 +45,7 @@ def test_encode_matches_reference(scheduled, distance, shape):
     ec, eb = pq.encoder_operands(cents, distance)
     f = kernels.encode(n, c, k, v, distance)
     f = x86.schedule(f) if scheduled else f
-    got = _run(f, x, ec, eb, out_shape=(n, c), out_dtype="int32")
+    got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb, out_shape=(n, c), out_dtype="int32")
     ref = pq.encode(x, ec, eb, distance)
     mismatch = got != ref
     if mismatch.any():  # allowed only on float near-ties (the compiled code may fuse multiply-adds)

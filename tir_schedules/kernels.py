@@ -73,7 +73,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str) -> tirx.PrimFunc:
     @T.prim_func(private=True, s_tir=True)
     def func(
         x: T.Buffer((n, c * v), "float32"),
-        cents: T.Buffer((c, k, v), "float32"),
+        cents: T.Buffer((c, v, k), "float32"),
         offsets: T.Buffer((c, k), "float32"),
         codes: T.Buffer((n, c), "int32"),
     ):
@@ -85,18 +85,17 @@ def encode(n: int, c: int, k: int, v: int, distance: str) -> tirx.PrimFunc:
                 with T.init():
                     score[vi, vj, vq] = offsets[vj, vq]
                 if l1:
-                    score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(x[vi, vj * v + vt] - cents[vj, vq, vt])
+                    score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(x[vi, vj * v + vt] - cents[vj, vt, vq])
                 else:
-                    score[vi, vj, vq] = score[vi, vj, vq] - x[vi, vj * v + vt] * cents[vj, vq, vt]
+                    score[vi, vj, vq] = score[vi, vj, vq] - x[vi, vj * v + vt] * cents[vj, vt, vq]
         for i, j, q in T.grid(n, c, k):
             with T.sblock("argmin"):
                 vi, vj, vq = T.axis.remap("SSR", [i, j, q])
                 with T.init():
                     codes[vi, vj] = 0
                     best[vi, vj] = T.float32(3.4e38)
-                take: T.let[T.bool] = score[vi, vj, vq] < best[vi, vj]
-                codes[vi, vj] = T.Select(take, vq, codes[vi, vj])
-                best[vi, vj] = T.Select(take, score[vi, vj, vq], best[vi, vj])
+                codes[vi, vj] = T.Select(score[vi, vj, vq] < best[vi, vj], vq, codes[vi, vj])
+                best[vi, vj] = T.min(best[vi, vj], score[vi, vj, vq])
 
     return _opaque(func, "encode")
 

@@ -113,8 +113,7 @@ class LUTify:
         }
         if layer.unsupported:
             rec["reason"] = layer.unsupported
-            if opts.method == "pq":
-                log.warning("layer %s stays exact: %s", layer.name, layer.unsupported)
+            log.warning("layer %s stays exact: %s", layer.name, layer.unsupported)
             return _Plan(layer, rec)
         kh = layer.conv["kernel_hw"] if layer.conv else None
         k = opts.k or self.defaults.k
@@ -280,7 +279,6 @@ class _LookupRewriter(PyExprMutator):
         bb, tag = self.builder_, _ident(layer.name)
         c, k, v, m = q.num_codebooks, q.k, q.v, q.m
         dp, rows = c * v, layer.rows
-        ops = []  # (expr) in order; the last one becomes the layer output
         if layer.kind == "conv2d":
             cv = layer.conv
             n_, ch, h, w = layer.input_shape
@@ -301,22 +299,21 @@ class _LookupRewriter(PyExprMutator):
         acc_gv = self._kernel(("acc", rows, c, k, m), f"lut_accumulate_{tag}",
                               lambda: kernels.accumulate(rows, c, k, m))
         acc = bb.emit(relax.call_tir(acc_gv, [codes, relax.const(q.tables)], relax.TensorType((rows, m), "int32")))
-        y = bb.emit(relax.op.astype(acc, "float32"))
-        ops.append(relax.op.multiply(y, relax.const(q.scale)))
+        # epilogue: dequantise (+bias), then back to the layer's output layout
+        steps = [lambda y: relax.op.multiply(y, relax.const(q.scale))]
         if q.bias is not None:
-            ops.append(lambda prev: relax.op.add(prev, relax.const(q.bias)))
+            steps.append(lambda y: relax.op.add(y, relax.const(q.bias)))
         if layer.kind == "conv2d":
             n_, _, oh, ow = layer.output_shape
-            ops.append(lambda prev: relax.op.reshape(prev, (n_, oh, ow, m)))
-            ops.append(lambda prev: relax.op.permute_dims(prev, [0, 3, 1, 2]))
+            steps.append(lambda y: relax.op.reshape(y, (n_, oh, ow, m)))
+            steps.append(lambda y: relax.op.permute_dims(y, [0, 3, 1, 2]))
         elif len(layer.output_shape) != 2:
-            ops.append(lambda prev: relax.op.reshape(prev, layer.output_shape))
-        prev = None
-        for i, op in enumerate(ops):
-            expr = op if prev is None else op(prev)
-            last = i == len(ops) - 1
-            prev = bb.emit_output(expr) if (last and as_output) else bb.emit(expr)
-        return prev
+            steps.append(lambda y: relax.op.reshape(y, layer.output_shape))
+        y = bb.emit(relax.op.astype(acc, "float32"))
+        for i, step in enumerate(steps):
+            last = i == len(steps) - 1
+            y = bb.emit_output(step(y)) if (last and as_output) else bb.emit(step(y))
+        return y
 
 
 def _rewrite(mod: tvm.IRModule, plans: list[_Plan], schedule: bool) -> tvm.IRModule:

@@ -69,10 +69,13 @@ def test_conv_with_stride_padding_dilation_and_bn_matches_emulator():
     assert np.linalg.norm(got - exact) < 0.8 * baseline
 
 
-def test_narrow_and_unsupported_layers_stay_exact_with_reason(small_cnn, small_inputs):
+def test_narrow_and_unsupported_layers_stay_exact_with_reason(small_cnn, small_inputs, caplog):
     mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:4]))
     p = relay.transform.LUTify(calibration=small_inputs, progress=False)
-    lut = p(mod)
+    with caplog.at_level("INFO", logger="tvm_lut"):
+        lut = p(mod)
+    assert "layer features.5 stays exact: grouped/depthwise conv (groups=4)" in caplog.text
+    assert "layer fc2 stays exact: narrow layer" in caplog.text
     rec = {r["name"]: r for r in p.layers}
     assert rec["features.5"]["method"] == "exact" and "groups=4" in rec["features.5"]["reason"]
     assert rec["fc2"]["method"] == "exact" and "narrow layer (M=10 <= K=16)" in rec["fc2"]["reason"]

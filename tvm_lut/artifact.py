@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def _sha256(path: str) -> str:
 def replace_dir(tmp: str, out: str) -> None:
     """Move a completed temporary directory into place, replacing an older ``out``."""
     if os.path.exists(out):
-        old = out.rstrip("/") + ".old-" + next(tempfile._get_candidate_names())
+        old = out.rstrip("/") + ".old-" + uuid.uuid4().hex[:8]
         os.rename(out, old)
         os.rename(tmp, out)
         shutil.rmtree(old, ignore_errors=True)

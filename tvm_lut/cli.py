@@ -11,7 +11,7 @@ import zipfile
 
 import numpy as np
 
-from .errors import CalibrationError, LUTError, ModelError, OptionError
+from .errors import CalibrationError, LUTError, OptionError
 
 
 def _load_npz(path: str, what: str):
@@ -60,7 +60,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .artifact import Model, replace_dir  # noqa: F401
+    from .artifact import Model
 
     model = Model(args.artifact)
     data = _load_npz(args.input, "input")

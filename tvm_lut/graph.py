@@ -75,7 +75,6 @@ class _Resolver:
     def __init__(self, func: relax.Function, bindings: dict):
         self.params = {p: v for p, v in zip(func.params[num_inputs(func) :], param_values(func).values())}
         self.bindings = bindings
-        self.weight_var: dict = {}  # expr -> the parameter Var it derives from (for naming)
 
     def source_param(self, expr) -> relax.Var | None:
         while True:

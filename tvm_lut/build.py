@@ -118,9 +118,15 @@ class BatchRunner:
             parts.append([o[:valid] for o in outs])
         return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
-    def latency_ms(self, number: int = 20, repeat: int = 3) -> float:
-        """Median wall time of one batch in milliseconds (TVM's time_evaluator, zeros as input)."""
+    def latency_ms(self, repeat: int = 3, target_s: float = 0.2) -> float:
+        """Median wall time of one batch in milliseconds (TVM's time_evaluator, zeros as input).
+
+        One warm-up call sets the number of calls per repeat so that each repeat takes about
+        ``target_s``: fast models get many calls, a slow untuned build is not run for minutes.
+        """
         args = [tvm.runtime.tensor(np.zeros(shape, dtype), self.device) for _, shape, dtype in self.inputs]
+        once = self.vm.time_evaluator("main", self.device, number=1, repeat=1)(*args, *self.params).mean
+        number = int(min(max(target_s / max(once, 1e-6), 1), 1000))
         timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
         res = timer(*args, *self.params)
         return float(np.median(res.results) * 1e3)

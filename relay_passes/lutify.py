@@ -275,7 +275,7 @@ class _LookupRewriter(PyExprMutator):
         super().visit_var_binding_(binding)
 
     def _emit_lookup(self, plan: _Plan, x, as_output: bool):
-        layer, q, r = plan.layer, plan.pq_layer, plan.record
+        layer, q = plan.layer, plan.pq_layer
         bb, tag = self.builder_, _ident(layer.name)
         c, k, v, m = q.num_codebooks, q.k, q.v, q.m
         dp, rows = c * v, layer.rows

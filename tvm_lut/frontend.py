@@ -8,19 +8,15 @@ torch layer ``features.3`` is called ``features.3`` in every option and report.
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import tvm
 from tvm import relax
 
 from .errors import ModelError
 from .graph import num_inputs as graph_num_inputs
-
-log = logging.getLogger("tvm_lut")
 
 #: Module attribute with the model's output names, where the source format has them (ONNX).
 OUTPUT_NAMES_ATTR = "tvm_lut.output_names"

@@ -59,7 +59,9 @@ class LUTify:
         (9 for 3x3 convs, 4 otherwise) and encoder distance (``"l2"``, ``"cosine"``, ``"l1"``).
     layers : per-layer options by name, e.g. ``{"features.3": {"k": 8}, "fc": "exact"}``.
     all_layers : also convert layers where lookup is not expected to pay (M <= K).
-    codebooks : learned centroids by layer name, each (C, K, V); skips k-means for those layers.
+    codebooks : learned centroids by layer name, each a (C, K, V) array or ``{"centroids", "distance"}``
+        (``tvm_lut.lutnn.learned_codebooks``); those layers skip k-means and table refinement (tables are
+        P.W of the model's weights, as in training) and are converted even when narrow.
     target : where calibration runs and what the kernels are scheduled for (default: this x86 host).
     schedule : apply the hand schedules (``False`` leaves kernels for MetaSchedule).
     sequential : calibrate each layer on the inputs it sees once the layers before it are already
@@ -119,10 +121,9 @@ class LUTify:
         k = opts.k or self.defaults.k
         v = opts.v or self.defaults.v or pq.default_subvector_len(layer.kind, kh)
         distance = opts.distance or self.defaults.distance
-        if layer.name in self.codebooks:
-            cb = np.asarray(self.codebooks[layer.name], dtype=np.float32)
-            if cb.ndim != 3:
-                raise OptionError(f"codebooks[{layer.name!r}] has shape {cb.shape}, expected (C, K, V)")
+        learned = layer.name in self.codebooks
+        if learned:
+            cb, distance = _codebook_entry(layer.name, self.codebooks[layer.name], distance)
             k, v = int(cb.shape[1]), int(cb.shape[2])
         c = pq.num_subspaces(layer.d, v)
         rec.update(
@@ -132,7 +133,7 @@ class LUTify:
         )
         if opts.method == "exact":
             rec["reason"] = "requested"
-        elif layer.m <= k and not self.all_layers and opts.method != "pq":
+        elif layer.m <= k and not self.all_layers and opts.method != "pq" and not learned:
             rec["reason"] = (f"narrow layer (M={layer.m} <= K={k}): encoding costs K*D={k * layer.d} "
                              f"multiplies per row vs D*M={layer.d * layer.m} exact; force with all_layers")
         else:
@@ -177,7 +178,8 @@ class LUTify:
     def _fit(self, p: _Plan, rows: np.ndarray | None, targets: np.ndarray | None = None) -> None:
         r, name = p.record, p.layer.name
         if name in self.codebooks:
-            p.pq_layer = _from_codebooks(p.layer, np.asarray(self.codebooks[name], np.float32), r["distance"])
+            cents, _ = _codebook_entry(name, self.codebooks[name], r["distance"])
+            p.pq_layer = _from_codebooks(p.layer, cents, r["distance"])
             return
         if len(rows) < r["k"]:
             raise CalibrationError(f"layer {name!r}: K={r['k']} centroids need at least {r['k']} "
@@ -210,6 +212,25 @@ class LUTify:
                 targets = exact[p.layer.name].astype(np.float64) @ p.layer.weight.astype(np.float64)
             self._fit(p, rows, targets)
             done.append(p)
+
+
+def _codebook_entry(name: str, entry, default_distance: str) -> tuple[np.ndarray, str]:
+    """A ``codebooks=`` value: a (C, K, V) array, or ``{"centroids": array, "distance": str}`` as returned
+    by ``tvm_lut.lutnn.learned_codebooks`` -> (centroids, distance)."""
+    distance = default_distance
+    if isinstance(entry, dict):
+        if "centroids" not in entry:
+            raise OptionError(f"codebooks[{name!r}] is a dict without 'centroids'")
+        distance = str(entry.get("distance", default_distance))
+        entry = entry["centroids"]
+    cb = np.asarray(entry, dtype=np.float32)
+    if cb.ndim != 3:
+        raise OptionError(f"codebooks[{name!r}] has shape {cb.shape}, expected (C, K, V)")
+    if distance not in pq.DISTANCES:
+        raise OptionError(f"codebooks[{name!r}]: unknown distance {distance!r}")
+    if not np.isfinite(cb).all():
+        raise OptionError(f"codebooks[{name!r}] contains NaN or Inf")
+    return cb, distance
 
 
 def _from_codebooks(layer: graph.Layer, centroids: np.ndarray, distance: str) -> pq.PQLayer:

@@ -1,0 +1,473 @@
+"""Learned centroids (LUT-NN, PECAN): train codebooks by backprop in PyTorch, then compile with LUTify.
+
+Post-training k-means picks centroids that reconstruct a layer's *inputs*; LUT-NN instead learns them
+for the *task loss*. ``LUTConv2d`` / ``LUTLinear`` replace ``nn.Conv2d`` / ``nn.Linear`` and compute
+exactly what the compiled lookup computes:
+
+forward (hard)
+    rows (im2col for convs, columns ordered (c, kh, kw)) -> split into C subvectors of length V ->
+    code = nearest centroid per subspace, scored like the TIR encode kernel (``pq.encode_scores``) ->
+    output = scale * sum_c Tq[c, code_c] (+ bias), with int8 tables Tq = round(P.W / scale), one
+    symmetric scale per output: the same codes and tables ``LUTify`` builds from these centroids.
+backward (soft, straight-through)
+    the one-hot code is replaced by ``softmax(-distance / temperature)`` over the K centroids, with a
+    learned temperature per layer; the int8 rounding of the tables passes gradients straight through
+    (quantization-aware training). Gradients reach the centroids, the temperature, the layer's weight
+    and bias, and the layers before it.
+
+Distances: ``"l2"`` (LUT-NN), ``"cosine"`` (PECAN-A, angle-based) and ``"l1"`` (PECAN-D, multiplier-free at
+inference). The fine-tuning driver (``finetune``) takes a model and a data loader of ``(inputs, labels)``
+batches, initialises the centroids by k-means on a few batches, trains with progress bar, seed and
+resumable checkpoints, and returns the fine-tuned model with its codebooks. To compile:
+
+>>> result = lutnn.finetune(model, loader, epochs=2, checkpoint_dir="ckpt")
+>>> mod = tvm_lut.from_torch(lutnn.to_exact(result.model), example)     # the fine-tuned weights
+>>> mod = tvm_lut.LUTify(codebooks=result.codebooks)(mod)               # the learned centroids
+
+Batch norm after a layer stays a separate module here and is folded into the weight by ``LUTify``;
+per-output int8 quantization commutes with that per-output scaling, so the codes are the same and the
+tables equal up to the folded factor (bit-identical tables for layers without a following batch norm).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import pq
+from .errors import CalibrationError, OptionError
+
+# ----------------------------------------------------------------------------------------------
+# The lookup layers
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_tables(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch twin of ``pq.quantize_tables``: int8-valued float tables (C, K, M) and the scale (M,)."""
+    amax = tables.detach().abs().amax(dim=(0, 1))
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.clamp(torch.round(tables.detach() / scale), -127, 127), scale
+
+
+class _LUTLayer(nn.Module):
+    """Shared machinery of ``LUTConv2d`` and ``LUTLinear``: codebooks, tables, encode, lookup."""
+
+    kind = "dense"
+
+    def __init__(self, exact: nn.Module, centroids: np.ndarray, distance: str, temperature: float):
+        super().__init__()
+        if distance not in pq.DISTANCES:
+            raise OptionError(f"unknown distance {distance!r}; choose one of {', '.join(pq.DISTANCES)}")
+        self.distance = distance
+        self.weight = nn.Parameter(exact.weight.detach().clone())
+        self.bias = None if exact.bias is None else nn.Parameter(exact.bias.detach().clone())
+        self.centroids = nn.Parameter(torch.as_tensor(np.asarray(centroids, np.float32)).clone())
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(max(float(temperature), 1e-6))))
+        c, _k, v = self.centroids.shape
+        self.d = int(self.weight[0].numel())
+        if c * v < self.d or (c - 1) * v >= self.d:
+            raise OptionError(f"centroids of shape {tuple(self.centroids.shape)} do not cover the layer's D={self.d}")
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The layer as a (Dp, M) matrix, rows ordered like im2col columns, zero rows for the padding."""
+        c, _k, v = self.centroids.shape
+        w = self.weight.reshape(self.weight.shape[0], -1).t()
+        return F.pad(w, (0, 0, 0, c * v - self.d))
+
+    def tables(self) -> torch.Tensor:
+        """Float tables T[c, k, m] = P[c, k] . W[cV:(c+1)V, m] (float64 sums, like ``pq.build_tables``)."""
+        c, k, v = self.centroids.shape
+        w = self.weight_matrix().reshape(c, v, -1)
+        return torch.einsum("ckv,cvm->ckm", self.centroids.double(), w.double()).float()
+
+    def lookup_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(int8 tables (C, K, M), float32 scale (M,)) exactly as the compiled layer stores them."""
+        with torch.no_grad():
+            q, scale = quantize_tables(self.tables())
+        return q.numpy().astype(np.int8), scale.numpy().astype(np.float32)
+
+    def encode(self, sub: torch.Tensor) -> torch.Tensor:
+        """Codes (n, C) for subvectors (n, C, V): the kernel's scores, summed over v in the kernel's order."""
+        with torch.no_grad():
+            cents, offsets = pq.encoder_operands(self.centroids.detach().numpy(), self.distance)
+            cents, offsets = torch.from_numpy(cents), torch.from_numpy(offsets)
+            score = offsets.unsqueeze(0).expand(sub.shape[0], -1, -1)
+            for i in range(sub.shape[2]):
+                if self.distance == "l1":
+                    score = score + (sub[:, :, i, None] - cents[None, :, :, i]).abs()
+                else:
+                    score = score - sub[:, :, i, None] * cents[None, :, :, i]
+            return score.argmin(-1)
+
+    def soft_assignment(self, sub: torch.Tensor) -> torch.Tensor:
+        """softmax over centroids of -distance / temperature, (n, C, K): the backward path."""
+        p = self.centroids
+        if self.distance == "l2":
+            dist = (sub * sub).sum(-1, keepdim=True) - 2 * torch.einsum("ncv,ckv->nck", sub, p) + (p * p).sum(-1)
+        elif self.distance == "cosine":
+            u = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            xn = sub / sub.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            dist = -torch.einsum("ncv,ckv->nck", xn, u)
+        else:
+            dist = torch.cdist(sub.transpose(0, 1), p, p=1).transpose(0, 1)
+        return torch.softmax(-dist / self.temperature, dim=-1)
+
+    def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Input -> (n, D) rows and what ``unrows`` needs to restore the output layout."""
+        return x.reshape(-1, self.d), x.shape[:-1]
+
+    def unrows(self, y: torch.Tensor, ctx) -> torch.Tensor:
+        return y.reshape(*ctx, y.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, ctx = self.rows(x)
+        c, k, v = self.centroids.shape
+        sub = F.pad(rows, (0, c * v - self.d)).reshape(rows.shape[0], c, v)
+        codes = self.encode(sub)
+        tq, scale = quantize_tables(self.tables())
+        idx = (codes + torch.arange(c) * k).reshape(-1)  # row of the flattened (C*K, M) table per code
+        acc = tq.reshape(c * k, -1).to(torch.int32)[idx].reshape(rows.shape[0], c, -1).sum(1)
+        y = acc.to(torch.float32) * scale  # exactly the compiled epilogue
+        if self.training or torch.is_grad_enabled() and self.weight.requires_grad:
+            # straight-through: forward value stays y, gradients flow through the soft reconstruction
+            soft = self.soft_assignment(sub)
+            hard = F.one_hot(codes, k).to(soft.dtype)
+            assign = hard + soft - soft.detach()
+            recon = torch.einsum("nck,ckv->ncv", assign, self.centroids).reshape(rows.shape[0], c * v)
+            smooth = recon @ self.weight_matrix()
+            y = smooth + (y - smooth).detach()
+        if self.bias is not None:
+            y = y + self.bias
+        return self.unrows(y, ctx)
+
+
+class LUTLinear(_LUTLayer):
+    """``nn.Linear`` computed by table lookup (see the module docstring); ``exact`` gives the weights."""
+
+    kind = "dense"
+
+
+class LUTConv2d(_LUTLayer):
+    """``nn.Conv2d`` (groups=1) computed as im2col -> table lookup, with the conv's geometry."""
+
+    kind = "conv2d"
+
+    def __init__(self, exact: nn.Conv2d, centroids: np.ndarray, distance: str, temperature: float):
+        if exact.groups != 1 or isinstance(exact.padding, str) or exact.padding_mode != "zeros":
+            raise OptionError("LUTConv2d supports groups=1, numeric zero padding only")
+        super().__init__(exact, centroids, distance, temperature)
+        self.kernel_size, self.stride = exact.kernel_size, exact.stride
+        self.padding, self.dilation = exact.padding, exact.dilation
+
+    def rows(self, x):
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, D, L)
+        return cols.transpose(1, 2).reshape(-1, self.d), (n, oh, ow)
+
+    def unrows(self, y, ctx):
+        n, oh, ow = ctx
+        return y.reshape(n, oh, ow, -1).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Converting a model
+# ----------------------------------------------------------------------------------------------
+
+
+def convertible_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's ``nn.Linear`` and ``nn.Conv2d`` (groups=1) modules by name (LUTify's layer names)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
+                                          and not isinstance(mod.padding, str) and mod.padding_mode == "zeros"):
+            out[name] = mod
+    return out
+
+
+def _layer_rows(mod: nn.Module, x: torch.Tensor) -> np.ndarray:
+    if isinstance(mod, nn.Conv2d):
+        cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).numpy()
+    return x.reshape(-1, mod.weight.shape[1]).numpy()
+
+
+def _initial_temperature(rows: np.ndarray, cents: np.ndarray, distance: str) -> float:
+    """Mean gap between the nearest and second-nearest centroid: the softmax starts neither flat nor hard."""
+    c, k, v = cents.shape
+    sub = torch.from_numpy(pq.pad_columns(rows[:2048], c * v).reshape(-1, c, v))
+    p = torch.from_numpy(cents)
+    if distance == "l1":
+        dist = torch.cdist(sub.transpose(0, 1), p, p=1).transpose(0, 1)
+    elif distance == "cosine":
+        u = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        dist = -torch.einsum("ncv,ckv->nck", sub / sub.norm(dim=-1, keepdim=True).clamp_min(1e-12), u)
+    else:
+        dist = ((sub[:, :, None, :] - p[None]) ** 2).sum(-1)
+    two = dist.topk(2, dim=-1, largest=False).values
+    gap = float((two[..., 1] - two[..., 0]).mean())
+    return gap if gap > 0 else 1.0
+
+
+def convert(
+    model: nn.Module,
+    batches,
+    *,
+    layers: list[str] | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+    k: int = pq.DEFAULT_K,
+    v: int | None = None,
+    distance: str = "l2",
+    seed: int = 0,
+    max_rows: int = 16384,
+) -> nn.Module:
+    """A copy of ``model`` with its conv/dense layers replaced by lookup layers, centroids from k-means.
+
+    ``batches``: an iterable of input tensors (or ``(inputs, labels)`` pairs) whose layer inputs seed the
+    k-means, like LUTify's calibration. ``layers`` picks layers by name (default: every convertible one)
+    and ``exclude`` keeps some exact (e.g. the first conv).
+    """
+    model = copy.deepcopy(model).eval()
+    found = convertible_layers(model)
+    names = list(found) if layers is None else list(layers)
+    unknown = sorted(set(names) - set(found)) + sorted(set(exclude) - set(found))
+    if unknown:
+        raise OptionError(f"unknown or unconvertible layer name(s) {unknown}; convertible layers: {sorted(found)}")
+    names = [n for n in names if n not in set(exclude)]
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    hooks = [found[n].register_forward_pre_hook(lambda m, a, n=n: rows[n].append(_layer_rows(m, a[0].detach())))
+             for n in names]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    rng = np.random.default_rng(seed)
+    for name in names:
+        if not rows[name]:
+            raise CalibrationError(f"layer {name!r} saw no calibration data (is it used in forward?)")
+        r = np.concatenate(rows[name])
+        if len(r) > max_rows:
+            r = r[np.sort(rng.choice(len(r), max_rows, replace=False))]
+        mod = found[name]
+        kh = tuple(mod.kernel_size) if isinstance(mod, nn.Conv2d) else None
+        vv = v or pq.default_subvector_len("conv2d" if kh else "dense", kh)
+        d = mod.weight[0].numel()
+        cents = pq.fit_codebooks(pq.pad_columns(r, pq.num_subspaces(d, vv) * vv), vv, k, distance, seed)
+        temp = _initial_temperature(r, cents, distance)
+        new = (LUTConv2d if kh else LUTLinear)(mod, cents, distance, temp)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model
+
+
+def lut_layers(model: nn.Module) -> dict[str, _LUTLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _LUTLayer)}
+
+
+def learned_codebooks(model: nn.Module) -> dict[str, dict]:
+    """``{layer name: {"centroids": (C, K, V) float32, "distance": str}}``: what ``LUTify(codebooks=)`` takes."""
+    return {n: {"centroids": m.centroids.detach().numpy().astype(np.float32).copy(), "distance": m.distance}
+            for n, m in lut_layers(model).items()}
+
+
+def to_exact(model: nn.Module) -> nn.Module:
+    """A copy with every lookup layer back as ``nn.Conv2d``/``nn.Linear`` holding the fine-tuned weights
+    (what to export to TVM; the codebooks travel separately)."""
+    model = copy.deepcopy(model)
+    for name, m in lut_layers(model).items():
+        m_out, has_bias = m.weight.shape[0], m.bias is not None
+        if isinstance(m, LUTConv2d):
+            new = nn.Conv2d(m.weight.shape[1], m_out, m.kernel_size, m.stride, m.padding, m.dilation, bias=has_bias)
+        else:
+            new = nn.Linear(m.weight.shape[1], m_out, bias=has_bias)
+        with torch.no_grad():
+            new.weight.copy_(m.weight)
+            if has_bias:
+                new.bias.copy_(m.bias)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model.eval()
+
+
+def save_codebooks(path: str, codebooks: dict[str, dict]) -> None:
+    """Codebooks as an .npz (no pickle): ``<layer>`` -> centroids, ``<layer>@distance`` -> the distance."""
+    arrays = {}
+    for name, cb in codebooks.items():
+        arrays[name] = np.asarray(cb["centroids"], np.float32)
+        arrays[f"{name}@distance"] = np.array(cb["distance"])
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_codebooks(path: str) -> dict[str, dict]:
+    """Read ``save_codebooks``' file; a plain npz of (C, K, V) arrays gets the default distance later."""
+    if not os.path.isfile(path):
+        raise OptionError(f"codebooks file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            files = {k: data[k] for k in data.files}
+    except (ValueError, OSError, EOFError) as exc:
+        raise OptionError(f"{path}: not a readable .npz of codebooks ({exc})") from exc
+    out = {}
+    for name, arr in files.items():
+        if name.endswith("@distance"):
+            continue
+        entry = {"centroids": arr}
+        if f"{name}@distance" in files:
+            entry["distance"] = str(files[f"{name}@distance"])
+        out[name] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The fine-tuning driver
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneResult:
+    model: nn.Module  # with lookup layers (eval mode); ``to_exact(model)`` for export
+    codebooks: dict[str, dict]  # for LUTify(codebooks=...)
+    steps: int
+    losses: list[float]  # mean training loss per epoch (of the steps run in this call)
+
+
+_CKPT = "lutnn_checkpoint.pt"
+
+
+def finetune(
+    model: nn.Module,
+    loader,
+    *,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    weight_lr: float | None = None,
+    layers: list[str] | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+    k: int = pq.DEFAULT_K,
+    v: int | None = None,
+    distance: str = "l2",
+    init_batches: int = 8,
+    loss_fn=None,
+    transform=None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 100,
+    max_steps: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Learn centroids (and fine-tune the weights) of ``model``'s conv/dense layers by backprop.
+
+    ``loader`` yields ``(inputs, labels)`` batches (a ``torch.utils.data.DataLoader``; it is re-iterated
+    each epoch). The first ``init_batches`` seed the k-means initialisation (``convert``); an
+    already-converted model (with lookup layers) is trained as it is. Adam on centroids and temperatures
+    at ``lr`` and on all other parameters at ``weight_lr`` (default ``lr / 10``), cosine-decayed over the
+    run; ``loss_fn(logits, labels)`` defaults to cross-entropy; ``transform`` (e.g. augmentation) is
+    applied to each input batch.
+
+    With ``checkpoint_dir`` the state (model, optimizer, schedule, step, RNG) is saved atomically every
+    ``checkpoint_every`` steps and at the end; calling again with the same arguments resumes from it
+    (data order is reseeded per epoch from ``seed``, so a resumed run sees the same batches). ``max_steps``
+    stops early (e.g. to split a long run); the result then holds the partially trained model.
+    """
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    if lut_layers(model):
+        model = copy.deepcopy(model)
+    else:
+        init = []
+        for i, batch in enumerate(loader):
+            if i >= init_batches:
+                break
+            init.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        model = convert(model, init, layers=layers, exclude=exclude, k=k, v=v, distance=distance, seed=seed)
+    luts = lut_layers(model)
+    if not luts:
+        raise OptionError("no layer to learn centroids for: the model has no convertible conv/dense layer")
+    loss_fn = loss_fn or F.cross_entropy
+    codebook_params = [p for m in luts.values() for p in (m.centroids, m.log_temperature)]
+    ids = {id(p) for p in codebook_params}
+    other = [p for p in model.parameters() if id(p) not in ids]
+    opt = torch.optim.Adam([{"params": codebook_params, "lr": lr},
+                            {"params": other, "lr": weight_lr if weight_lr is not None else lr / 10}])
+    steps_per_epoch = len(loader)
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    config = {"epochs": epochs, "lr": lr, "weight_lr": weight_lr, "k": k, "v": v, "distance": distance,
+              "seed": seed, "steps_per_epoch": steps_per_epoch, "layers": sorted(luts)}
+    tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    step = 0
+    path = os.path.join(checkpoint_dir, _CKPT) if checkpoint_dir else None
+    if path and os.path.isfile(path):
+        state = torch.load(path, weights_only=True)
+        if state.get("config") != tag:
+            raise OptionError(f"{path} was written by a run with other settings; remove it or use another "
+                              "checkpoint_dir")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+
+    def save():
+        if not path:
+            return
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save({"config": tag, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "step": step}, tmp)
+        os.replace(tmp, path)
+
+    stop = total if max_steps is None else min(total, max_steps)
+    bar = tqdm(total=total, initial=step, desc="learning centroids", unit="step",
+               disable=None if progress else True, leave=False)
+    losses = []
+    model.train()
+    while step < stop:
+        epoch, skip = divmod(step, steps_per_epoch)
+        torch.manual_seed(seed * 1000 + epoch)  # data order and augmentation of this epoch
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        run_loss, run_n = 0.0, 0
+        for i, (x, y) in enumerate(loader):
+            if i < skip:
+                continue
+            if step >= stop:
+                break
+            if transform is not None:
+                x = transform(x, gen)
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            run_loss, run_n = run_loss + loss.item(), run_n + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if path and step % checkpoint_every == 0:
+                save()
+        if run_n:
+            losses.append(run_loss / run_n)
+    bar.close()
+    save()
+    model.eval()
+    return FinetuneResult(model=model, codebooks=learned_codebooks(model), steps=step, losses=losses)

@@ -125,6 +125,9 @@ class LUTify:
         if learned:
             cb, distance = _codebook_entry(layer.name, self.codebooks[layer.name], distance)
             k, v = int(cb.shape[1]), int(cb.shape[2])
+            if layer.d and (cb.shape[0] * v < layer.d or (cb.shape[0] - 1) * v >= layer.d):
+                raise OptionError(f"codebooks for {layer.name!r} have C={cb.shape[0]}, V={v}, which does not "
+                                  f"cover D={layer.d}")
         c = pq.num_subspaces(layer.d, v)
         rec.update(
             d=layer.d, m=layer.m, k=k, v=v, c=c, distance=distance, has_bias=layer.bias is not None,
@@ -313,13 +316,15 @@ class _LookupRewriter(PyExprMutator):
             if dp != layer.d:
                 x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, dp - layer.d]))
         cents, offsets = q.encoder_operands()
-        enc = self._kernel(("encode", rows, c, k, v, q.distance), f"lut_encode_{tag}",
-                           lambda: kernels.encode(rows, c, k, v, q.distance))
+        # the encoder emits table row offsets ((c*K + code) * M), so the accumulate only loads and adds
+        enc = self._kernel(("encode", rows, c, k, v, q.distance, m), f"lut_encode_{tag}",
+                           lambda: kernels.encode(rows, c, k, v, q.distance, row_stride=m))
         enc_args = [x2, relax.const(np.ascontiguousarray(cents.transpose(0, 2, 1))), relax.const(offsets)]
         codes = bb.emit(relax.call_tir(enc, enc_args, relax.TensorType((rows, c), "int32")))
         acc_gv = self._kernel(("acc", rows, c, k, m), f"lut_accumulate_{tag}",
-                              lambda: kernels.accumulate(rows, c, k, m))
-        acc = bb.emit(relax.call_tir(acc_gv, [codes, relax.const(q.tables)], relax.TensorType((rows, m), "int32")))
+                              lambda: kernels.accumulate(rows, c, k, m, row_offsets=True))
+        acc = bb.emit(relax.call_tir(acc_gv, [codes, relax.const(q.tables.reshape(-1))],
+                                     relax.TensorType((rows, m), "int32")))
         # epilogue: dequantise (+bias), then back to the layer's output layout
         steps = [lambda y: relax.op.multiply(y, relax.const(q.scale))]
         if q.bias is not None:

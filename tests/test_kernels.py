@@ -32,6 +32,11 @@ def test_accumulate_bit_exact(scheduled, shape):
     f = kernels.accumulate(n, c, k, m)
     f = x86.schedule(f) if scheduled else f
     np.testing.assert_array_equal(_run(f, codes, tab, out_shape=(n, m), out_dtype="int32"), pq.accumulate(codes, tab))
+    # the variant LUTify uses: row offsets into the flattened table
+    g = kernels.accumulate(n, c, k, m, row_offsets=True)
+    g = x86.schedule(g) if scheduled else g
+    got = _run(g, pq.row_offsets(codes, k, m), tab.reshape(-1), out_shape=(n, m), out_dtype="int32")
+    np.testing.assert_array_equal(got, pq.accumulate(codes, tab))
 
 
 @pytest.mark.parametrize("scheduled", [False, True])
@@ -47,6 +52,11 @@ def test_encode_matches_reference(scheduled, distance, shape):
     f = x86.schedule(f) if scheduled else f
     got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb, out_shape=(n, c), out_dtype="int32")
     ref = pq.encode(x, ec, eb, distance)
+    m_out = 3 + n % 5  # the row-offset variant must select the same rows
+    g = kernels.encode(n, c, k, v, distance, row_stride=m_out)
+    g = x86.schedule(g) if scheduled else g
+    offs = _run(g, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb, out_shape=(n, c), out_dtype="int32")
+    np.testing.assert_array_equal(offs, pq.row_offsets(got, k, m_out))
     mismatch = got != ref
     if mismatch.any():  # allowed only on float near-ties (the compiled code may fuse multiply-adds)
         scores = pq.encode_scores(x, ec, eb, distance)

@@ -60,8 +60,13 @@ def im2col(
     return _opaque(te.create_prim_func([x, cols]).without_attr("global_symbol"), "im2col")
 
 
-def encode(n: int, c: int, k: int, v: int, distance: str) -> tirx.PrimFunc:
+def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None = None) -> tirx.PrimFunc:
     """codes[n, c] = argmin_k score[n, c, k], one kernel for the three distances.
+
+    With ``row_stride=M`` the kernel writes, instead of the code, the offset of the selected table row
+    in the flattened (C*K*M) table, ``(c*K + code) * M``, which is what ``accumulate(...,
+    row_offsets=True)`` reads: the selected centroid's offset is a loop induction value, so no
+    multiply is spent on table addressing anywhere (this keeps the l1 path multiplier-free).
 
     ``score = offset[c, k] - sum_v x[n, cV+v] * p[c, k, v]`` for ``l2`` (offset ``0.5||p||^2``) and
     ``cosine`` (unit centroids, zero offset); ``score = offset[c, k] + sum_v |x[n, cV+v] - p[c, k, v]|``
@@ -69,6 +74,8 @@ def encode(n: int, c: int, k: int, v: int, distance: str) -> tirx.PrimFunc:
     the kernel is built, so each variant compiles to its own straight-line code.
     """
     l1 = distance == "l1"
+    stride = 1 if row_stride is None else int(row_stride)
+    base = 0 if row_stride is None else k * stride  # offset of codebook c's first row is c * base
 
     @T.prim_func(private=True, s_tir=True)
     def func(
@@ -92,16 +99,23 @@ def encode(n: int, c: int, k: int, v: int, distance: str) -> tirx.PrimFunc:
             with T.sblock("argmin"):
                 vi, vj, vq = T.axis.remap("SSR", [i, j, q])
                 with T.init():
-                    codes[vi, vj] = 0
+                    codes[vi, vj] = vj * base
                     best[vi, vj] = T.float32(3.4e38)
-                codes[vi, vj] = T.Select(score[vi, vj, vq] < best[vi, vj], vq, codes[vi, vj])
+                codes[vi, vj] = T.Select(score[vi, vj, vq] < best[vi, vj], vj * base + vq * stride, codes[vi, vj])
                 best[vi, vj] = T.min(best[vi, vj], score[vi, vj, vq])
 
     return _opaque(func, "encode")
 
 
-def accumulate(n: int, c: int, k: int, m: int) -> tirx.PrimFunc:
-    """acc[n, m] = sum_c int32(T[c, codes[n, c], m]) over int8 tables (C, K, M)."""
+def accumulate(n: int, c: int, k: int, m: int, row_offsets: bool = False) -> tirx.PrimFunc:
+    """acc[n, m] = sum_c int32(T[c, codes[n, c], m]) over int8 tables (C, K, M).
+
+    ``row_offsets=True``: ``codes`` hold table row offsets from ``encode(..., row_stride=M)`` and the
+    tables come flattened to (C*K*M,): ``acc[n, m] = sum_c int32(T_flat[codes[n, c] + m])``, loads and
+    adds only.
+    """
+    if row_offsets:
+        return _accumulate_offsets(n, c, k, m)
 
     @T.prim_func(private=True, s_tir=True)
     def func(
@@ -115,5 +129,22 @@ def accumulate(n: int, c: int, k: int, m: int) -> tirx.PrimFunc:
                 with T.init():
                     acc[vi, vo] = 0
                 acc[vi, vo] = acc[vi, vo] + T.Cast("int32", tables[vj, codes[vi, vj], vo])
+
+    return _opaque(func, "accumulate")
+
+
+def _accumulate_offsets(n: int, c: int, k: int, m: int) -> tirx.PrimFunc:
+    @T.prim_func(private=True, s_tir=True)
+    def func(
+        codes: T.Buffer((n, c), "int32"),
+        tables: T.Buffer((c * k * m,), "int8"),
+        acc: T.Buffer((n, m), "int32"),
+    ):
+        for i, o, j in T.grid(n, m, c):
+            with T.sblock("acc"):
+                vi, vo, vj = T.axis.remap("SSR", [i, o, j])
+                with T.init():
+                    acc[vi, vo] = 0
+                acc[vi, vo] = acc[vi, vo] + T.Cast("int32", tables[codes[vi, vj] + vo])
 
     return _opaque(func, "accumulate")

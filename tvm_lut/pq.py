@@ -207,6 +207,14 @@ def quantize_tables(tables: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def row_offsets(codes: np.ndarray, k: int, m: int) -> np.ndarray:
+    """Codes (N, C) -> offsets of the selected rows in the flattened (C*K*M) table: (c*K + code) * M.
+
+    The compiled encoder emits these instead of raw codes so the accumulate spends no multiply on
+    addressing (``kernels.encode(..., row_stride=M)``)."""
+    return ((codes.astype(np.int64) + np.arange(codes.shape[1]) * k) * m).astype(np.int32)
+
+
 def accumulate(codes: np.ndarray, tables_q: np.ndarray) -> np.ndarray:
     """int32 sums y[n, m] = sum_c Tq[c, code[n, c], m]: what the accumulate kernel computes, bit for bit."""
     n, c_count = codes.shape

@@ -1,0 +1,177 @@
+"""Learned centroids (LUT-NN / PECAN): the torch lookup layers against the numpy reference, gradients,
+the fine-tuning driver (seeded, resumable), and the compiled model reproducing the torch LUT outputs."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tvm_lut
+from relay_passes import LUTify
+from tvm_lut import lutnn, pq
+from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
+from tvm_lut.errors import OptionError
+
+
+class TinyNet(nn.Module):
+    """conv (padded) -> conv (strided, no bias) -> dense, no batch norm: tables must match bit for bit."""
+
+    def __init__(self, bn: bool = False):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8) if bn else nn.Identity()
+        self.c2 = nn.Conv2d(8, 24, 3, stride=2, padding=1, bias=False)
+        self.fc = nn.Linear(24 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.c1(x)))
+        return self.fc(torch.flatten(torch.relu(self.c2(x)), 1))
+
+
+def _data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + 2 * (x[:, 1].mean((1, 2)) > 0).long()  # learnable labels
+    return x, y
+
+
+def _loader(x, y, bs=32):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs, shuffle=True)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
+@pytest.mark.parametrize("conv", [False, True])
+def test_lookup_layer_matches_numpy_reference(distance, conv):
+    torch.manual_seed(1)
+    rng = np.random.default_rng(2)
+    if conv:
+        exact = nn.Conv2d(5, 20, 3, stride=2, padding=(1, 2), dilation=(1, 2))
+        x = torch.randn(3, 5, 9, 11)
+        rows = pq.im2col(x.numpy(), (3, 3), (2, 2), (1, 2, 1, 2), (1, 2))
+        cents = rng.standard_normal((5, 16, 9)).astype(np.float32)
+    else:
+        exact = nn.Linear(18, 20)
+        x = torch.randn(7, 18)
+        rows = x.numpy()
+        cents = rng.standard_normal((5, 16, 4)).astype(np.float32)  # D=18 -> 5 subspaces, 2 pad columns
+    layer = (lutnn.LUTConv2d if conv else lutnn.LUTLinear)(exact, cents, distance, 1.0).eval()
+    with torch.no_grad():
+        got = layer(x)
+    w = exact.weight.detach().numpy().reshape(20, -1).T
+    tq, scale = pq.quantize_tables(pq.build_tables(cents, pq.pad_columns(w.T, cents.shape[0] * cents.shape[2]).T))
+    ref = pq.PQLayer(cents, tq, scale, exact.bias.detach().numpy(), distance, w.shape[0]).emulate(rows)
+    if conv:
+        ref = ref.reshape(3, got.shape[2], got.shape[3], 20).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(got.numpy(), ref)
+    q2, s2 = layer.lookup_tables()
+    np.testing.assert_array_equal(q2, tq)
+    np.testing.assert_array_equal(s2, scale)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
+def test_straight_through_gradients_reach_everything(distance):
+    torch.manual_seed(0)
+    layer = lutnn.LUTLinear(nn.Linear(12, 6), np.random.default_rng(0).standard_normal((3, 16, 4)).astype(np.float32),
+                            distance, 0.5).train()
+    x = torch.randn(40, 12, requires_grad=True)
+    with torch.no_grad():
+        hard = layer.eval()(x)
+    layer.train()
+    y = layer(x)
+    np.testing.assert_array_equal(y.detach().numpy(), hard.numpy())  # forward value is the hard lookup
+    (y ** 2).sum().backward()
+    for name, p in [("centroids", layer.centroids), ("temperature", layer.log_temperature),
+                    ("weight", layer.weight), ("bias", layer.bias), ("input", x)]:
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+
+
+def test_finetune_learns_beyond_kmeans_and_is_seeded():
+    x, y = _data(512)
+    model = TinyNet()
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(60):  # a trained exact model first
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    init = lutnn.convert(model, [x[:128]], seed=0)
+    with torch.no_grad():
+        loss0 = float(nn.functional.cross_entropy(init(x), y))
+    res = lutnn.finetune(model, _loader(x, y), epochs=4, lr=3e-3, progress=False, init_batches=4, seed=0)
+    with torch.no_grad():
+        loss1 = float(nn.functional.cross_entropy(res.model(x), y))
+    assert loss1 < loss0, (loss0, loss1)
+    assert set(res.codebooks) == {"c1", "c2", "fc"} and res.steps == 4 * 16
+    again = lutnn.finetune(model, _loader(x, y), epochs=4, lr=3e-3, progress=False, init_batches=4, seed=0)
+    for name in res.codebooks:
+        np.testing.assert_array_equal(res.codebooks[name]["centroids"], again.codebooks[name]["centroids"])
+
+
+def test_finetune_resumes_from_checkpoint(tmp_path):
+    x, y = _data(192)
+    model = TinyNet().eval()
+    kw = dict(epochs=2, progress=False, init_batches=2, seed=3, checkpoint_every=2)
+    full = lutnn.finetune(model, _loader(x, y), **kw)
+    ck = str(tmp_path / "ck")
+    part = lutnn.finetune(model, _loader(x, y), checkpoint_dir=ck, max_steps=5, **kw)  # "interrupted"
+    assert part.steps == 5 and os.path.isfile(os.path.join(ck, "lutnn_checkpoint.pt"))
+    resumed = lutnn.finetune(model, _loader(x, y), checkpoint_dir=ck, **kw)
+    assert resumed.steps == full.steps == 12
+    for name in full.codebooks:
+        np.testing.assert_allclose(resumed.codebooks[name]["centroids"], full.codebooks[name]["centroids"],
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(OptionError, match="other settings"):
+        lutnn.finetune(model, _loader(x, y), checkpoint_dir=ck, **{**kw, "seed": 4})
+
+
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+def test_compiled_model_reproduces_torch_lookup_outputs(distance, tmp_path):
+    x, y = _data(256)
+    res = lutnn.finetune(TinyNet().eval(), _loader(x, y), epochs=1, distance=distance, progress=False,
+                         init_batches=4)
+    path = str(tmp_path / "cb.npz")
+    lutnn.save_codebooks(path, res.codebooks)
+    codebooks = lutnn.load_codebooks(path)
+    mod = tvm_lut.from_torch(lutnn.to_exact(res.model), x[:16])
+    lut = LUTify(codebooks=codebooks, progress=False)  # no calibration data needed
+    lut_mod = lut(mod)
+    assert all(r["method"] == "pq" and r["distance"] == distance for r in lut.layers)
+    for name, layer in lutnn.lut_layers(res.model).items():
+        q, scale = layer.lookup_tables()
+        np.testing.assert_array_equal(lut.pq_layers[name].tables, q)  # same tables
+        np.testing.assert_array_equal(lut.pq_layers[name].scale, scale)
+    ex, params = compile_with_params(lut_mod, resolve_target("x86"))
+    out = BatchRunner(ex, [v for _, v in params], [("x", (16, 3, 8, 8), "float32")]).run({"x": x[:64].numpy()})[0]
+    with torch.no_grad():
+        ref = res.model(x[:64]).numpy()
+    np.testing.assert_array_equal(out, ref)  # same codes -> same int32 sums -> same floats
+
+
+def test_batch_norm_is_folded_yet_outputs_match():
+    x, y = _data(256)
+    res = lutnn.finetune(TinyNet(bn=True).eval(), _loader(x, y), epochs=1, progress=False, init_batches=4)
+    mod = tvm_lut.from_torch(lutnn.to_exact(res.model), x[:16])
+    ex, params = compile_with_params(LUTify(codebooks=res.codebooks, progress=False)(mod), resolve_target("x86"))
+    out = BatchRunner(ex, [v for _, v in params], [("x", (16, 3, 8, 8), "float32")]).run({"x": x[:64].numpy()})[0]
+    with torch.no_grad():
+        ref = res.model(x[:64]).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3 * float(np.abs(ref).max()))
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.98
+
+
+def test_bad_codebooks_are_named():
+    x, _ = _data(32)
+    mod = tvm_lut.from_torch(TinyNet().eval(), x[:16])
+    with pytest.raises(OptionError, match="'fc'.*shape"):
+        LUTify(codebooks={"fc": np.zeros((4, 16))}, progress=False)(mod)
+    with pytest.raises(OptionError, match="does not cover"):
+        LUTify(codebooks={"fc": np.zeros((3, 16, 4), np.float32)}, progress=False)(mod)
+    with pytest.raises(OptionError, match="unknown layer"):
+        LUTify(codebooks={"nope": np.zeros((3, 16, 4), np.float32)}, progress=False)(mod)
+    with pytest.raises(OptionError, match="not found"):
+        lutnn.load_codebooks("/nonexistent/cb.npz")

@@ -3,6 +3,7 @@
 One pass per module, CamelCase class named like the pass, as in ``tvm/relax/transform/``.
 """
 
-from .lutify import LAYERS_ATTR, LUTify
+from .lutify import LAYERS_ATTR, MASK_ATTR, LUTify
+from .priority_mask import Budget, PriorityMask
 
-__all__ = ["LUTify", "LAYERS_ATTR"]
+__all__ = ["LUTify", "PriorityMask", "Budget", "LAYERS_ATTR", "MASK_ATTR"]

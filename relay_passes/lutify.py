@@ -38,6 +38,7 @@ from tvm_lut.options import LayerOptions, coerce
 log = logging.getLogger("tvm_lut")
 
 LAYERS_ATTR = "tvm_lut.layers"
+MASK_ATTR = "tvm_lut.priority_mask"  # written by PriorityMask (relay_passes.priority_mask)
 
 
 @dataclass
@@ -67,6 +68,9 @@ class LUTify:
     sequential : calibrate each layer on the inputs it sees once the layers before it are already
         lookups (one calibration run per layer; corrects compounding error). ``False`` calibrates all
         layers in one run of the exact model.
+    budget : ``"max-drop=2.0"`` or ``"min-removed=0.6"``: run ``PriorityMask`` first to choose which
+        layers stay exact (``labels``, or a ``labels`` entry in ``calibration``, for max-drop). Without
+        it, a mask left on the module by an earlier ``PriorityMask`` pass is obeyed.
     """
 
     def __init__(
@@ -84,6 +88,8 @@ class LUTify:
         target="x86",
         schedule: bool = True,
         sequential: bool = False,
+        budget=None,
+        labels=None,
         progress: bool = True,
     ):
         self.calibration = calibration
@@ -97,6 +103,12 @@ class LUTify:
         self.schedule = schedule
         self.sequential = sequential
         self.progress = progress
+        self.budget = budget
+        self.labels = labels
+        self.priority: dict = {}  # the PriorityMask result this pass obeyed (empty without one)
+        self._mask: dict[str, str] = {}
+        self._prefit: dict[str, pq.PQLayer] = {}
+        self._plans: list[_Plan] = []
         self.layers: list[dict] = []  # per-layer decision records (also in the module attribute)
         self.pq_layers: dict[str, pq.PQLayer] = {}  # fitted codebooks/tables by layer name
 
@@ -134,8 +146,16 @@ class LUTify:
             rows_per_sample=layer.rows_per_sample, conv=None if layer.conv is None else {
                 key: list(val) if isinstance(val, tuple) else val for key, val in layer.conv.items()},
         )
+        mask = self._mask.get(layer.name)
+        if self.priority and layer.name in self.priority.get("scores", {}):
+            rec["priority"] = self.priority["scores"][layer.name]
         if opts.method == "exact":
             rec["reason"] = "requested"
+        elif mask == "exact":
+            why = self.priority["scores"].get(layer.name, {}).get("why", "")
+            rec["reason"] = f"priority mask: {why}" if why else "priority mask"
+        elif mask == "pq":
+            rec["method"] = "pq"
         elif layer.m <= k and not self.all_layers and opts.method != "pq" and not learned:
             rec["reason"] = (f"narrow layer (M={layer.m} <= K={k}): encoding costs K*D={k * layer.d} "
                              f"multiplies per row vs D*M={layer.d * layer.m} exact; force with all_layers")
@@ -148,6 +168,18 @@ class LUTify:
     # -- the pass ------------------------------------------------------------------------------
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if self.budget is not None:
+            from .priority_mask import PriorityMask
+
+            opts = dict(k=self.defaults.k, v=self.defaults.v, distance=self.defaults.distance,
+                        layers=self.layer_options, codebooks=self.codebooks, max_calibration_rows=self.max_rows)
+            pm = PriorityMask(self.calibration, self.budget, labels=self.labels, seed=self.seed, target=self.target,
+                              progress=self.progress, **opts)
+            mod = pm(mod)
+            self._prefit = dict(pm.pq_layers)
+        if mod.attrs is not None and MASK_ATTR in mod.attrs:
+            self.priority = json.loads(str(mod.attrs[MASK_ATTR]))
+            self._mask = dict(self.priority["decision"])
         found = graph.find_layers(mod)
         names = {l.name for l in found}
         unknown = sorted(set(self.layer_options) - names) + sorted(set(self.codebooks) - names)
@@ -155,7 +187,7 @@ class LUTify:
             raise OptionError(f"unknown layer name(s) {unknown}; the model's layers are: {sorted(names)}")
         plans = [self._plan(l) for l in found]
         todo = [p for p in plans if p.record["method"] == "pq"]
-        need_calib = [p for p in todo if p.layer.name not in self.codebooks]
+        need_calib = [p for p in todo if p.layer.name not in self.codebooks and p.layer.name not in self._prefit]
         inputs = None
         if need_calib:
             if self.calibration is None:
@@ -173,6 +205,7 @@ class LUTify:
                 self._fit(p, rows.get(p.layer.name))
         for p in plans:
             _account(p)
+        self._plans = plans
         self.layers = [p.record for p in plans]
         self.pq_layers = {p.layer.name: p.pq_layer for p in todo}
         out = _rewrite(mod, todo, self.schedule) if todo else mod
@@ -180,6 +213,9 @@ class LUTify:
 
     def _fit(self, p: _Plan, rows: np.ndarray | None, targets: np.ndarray | None = None) -> None:
         r, name = p.record, p.layer.name
+        if name in self._prefit:  # fitted by the PriorityMask run of LUTify(budget=...)
+            p.pq_layer = self._prefit[name]
+            return
         if name in self.codebooks:
             cents, _ = _codebook_entry(name, self.codebooks[name], r["distance"])
             p.pq_layer = _from_codebooks(p.layer, cents, r["distance"])

@@ -49,6 +49,17 @@ def cmd_compile(args) -> int:
     mod = frontend.load_model(args.model, batch=args.batch, shape_dict=_parse_shapes(args.input_shape) or None)
     kwargs = dict(k=args.k, v=args.v, distance=args.distance, layers=layer_opts, all_layers=args.all_layers,
                   sequential=args.sequential, max_calibration_rows=args.max_calib_rows)
+    if args.budget:
+        from relay_passes import Budget
+
+        kwargs["budget"] = str(Budget.parse(args.budget))  # fail fast on a malformed budget
+        if kwargs["budget"].startswith("max-drop") and "labels" not in calib:
+            raise CalibrationError(f"--budget {args.budget} needs a 'labels' array in {args.calib} "
+                                   "(or use --budget min-removed=FRACTION)")
+    if args.codebooks:
+        from .lutnn import load_codebooks
+
+        kwargs["codebooks"] = load_codebooks(args.codebooks)
     manifest = pipeline.compile_to_dir(args.out, mod, calib, target=args.target, holdout=args.holdout,
                                        seed=args.seed, source=os.path.basename(args.model),
                                        measure_latency=not args.no_latency, progress=not args.quiet, **kwargs)
@@ -119,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-layer options, e.g. features.3:k=8,v=2 or fc:exact (repeatable)")
     c.add_argument("--all-layers", action="store_true", help="also convert layers where lookup does not pay (M<=K)")
     c.add_argument("--sequential", action="store_true", help="calibrate layer by layer on converted upstream layers")
+    c.add_argument("--budget", default=None, metavar="max-drop=P|min-removed=F",
+                   help="priority mask: keep the most sensitive layers exact so the accuracy drop stays within P "
+                        "points (needs 'labels' in --calib) or at least a fraction F of multiplies is removed")
+    c.add_argument("--codebooks", default=None, metavar="FILE.npz",
+                   help="learned centroids by layer name (tvm_lut.lutnn.save_codebooks)")
     c.add_argument("--batch", type=int, default=1, help="batch size for a symbolic leading input dim (ONNX, dynamic .pt2)")
     c.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x32x32", help="fix an input shape")
     c.add_argument("--holdout", type=float, default=0.2, help="fraction of labelled calibration rows kept for accuracy")

@@ -25,7 +25,9 @@ log = logging.getLogger("tvm_lut")
 
 
 def split_calibration(data, signature, holdout: float, seed: int = 0):
-    """(calibration inputs, held-out inputs or None, held-out labels or None) from user data."""
+    """(calibration inputs, held-out inputs or None, held-out labels or None) from user data.
+
+    With labels, the calibration part keeps its own ``labels`` entry (for a priority-mask budget)."""
     labels = None
     if hasattr(data, "files") or isinstance(data, dict):
         keys = data.files if hasattr(data, "files") else list(data)
@@ -43,7 +45,8 @@ def split_calibration(data, signature, holdout: float, seed: int = 0):
                                "or another --holdout")
     perm = np.random.default_rng(seed).permutation(n)
     hold, cal = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
-    return ({k: v[cal] for k, v in inputs.items()}, {k: v[hold] for k, v in inputs.items()}, labels[hold])
+    return ({**{k: v[cal] for k, v in inputs.items()}, "labels": labels[cal]},
+            {k: v[hold] for k, v in inputs.items()}, labels[hold])
 
 
 def _totals(layers: list[dict]) -> dict:
@@ -118,6 +121,8 @@ def compile_and_measure(
         "accuracy": None,
         "latency": None,
     }
+    if pass_.priority:
+        report["priority_mask"] = {k: v for k, v in pass_.priority.items() if k not in ("scores", "decision")}
     if held is not None:
         acc_e, pred_e = _accuracy(exact_run, held, labels)
         acc_l, pred_l = _accuracy(lut_run, held, labels)

@@ -7,6 +7,6 @@ from types import SimpleNamespace
 
 import relay_passes
 
-transform = SimpleNamespace(LUTify=relay_passes.LUTify)
+transform = SimpleNamespace(LUTify=relay_passes.LUTify, PriorityMask=relay_passes.PriorityMask)
 
 __all__ = ["transform"]

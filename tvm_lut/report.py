@@ -63,6 +63,10 @@ def format_report(report: dict, exact_counts: bool = False) -> str:
     if lat:
         out.append(f"latency per batch of {lat['batch']}, {lat['threads']} threads: exact {lat['exact_ms']:.3f} ms  "
                    f"LUT {lat['lut_ms']:.3f} ms  (x{lat['speedup']:.2f}; {lat['note']})")
+    pm = report.get("priority_mask")
+    if pm:
+        out.append("")
+        out.append(_priority_table(report, pm))
     out.append("")
     out.append("counts per input sample; R = rows per sample (output pixels or tokens), Dp = C*V:")
     out.append("  exact: mul R*D*M, add R*(D-1)*M (+R*M bias).  LUT: encode l2 mul R*K*Dp add R*K*Dp | cosine mul "
@@ -70,3 +74,29 @@ def format_report(report: dict, exact_counts: bool = False) -> str:
     out.append("  + accumulate add R*(C-1)*M, dequantise mul R*M (+R*M bias add), argmin cmp R*C*(K-1).")
     out.append("  bytes: weight 4*(D*M+M); table C*K*M int8 + 4*M scale (+4*M bias); codebook 4*C*K*V + 4*C*K offsets.")
     return "\n".join(out)
+
+
+def _priority_table(report: dict, pm: dict) -> str:
+    """The priority-mask decision: per-layer sensitivity scores and the budget outcome."""
+    head = ("layer", "rank", "similarity", "rel err", "drop alone", "mul removed", "decision")
+    rows = []
+    for r in report["layers"]:
+        sc = r.get("priority")
+        if sc is None:
+            continue
+        rows.append((r["name"], str(sc.get("rank", "-")), f"{sc['similarity']:.4f}", f"{sc['rel_error']:.3f}",
+                     f"{sc['drop_alone']:+.2f}" if "drop_alone" in sc else "-", f"{sc['mul_removed_frac']:+.1%}",
+                     "LUT" if r["method"] == "pq" else "exact" + (f" ({sc['why']})" if sc.get("why") else "")))
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    lines = [f"priority mask, budget {pm['budget']}: {len(pm['converted'])} of {len(pm['candidates'])} candidate "
+             f"layers converted, {pm['mul_removed_frac']:.1%} of multiplies removed; measured on "
+             f"{pm['validation_samples']} validation samples held out of the {pm['fit_samples'] + pm['validation_samples']}"
+             " used for the mask"]
+    if "val_drop" in pm:
+        lines.append(f"  validation: exact {pm['val_exact_acc']:.2f}%, drop {pm['val_drop']:+.2f} points "
+                     f"(+{pm['val_drop_margin']:.2f} one standard error, which the budget includes)")
+    lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+    lines.append("  similarity: cosine of LUT vs exact layer output; drop alone: validation accuracy drop with only "
+                 "that layer converted; rank: order of conversion (least sensitive per multiply removed first)")
+    return "\n".join(lines)

@@ -1,0 +1,244 @@
+"""PriorityMask: decide which layers stay exact so a LUT model meets an accuracy or compute budget (TabConv).
+
+Not every layer tolerates table lookup equally: TabConv keeps the sensitive ones exact with a priority
+mask. This pass measures each convertible layer's sensitivity on calibration data, then picks the set
+of layers to convert:
+
+1. The calibration data is split (seeded) into a *fit* part, on which every candidate layer's codebooks
+   and tables are learned (one ``LUTify`` fit, all layers), and a *validation* part, never used for
+   fitting, on which everything below is measured.
+2. Per layer: the **similarity** of the LUT layer's output to the exact layer's output on the layer's
+   own validation inputs (cosine similarity, and the relative error ``||y_lut - y|| / ||y||``), and,
+   when labels are given, the **accuracy drop when that layer alone is converted** (one compile each).
+   Its **gain** is the multiplies it removes (exact minus lookup count, ``tvm_lut.cost``); layers whose
+   lookup would not remove multiplies are never candidates.
+3. Layers are ranked by sensitivity per multiply removed (accuracy drop alone, clamped at zero, plus
+   ``1 - similarity`` as a tie-breaker; without labels, ``1 - similarity``), least sensitive first, and a
+   prefix of that ranking is converted:
+
+   * ``max-drop=P`` (needs labels): the longest prefix whose measured validation drop, plus one standard
+     error of that paired difference (``100 * sqrt(flips) / n``, flips = validation samples whose
+     correctness changes), stays within P points; found by binary search over the prefix length.
+   * ``min-removed=F``: the shortest prefix removing at least a fraction F of the model's multiplies
+     (an error names the reachable maximum when F is out of reach); its validation drop is reported.
+
+The decision and the scores go into the module attribute ``"tvm_lut.priority_mask"`` (JSON), which
+``LUTify`` obeys (masked layers stay exact, the others are converted even when narrow); per-layer scores
+appear in ``tvm-lut report``. ``LUTify(budget=...)`` runs this pass first and reuses its fitted layers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+
+from tvm_lut import calibrate, graph
+from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
+from tvm_lut.errors import CalibrationError, OptionError
+
+from .lutify import MASK_ATTR, LUTify, _rewrite
+
+log = logging.getLogger("tvm_lut")
+
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``max-drop`` (accuracy points) or ``min-removed`` (fraction of multiplies, 0..1)."""
+
+    kind: str
+    value: float
+
+    @classmethod
+    def parse(cls, spec) -> "Budget":
+        if isinstance(spec, Budget):
+            return spec
+        m = re.fullmatch(r"\s*(max-drop|min-removed)\s*=\s*([0-9.eE+-]+)\s*", str(spec))
+        if not m:
+            raise OptionError(f"budget {spec!r}: expected max-drop=POINTS (e.g. max-drop=2.0) or "
+                              "min-removed=FRACTION (e.g. min-removed=0.6)")
+        kind, value = m.group(1), float(m.group(2))
+        if kind == "max-drop" and not (0 <= value <= 100):
+            raise OptionError(f"budget {spec!r}: max-drop is in accuracy points, 0..100")
+        if kind == "min-removed" and not (0 < value <= 1):
+            raise OptionError(f"budget {spec!r}: min-removed is a fraction of multiplies in (0, 1]")
+        return cls(kind, value)
+
+    def __str__(self) -> str:
+        return f"{self.kind}={self.value:g}"
+
+
+def _labels_of(calibration, labels):
+    if labels is not None:
+        return np.asarray(labels).reshape(-1)
+    if hasattr(calibration, "files") or isinstance(calibration, dict):
+        keys = calibration.files if hasattr(calibration, "files") else list(calibration)
+        if "labels" in keys:
+            return np.asarray(calibration["labels"]).reshape(-1)
+    return None
+
+
+def _top1(runner: BatchRunner, inputs) -> np.ndarray:
+    logits = runner.run(inputs)[0]
+    return logits.reshape(len(logits), -1).argmax(-1)
+
+
+@tvm.transform.module_pass(opt_level=0, name="PriorityMask")
+class PriorityMask:
+    """Choose which layers stay exact to meet ``budget``; see the module docstring.
+
+    Parameters
+    ----------
+    calibration : model inputs (as for ``LUTify``), optionally with a ``labels`` array.
+    budget : ``"max-drop=2.0"`` (accuracy points; needs labels) or ``"min-removed=0.6"``.
+    labels : class labels of the calibration samples (instead of a ``labels`` entry).
+    validation : fraction of the calibration samples held out for the measurements.
+    lutify_options : passed to the ``LUTify`` fit (``k``, ``v``, ``distance``, ``layers``, ``codebooks``...).
+    """
+
+    def __init__(self, calibration, budget, *, labels=None, validation: float = 0.3, seed: int = 0,
+                 target="x86", progress: bool = True, **lutify_options):
+        self.calibration = calibration
+        self.budget = Budget.parse(budget)
+        self.labels = labels
+        self.validation = validation
+        self.seed = seed
+        self.target = target
+        self.progress = progress
+        self.lutify_options = lutify_options
+        self.result: dict = {}
+        self.pq_layers: dict = {}  # the fitted layers (LUTify(budget=) reuses them)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        from tqdm import tqdm
+
+
+        tgt = resolve_target(self.target)
+        signature = graph.input_signature(mod["main"])
+        inputs = calibrate.normalize_inputs(self.calibration, signature)
+        n = len(next(iter(inputs.values())))
+        labels = _labels_of(self.calibration, self.labels)
+        if labels is not None and len(labels) != n:
+            raise CalibrationError(f"labels has {len(labels)} entries but the calibration inputs have {n} samples")
+        if self.budget.kind == "max-drop" and labels is None:
+            raise CalibrationError(f"budget {self.budget} needs labels: add a 'labels' array to the calibration "
+                                   "data (or use min-removed=FRACTION)")
+        n_val = int(round(n * self.validation))
+        if n_val < 1 or n - n_val < 1:
+            raise CalibrationError(f"cannot hold {self.validation:.0%} of {n} calibration samples for validation")
+        perm = np.random.default_rng(self.seed).permutation(n)
+        val_idx, fit_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        fit_in = {k: v[fit_idx] for k, v in inputs.items()}
+        val_in = {k: v[val_idx] for k, v in inputs.items()}
+        val_y = None if labels is None else labels[val_idx]
+
+        # 1. fit every candidate layer once
+        fitter = LUTify(calibration=fit_in, all_layers=True, seed=self.seed, target=tgt, progress=self.progress,
+                        **self.lutify_options)
+        fitter(mod)
+        plans = {p.layer.name: p for p in fitter._plans if p.record["method"] == "pq"}
+        records = {r["name"]: r for r in fitter.layers}
+        total_mul = sum(r["exact_ops"]["mul"] for r in fitter.layers if "exact_ops" in r)
+        gain = {name: records[name]["exact_ops"]["mul"] - records[name]["lut_ops"]["mul"] for name in plans}
+
+        # 2. per-layer sensitivity on the validation part
+        val_rows = calibrate.collect(mod, [p.layer for p in plans.values()], val_in, target=tgt,
+                                     seed=self.seed, progress=False)
+        scores: dict[str, dict] = {}
+        for name, p in plans.items():
+            rows = val_rows[name]
+            exact = rows.astype(np.float64) @ p.layer.weight.astype(np.float64)
+            if p.layer.bias is not None:
+                exact = exact + p.layer.bias
+            lut = p.pq_layer.emulate(rows).astype(np.float64)
+            denom = np.linalg.norm(exact) or 1.0
+            cos = float((exact * lut).sum() / (denom * (np.linalg.norm(lut) or 1.0)))
+            scores[name] = {"similarity": cos, "rel_error": float(np.linalg.norm(lut - exact) / denom),
+                            "mul_removed": int(gain[name]), "mul_removed_frac": gain[name] / total_mul}
+        base_pred = None
+        if val_y is not None:
+            ex, params = compile_with_params(mod, tgt)
+            base_pred = _top1(BatchRunner(ex, [v for _, v in params], signature), val_in)
+            base_acc = float((base_pred == val_y).mean() * 100)
+        cache: dict[tuple, tuple[float, int]] = {}
+
+        def evaluate(names: tuple[str, ...]) -> tuple[float, int]:
+            """(validation accuracy drop in points, flips) with exactly ``names`` converted."""
+            if names not in cache:
+                lut_mod = _rewrite(mod, [plans[nm] for nm in names], True)
+                ex_l, params_l = compile_with_params(lut_mod, tgt)
+                pred = _top1(BatchRunner(ex_l, [v for _, v in params_l], signature), val_in)
+                ok_b, ok_l = base_pred == val_y, pred == val_y
+                cache[names] = (base_acc - float(ok_l.mean() * 100), int((ok_b != ok_l).sum()))
+            return cache[names]
+
+        candidates = [nm for nm in plans if gain[nm] > 0]
+        if val_y is not None:
+            for name in tqdm(candidates, desc="layer sensitivity", unit="layer",
+                             disable=None if self.progress else True, leave=False):
+                scores[name]["drop_alone"] = evaluate((name,))[0]
+
+        def sensitivity(nm: str) -> float:
+            s = 1.0 - scores[nm]["similarity"]
+            if "drop_alone" in scores[nm]:
+                s += max(scores[nm]["drop_alone"], 0.0)
+            return s / max(scores[nm]["mul_removed_frac"], 1e-12)
+
+        order = sorted(candidates, key=sensitivity)
+        for rank, nm in enumerate(order):
+            scores[nm]["rank"] = rank
+        removed = np.cumsum([0] + [gain[nm] for nm in order]) / total_mul  # removed[i]: first i layers
+
+        # 3. choose the prefix
+        val_n = len(val_idx)
+        if self.budget.kind == "min-removed":
+            reach = [i for i in range(len(order) + 1) if removed[i] >= self.budget.value - 1e-12]
+            if not reach:
+                raise OptionError(f"budget {self.budget} cannot be met: converting every candidate layer removes "
+                                  f"{removed[-1]:.1%} of the multiplies")
+            chosen = reach[0]
+        else:
+            def fits(i: int) -> bool:
+                if i == 0:
+                    return True
+                drop, flips = evaluate(tuple(order[:i]))
+                return drop + 100.0 * math.sqrt(flips) / val_n <= self.budget.value
+
+            lo, hi = 0, len(order)  # invariant: fits(lo); find the largest fitting prefix
+            if fits(hi):
+                lo = hi
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if fits(mid):
+                    lo = mid
+                else:
+                    hi = mid
+            chosen = lo
+        convert = set(order[:chosen])
+        result = {"budget": str(self.budget), "validation_samples": int(val_n), "fit_samples": int(len(fit_idx)),
+                  "candidates": order, "converted": [nm for nm in order if nm in convert],
+                  "mul_removed_frac": float(removed[chosen]), "compiles": len(cache) + (val_y is not None)}
+        if val_y is not None:
+            drop, flips = evaluate(tuple(order[:chosen])) if chosen else (0.0, 0)
+            result.update(val_exact_acc=base_acc, val_drop=drop, val_drop_margin=100.0 * math.sqrt(flips) / val_n)
+        decision = {}
+        for name, rec in records.items():
+            if name in convert:
+                decision[name] = "pq"
+            elif name in plans:
+                decision[name] = "exact"
+                scores[name]["why"] = ("lookup removes no multiplies" if gain[name] <= 0 else
+                                       f"kept exact to meet {self.budget}")
+        result["decision"] = decision
+        result["scores"] = scores
+        self.result = result
+        self.pq_layers = {nm: plans[nm].pq_layer for nm in convert}
+        log.info("priority mask (%s): converting %d of %d candidate layers, %.1f%% multiplies removed",
+                 self.budget, len(convert), len(order), 100 * removed[chosen])
+        return mod.with_attr(MASK_ATTR, json.dumps(result))

@@ -1,0 +1,93 @@
+"""PriorityMask: budgets parsed and enforced, measured on held-out data, obeyed by LUTify, in the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import tvm_lut
+from relay_passes import Budget, LUTify, PriorityMask
+from tvm_lut import models, pipeline
+from tvm_lut.errors import CalibrationError, OptionError
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    d = models.load_mnist_subset()
+    model = models.train_classifier(models.LeNet5(), d["train_images"][:6000], d["train_labels"][:6000], epochs=1,
+                                    progress=False)
+    mod = tvm_lut.from_torch(model, torch.from_numpy(d["test_images"][:16]))
+    calib = {"x": d["train_images"][6000:7200], "labels": d["train_labels"][6000:7200]}
+    return mod, calib, d
+
+
+def test_budget_parsing():
+    assert Budget.parse("max-drop=2.0") == Budget("max-drop", 2.0)
+    assert str(Budget.parse(" min-removed = 0.6 ")) == "min-removed=0.6"
+    for bad in ["max-drop", "drop=1", "min-removed=1.5", "min-removed=0", "max-drop=-1", "max-drop=abc"]:
+        with pytest.raises(OptionError, match="budget"):
+            Budget.parse(bad)
+
+
+def test_max_drop_needs_labels(lenet):
+    mod, calib, _ = lenet
+    with pytest.raises(CalibrationError, match="needs labels"):
+        PriorityMask({"x": calib["x"]}, "max-drop=1.0", progress=False)(mod)
+
+
+def test_max_drop_is_met_on_unseen_data(lenet):
+    mod, calib, d = lenet
+    budget = 1.5
+    ex_, _, manifest = pipeline.compile_and_measure(
+        mod, calib, distance="l1", budget=f"max-drop={budget}", measure_latency=False, progress=False,
+        evaluation=({"x": d["test_images"]}, d["test_labels"]))
+    report = manifest["report"]
+    pm = report["priority_mask"]
+    assert pm["val_drop"] + pm["val_drop_margin"] <= budget
+    assert report["accuracy"]["drop"] <= budget, report["accuracy"]  # 2,000 test images never seen by the mask
+    assert pm["converted"], "a 1.5-point budget should allow converting some layer of LeNet-5 with L1 lookup"
+    methods = {r["name"]: r["method"] for r in report["layers"]}
+    assert {n for n, m in methods.items() if m == "pq"} == set(pm["converted"])
+    for r in report["layers"]:
+        assert "similarity" in r["priority"] and "drop_alone" in r["priority"]
+
+
+def test_min_removed_and_separate_pass(lenet):
+    mod, calib, _ = lenet
+    pm = PriorityMask({"x": calib["x"]}, "min-removed=0.5", distance="l1", progress=False)
+    masked = pm(mod)
+    assert pm.result["mul_removed_frac"] >= 0.5
+    assert "drop_alone" not in next(iter(pm.result["scores"].values()))  # no labels: similarity only
+    lut = LUTify({"x": calib["x"]}, distance="l1", progress=False)
+    lut(masked)  # a later LUTify obeys the mask left on the module
+    assert {r["name"] for r in lut.layers if r["method"] == "pq"} == set(pm.result["converted"])
+    removed = 1 - sum(r["lut_ops"]["mul"] if r["method"] == "pq" else r["exact_ops"]["mul"] for r in lut.layers) \
+        / sum(r["exact_ops"]["mul"] for r in lut.layers)
+    assert removed >= 0.5
+    with pytest.raises(OptionError, match=r"cannot be met: converting every candidate layer removes \d+\.\d%"):
+        PriorityMask({"x": calib["x"]}, "min-removed=0.5", distance="l2", progress=False)(mod)
+
+
+def test_cli_budget(lenet, tmp_path):
+    mod, calib, _ = lenet
+    model = models.LeNet5().eval()
+    path = str(tmp_path / "m.pt2")
+    torch.export.save(torch.export.export(model, (torch.from_numpy(calib["x"][:1]),)), path)
+    np.savez(tmp_path / "cal.npz", x=calib["x"][:400], labels=calib["labels"][:400])
+    np.savez(tmp_path / "nolab.npz", x=calib["x"][:400])
+    cmd = [sys.executable, "-m", "tvm_lut.cli", "compile", path, "-q", "--no-latency", "--distance", "l1"]
+    res = subprocess.run(cmd + ["--calib", str(tmp_path / "cal.npz"), "-o", str(tmp_path / "out"),
+                                "--budget", "max-drop=100"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "priority mask, budget max-drop=100" in res.stdout and "drop alone" in res.stdout
+    res = subprocess.run(cmd + ["--calib", str(tmp_path / "nolab.npz"), "-o", str(tmp_path / "o2"),
+                                "--budget", "max-drop=1"], capture_output=True, text=True)
+    assert res.returncode == 2 and "needs a 'labels' array" in res.stderr
+    res = subprocess.run(cmd + ["--calib", str(tmp_path / "cal.npz"), "-o", str(tmp_path / "o3"),
+                                "--budget", "fewer-ops"], capture_output=True, text=True)
+    assert res.returncode == 2 and "expected max-drop=POINTS" in res.stderr
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

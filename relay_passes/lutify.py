@@ -68,6 +68,7 @@ class LUTify:
     sequential : calibrate each layer on the inputs it sees once the layers before it are already
         lookups (one calibration run per layer; corrects compounding error). ``False`` calibrates all
         layers in one run of the exact model.
+    fitted : already fitted ``pq.PQLayer`` by layer name (e.g. ``PriorityMask.fitted``), used as they are.
     budget : ``"max-drop=2.0"`` or ``"min-removed=0.6"``: run ``PriorityMask`` first to choose which
         layers stay exact (``labels``, or a ``labels`` entry in ``calibration``, for max-drop). Without
         it, a mask left on the module by an earlier ``PriorityMask`` pass is obeyed.
@@ -90,6 +91,7 @@ class LUTify:
         sequential: bool = False,
         budget=None,
         labels=None,
+        fitted: dict | None = None,
         progress: bool = True,
     ):
         self.calibration = calibration
@@ -107,7 +109,7 @@ class LUTify:
         self.labels = labels
         self.priority: dict = {}  # the PriorityMask result this pass obeyed (empty without one)
         self._mask: dict[str, str] = {}
-        self._prefit: dict[str, pq.PQLayer] = {}
+        self._prefit: dict[str, pq.PQLayer] = dict(fitted or {})
         self._plans: list[_Plan] = []
         self.layers: list[dict] = []  # per-layer decision records (also in the module attribute)
         self.pq_layers: dict[str, pq.PQLayer] = {}  # fitted codebooks/tables by layer name
@@ -176,7 +178,7 @@ class LUTify:
             pm = PriorityMask(self.calibration, self.budget, labels=self.labels, seed=self.seed, target=self.target,
                               progress=self.progress, **opts)
             mod = pm(mod)
-            self._prefit = dict(pm.pq_layers)
+            self._prefit.update(pm.pq_layers)
         if mod.attrs is not None and MASK_ATTR in mod.attrs:
             self.priority = json.loads(str(mod.attrs[MASK_ATTR]))
             self._mask = dict(self.priority["decision"])

@@ -113,9 +113,26 @@ class PriorityMask:
         self.progress = progress
         self.lutify_options = lutify_options
         self.result: dict = {}
-        self.pq_layers: dict = {}  # the fitted layers (LUTify(budget=) reuses them)
+        self.pq_layers: dict = {}  # the fitted layers chosen for conversion (LUTify(budget=) reuses them)
+        self.fitted: dict = {}  # every fitted candidate layer (for LUTify(fitted=...) after a sweep)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        state = self._analyse(mod)
+        self.fitted = {nm: p.pq_layer for nm, p in state["plans"].items()}
+        result = self._choose(state, self.budget)
+        self.result = result
+        self.pq_layers = {nm: state["plans"][nm].pq_layer for nm in result["converted"]}
+        return mod.with_attr(MASK_ATTR, json.dumps(result))
+
+    def sweep(self, mod: tvm.IRModule, budgets) -> list[dict]:
+        """The decision for each of several budgets from one analysis (a Pareto sweep): the fit and the
+        per-layer measurements are shared, only the prefix search runs per budget."""
+        state = self._analyse(mod)
+        self.fitted = {nm: p.pq_layer for nm, p in state["plans"].items()}
+        return [self._choose(state, Budget.parse(b)) for b in budgets]
+
+    def _analyse(self, mod: tvm.IRModule) -> dict:
+        """Fit all candidates, measure per-layer sensitivity, rank; everything a budget choice needs."""
         from tqdm import tqdm
 
 
@@ -126,7 +143,7 @@ class PriorityMask:
         labels = _labels_of(self.calibration, self.labels)
         if labels is not None and len(labels) != n:
             raise CalibrationError(f"labels has {len(labels)} entries but the calibration inputs have {n} samples")
-        if self.budget.kind == "max-drop" and labels is None:
+        if labels is None and (self.budget.kind == "max-drop"):
             raise CalibrationError(f"budget {self.budget} needs labels: add a 'labels' array to the calibration "
                                    "data (or use min-removed=FRACTION)")
         n_val = int(round(n * self.validation))
@@ -194,13 +211,21 @@ class PriorityMask:
         for rank, nm in enumerate(order):
             scores[nm]["rank"] = rank
         removed = np.cumsum([0] + [gain[nm] for nm in order]) / total_mul  # removed[i]: first i layers
+        return {"plans": plans, "records": records, "scores": scores, "order": order, "removed": removed,
+                "gain": gain, "evaluate": evaluate, "cache": cache, "labelled": val_y is not None,
+                "base_acc": base_acc if val_y is not None else None, "val_n": len(val_idx), "fit_n": len(fit_idx)}
 
-        # 3. choose the prefix
-        val_n = len(val_idx)
-        if self.budget.kind == "min-removed":
-            reach = [i for i in range(len(order) + 1) if removed[i] >= self.budget.value - 1e-12]
+    def _choose(self, state: dict, budget: Budget) -> dict:
+        """The prefix of the ranking to convert under ``budget`` (see the module docstring)."""
+        order, removed, evaluate, val_n = state["order"], state["removed"], state["evaluate"], state["val_n"]
+        plans, gain = state["plans"], state["gain"]
+        scores = {nm: dict(sc) for nm, sc in state["scores"].items()}
+        if budget.kind == "max-drop" and not state["labelled"]:
+            raise CalibrationError(f"budget {budget} needs labels: add a 'labels' array to the calibration data")
+        if budget.kind == "min-removed":
+            reach = [i for i in range(len(order) + 1) if removed[i] >= budget.value - 1e-12]
             if not reach:
-                raise OptionError(f"budget {self.budget} cannot be met: converting every candidate layer removes "
+                raise OptionError(f"budget {budget} cannot be met: converting every candidate layer removes "
                                   f"{removed[-1]:.1%} of the multiplies")
             chosen = reach[0]
         else:
@@ -208,7 +233,7 @@ class PriorityMask:
                 if i == 0:
                     return True
                 drop, flips = evaluate(tuple(order[:i]))
-                return drop + 100.0 * math.sqrt(flips) / val_n <= self.budget.value
+                return drop + 100.0 * math.sqrt(flips) / val_n <= budget.value
 
             lo, hi = 0, len(order)  # invariant: fits(lo); find the largest fitting prefix
             if fits(hi):
@@ -221,24 +246,24 @@ class PriorityMask:
                     hi = mid
             chosen = lo
         convert = set(order[:chosen])
-        result = {"budget": str(self.budget), "validation_samples": int(val_n), "fit_samples": int(len(fit_idx)),
+        result = {"budget": str(budget), "validation_samples": int(val_n), "fit_samples": int(state["fit_n"]),
                   "candidates": order, "converted": [nm for nm in order if nm in convert],
-                  "mul_removed_frac": float(removed[chosen]), "compiles": len(cache) + (val_y is not None)}
-        if val_y is not None:
+                  "mul_removed_frac": float(removed[chosen])}
+        if state["labelled"]:
             drop, flips = evaluate(tuple(order[:chosen])) if chosen else (0.0, 0)
-            result.update(val_exact_acc=base_acc, val_drop=drop, val_drop_margin=100.0 * math.sqrt(flips) / val_n)
+            result.update(val_exact_acc=state["base_acc"], val_drop=drop,
+                          val_drop_margin=100.0 * math.sqrt(flips) / val_n)
+        result["compiles"] = len(state["cache"]) + state["labelled"]
         decision = {}
-        for name, rec in records.items():
+        for name in state["records"]:
             if name in convert:
                 decision[name] = "pq"
             elif name in plans:
                 decision[name] = "exact"
                 scores[name]["why"] = ("lookup removes no multiplies" if gain[name] <= 0 else
-                                       f"kept exact to meet {self.budget}")
+                                       f"kept exact to meet {budget}")
         result["decision"] = decision
         result["scores"] = scores
-        self.result = result
-        self.pq_layers = {nm: plans[nm].pq_layer for nm in convert}
         log.info("priority mask (%s): converting %d of %d candidate layers, %.1f%% multiplies removed",
-                 self.budget, len(convert), len(order), 100 * removed[chosen])
-        return mod.with_attr(MASK_ATTR, json.dumps(result))
+                 budget, len(convert), len(order), 100 * removed[chosen])
+        return result

@@ -57,7 +57,7 @@ def test_counts_cosine_and_l1():
 
 def test_printed_report_has_every_layer_totals_and_formulas():
     layers = list(_records().values())
-    report = {"model": "tiny", "target": "x86", "batch": 2, "layers": layers, "totals": pipeline._totals(layers),
+    report = {"model": "tiny", "target": "x86", "batch": 2, "layers": layers, "totals": pipeline.totals(layers),
               "accuracy": {"exact": 90.0, "lut": 89.0, "drop": 1.0, "rows": 10, "agreement": 95.0},
               "latency": {"exact_ms": 1.0, "lut_ms": 0.5, "speedup": 2.0, "batch": 2, "threads": 2, "note": "n"}}
     text = format_report(report, exact_counts=True)

@@ -44,3 +44,9 @@ def test_demo_main_job(tmp_path, capsys):
     assert cli.main(["run", os.path.join(out, "model"), "--input", os.path.join(out, "test.npz"),
                      "--output", os.path.join(out, "pred.npz")]) == 0
     assert np.load(os.path.join(out, "pred.npz"))["output"].shape == (2000, 10)
+
+
+def test_tutorial_learned_centroids_and_budget():
+    res = _load("03_learned_centroids_and_budget").main(tiny=True)
+    assert res["learned_l1"] == res["learned_l1_torch"]  # compiled == torch lookup layers
+    assert res["exact"] > 85 and res["learned_l1"] > res["exact"] - 10

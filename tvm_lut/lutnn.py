@@ -112,18 +112,17 @@ class _LUTLayer(nn.Module):
                     score = score - sub[:, :, i, None] * cents[None, :, :, i]
             return score.argmin(-1)
 
-    def soft_assignment(self, sub: torch.Tensor) -> torch.Tensor:
-        """softmax over centroids of -distance / temperature, (n, C, K): the backward path."""
+    def distances(self, sub: torch.Tensor) -> torch.Tensor:
+        """Differentiable distance of each subvector to each centroid, (n, C, K) (smaller is nearer)."""
         p = self.centroids
         if self.distance == "l2":
-            dist = (sub * sub).sum(-1, keepdim=True) - 2 * torch.einsum("ncv,ckv->nck", sub, p) + (p * p).sum(-1)
-        elif self.distance == "cosine":
+            cross = torch.bmm(sub.transpose(0, 1), p.transpose(1, 2)).transpose(0, 1)  # (n, C, K)
+            return (sub * sub).sum(-1, keepdim=True) - 2 * cross + (p * p).sum(-1)
+        if self.distance == "cosine":
             u = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             xn = sub / sub.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            dist = -torch.einsum("ncv,ckv->nck", xn, u)
-        else:
-            dist = torch.cdist(sub.transpose(0, 1), p, p=1).transpose(0, 1)
-        return torch.softmax(-dist / self.temperature, dim=-1)
+            return -torch.bmm(xn.transpose(0, 1), u.transpose(1, 2)).transpose(0, 1)
+        return torch.cdist(sub.transpose(0, 1), p, p=1).transpose(0, 1)
 
     def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """Input -> (n, D) rows and what ``unrows`` needs to restore the output layout."""
@@ -135,20 +134,29 @@ class _LUTLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows, ctx = self.rows(x)
         c, k, v = self.centroids.shape
-        sub = F.pad(rows, (0, c * v - self.d)).reshape(rows.shape[0], c, v)
-        codes = self.encode(sub)
+        n = rows.shape[0]
+        sub = F.pad(rows, (0, c * v - self.d)).reshape(n, c, v)
         tq, scale = quantize_tables(self.tables())
-        idx = (codes + torch.arange(c) * k).reshape(-1)  # row of the flattened (C*K, M) table per code
-        acc = tq.reshape(c * k, -1).to(torch.int32)[idx].reshape(rows.shape[0], c, -1).sum(1)
-        y = acc.to(torch.float32) * scale  # exactly the compiled epilogue
-        if self.training or torch.is_grad_enabled() and self.weight.requires_grad:
-            # straight-through: forward value stays y, gradients flow through the soft reconstruction
-            soft = self.soft_assignment(sub)
-            hard = F.one_hot(codes, k).to(soft.dtype)
-            assign = hard + soft - soft.detach()
-            recon = torch.einsum("nck,ckv->ncv", assign, self.centroids).reshape(rows.shape[0], c * v)
-            smooth = recon @ self.weight_matrix()
-            y = smooth + (y - smooth).detach()
+        smooth = None
+        if torch.is_grad_enabled():
+            # training: codes from the differentiable distances (equal to the kernel's up to float
+            # near-ties), soft assignment for the backward path
+            dist = self.distances(sub)
+            codes = dist.detach().argmin(-1)
+            soft = torch.softmax(-dist / self.temperature, dim=-1)
+            soft_recon = torch.bmm(soft.transpose(0, 1), self.centroids).transpose(0, 1)  # (n, C, V)
+            hard_recon = self.centroids[torch.arange(c), codes]  # (n, C, V), gradient to the chosen centroids
+            recon = hard_recon + soft_recon - soft_recon.detach()  # value: hard; gradient: both paths
+            smooth = recon.reshape(n, c * v) @ self.weight_matrix()
+        else:
+            codes = self.encode(sub)  # exactly the compiled kernel's scores and order
+        # lookup: int8-valued tables summed over codebooks (exact in float32: |sum| <= 127*C < 2^24),
+        # then one scale multiply per output, as the compiled epilogue does
+        idx = codes + torch.arange(c) * k
+        acc = F.embedding_bag(idx, tq.reshape(c * k, -1), mode="sum")
+        y = acc * scale
+        if smooth is not None:
+            y = smooth + (y - smooth).detach()  # forward value: the lookup; backward: straight-through
         if self.bias is not None:
             y = y + self.bias
         return self.unrows(y, ctx)

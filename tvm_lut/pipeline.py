@@ -49,7 +49,8 @@ def split_calibration(data, signature, holdout: float, seed: int = 0):
             {k: v[hold] for k, v in inputs.items()}, labels[hold])
 
 
-def _totals(layers: list[dict]) -> dict:
+def totals(layers: list[dict]) -> dict:
+    """Model-wide sums of a LUTify pass's layer records: multiplies/adds exact vs LUT, bytes."""
     t = {"exact_mul": 0, "exact_add": 0, "lut_mul": 0, "lut_add": 0, "lut_cmp": 0,
          "weight_bytes": 0, "lut_weight_bytes": 0, "table_bytes": 0, "codebook_bytes": 0}
     for r in layers:
@@ -117,7 +118,7 @@ def compile_and_measure(
         "target": str(tgt),
         "batch": lut_run.batch,
         "layers": layers,
-        "totals": _totals(layers),
+        "totals": totals(layers),
         "accuracy": None,
         "latency": None,
     }

@@ -98,16 +98,18 @@ class PriorityMask:
     calibration : model inputs (as for ``LUTify``), optionally with a ``labels`` array.
     budget : ``"max-drop=2.0"`` (accuracy points; needs labels) or ``"min-removed=0.6"``.
     labels : class labels of the calibration samples (instead of a ``labels`` entry).
-    validation : fraction of the calibration samples held out for the measurements.
+    validation : fraction of the calibration samples held out for the measurements, at most
+        ``max_validation`` (each accuracy measurement runs the compiled model on all of them).
     lutify_options : passed to the ``LUTify`` fit (``k``, ``v``, ``distance``, ``layers``, ``codebooks``...).
     """
 
-    def __init__(self, calibration, budget, *, labels=None, validation: float = 0.3, seed: int = 0,
-                 target="x86", progress: bool = True, **lutify_options):
+    def __init__(self, calibration, budget, *, labels=None, validation: float = 0.3, max_validation: int = 512,
+                 seed: int = 0, target="x86", progress: bool = True, **lutify_options):
         self.calibration = calibration
         self.budget = Budget.parse(budget)
         self.labels = labels
         self.validation = validation
+        self.max_validation = max_validation
         self.seed = seed
         self.target = target
         self.progress = progress
@@ -146,7 +148,7 @@ class PriorityMask:
         if labels is None and (self.budget.kind == "max-drop"):
             raise CalibrationError(f"budget {self.budget} needs labels: add a 'labels' array to the calibration "
                                    "data (or use min-removed=FRACTION)")
-        n_val = int(round(n * self.validation))
+        n_val = min(int(round(n * self.validation)), self.max_validation)
         if n_val < 1 or n - n_val < 1:
             raise CalibrationError(f"cannot hold {self.validation:.0%} of {n} calibration samples for validation")
         perm = np.random.default_rng(self.seed).permutation(n)

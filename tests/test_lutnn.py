@@ -108,8 +108,9 @@ def test_finetune_learns_beyond_kmeans_and_is_seeded():
     assert loss1 < loss0, (loss0, loss1)
     assert set(res.codebooks) == {"c1", "c2", "fc"} and res.steps == 4 * 16
     again = lutnn.finetune(model, _loader(x, y), epochs=4, lr=3e-3, progress=False, init_batches=4, seed=0)
-    for name in res.codebooks:
-        np.testing.assert_array_equal(res.codebooks[name]["centroids"], again.codebooks[name]["centroids"])
+    for name in res.codebooks:  # same seed, same run (up to float rounding of multithreaded reductions)
+        np.testing.assert_allclose(res.codebooks[name]["centroids"], again.codebooks[name]["centroids"],
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_finetune_resumes_from_checkpoint(tmp_path):

@@ -112,17 +112,21 @@ class _LUTLayer(nn.Module):
                     score = score - sub[:, :, i, None] * cents[None, :, :, i]
             return score.argmin(-1)
 
-    def distances(self, sub: torch.Tensor) -> torch.Tensor:
-        """Differentiable distance of each subvector to each centroid, (n, C, K) (smaller is nearer)."""
-        p = self.centroids
+    def logits(self, sub: torch.Tensor) -> torch.Tensor:
+        """-distance / temperature of each subvector to each centroid, (n, C, K), up to a constant per
+        (row, subspace), which softmax and argmax ignore: the differentiable path.
+
+        l2 drops ``||x||^2`` and folds ``2 / temperature`` into the centroids, so it is one batched matmul
+        and one add (the (n, C, K) tensors dominate the training time)."""
+        p, t = self.centroids, self.temperature
         if self.distance == "l2":
-            cross = torch.bmm(sub.transpose(0, 1), p.transpose(1, 2)).transpose(0, 1)  # (n, C, K)
-            return (sub * sub).sum(-1, keepdim=True) - 2 * cross + (p * p).sum(-1)
+            cross = torch.bmm(sub.transpose(0, 1), (p * (2 / t)).transpose(1, 2)).transpose(0, 1)
+            return cross - (p * p).sum(-1) / t
         if self.distance == "cosine":
             u = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             xn = sub / sub.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            return -torch.bmm(xn.transpose(0, 1), u.transpose(1, 2)).transpose(0, 1)
-        return torch.cdist(sub.transpose(0, 1), p, p=1).transpose(0, 1)
+            return torch.bmm(xn.transpose(0, 1), (u / t).transpose(1, 2)).transpose(0, 1)
+        return torch.cdist(sub.transpose(0, 1), p, p=1).transpose(0, 1) / -t
 
     def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """Input -> (n, D) rows and what ``unrows`` needs to restore the output layout."""
@@ -141,9 +145,9 @@ class _LUTLayer(nn.Module):
         if torch.is_grad_enabled():
             # training: codes from the differentiable distances (equal to the kernel's up to float
             # near-ties), soft assignment for the backward path
-            dist = self.distances(sub)
-            codes = dist.detach().argmin(-1)
-            soft = torch.softmax(-dist / self.temperature, dim=-1)
+            logits = self.logits(sub)
+            codes = logits.detach().argmax(-1)
+            soft = torch.softmax(logits, dim=-1)
             soft_recon = torch.bmm(soft.transpose(0, 1), self.centroids).transpose(0, 1)  # (n, C, V)
             hard_recon = self.centroids[torch.arange(c), codes]  # (n, C, V), gradient to the chosen centroids
             recon = hard_recon + soft_recon - soft_recon.detach()  # value: hard; gradient: both paths

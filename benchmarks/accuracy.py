@@ -106,7 +106,8 @@ def run_case(rows: list, *, dataset, model_name, model, exact_acc, calib, test_x
             kw = dict(finetune_kw or {})
             lim, bs = kw.pop("limit"), kw.pop("batch_size")
             ft = lutnn.finetune(model, loader(train_x, train_y, bs, lim), distance=distance, exclude=list(exclude),
-                                checkpoint_dir=os.path.join(CACHE, f"ckpt_{dataset}_{model_name}_{distance}"),
+                                checkpoint_dir=os.path.join(CACHE, f"ckpt_{dataset.split()[0]}_{model_name}_{distance}"
+                                                                   f"_{lim or 'all'}_{kw.get('max_steps') or 'all'}"),
                                 **kw)
             fit_s = time.time() - t
             mod_ft = tvm_lut.from_torch(lutnn.to_exact(ft.model), torch.from_numpy(test_x[:batch]))
@@ -139,7 +140,7 @@ def mnist(rows: list, quick: bool) -> dict:
     t = time.time()
     lenet, train_s = trained("lenet5_mnist", models.LeNet5, tx, ty, epochs=1 if quick else 3, progress=False)
     acc = models.accuracy(models.predict(lenet, vx), vy)
-    info["lenet5"] = {"train_s": train_s, "recipe": "Adam 1e-3, 3 epochs, batch 64, full 60k"}
+    info["lenet5"] = {"train_s": train_s, "recipe": f"Adam 1e-3, {1 if quick else 3} epochs, batch 64, {len(tx)} images"}
     log(f"LeNet-5 exact {acc:.2f}% ({time.time() - t:.0f} s)")
     ft = {"epochs": 1, "lr": 1e-3, "batch_size": 64, "limit": None, "max_steps": steps, "progress": False}
     run_case(rows, dataset="MNIST", model_name="LeNet-5", model=lenet, exact_acc=acc, calib=calib, test_x=vx,
@@ -150,7 +151,7 @@ def mnist(rows: list, quick: bool) -> dict:
     t = time.time()
     rn, train_s = trained("resnet8_mnist", make, tx, ty, epochs=1 if quick else 2, progress=False)
     acc = models.accuracy(models.predict(rn, vx), vy)
-    info["resnet8"] = {"train_s": train_s, "recipe": "Adam 1e-3, 2 epochs, batch 64, full 60k"}
+    info["resnet8"] = {"train_s": train_s, "recipe": f"Adam 1e-3, {1 if quick else 2} epochs, batch 64, {len(tx)} images"}
     log(f"ResNet-8 exact {acc:.2f}% ({time.time() - t:.0f} s)")
     ft = {"epochs": 1, "lr": 1e-3, "batch_size": 32, "limit": 16000, "max_steps": steps, "progress": False}
     run_case(rows, dataset="MNIST", model_name="ResNet-8", model=rn, exact_acc=acc, calib=calib, test_x=vx,
@@ -168,7 +169,7 @@ def cifar(rows: list, sweep: list, quick: bool, finetune_images: int) -> dict:
                           optimizer="sgd", augment=True, weight_decay=5e-4, progress=False)
     acc = models.accuracy(models.predict(rn, vx), vy)
     info = {"resnet20": {"train_s": train_s, "recipe": f"SGD nesterov one-cycle lr 0.1, wd 5e-4, {epochs} epochs, "
-                                                       "batch 128, crop+flip, full 50k JPEG train set"}}
+                                                       f"batch 128, crop+flip, {len(tx)} JPEG train images"}}
     log(f"ResNet-20 exact {acc:.2f}% ({time.time() - t:.0f} s)")
     calib = tx[np.random.default_rng(1).permutation(len(tx))[:1024]]
     bs = 32
@@ -282,8 +283,19 @@ def main(argv=None) -> int:
         info.update(cifar(rows, sweep, args.quick, args.finetune_images))
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    with open(os.path.join(args.out, f"accuracy{suffix}.json"), "w") as f:
-        json.dump({"rows": rows, "priority_sweep": sweep, "info": info, "wall_s": time.time() - t0,
+    path = os.path.join(args.out, f"accuracy{suffix}.json")
+    wall = {args.only or "all": time.time() - t0}
+    if args.only and os.path.isfile(path):  # a partial run replaces its own part of an earlier full result
+        with open(path) as f:
+            old = json.load(f)
+        mine = "MNIST" if args.only == "mnist" else "CIFAR"
+        rows = [r for r in old["rows"] if not r["dataset"].startswith(mine)] + rows
+        sweep = sweep if args.only == "cifar" else old.get("priority_sweep", [])
+        info = {**{k: v for k, v in old.get("info", {}).items() if k not in info}, **info}
+        wall = {**old.get("wall_s", {}), **wall} if isinstance(old.get("wall_s"), dict) else wall
+    rows.sort(key=lambda r: (not r["dataset"].startswith("MNIST"), r["model"]))
+    with open(path, "w") as f:
+        json.dump({"rows": rows, "priority_sweep": sweep, "info": info, "wall_s": wall,
                    "threads": torch.get_num_threads()}, f, indent=1)
     md = markdown(rows, sweep, info)
     with open(os.path.join(args.out, f"accuracy{suffix}.md"), "w") as f:

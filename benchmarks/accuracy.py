@@ -164,7 +164,7 @@ def cifar(rows: list, sweep: list, quick: bool, finetune_images: int) -> dict:
     tx, ty = datasets.load_cifar10("train", limit=2000 if quick else None)
     vx, vy = datasets.load_cifar10("test", limit=500 if quick else None)
     t = time.time()
-    epochs = 1 if quick else 15
+    epochs = 1 if quick else 10
     rn, train_s = trained("resnet20_cifar", models.CifarResNet, tx, ty, epochs=epochs, batch_size=128, lr=0.1,
                           optimizer="sgd", augment=True, weight_decay=5e-4, progress=False)
     acc = models.accuracy(models.predict(rn, vx), vy)

@@ -9,6 +9,8 @@ forward (hard)
     code = nearest centroid per subspace, scored like the TIR encode kernel (``pq.encode_scores``) ->
     output = scale * sum_c Tq[c, code_c] (+ bias), with int8 tables Tq = round(P.W / scale), one
     symmetric scale per output: the same codes and tables ``LUTify`` builds from these centroids.
+    (Without gradients, e.g. in eval, the scores are summed exactly as the TIR kernel sums them; while
+    training, codes come from the differentiable distances below, which agree up to float near-ties.)
 backward (soft, straight-through)
     the one-hot code is replaced by ``softmax(-distance / temperature)`` over the K centroids, with a
     learned temperature per layer; the int8 rounding of the tables passes gradients straight through

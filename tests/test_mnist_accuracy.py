@@ -2,7 +2,8 @@
 layer of a LeNet-5 converted to lookup and accuracy measured by the compiled TVM model on the 10k test set:
 
 * post-training k-means codebooks stay within 1.5 points of the exact model;
-* learned centroids (LUT-NN: two epochs of fine-tuning) stay within 0.5 points.
+* learned centroids (LUT-NN: two epochs of fine-tuning) stay within 0.5 points (marked ``slow``: run
+  with ``python -m pytest -m slow``; ``benchmarks/accuracy.py`` measures it too).
 """
 
 import os
@@ -43,6 +44,7 @@ def test_lenet_mnist_all_layers_within_1_5_points(lenet_mnist):
     assert acc["drop"] <= 1.5, acc
 
 
+@pytest.mark.slow  # about 5 min on 2 cores (two fine-tuning epochs on 60k images): `pytest -m slow`
 def test_lenet_mnist_learned_centroids_within_0_5_points(lenet_mnist):
     model, train, train_y, test, test_y = lenet_mnist
     exact = models.accuracy(models.predict(model, test), test_y)

@@ -287,9 +287,14 @@ def convert(
         cents = pq.fit_codebooks(pq.pad_columns(r, pq.num_subspaces(d, vv) * vv), vv, k, distance, seed)
         temp = _initial_temperature(r, cents, distance)
         new = (LUTConv2d if kh else LUTLinear)(mod, cents, distance, temp)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        _set_submodule(model, name, new)
     return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` by ``new``."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
 
 
 def lut_layers(model: nn.Module) -> dict[str, _LUTLayer]:
@@ -316,8 +321,7 @@ def to_exact(model: nn.Module) -> nn.Module:
             new.weight.copy_(m.weight)
             if has_bias:
                 new.bias.copy_(m.bias)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        _set_submodule(model, name, new)
     return model.eval()
 
 

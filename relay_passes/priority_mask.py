@@ -201,7 +201,7 @@ class PriorityMask:
         if val_y is not None:
             for name in tqdm(candidates, desc="layer sensitivity", unit="layer",
                              disable=None if self.progress else True, leave=False):
-                scores[name]["drop_alone"] = evaluate((name,))[0]
+                scores[name]["drop_alone"], scores[name]["flips_alone"] = evaluate((name,))
 
         def sensitivity(nm: str) -> float:
             s = 1.0 - scores[nm]["similarity"]

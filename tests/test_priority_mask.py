@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -39,6 +40,11 @@ def test_max_drop_needs_labels(lenet):
         PriorityMask({"x": calib["x"]}, "max-drop=1.0", progress=False)(mod)
 
 
+def _alone_needs(sc: dict, val_n: int) -> float:
+    """The budget the layer with priority scores ``sc`` needs to be converted on its own."""
+    return sc["drop_alone"] + 100.0 * math.sqrt(sc["flips_alone"]) / val_n
+
+
 def test_max_drop_is_met_on_unseen_data(lenet):
     mod, calib, d = lenet
     budget = 1.5
@@ -49,11 +55,30 @@ def test_max_drop_is_met_on_unseen_data(lenet):
     pm = report["priority_mask"]
     assert pm["val_drop"] + pm["val_drop_margin"] <= budget
     assert report["accuracy"]["drop"] <= budget, report["accuracy"]  # 2,000 test images never seen by the mask
-    assert pm["converted"], "a 1.5-point budget should allow converting some layer of LeNet-5 with L1 lookup"
     methods = {r["name"]: r["method"] for r in report["layers"]}
     assert {n for n, m in methods.items() if m == "pq"} == set(pm["converted"])
     for r in report["layers"]:
         assert "similarity" in r["priority"] and "drop_alone" in r["priority"]
+    first = pm["candidates"][0]
+    # the search is maximal at the first step: the best-ranked layer is converted exactly when it fits alone
+    first_sc = next(r["priority"] for r in report["layers"] if r["name"] == first)
+    assert bool(pm["converted"]) == (_alone_needs(first_sc, pm["validation_samples"]) <= budget)
+
+
+def test_max_drop_converts_what_fits(lenet):
+    """A budget just above the best-ranked layer's own validation drop (+ margin) converts at least it;
+    just below converts nothing (whatever the trained LeNet turned out to be on this machine)."""
+    mod, calib, _ = lenet
+    probe = PriorityMask(calib, "max-drop=100", distance="l1", progress=False)
+    everything, = probe.sweep(mod, ["max-drop=100"])
+    assert everything["converted"] == everything["candidates"]
+    first = everything["candidates"][0]
+    need = _alone_needs(everything["scores"][first], everything["validation_samples"])
+    above, below = probe.sweep(mod, [f"max-drop={need + 0.01:.4f}", f"max-drop={max(need - 0.01, 0.0):.4f}"])
+    assert above["converted"][:1] == [first]
+    assert above["val_drop"] + above["val_drop_margin"] <= need + 0.01
+    if need >= 0.01:
+        assert below["converted"] == []
 
 
 def test_min_removed_and_separate_pass(lenet):

@@ -105,15 +105,22 @@ def run_case(rows: list, *, dataset, model_name, model, exact_acc, calib, test_x
         else:
             kw = dict(finetune_kw or {})
             lim, bs = kw.pop("limit"), kw.pop("batch_size")
+            tag = f"_{lim or 'all'}_{kw.get('max_steps') or 'all'}"
+            if kw.get("epochs", 1) != 1:
+                tag += f"_e{kw['epochs']}"
+            if kw.get("distill"):
+                kw["teacher"] = model
+                tag += f"_kd{kw['distill']}"
+            else:
+                kw.pop("distill", None)
             ft = lutnn.finetune(model, loader(train_x, train_y, bs, lim), distance=distance, exclude=list(exclude),
                                 checkpoint_dir=os.path.join(CACHE, f"ckpt_{dataset.split()[0]}_{model_name}_{distance}"
-                                                                   f"_{lim or 'all'}_{kw.get('max_steps') or 'all'}"),
-                                **kw)
+                                                                   + tag), **kw)
             fit_s = time.time() - t
             mod_ft = tvm_lut.from_torch(lutnn.to_exact(ft.model), torch.from_numpy(test_x[:batch]))
             res = lut_accuracy(mod_ft, test_x, test_y, batch, codebooks=ft.codebooks, layers=layer_opts)
             extra = {"fit_s": fit_s, "finetune_steps": ft.steps, "finetune_images": ft.steps * bs,
-                     "finetune_loss": ft.losses}
+                     "finetune_loss": ft.losses, "distill": kw.get("distill", 0.0)}
         row = {"dataset": dataset, "model": model_name, "centroids": method, "distance": distance,
                "exact_acc": exact_acc, **res, "retention": res["lut_acc"] / exact_acc,
                "drop": exact_acc - res["lut_acc"], **extra}
@@ -160,7 +167,8 @@ def mnist(rows: list, quick: bool) -> dict:
     return info
 
 
-def cifar(rows: list, sweep: list, quick: bool, finetune_images: int) -> dict:
+def cifar(rows: list, sweep: list, quick: bool, finetune_images: int, finetune_epochs: int | None = None,
+          distill: float = 0.0, variants=None) -> dict:
     tx, ty = datasets.load_cifar10("train", limit=2000 if quick else None)
     vx, vy = datasets.load_cifar10("test", limit=500 if quick else None)
     t = time.time()
@@ -175,10 +183,14 @@ def cifar(rows: list, sweep: list, quick: bool, finetune_images: int) -> dict:
     bs = 32
     steps = 20 if quick else finetune_images // bs
     ft = {"epochs": 1, "lr": 1e-3, "batch_size": bs, "limit": steps * bs, "progress": False,
-          "transform": models.random_crop_flip}
+          "transform": models.random_crop_flip, "distill": distill}
+    if finetune_epochs and not quick:  # whole passes over the 50k training images instead
+        ft.update(epochs=finetune_epochs, limit=None)
     run_case(rows, dataset="CIFAR-10 (JPEG)", model_name="ResNet-20", model=rn, exact_acc=acc, calib=calib,
              test_x=vx, test_y=vy, batch=100, exclude=("conv1",), finetune_kw=ft, train_x=tx, train_y=ty,
-             variants=[("kmeans", "l2"), ("kmeans", "l1"), ("learned", "l2"), ("learned", "l1")])
+             variants=variants or [("kmeans", "l2"), ("kmeans", "l1"), ("learned", "l2"), ("learned", "l1")])
+    if variants:
+        return info
     # priority-mask Pareto sweep (k-means L1 lookups: every converted layer is multiplier-free)
     t = time.time()
     n_cal = 200 if quick else 1000
@@ -217,7 +229,8 @@ def markdown(rows: list, sweep: list, info: dict) -> str:
            "LUT bytes / fp32 weights | layers LUT | fit time |", "|" + "---|" * 12]
     for r in rows:
         ratio = r["lut_bytes"] / max(r["weight_bytes_converted"], 1)
-        extra = f" ({r['finetune_images']} imgs)" if "finetune_images" in r else ""
+        extra = f" ({r['finetune_images']} imgs{', distilled' if r.get('distill') else ''})" \
+            if "finetune_images" in r else ""
         out.append(f"| {r['dataset']} | {r['model']} | {r['centroids']} | {r['distance']} | {r['exact_acc']:.2f} | "
                    f"{r['lut_acc']:.2f} | {r['retention']:.1%} | {r['drop']:+.2f} | {r['mul_removed']:.1%} | "
                    f"{r['lut_bytes'] / 1e3:.1f} kB / {r['weight_bytes_converted'] / 1e3:.1f} kB ({ratio:.2f}x) | "
@@ -268,6 +281,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny subsets and step counts (a smoke run)")
     ap.add_argument("--finetune-images", type=int, default=9600,
                     help="CIFAR images seen while learning centroids (one pass, batch 32)")
+    ap.add_argument("--finetune-epochs", type=int, default=None,
+                    help="instead: whole passes over the 50k CIFAR training images (~30 min each here; resumable "
+                         "from the checkpoints in benchmarks/results/cache)")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="knowledge-distillation weight from the exact model while learning centroids (0 = labels only)")
+    ap.add_argument("--variants", default=None,
+                    help="CIFAR only these comma-separated method:distance pairs (e.g. learned:l2), "
+                         "no priority sweep; rows replace the matching ones in the JSON")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -280,7 +301,9 @@ def main(argv=None) -> int:
     if args.only in (None, "mnist"):
         info.update(mnist(rows, args.quick))
     if args.only in (None, "cifar"):
-        info.update(cifar(rows, sweep, args.quick, args.finetune_images))
+        variants = [tuple(v.split(":")) for v in args.variants.split(",")] if args.variants else None
+        info.update(cifar(rows, sweep, args.quick, args.finetune_images, args.finetune_epochs, args.distill,
+                          variants))
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     path = os.path.join(args.out, f"accuracy{suffix}.json")
@@ -289,8 +312,13 @@ def main(argv=None) -> int:
         with open(path) as f:
             old = json.load(f)
         mine = "MNIST" if args.only == "mnist" else "CIFAR"
-        rows = [r for r in old["rows"] if not r["dataset"].startswith(mine)] + rows
-        sweep = sweep if args.only == "cifar" else old.get("priority_sweep", [])
+        new = {(r["dataset"], r["model"], r["centroids"], r["distance"]) for r in rows}
+        if args.variants:  # only the rows this run measured are replaced
+            rows = [r for r in old["rows"] if (r["dataset"], r["model"], r["centroids"], r["distance"]) not in new] \
+                + rows
+        else:
+            rows = [r for r in old["rows"] if not r["dataset"].startswith(mine)] + rows
+        sweep = sweep if args.only == "cifar" and not args.variants else old.get("priority_sweep", [])
         info = {**{k: v for k, v in old.get("info", {}).items() if k not in info}, **info}
         wall = {**old.get("wall_s", {}), **wall} if isinstance(old.get("wall_s"), dict) else wall
     rows.sort(key=lambda r: (not r["dataset"].startswith("MNIST"), r["model"]))

@@ -113,6 +113,35 @@ def test_finetune_learns_beyond_kmeans_and_is_seeded():
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_distillation_follows_the_teacher_not_the_labels():
+    """distill=1 ignores the labels: with shuffled labels the student still moves toward the teacher."""
+    x, y = _data(512)
+    teacher = TinyNet()
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(teacher.parameters(), 1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(teacher(x), y).backward()
+        opt.step()
+    teacher.eval()
+    wrong = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+
+    def kl(student):
+        with torch.no_grad():
+            return float(nn.functional.kl_div(nn.functional.log_softmax(student(x), 1),
+                                              nn.functional.softmax(teacher(x), 1), reduction="batchmean"))
+
+    kw = dict(epochs=6, lr=1e-2, weight_lr=3e-3, progress=False, init_batches=4, seed=0)
+    init = lutnn.convert(teacher, [x[:128]], seed=0)
+    kd = lutnn.finetune(teacher, _loader(x, wrong), teacher=teacher, distill=1.0, **kw)
+    ce = lutnn.finetune(teacher, _loader(x, wrong), **kw)
+    assert kl(kd.model) < 0.7 * min(kl(init), kl(ce.model)), (kl(kd.model), kl(init), kl(ce.model))
+    with pytest.raises(OptionError, match="teacher must be an exact model"):
+        lutnn.finetune(teacher, _loader(x, y), teacher=init, **kw)
+    with pytest.raises(OptionError, match="distill weight"):
+        lutnn.finetune(teacher, _loader(x, y), teacher=teacher, distill=1.5, **kw)
+
+
 def test_finetune_resumes_from_checkpoint(tmp_path):
     x, y = _data(192)
     model = TinyNet().eval()

@@ -392,6 +392,9 @@ def finetune(
     max_steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    teacher: nn.Module | None = None,
+    distill: float = 0.5,
+    distill_temperature: float = 4.0,
 ) -> FinetuneResult:
     """Learn centroids (and fine-tune the weights) of ``model``'s conv/dense layers by backprop.
 
@@ -406,10 +409,23 @@ def finetune(
     ``checkpoint_every`` steps and at the end; calling again with the same arguments resumes from it
     (data order is reseeded per epoch from ``seed``, so a resumed run sees the same batches). ``max_steps``
     stops early (e.g. to split a long run); the result then holds the partially trained model.
+
+    With a ``teacher`` (typically the exact model, ``teacher=model``) the loss is knowledge
+    distillation: ``(1 - distill) * loss_fn + distill * T² * KL(teacher || student)`` at temperature
+    ``T = distill_temperature`` (Hinton et al.), so the lookup model learns the exact model's soft
+    outputs rather than the labels alone.
     """
     from tqdm import tqdm
 
     torch.manual_seed(seed)
+    if teacher is not None:
+        if lut_layers(teacher):
+            raise OptionError("the teacher must be an exact model (it has lookup layers)")
+        teacher = copy.deepcopy(teacher).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    if not 0.0 <= distill <= 1.0:
+        raise OptionError(f"distill weight {distill} must be within [0, 1]")
     if lut_layers(model):
         model = copy.deepcopy(model)
     else:
@@ -433,6 +449,8 @@ def finetune(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     config = {"epochs": epochs, "lr": lr, "weight_lr": weight_lr, "k": k, "v": v, "distance": distance,
               "seed": seed, "steps_per_epoch": steps_per_epoch, "layers": sorted(luts)}
+    if teacher is not None:
+        config["distill"] = [distill, distill_temperature]
     tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     step = 0
     path = os.path.join(checkpoint_dir, _CKPT) if checkpoint_dir else None
@@ -473,7 +491,13 @@ def finetune(
             if transform is not None:
                 x = transform(x, gen)
             opt.zero_grad()
-            loss = loss_fn(model(x), y)
+            out = model(x)
+            loss = loss_fn(out, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = F.softmax(teacher(x) / distill_temperature, dim=1)
+                kd = F.kl_div(F.log_softmax(out / distill_temperature, dim=1), soft, reduction="batchmean")
+                loss = (1.0 - distill) * loss + distill * distill_temperature ** 2 * kd
             loss.backward()
             opt.step()
             sched.step()

@@ -1,6 +1,7 @@
-"""LUTify: rewrite conv2d/dense layers of a Relax module into product-quantization table lookups.
+"""LUTify: rewrite conv2d/dense layers of a Relax module into product-quantization table lookups,
+butterfly factor chains or low-rank pairs (``method=``, per layer through ``layers=``).
 
-Each convertible layer (see ``tvm_lut.graph``) becomes::
+Each convertible layer (see ``tvm_lut.graph``) becomes, with ``method="pq"`` (the default)::
 
     im2col (conv only) -> encode (nearest centroid per subspace) -> accumulate (int8 table rows,
     int32 sums) -> astype float32 * scale (+ bias) -> reshape/permute back to the layer's layout
@@ -8,6 +9,16 @@ Each convertible layer (see ``tvm_lut.graph``) becomes::
 with codebooks and tables as module constants, and its bias/batch-norm epilogue folded in. Codebooks
 are learned by k-means on the layer's real inputs, collected by running the model on calibration data
 (``tvm_lut.calibrate``); learned codebooks can be passed in instead (``codebooks=``).
+
+With ``method="butterfly"`` (DeBut)::
+
+    im2col (conv only) -> one grouped-matmul kernel per factor of the chain -> slice (padding) + bias
+    -> back to the layer's layout
+
+with the chain from ``butterfly.chain_for`` (``budget``, default 20% of the dense parameters) and the
+factors from ALS on the layer's weight, or trained ones (``factors=``, ``structured_nn``). With
+``method="lowrank"``: two matmuls (dense), a KxK + 1x1 conv pair or a 1x1 -> KxK -> 1x1 Tucker-2 triple
+(convs, keeping stride, padding and dilation), ranks by EVBMF unless given (``rank=``).
 
 Layers stay exact, with the reason recorded, when the rewrite cannot apply (grouped conv, dynamic
 shape, non-float32) or, unless ``all_layers=True``, when it would not pay: the L2/cosine encoder spends
@@ -31,7 +42,9 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tir_schedules import kernels, x86
+from tvm_lut import butterfly as bf
 from tvm_lut import calibrate, cost, graph, pq
+from tvm_lut import lowrank as lr
 from tvm_lut.errors import CalibrationError, OptionError
 from tvm_lut.options import LayerOptions, coerce
 
@@ -46,6 +59,13 @@ class _Plan:
     layer: graph.Layer
     record: dict
     pq_layer: pq.PQLayer | None = None
+    chain: bf.Chain | None = None  # butterfly
+    factors: list | None = None  # butterfly factor values, each (nb, r, s, t)
+    lowrank: lr.LowRank | None = None
+
+    @property
+    def method(self) -> str:
+        return self.record["method"]
 
 
 @tvm.transform.module_pass(opt_level=0, name="LUTify")
@@ -68,6 +88,10 @@ class LUTify:
     sequential : calibrate each layer on the inputs it sees once the layers before it are already
         lookups (one calibration run per layer; corrects compounding error). ``False`` calibrates all
         layers in one run of the exact model.
+    method : the rewrite for every candidate layer: ``"pq"`` (default), ``"butterfly"``, ``"lowrank"`` or
+        ``"exact"``; ``layers`` overrides it per layer (``{"fc": {"method": "lowrank", "rank": 8}}``).
+    factors : trained butterfly chains by layer name, ``{"chain": Chain.to_json(), "values": [...]}``
+        (``structured_nn.structured_options``); used instead of ALS on the layer's weight.
     fitted : already fitted ``pq.PQLayer`` by layer name (e.g. ``PriorityMask.fitted``), used as they are.
     budget : ``"max-drop=2.0"`` or ``"min-removed=0.6"``: run ``PriorityMask`` first to choose which
         layers stay exact (``labels``, or a ``labels`` entry in ``calibration``, for max-drop). Without
@@ -92,10 +116,14 @@ class LUTify:
         budget=None,
         labels=None,
         fitted: dict | None = None,
+        method: str = "pq",
+        factors: dict | None = None,
         progress: bool = True,
     ):
         self.calibration = calibration
-        self.defaults = LayerOptions(k=k, v=v, distance=distance)
+        self.defaults = LayerOptions(k=k, v=v, distance=distance, method=method)
+        self.method = method
+        self.factors = dict(factors or {})
         self.layer_options = {n: coerce(n, o) for n, o in (layers or {}).items()}
         self.all_layers = all_layers
         self.codebooks = dict(codebooks or {})
@@ -151,7 +179,18 @@ class LUTify:
         mask = self._mask.get(layer.name)
         if self.priority and layer.name in self.priority.get("scores", {}):
             rec["priority"] = self.priority["scores"][layer.name]
-        if opts.method == "exact":
+        method = opts.method or ("butterfly" if layer.name in self.factors else None) or self.method
+        if method in ("butterfly", "lowrank"):
+            for key in ("k", "v", "c", "distance"):
+                rec.pop(key, None)
+            rec["method"] = method
+            if method == "butterfly":
+                rec["budget"] = opts.budget or DEFAULT_BUTTERFLY_BUDGET
+            else:
+                rec["rank_rule"] = list(opts.rank) if isinstance(opts.rank, tuple) else (opts.rank or "evbmf")
+                rec["form"] = opts.form
+            return _Plan(layer, rec)
+        if opts.method == "exact" or method == "exact":
             rec["reason"] = "requested"
         elif mask == "exact":
             why = self.priority["scores"].get(layer.name, {}).get("why", "")
@@ -166,6 +205,42 @@ class LUTify:
         if rec["method"] == "exact":
             log.info("layer %s stays exact: %s", layer.name, rec["reason"])
         return _Plan(layer, rec)
+
+    def _fit_structured(self, p: _Plan) -> None:
+        """Butterfly chain (trained factors or ALS) or low-rank factors for plan ``p``; a layer the
+        rewrite cannot serve (no chain within budget, a rank that saves nothing) goes back to exact."""
+        r, layer = p.record, p.layer
+        w_md = layer.weight.T.astype(np.float64)  # (M, D), conv columns (c, kh, kw)
+        if r["method"] == "butterfly" and layer.name in self.factors:  # given by the user: mismatches are errors
+            p.chain, p.factors = _trained_chain(layer, self.factors[layer.name])
+            r["fit_error"] = float(np.linalg.norm(w_md - bf.product(p.chain, p.factors)) / (np.linalg.norm(w_md) or 1.0))
+            r.update(chain=p.chain.describe(), params=p.chain.params, wasted_params=p.chain.wasted_params)
+            return
+        try:
+            if r["method"] == "butterfly":
+                p.chain = bf.chain_for(layer.d, layer.m, r["budget"])
+                p.factors, r["fit_error"] = bf.als_fit(w_md, p.chain, sweeps=4, seed=self.seed)
+                r.update(chain=p.chain.describe(), params=p.chain.params, wasted_params=p.chain.wasted_params)
+            else:
+                w = w_md if layer.kind == "dense" else w_md.reshape(layer.m, -1, *layer.conv["kernel_hw"])
+                rank, form = r["rank_rule"], r["form"]
+                if isinstance(rank, list):
+                    p.lowrank = lr.factorize_tucker2(w, rank[1], rank[0])
+                else:
+                    p.lowrank = lr.factorize(w, rank, form)
+                stride_area = 1 if layer.kind == "dense" else layer.conv["strides"][0] * layer.conv["strides"][1]
+                lr_mul = p.lowrank.mul_per_pixel(layer.d // int(np.prod(p.lowrank.kernel_hw)) if layer.kind ==
+                                                 "conv2d" else layer.d, layer.m, stride_area)
+                r.update(form=p.lowrank.form, ranks=list(p.lowrank.ranks), params=p.lowrank.params,
+                         fit_error=lr.relative_error(w, p.lowrank))
+                if lr_mul >= layer.d * layer.m:
+                    raise OptionError(f"rank {list(p.lowrank.ranks)} ({p.lowrank.form}) removes no multiplies "
+                                      f"({lr_mul} vs {layer.d * layer.m} per output pixel)")
+        except OptionError as e:
+            log.warning("layer %s stays exact: %s", layer.name, e)
+            r["reason"] = f"{r['method']}: {e}"
+            r["method"] = "exact"
+            p.chain = p.factors = p.lowrank = None
 
     # -- the pass ------------------------------------------------------------------------------
 
@@ -187,7 +262,14 @@ class LUTify:
         unknown = sorted(set(self.layer_options) - names) + sorted(set(self.codebooks) - names)
         if unknown:
             raise OptionError(f"unknown layer name(s) {unknown}; the model's layers are: {sorted(names)}")
+        unknown_f = sorted(set(self.factors) - names)
+        if unknown_f:
+            raise OptionError(f"factors for unknown layer name(s) {unknown_f}; the model's layers are: {sorted(names)}")
         plans = [self._plan(l) for l in found]
+        for p in plans:
+            if p.method in ("butterfly", "lowrank"):
+                self._fit_structured(p)
+        structured = [p for p in plans if p.method in ("butterfly", "lowrank")]
         todo = [p for p in plans if p.record["method"] == "pq"]
         need_calib = [p for p in todo if p.layer.name not in self.codebooks and p.layer.name not in self._prefit]
         inputs = None
@@ -210,7 +292,8 @@ class LUTify:
         self._plans = plans
         self.layers = [p.record for p in plans]
         self.pq_layers = {p.layer.name: p.pq_layer for p in todo}
-        out = _rewrite(mod, todo, self.schedule) if todo else mod
+        rewrite = todo + structured
+        out = _rewrite(mod, rewrite, self.schedule) if rewrite else mod
         return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))
 
     def _fit(self, p: _Plan, rows: np.ndarray | None, targets: np.ndarray | None = None) -> None:
@@ -255,6 +338,38 @@ class LUTify:
             done.append(p)
 
 
+DEFAULT_BUTTERFLY_BUDGET = 0.2  # fraction of the dense layer's parameters
+
+
+def _trained_chain(layer: graph.Layer, entry) -> tuple[bf.Chain, list[np.ndarray]]:
+    """A ``factors=`` entry checked against the layer, with the per-output scale the compiler folded
+    into the layer (batch norm, ``multiply``) moved into the last factor's rows."""
+    try:
+        chain = bf.Chain.from_json(entry["chain"])
+        values = [np.asarray(v, np.float32) for v in entry["values"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise OptionError(f"factors[{layer.name!r}] must be {{'chain': ..., 'values': [...]}}: {e}") from None
+    if (chain.d_in, chain.d_out) != (layer.d, layer.m):
+        raise OptionError(f"factors[{layer.name!r}]: chain {chain.d_in} -> {chain.d_out} does not match the layer "
+                          f"({layer.d} -> {layer.m})")
+    if len(values) != len(chain.factors) or any(v.shape != f.shape for v, f in zip(values, chain.factors)):
+        raise OptionError(f"factors[{layer.name!r}]: value shapes {[v.shape for v in values]} do not match the chain "
+                          f"{[f.shape for f in chain.factors]}")
+    prod = bf.product(chain, values)  # (M, D)
+    target = layer.weight.T.astype(np.float64)
+    norm2 = (prod ** 2).sum(1)
+    scale = np.where(norm2 > 0, (prod * target).sum(1) / np.maximum(norm2, 1e-300), 1.0)
+    if np.linalg.norm(prod * scale[:, None] - target) > 1e-3 * (np.linalg.norm(target) or 1.0):
+        raise OptionError(f"factors[{layer.name!r}] do not reproduce the layer's weight (up to a per-output scale): "
+                          "were they trained for this model?")
+    last, f = values[-1].copy(), chain.factors[-1]
+    rows, _cols = bf.support(f)
+    full = np.ones(f.p)
+    full[: layer.m] = scale
+    values[-1] = (last.reshape(-1) * full[rows]).reshape(f.shape).astype(np.float32)
+    return chain, values
+
+
 def _codebook_entry(name: str, entry, default_distance: str) -> tuple[np.ndarray, str]:
     """A ``codebooks=`` value: a (C, K, V) array, or ``{"centroids": array, "distance": str}`` as returned
     by ``tvm_lut.lutnn.learned_codebooks`` -> (centroids, distance)."""
@@ -288,8 +403,26 @@ def _account(p: _Plan) -> None:
     if layer.weight is None or "d" not in r:
         return
     rows = layer.rows_per_sample
-    r["exact_ops"] = cost.exact_ops(rows, layer.d, layer.m, layer.bias is not None)
-    r["weight_bytes"] = cost.weight_bytes(layer.d, layer.m, layer.bias is not None)
+    has_bias = layer.bias is not None
+    r["exact_ops"] = cost.exact_ops(rows, layer.d, layer.m, has_bias)
+    r["weight_bytes"] = cost.weight_bytes(layer.d, layer.m, has_bias)
+    r["exact_params"] = layer.d * layer.m + (layer.m if has_bias else 0)
+    if r["method"] == "butterfly":
+        r["lut_ops"] = cost.butterfly_ops(rows, [f.p for f in p.chain.factors], p.chain.params, layer.m, has_bias)
+        r["factor_bytes"] = cost.param_bytes(p.chain.params, layer.m, has_bias)
+    elif r["method"] == "lowrank":
+        f, m, d = p.lowrank, layer.m, layer.d
+        if layer.kind == "dense":
+            stages = [(rows, d, f.ranks[0]), (rows, f.ranks[0], m)]
+        elif f.form == "pair":
+            stages = [(rows, d, f.ranks[0]), (rows, f.ranks[0], m)]
+        else:
+            kh, kw = f.kernel_hw
+            c = d // (kh * kw)
+            in_pixels = int(np.prod(layer.input_shape[2:]))
+            stages = [(in_pixels, c, f.ranks[0]), (rows, f.ranks[0] * kh * kw, f.ranks[1]), (rows, f.ranks[1], m)]
+        r["lut_ops"] = cost.matmul_chain_ops(stages, m, rows, has_bias)
+        r["factor_bytes"] = cost.param_bytes(f.params, m, has_bias)
     if r["method"] == "pq":
         r["lut_ops"] = cost.lut_ops(rows, r["c"], r["k"], r["v"], r["m"], r["distance"], r["has_bias"])
         r["table_bytes"] = cost.table_bytes(r["c"], r["k"], r["m"], r["has_bias"])
@@ -337,22 +470,15 @@ class _LookupRewriter(PyExprMutator):
         super().visit_var_binding_(binding)
 
     def _emit_lookup(self, plan: _Plan, x, as_output: bool):
+        if plan.method == "butterfly":
+            return self._emit_butterfly(plan, x, as_output)
+        if plan.method == "lowrank":
+            return self._emit_lowrank(plan, x, as_output)
         layer, q = plan.layer, plan.pq_layer
         bb, tag = self.builder_, _ident(layer.name)
         c, k, v, m = q.num_codebooks, q.k, q.v, q.m
-        dp, rows = c * v, layer.rows
-        if layer.kind == "conv2d":
-            cv = layer.conv
-            n_, ch, h, w = layer.input_shape
-            gv = self._kernel(("im2col", tuple(layer.input_shape), tuple(cv["kernel_hw"]), tuple(cv["strides"]),
-                               tuple(cv["padding"]), tuple(cv["dilation"]), dp), f"lut_im2col_{tag}",
-                              lambda: kernels.im2col(n_, ch, h, w, cv["kernel_hw"], cv["strides"], cv["padding"],
-                                                     cv["dilation"], dp))
-            x2 = bb.emit(relax.call_tir(gv, [x], relax.TensorType((rows, dp), "float32")))
-        else:
-            x2 = x if len(layer.input_shape) == 2 else bb.emit(relax.op.reshape(x, (rows, layer.d)))
-            if dp != layer.d:
-                x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, dp - layer.d]))
+        x2 = self._rows(plan, x, c * v)
+        rows = layer.rows
         cents, offsets = q.encoder_operands()
         # the encoder emits table row offsets ((c*K + code) * M), so the accumulate only loads and adds
         enc = self._kernel(("encode", rows, c, k, v, q.distance, m), f"lut_encode_{tag}",
@@ -364,20 +490,84 @@ class _LookupRewriter(PyExprMutator):
         acc = bb.emit(relax.call_tir(acc_gv, [codes, relax.const(q.tables.reshape(-1))],
                                      relax.TensorType((rows, m), "int32")))
         # epilogue: dequantise (+bias), then back to the layer's output layout
-        steps = [lambda y: relax.op.multiply(y, relax.const(q.scale))]
-        if q.bias is not None:
-            steps.append(lambda y: relax.op.add(y, relax.const(q.bias)))
+        y = bb.emit(relax.op.astype(acc, "float32"))
+        return self._epilogue(layer, y, [lambda y: relax.op.multiply(y, relax.const(q.scale))], q.bias, as_output)
+
+    def _rows(self, plan: _Plan, x, width: int):
+        """The layer's (rows, width) input matrix: im2col for a conv, a reshape for dense; zero columns
+        beyond D (subspace or butterfly padding)."""
+        layer, bb = plan.layer, self.builder_
+        rows = layer.rows
         if layer.kind == "conv2d":
+            cv = layer.conv
+            n_, ch, h, w = layer.input_shape
+            gv = self._kernel(("im2col", tuple(layer.input_shape), tuple(cv["kernel_hw"]), tuple(cv["strides"]),
+                               tuple(cv["padding"]), tuple(cv["dilation"]), width), f"lut_im2col_{_ident(layer.name)}",
+                              lambda: kernels.im2col(n_, ch, h, w, cv["kernel_hw"], cv["strides"], cv["padding"],
+                                                     cv["dilation"], width))
+            return bb.emit(relax.call_tir(gv, [x], relax.TensorType((rows, width), "float32")))
+        x2 = x if len(layer.input_shape) == 2 else bb.emit(relax.op.reshape(x, (rows, layer.d)))
+        if width != layer.d:
+            x2 = bb.emit(relax.op.nn.pad(x2, [0, 0, 0, width - layer.d]))
+        return x2
+
+    def _epilogue(self, layer: graph.Layer, y, steps: list, bias, as_output: bool, rows_layout: bool = True):
+        """``steps`` then ``+ bias``, then (``rows_layout``: y is (rows, M)) back to the layer's layout."""
+        steps = list(steps)
+        m = layer.m
+        if bias is not None:
+            bshape = (1, m, 1, 1) if (layer.kind == "conv2d" and not rows_layout) else (m,)
+            steps.append(lambda y: relax.op.add(y, relax.const(bias.reshape(bshape))))
+        if rows_layout and layer.kind == "conv2d":
             n_, _, oh, ow = layer.output_shape
             steps.append(lambda y: relax.op.reshape(y, (n_, oh, ow, m)))
             steps.append(lambda y: relax.op.permute_dims(y, [0, 3, 1, 2]))
-        elif len(layer.output_shape) != 2:
+        elif rows_layout and len(layer.output_shape) != 2:
             steps.append(lambda y: relax.op.reshape(y, layer.output_shape))
-        y = bb.emit(relax.op.astype(acc, "float32"))
+        if not steps:
+            return self.builder_.emit_output(y) if as_output else y
         for i, step in enumerate(steps):
             last = i == len(steps) - 1
-            y = bb.emit_output(step(y)) if (last and as_output) else bb.emit(step(y))
+            y = self.builder_.emit_output(step(y)) if (last and as_output) else self.builder_.emit(step(y))
         return y
+
+    def _emit_butterfly(self, plan: _Plan, x, as_output: bool):
+        """im2col/reshape -> one grouped-matmul kernel per factor -> slice padded outputs -> bias."""
+        layer, chain, bb = plan.layer, plan.chain, self.builder_
+        rows, tag = layer.rows, _ident(layer.name)
+        y = self._rows(plan, x, chain.in_pad)
+        for i, (f, vals) in enumerate(zip(chain.factors, plan.factors)):
+            gv = self._kernel(("butterfly", rows, f.blocks, f.r, f.s, f.t), f"debut_factor_{tag}_{i}",
+                              lambda f=f: kernels.butterfly_factor(rows, f.blocks, f.r, f.s, f.t))
+            w = np.ascontiguousarray(np.asarray(vals, np.float32).transpose(0, 2, 1, 3))  # (nb, s, r, t)
+            y = bb.emit(relax.call_tir(gv, [y, relax.const(w)], relax.TensorType((rows, f.p), "float32")))
+        steps = []
+        if chain.out_pad != layer.m:
+            steps.append(lambda y: relax.op.strided_slice(y, axes=[1], begin=[0], end=[layer.m]))
+        return self._epilogue(layer, y, steps, layer.bias, as_output)
+
+    def _emit_lowrank(self, plan: _Plan, x, as_output: bool):
+        """Two matmuls (dense); KxK + 1x1 or 1x1 + KxK + 1x1 convs with the layer's attributes (conv)."""
+        layer, f, bb = plan.layer, plan.lowrank, self.builder_
+        if layer.kind == "dense":
+            x2 = x if len(layer.input_shape) == 2 else bb.emit(relax.op.reshape(x, (layer.rows, layer.d)))
+            h = bb.emit(relax.op.matmul(x2, relax.const(np.ascontiguousarray(f.first.reshape(f.first.shape[0], -1).T))))
+            return self._epilogue(layer, h, [lambda y: relax.op.matmul(y, relax.const(np.ascontiguousarray(f.last.T)))],
+                                  layer.bias, as_output)
+        cv = layer.conv
+
+        def conv(inp, w, spatial: bool):
+            if spatial:
+                return relax.op.nn.conv2d(inp, relax.const(np.ascontiguousarray(w, np.float32)), strides=cv["strides"],
+                                          padding=cv["padding"], dilation=cv["dilation"])
+            return relax.op.nn.conv2d(inp, relax.const(np.ascontiguousarray(w, np.float32)))
+
+        last = f.last[:, :, None, None]
+        if f.form == "pair":
+            h = bb.emit(conv(x, f.first, True))
+        else:
+            h = bb.emit(conv(bb.emit(conv(x, f.first[:, :, None, None], False)), f.core, True))
+        return self._epilogue(layer, h, [lambda y: conv(y, last, False)], layer.bias, as_output, rows_layout=False)
 
 
 def _rewrite(mod: tvm.IRModule, plans: list[_Plan], schedule: bool) -> tvm.IRModule:

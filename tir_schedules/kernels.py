@@ -8,6 +8,7 @@ kernel                 computes                     numpy reference
 ``im2col``             NCHW -> (rows, D_pad) patches ``pq.im2col`` + ``pq.pad_columns``
 ``encode``             argmin_k (b_k -/+ dist terms) ``pq.encode`` (``l2``, ``cosine``, ``l1``)
 ``accumulate``         sum_c int8 T[c, code, m]      ``pq.accumulate``
+``butterfly_factor``   grouped r x s matmuls         ``butterfly.apply_factor``
 =====================  ===========================  ========================================
 
 Kernels are tagged ``"op_pattern": 8`` (opaque: FuseOps leaves them alone; see cookbook P5) and
@@ -148,3 +149,33 @@ def _accumulate_offsets(n: int, c: int, k: int, m: int) -> tirx.PrimFunc:
                 acc[vi, vo] = acc[vi, vo] + T.Cast("int32", tables[codes[vi, vj] + vo])
 
     return _opaque(func, "accumulate")
+
+
+def butterfly_factor(n: int, nb: int, r: int, s: int, t: int) -> tirx.PrimFunc:
+    """One DeBut factor R(p, q | r, s, t) on ``n`` rows: ``nb * t`` grouped ``r x s`` matmuls.
+
+    ``x`` (n, q = nb*s*t), values ``w`` stored ``(nb, s, r, t)`` (``butterfly.py``'s ``(nb, r, s, t)``
+    with the middle axes swapped, so that for a fixed input digit ``j`` the outputs ``(i, d)`` of a
+    block are contiguous), ``y`` (n, p = nb*r*t)::
+
+        y[n, b*r*t + i*t + d] = sum_j w[b, j, i, d] * x[n, b*s*t + j*t + d]
+
+    Reference: ``tvm_lut.butterfly.apply_factor``.
+    """
+    p, q = nb * r * t, nb * s * t
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(
+        x: T.Buffer((n, q), "float32"),
+        w: T.Buffer((nb, s, r, t), "float32"),
+        y: T.Buffer((n, p), "float32"),
+    ):
+        for row, b, j, i, d in T.grid(n, nb, s, r, t):
+            with T.sblock("factor"):
+                vn, vb, vj, vi, vd = T.axis.remap("SSRSS", [row, b, j, i, d])
+                with T.init():
+                    y[vn, vb * (r * t) + vi * t + vd] = T.float32(0)
+                y[vn, vb * (r * t) + vi * t + vd] = (y[vn, vb * (r * t) + vi * t + vd]
+                                                     + w[vb, vj, vi, vd] * x[vn, vb * (s * t) + vj * t + vd])
+
+    return _opaque(func, "butterfly")

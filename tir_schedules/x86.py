@@ -107,7 +107,31 @@ def schedule_im2col(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
+def schedule_butterfly(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """A butterfly factor: (row, block) pairs in parallel; per input digit ``j`` the block's outputs are
+    updated as one vector: with ``t = 1`` the ``r`` outputs (contiguous in ``y`` and in the stored values,
+    ``x`` broadcast), with ``t >= 4`` the ``t`` diagonal lanes (contiguous in ``x``, ``w`` and ``y``)."""
+    sch = tvm.s_tir.Schedule(func)
+    blk = sch.get_sblock("factor")
+    row, b, j, i, d = sch.get_loops(blk)
+    t = int(sch.get(d).extent)
+    outer = sch.fuse(row, b)
+    sch.parallel(outer)
+    inner = sch.fuse(i, d) if t == 1 else d
+    f = _inner_factor(int(sch.get(inner).extent), (16, 8, 4))
+    vectorized = f > 1 and (t == 1 or t >= 4)
+    if vectorized:  # vectorize before decompose_reduction: the update block alone no longer qualifies
+        sch.vectorize(sch.split(inner, [None, f])[1])
+    init = sch.decompose_reduction(blk, j)
+    if vectorized:
+        loops = sch.get_loops(init)
+        ii = sch.fuse(*loops[-2:]) if t == 1 else loops[-1]
+        sch.vectorize(sch.split(ii, [None, f])[1])
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
 _SCHEDULES = {
+    "butterfly": schedule_butterfly,
     "accumulate": schedule_accumulate,
     "encode": schedule_encode,
     "im2col": schedule_im2col,

@@ -18,6 +18,10 @@ Storage: the exact layer keeps ``D*M`` float32 weights (+ ``M`` bias); the looku
 tables ``C*K*M`` + a float32 scale per output (+ bias), and codebooks ``C*K*V`` float32 + ``C*K``
 float32 score offsets (``0.5||p||^2`` for l2, zero for cosine/l1: one encode kernel serves all three).
 
+Structured rewrites: a butterfly chain costs one multiply per factor nonzero per row (``sum p_k s_k``);
+a low-rank pair ``R*(D + M)`` per row; Tucker-2 ``C*R_in`` per *input* pixel + ``R_in*R_out*KH*KW +
+R_out*M`` per output pixel. Their storage is the float32 factors (+ bias).
+
 Batch norm and bias ops folded into a layer are not counted separately: the exact column counts the
 folded layer, as a compiler would run it.
 """
@@ -62,3 +66,22 @@ def table_bytes(c: int, k: int, m: int, has_bias: bool) -> int:
 
 def codebook_bytes(c: int, k: int, v: int, distance: str) -> int:  # noqa: ARG001 (same for every distance)
     return 4 * c * k * v + 4 * c * k
+
+
+def butterfly_ops(rows: int, factor_rows: list[int], params: int, m: int, has_bias: bool) -> dict[str, int]:
+    """A DeBut chain: one multiply per nonzero per row; each factor output sums ``s`` products
+    (``s - 1`` adds), i.e. ``params - sum(p_k)`` adds per row (+ ``M`` bias adds)."""
+    return {"mul": rows * params, "add": rows * (params - sum(factor_rows) + (m if has_bias else 0)), "cmp": 0}
+
+
+def matmul_chain_ops(stages: list[tuple[int, int, int]], m: int, rows: int, has_bias: bool) -> dict[str, int]:
+    """Consecutive matmul/conv stages ``(pixels, d, n)`` (``pixels`` rows of a ``d -> n`` product each),
+    e.g. a low-rank pair or a Tucker-2 triple (+ ``rows * M`` bias adds)."""
+    mul = sum(p * d * n for p, d, n in stages)
+    add = sum(p * (d - 1) * n for p, d, n in stages) + (rows * m if has_bias else 0)
+    return {"mul": mul, "add": add, "cmp": 0}
+
+
+def param_bytes(params: int, m: int, has_bias: bool) -> int:
+    """float32 storage of ``params`` factor weights (+ bias)."""
+    return 4 * (params + (m if has_bias else 0))

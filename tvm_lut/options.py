@@ -1,7 +1,10 @@
-"""Per-layer options of the LUTify pass: K, V, distance, or exact, addressed by layer name.
+"""Per-layer options of the LUTify pass, addressed by layer name: the method (``pq``, ``butterfly``,
+``lowrank`` or ``exact``) and its settings (K, V, distance for PQ; budget for butterfly chains; rank and
+form for low rank).
 
-In Python: ``LUTify(layers={"features.3": {"k": 8, "v": 2}, "fc": "exact"})``.
-On the command line: ``--layer features.3:k=8,v=2 --layer fc:exact``.
+In Python: ``LUTify(layers={"features.3": {"k": 8, "v": 2}, "fc": "exact", "conv2": {"method": "lowrank",
+"rank": "evbmf"}})``.
+On the command line: ``--layer features.3:k=8,v=2 --layer fc:exact --layer conv2:method=lowrank,rank=evbmf``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from dataclasses import dataclass
 from .errors import OptionError
 from .pq import DISTANCES
 
-METHODS = ("pq", "exact")
+METHODS = ("pq", "butterfly", "lowrank", "exact")
+FIELDS = ("method", "k", "v", "distance", "budget", "rank", "form")
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,9 @@ class LayerOptions:
     k: int | None = None
     v: int | None = None
     distance: str | None = None
+    budget: float | None = None  # butterfly: parameter budget (count, or fraction < 1 of the dense layer)
+    rank: object = None  # lowrank: int, [r_in, r_out] (tucker2), "evbmf" or "energy=0.95"
+    form: str | None = None  # lowrank: "pair" | "tucker2" (default: fewer multiplies)
 
     def __post_init__(self):
         if self.method is not None and self.method not in METHODS:
@@ -30,6 +37,16 @@ class LayerOptions:
             raise OptionError(f"V={self.v} out of range: the subvector length must be >= 1")
         if self.distance is not None and self.distance not in DISTANCES:
             raise OptionError(f"unknown distance {self.distance!r}; choose one of {', '.join(DISTANCES)}")
+        if self.budget is not None and not self.budget > 0:
+            raise OptionError(f"butterfly budget {self.budget} must be a parameter count or a fraction in (0, 1)")
+        if self.form is not None and self.form not in ("pair", "tucker2"):
+            raise OptionError(f"unknown low-rank form {self.form!r}; choose pair or tucker2")
+        if self.rank is not None:
+            r = self.rank
+            ok = (isinstance(r, int) and r >= 1) or r == "evbmf" or (isinstance(r, str) and r.startswith("energy=")) \
+                or (isinstance(r, (list, tuple)) and len(r) == 2 and all(isinstance(x, int) and x >= 1 for x in r))
+            if not ok:
+                raise OptionError(f"rank {r!r}: use an integer, [r_in, r_out], 'evbmf' or 'energy=0.95'")
 
 
 def coerce(name: str, value) -> LayerOptions:
@@ -39,11 +56,26 @@ def coerce(name: str, value) -> LayerOptions:
     if isinstance(value, str):
         return LayerOptions(method=value)
     if isinstance(value, dict):
-        unknown = set(value) - {"method", "k", "v", "distance"}
+        unknown = set(value) - set(FIELDS)
         if unknown:
-            raise OptionError(f"layer {name!r}: unknown option(s) {sorted(unknown)}; use k, v, distance or method")
-        return LayerOptions(**{k: (int(v) if k in ("k", "v") else v) for k, v in value.items()})
-    raise OptionError(f"layer {name!r}: options must be 'exact', 'pq' or a dict, got {value!r}")
+            raise OptionError(f"layer {name!r}: unknown option(s) {sorted(unknown)}; use {', '.join(FIELDS)}")
+        vals = {}
+        for k, v in value.items():
+            if k in ("k", "v"):
+                v = int(v)
+            elif k == "budget":
+                v = float(v)
+            elif k == "rank" and isinstance(v, (list, tuple)):
+                v = tuple(int(x) for x in v)
+            elif k == "rank" and not isinstance(v, str):
+                v = int(v)
+            vals[k] = v
+        try:
+            return LayerOptions(**vals)
+        except OptionError as e:
+            raise OptionError(f"layer {name!r}: {e}") from None
+    raise OptionError(f"layer {name!r}: options must be a method name ({', '.join(METHODS)}) or a dict, "
+                      f"got {value!r}")
 
 
 def parse_cli(specs: list[str]) -> dict[str, LayerOptions]:
@@ -52,7 +84,8 @@ def parse_cli(specs: list[str]) -> dict[str, LayerOptions]:
     for spec in specs:
         name, sep, rest = spec.rpartition(":")
         if not sep or not name:
-            raise OptionError(f"--layer {spec!r}: expected NAME:exact or NAME:k=16,v=4,distance=l2")
+            raise OptionError(f"--layer {spec!r}: expected NAME:exact or NAME:k=16,v=4,distance=l2 "
+                              "(or method=lowrank,rank=evbmf / method=butterfly,budget=0.2)")
         if rest in METHODS:
             out[name] = LayerOptions(method=rest)
             continue
@@ -66,6 +99,13 @@ def parse_cli(specs: list[str]) -> dict[str, LayerOptions]:
                     fields[key] = int(val)
                 except ValueError:
                     raise OptionError(f"--layer {spec!r}: {key} must be an integer, got {val!r}") from None
+            elif key == "budget":
+                try:
+                    fields[key] = float(val)
+                except ValueError:
+                    raise OptionError(f"--layer {spec!r}: budget must be a number, got {val!r}") from None
+            elif key == "rank" and val.isdigit():
+                fields[key] = int(val)
             else:
                 fields[key] = val
         out[name] = coerce(name, fields)

@@ -50,27 +50,46 @@ def split_calibration(data, signature, holdout: float, seed: int = 0):
 
 
 def totals(layers: list[dict]) -> dict:
-    """Model-wide sums of a LUTify pass's layer records: multiplies/adds exact vs LUT, bytes."""
+    """Model-wide sums of a LUTify pass's layer records: multiplies/adds exact vs rewritten (``lut_*``:
+    PQ, butterfly and low-rank layers as rewritten, exact layers as they are), bytes, parameters."""
     t = {"exact_mul": 0, "exact_add": 0, "lut_mul": 0, "lut_add": 0, "lut_cmp": 0,
-         "weight_bytes": 0, "lut_weight_bytes": 0, "table_bytes": 0, "codebook_bytes": 0}
+         "weight_bytes": 0, "lut_weight_bytes": 0, "table_bytes": 0, "codebook_bytes": 0, "factor_bytes": 0,
+         "exact_params": 0, "params": 0}
     for r in layers:
         if "exact_ops" not in r:
             continue
         t["exact_mul"] += r["exact_ops"]["mul"]
         t["exact_add"] += r["exact_ops"]["add"]
         t["weight_bytes"] += r["weight_bytes"]
-        if r["method"] == "pq":
+        t["exact_params"] += r.get("exact_params", 0)
+        t["params"] += layer_params(r)
+        if r["method"] != "exact":
             t["lut_mul"] += r["lut_ops"]["mul"]
             t["lut_add"] += r["lut_ops"]["add"]
             t["lut_cmp"] += r["lut_ops"]["cmp"]
-            t["table_bytes"] += r["table_bytes"]
-            t["codebook_bytes"] += r["codebook_bytes"]
+            t["table_bytes"] += r.get("table_bytes", 0)
+            t["codebook_bytes"] += r.get("codebook_bytes", 0)
+            t["factor_bytes"] += r.get("factor_bytes", 0)
         else:
             t["lut_mul"] += r["exact_ops"]["mul"]
             t["lut_add"] += r["exact_ops"]["add"]
             t["lut_weight_bytes"] += r["weight_bytes"]
     t["mul_removed_frac"] = 1.0 - t["lut_mul"] / t["exact_mul"] if t["exact_mul"] else 0.0
+    t["params_removed_frac"] = 1.0 - t["params"] / t["exact_params"] if t["exact_params"] else 0.0
     return t
+
+
+def layer_params(r: dict) -> int:
+    """Stored numbers of a layer as rewritten: exact weights (+bias), PQ tables + codebooks (entries, not
+    bytes), or the butterfly / low-rank factors (+bias)."""
+    if "exact_params" not in r:
+        return 0
+    bias = r["m"] if r.get("has_bias") else 0
+    if r["method"] == "pq":
+        return r["c"] * r["k"] * r["m"] + r["c"] * r["k"] * r["v"] + bias
+    if r["method"] in ("butterfly", "lowrank"):
+        return r["params"] + bias
+    return r["exact_params"]
 
 
 def _accuracy(runner: BatchRunner, inputs, labels) -> tuple[float, np.ndarray]:

@@ -90,6 +90,9 @@ class LUTify:
         layers in one run of the exact model.
     method : the rewrite for every candidate layer: ``"pq"`` (default), ``"butterfly"``, ``"lowrank"`` or
         ``"exact"``; ``layers`` overrides it per layer (``{"fc": {"method": "lowrank", "rank": 8}}``).
+    rank, form, butterfly_budget : defaults for low-rank layers (``"evbmf"``, an int, ``[r_in, r_out]`` or
+        ``"energy=0.95"``; ``"pair"``/``"tucker2"``, default the cheaper) and butterfly layers (parameter
+        budget: a count, or a fraction of the dense layer, default 0.2).
     factors : trained butterfly chains by layer name, ``{"chain": Chain.to_json(), "values": [...]}``
         (``structured_nn.structured_options``); used instead of ALS on the layer's weight.
     fitted : already fitted ``pq.PQLayer`` by layer name (e.g. ``PriorityMask.fitted``), used as they are.
@@ -118,10 +121,17 @@ class LUTify:
         fitted: dict | None = None,
         method: str = "pq",
         factors: dict | None = None,
+        rank="evbmf",
+        form: str | None = None,
+        butterfly_budget: float = 0.2,
         progress: bool = True,
     ):
         self.calibration = calibration
-        self.defaults = LayerOptions(k=k, v=v, distance=distance, method=method)
+        self.defaults = LayerOptions(k=k, v=v, distance=distance, method=method, budget=butterfly_budget,
+                                     rank=tuple(rank) if isinstance(rank, list) else rank, form=form)
+        if budget is not None and method != "pq":
+            raise OptionError(f"budget={budget!r} chooses which layers become PQ lookups; it needs method='pq' "
+                              f"(got method={method!r})")
         self.method = method
         self.factors = dict(factors or {})
         self.layer_options = {n: coerce(n, o) for n, o in (layers or {}).items()}
@@ -185,10 +195,11 @@ class LUTify:
                 rec.pop(key, None)
             rec["method"] = method
             if method == "butterfly":
-                rec["budget"] = opts.budget or DEFAULT_BUTTERFLY_BUDGET
+                rec["budget"] = opts.budget or self.defaults.budget
             else:
-                rec["rank_rule"] = list(opts.rank) if isinstance(opts.rank, tuple) else (opts.rank or "evbmf")
-                rec["form"] = opts.form
+                rank = opts.rank or self.defaults.rank
+                rec["rank_rule"] = list(rank) if isinstance(rank, tuple) else rank
+                rec["form"] = opts.form or self.defaults.form
             return _Plan(layer, rec)
         if opts.method == "exact" or method == "exact":
             rec["reason"] = "requested"
@@ -336,9 +347,6 @@ class LUTify:
                 targets = exact[p.layer.name].astype(np.float64) @ p.layer.weight.astype(np.float64)
             self._fit(p, rows, targets)
             done.append(p)
-
-
-DEFAULT_BUTTERFLY_BUDGET = 0.2  # fraction of the dense layer's parameters
 
 
 def _trained_chain(layer: graph.Layer, entry) -> tuple[bf.Chain, list[np.ndarray]]:

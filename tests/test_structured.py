@@ -198,3 +198,35 @@ def test_trained_factors_that_do_not_fit_the_layer_are_refused(small_cnn, small_
         LUTify(factors=factors, progress=False)(mod)
     with pytest.raises(OptionError, match="unknown layer"):
         LUTify(factors={"nope": factors["fc1"]}, progress=False)(mod)
+
+
+def test_cli_method_and_report_show_params_and_measured_latency(tmp_path, small_cnn, small_inputs, capsys):
+    from tvm_lut import cli
+
+    from .test_deploy_cli import _calib, _onnx_model
+
+    model = _onnx_model(tmp_path, small_cnn)
+    calib = _calib(tmp_path, small_inputs[:64], labels=np.arange(64) % 10)
+    out = str(tmp_path / "art")
+    assert cli.main(["compile", model, "--calib", calib, "-o", out, "-q", "--method", "lowrank", "--rank", "2",
+                     "--layer", "fc2:exact"]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", out, "--json"]) == 0
+    import json
+
+    rep = json.loads(capsys.readouterr().out)
+    recs = {r["name"]: r for r in rep["layers"]}
+    lowr = [r for r in recs.values() if r["method"] == "lowrank"]
+    assert lowr and all(r["ranks"][0] == 2 for r in lowr)
+    for r in recs.values():
+        if "exact_ops" in r:  # every layer timed, rewritten ones both ways
+            assert r["latency"]["exact_ms"] > 0
+            assert (r["method"] == "exact") or (r["latency"]["rewrite_ms"] > 0
+                                                and r["slower_than_exact"] == (r["latency"]["rewrite_ms"] >
+                                                                               r["latency"]["exact_ms"]))
+    assert cli.main(["report", out]) == 0
+    text = capsys.readouterr().out
+    assert "ms (share)" in text and "params" in text and "lowrank" in text and "parameters removed" in text
+    assert cli.main(["compile", model, "--calib", calib, "-o", str(tmp_path / "bad"), "-q", "--method",
+                     "lowrank", "--rank", "lots"]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -48,7 +48,9 @@ def cmd_compile(args) -> int:
     calib = _load_npz(args.calib, "calibration")
     mod = frontend.load_model(args.model, batch=args.batch, shape_dict=_parse_shapes(args.input_shape) or None)
     kwargs = dict(k=args.k, v=args.v, distance=args.distance, layers=layer_opts, all_layers=args.all_layers,
-                  sequential=args.sequential, max_calibration_rows=args.max_calib_rows)
+                  sequential=args.sequential, max_calibration_rows=args.max_calib_rows, method=args.method,
+                  rank=int(args.rank) if args.rank.isdigit() else args.rank, butterfly_budget=args.butterfly_budget)
+    options.LayerOptions(rank=kwargs["rank"], budget=args.butterfly_budget)  # fail fast on a malformed value
     if args.budget:
         from relay_passes import Budget
 
@@ -128,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distance", default="l2", choices=["l2", "cosine", "l1"], help="encoder distance")
     c.add_argument("--layer", action="append", default=[], metavar="NAME:OPTS",
                    help="per-layer options, e.g. features.3:k=8,v=2 or fc:exact (repeatable)")
+    c.add_argument("--method", default="pq", choices=["pq", "butterfly", "lowrank", "exact"],
+                   help="rewrite for every layer (default pq); --layer NAME:method=... overrides per layer")
+    c.add_argument("--rank", default="evbmf", help="low-rank rank rule: evbmf (default), energy=0.95 or an integer")
+    c.add_argument("--butterfly-budget", type=float, default=0.2,
+                   help="butterfly parameter budget: a fraction of each dense layer (default 0.2) or a count")
     c.add_argument("--all-layers", action="store_true", help="also convert layers where lookup does not pay (M<=K)")
     c.add_argument("--sequential", action="store_true", help="calibrate layer by layer on converted upstream layers")
     c.add_argument("--budget", default=None, metavar="max-drop=P|min-removed=F",

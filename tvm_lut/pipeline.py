@@ -149,6 +149,9 @@ def compile_and_measure(
         report["accuracy"] = {"exact": acc_e, "lut": acc_l, "drop": acc_e - acc_l, "rows": int(len(labels)),
                               "agreement": float((pred_e == pred_l).mean() * 100.0)}
     if measure_latency:
+        from . import profile
+
+        profile.measure_layers(pass_._plans, tgt)
         e_ms, l_ms = exact_run.latency_ms(), lut_run.latency_ms()
         report["latency"] = {"exact_ms": e_ms, "lut_ms": l_ms, "speedup": e_ms / l_ms, "batch": lut_run.batch,
                              "threads": default_threads(), "note": "per batch; both builds untuned "

@@ -6,6 +6,9 @@ table), so each figure can be checked by hand.
 
 from __future__ import annotations
 
+from .pipeline import layer_params
+from .profile import layer_time
+
 
 def _fmt(n: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -17,27 +20,41 @@ def _fmt(n: float) -> str:
 def format_report(report: dict, exact_counts: bool = False) -> str:
     """The report as a plain-text table (``exact_counts`` prints integers instead of k/M/G)."""
     num = (lambda n: str(int(n))) if exact_counts else _fmt
-    head = ("layer", "kind", "method", "K", "V", "C", "dist", "mul exact", "mul LUT", "add exact", "add LUT",
-            "cmp LUT", "weight B", "table B", "codebk B", "note")
+    head = ("layer", "kind", "method", "K", "V", "C", "dist", "params", "mul exact", "mul LUT", "add exact",
+            "add LUT", "cmp LUT", "weight B", "table B", "codebk B", "ms (share)", "note")
+    times = {r["name"]: layer_time(r) for r in report["layers"]}
+    total_ms = sum(t for t in times.values() if t is not None)
     rows = []
     for r in report["layers"]:
         pqm = r["method"] == "pq"
         ex = r.get("exact_ops", {})
-        lut = r.get("lut_ops", ex) if pqm else ex
+        lut = r.get("lut_ops", ex) if r["method"] != "exact" else ex
+        t_ms = times[r["name"]]
+        timing = f"{t_ms:.3f} ({t_ms / total_ms:.0%})" if t_ms is not None and total_ms else "-"
+        note = r.get("reason", "")
+        if r["method"] == "butterfly":
+            note = f"chain {r['chain']}"
+        elif r["method"] == "lowrank":
+            note = f"{r['form']} ranks {r['ranks']}"
+        if r.get("slower_than_exact"):
+            lat = r["latency"]
+            note = f"SLOWER than exact ({lat['rewrite_ms']:.3f} vs {lat['exact_ms']:.3f} ms); " + note
         rows.append((
             r["name"], r["kind"], r["method"],
             str(r.get("k", "")) if pqm else "", str(r.get("v", "")) if pqm else "", str(r.get("c", "")) if pqm else "",
-            r.get("distance", "") if pqm else "",
+            r.get("distance", "") if pqm else "", num(layer_params(r)) if ex else "-",
             num(ex.get("mul", 0)) if ex else "-", num(lut.get("mul", 0)) if lut else "-",
             num(ex.get("add", 0)) if ex else "-", num(lut.get("add", 0)) if lut else "-",
             num(lut.get("cmp", 0)) if pqm else "0",
             num(r.get("weight_bytes", 0)), num(r["table_bytes"]) if pqm else "-",
-            num(r["codebook_bytes"]) if pqm else "-", r.get("reason", ""),
+            num(r["codebook_bytes"]) if pqm else (num(r["factor_bytes"]) if "factor_bytes" in r else "-"),
+            timing, note,
         ))
     t = report["totals"]
-    rows.append(("TOTAL", "", "", "", "", "", "", num(t["exact_mul"]), num(t["lut_mul"]), num(t["exact_add"]),
-                 num(t["lut_add"]), num(t["lut_cmp"]), num(t["weight_bytes"]), num(t["table_bytes"]),
-                 num(t["codebook_bytes"]), ""))
+    rows.append(("TOTAL", "", "", "", "", "", "", num(t.get("params", 0)), num(t["exact_mul"]), num(t["lut_mul"]),
+                 num(t["exact_add"]), num(t["lut_add"]), num(t["lut_cmp"]), num(t["weight_bytes"]),
+                 num(t["table_bytes"]), num(t["codebook_bytes"] + t.get("factor_bytes", 0)),
+                 f"{total_ms:.3f}" if total_ms else "-", ""))
     widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
     widths[-1] = 0
     line = lambda cells: "  ".join(str(c).ljust(w) if i < len(cells) - 1 else str(c)
@@ -50,9 +67,15 @@ def format_report(report: dict, exact_counts: bool = False) -> str:
     out.append("")
     removed = t.get("mul_removed_frac", 0.0)
     lut_bytes = t["table_bytes"] + t["codebook_bytes"] + t["lut_weight_bytes"]
-    out.append(f"multiplies removed: {removed:.1%}   model bytes exact {num(t['weight_bytes'])}, "
-               f"LUT {num(lut_bytes)} (tables {num(t['table_bytes'])} + codebooks {num(t['codebook_bytes'])}"
-               f" + exact layers {num(t['lut_weight_bytes'])})")
+    lut_bytes += t.get("factor_bytes", 0)
+    out.append(f"multiplies removed: {removed:.1%}   parameters removed: {t.get('params_removed_frac', 0.0):.1%}   "
+               f"model bytes exact {num(t['weight_bytes'])}, "
+               f"rewritten {num(lut_bytes)} (tables {num(t['table_bytes'])} + codebooks {num(t['codebook_bytes'])}"
+               f" + factors {num(t.get('factor_bytes', 0))} + exact layers {num(t['lut_weight_bytes'])})")
+    slower = [r["name"] for r in report["layers"] if r.get("slower_than_exact")]
+    if total_ms:
+        out.append(f"per-layer times: each layer compiled alone on its input shape and timed, exact vs rewritten "
+                   f"(share = of the sum over layers); slower than exact: {', '.join(slower) if slower else 'none'}")
     acc = report.get("accuracy")
     if acc:
         out.append(f"accuracy on {acc['rows']} held-out rows: exact {acc['exact']:.2f}%  LUT {acc['lut']:.2f}%  "
@@ -73,6 +96,8 @@ def format_report(report: dict, exact_counts: bool = False) -> str:
                "R*K*Dp add R*K*C*(V-1) | l1 mul 0 add R*K*C*(2V-1);")
     out.append("  + accumulate add R*(C-1)*M, dequantise mul R*M (+R*M bias add), argmin cmp R*C*(K-1).")
     out.append("  bytes: weight 4*(D*M+M); table C*K*M int8 + 4*M scale (+4*M bias); codebook 4*C*K*V + 4*C*K offsets.")
+    out.append("  butterfly: mul R*sum(p_k*s_k) (one per factor nonzero); low rank: the stages' R*d*n (Tucker-2's first "
+               "1x1 on input pixels); factors 4 bytes each (codebk B column).")
     return "\n".join(out)
 
 

@@ -3,7 +3,8 @@
 One pass per module, CamelCase class named like the pass, as in ``tvm/relax/transform/``.
 """
 
+from .ezcrop import EZCROP_ATTR, EZCrop
 from .lutify import LAYERS_ATTR, MASK_ATTR, LUTify
 from .priority_mask import Budget, PriorityMask
 
-__all__ = ["LUTify", "PriorityMask", "Budget", "LAYERS_ATTR", "MASK_ATTR"]
+__all__ = ["LUTify", "PriorityMask", "Budget", "EZCrop", "LAYERS_ATTR", "MASK_ATTR", "EZCROP_ATTR"]

@@ -99,22 +99,28 @@ class _ExposeInputs(PyExprMutator):
             self.exposed[binding.var] = new
 
 
-def instrument(mod: tvm.IRModule, layers: list[graph.Layer]) -> tvm.IRModule:
-    """A module whose ``main`` returns (original output, input of layer 0, input of layer 1, ...)."""
+def expose(mod: tvm.IRModule, exprs: list) -> tvm.IRModule:
+    """A module whose ``main`` returns (original output, value of exprs[0], exprs[1], ...): any bound
+    variables or inputs of ``main`` (layer inputs for calibration, feature maps for channel scores)."""
     func = mod["main"]
-    targets = [l.input_expr for l in layers if not any(l.input_expr.same_as(p) for p in func.params)]
+    targets = [e for e in exprs if not any(e.same_as(p) for p in func.params)]
     m = _ExposeInputs(mod, targets)
     new = m.visit_expr(func)
     outs = []
-    for l in layers:
-        param = next((p for p in new.params if l.input_expr.same_as(p)), None)
-        outs.append(param if param is not None else next(v for k, v in m.exposed.items() if k.same_as(l.input_expr)))
+    for e in exprs:
+        param = next((p for p in new.params if e.same_as(p)), None)
+        outs.append(param if param is not None else next(v for k, v in m.exposed.items() if k.same_as(e)))
     result = relax.BlockBuilder().normalize(relax.Tuple([new.body.body, *outs]))
     body = relax.SeqExpr(new.body.blocks, result)
     inst = relax.Function(new.params, body, result.ty, func.is_pure, func.attrs)
     out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     out["main"] = inst
     return relax.transform.Normalize()(out)
+
+
+def instrument(mod: tvm.IRModule, layers: list[graph.Layer]) -> tvm.IRModule:
+    """A module whose ``main`` returns (original output, input of layer 0, input of layer 1, ...)."""
+    return expose(mod, [l.input_expr for l in layers])
 
 
 def layer_rows(layer: graph.Layer, x: np.ndarray) -> np.ndarray:

@@ -74,6 +74,26 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+class VGGSmall(nn.Module):
+    """A small VGG for 32x32 images: three stages of two 3x3 conv + BN + ReLU (``widths``), 2x2 max
+    pooling after each, then dense 2048 -> 128 -> classes. Plain chains (no residuals), the shape
+    the low-rank, butterfly and channel-pruning papers report on; sized to train on a CPU."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, widths=(32, 64, 128), hidden: int = 128):
+        super().__init__()
+        layers, c = [], in_channels
+        for w in widths:
+            for _ in range(2):
+                layers += [nn.Conv2d(c, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+                c = w
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(c * 4 * 4, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
 def load_mnist_subset() -> dict[str, np.ndarray]:
     """The embedded MNIST subset as float32 NCHW in [0, 1] (normalised below) with int64 labels."""
     with resources.files("tvm_lut").joinpath("data/mnist_subset.npz").open("rb") as f:

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import relay_passes
 
-transform = SimpleNamespace(LUTify=relay_passes.LUTify, PriorityMask=relay_passes.PriorityMask)
+transform = SimpleNamespace(LUTify=relay_passes.LUTify, PriorityMask=relay_passes.PriorityMask,
+                            EZCrop=relay_passes.EZCrop)
 
 __all__ = ["transform"]

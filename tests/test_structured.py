@@ -230,3 +230,21 @@ def test_cli_method_and_report_show_params_and_measured_latency(tmp_path, small_
     assert cli.main(["compile", model, "--calib", calib, "-o", str(tmp_path / "bad"), "-q", "--method",
                      "lowrank", "--rank", "lots"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_nuclear_norm_finetuning_lowers_the_rank_energy_picks():
+    """NRMF: training with the nuclear-norm penalty concentrates the singular values, so the energy
+    threshold keeps fewer of them than after the same training without it."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 32)
+    teacher_w = torch.randn(32, 16) @ torch.randn(16, 32) / 4  # a rank-16 map plus what noise adds
+    y = (x @ teacher_w).argmax(1) % 4
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64, shuffle=True)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    plain, _ = sn.finetune(net, data, epochs=20, lr_=3e-3, progress=False)
+    nrmf, losses = sn.finetune(net, data, epochs=20, lr_=3e-3, nuclear=3e-3, progress=False)
+    r_plain = lr.energy_rank(plain[0].weight.detach().numpy(), 0.9)
+    r_nrmf = lr.energy_rank(nrmf[0].weight.detach().numpy(), 0.9)
+    assert r_nrmf < r_plain, (r_nrmf, r_plain)
+    with torch.no_grad():
+        assert float(sn.nuclear_penalty(nrmf)) < float(sn.nuclear_penalty(plain))

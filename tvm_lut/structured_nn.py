@@ -281,7 +281,7 @@ def finetune(model: nn.Module, loader, *, epochs: int = 1, lr_: float = 1e-3, nu
             loss.backward()
             opt.step()
             sched.step()
-            run += float(loss)
+            run += loss.item()
             bar.update(1)
         losses.append(run / max(1, len(loader)))
     bar.close()

@@ -18,7 +18,8 @@ ranks) and fine-tuned in torch with distillation from the exact model, then hand
 EZCrop prunes half of every prunable conv's channels by FFT energy ratio with the Relax pass, the torch
 twin of the pruned model is fine-tuned the same way, and the compiled model is the pass's output with the
 fine-tuned weights (the torch twin; tests check it computes what the pass emits). PQ is post-training k-means (L2, K=16) with no fine-tuning (learned centroids: see
-accuracy.py). The first conv of each model stays exact in every method (3 or 1 input channels).
+accuracy.py). The first conv (1 or 3 input channels) and, for DeBut and low rank, the last (classifier) layer stay
+exact: EVBMF gives the 10-class output layer rank 1, which no fine-tuning recovers from.
 
 Writes benchmarks/results/structured.json and structured.md.
 """
@@ -73,8 +74,11 @@ def batch1_latency(mod) -> float:
     return BatchRunner(ex, [v for _, v in params], [("x", shape, "float32")]).latency_ms()
 
 
-def case(rows, *, dataset, name, model, tx, ty, vx, vy, first, ft_epochs, ft_lr, bs, butterfly_budget,
-         quick, transform=None, calib_n=512):
+METHODS = ("butterfly", "lowrank", "ezcrop", "pq")
+
+
+def case(rows, *, dataset, name, model, tx, ty, vx, vy, first, last, ft_epochs, ft_lr, bs, butterfly_budget,
+         quick, methods=METHODS, transform=None, calib_n=512):
     """Every method on one trained model; appends rows."""
     t0 = time.time()
     exact_acc = models.accuracy(models.predict(model, vx), vy)
@@ -108,8 +112,10 @@ def case(rows, *, dataset, name, model, tx, ty, vx, vy, first, ft_epochs, ft_lr,
 
     # DeBut and low rank: torch conversion + fine-tuning, then the compiler takes the factors
     for method, conv_kw in (("butterfly", {"budget": butterfly_budget}), ("lowrank", {"rank": "evbmf"})):
+        if method not in methods:
+            continue
         t = time.time()
-        conv = sn.convert(model, method, exclude=[first], **conv_kw)
+        conv = sn.convert(model, method, exclude=[first, last], **conv_kw)
         tuned, losses = sn.finetune(conv, train, **kw)
         layers, factors = sn.structured_options(tuned)
         dense = sn.to_exact(tuned)
@@ -128,6 +134,21 @@ def case(rows, *, dataset, name, model, tx, ty, vx, vy, first, ft_epochs, ft_lr,
 
     # EZCrop: the pass chooses and removes channels; the torch twin is fine-tuned; the pass's module
     # (names kept) is rebuilt from the fine-tuned weights
+    if "ezcrop" in methods:
+        ezcrop_case(finish, mod, model, calib, train, kw, vx, vy, batch, x1)
+    if "pq" in methods:
+        t = time.time()
+
+        def run_pq():
+            r = compiled_eval(mod, vx, vy, batch, calibration={"x": calib}, layers={first: "exact"}, all_layers=True)
+            r["lat_module"] = LUTify({"x": calib}, layers={first: "exact"}, all_layers=True, progress=False)(
+                tvm_lut.from_torch(model, x1))
+            return r
+
+        finish("pq-kmeans", run_pq, {}, t)
+
+
+def ezcrop_case(finish, mod, model, calib, train, kw, vx, vy, batch, x1):
     t = time.time()
     p = EZCrop(calib, 0.5)
     pruned_mod = p(mod)
@@ -144,19 +165,8 @@ def case(rows, *, dataset, name, model, tx, ty, vx, vy, first, ft_epochs, ft_lr,
     finish("ezcrop-50%", run_ez, {"acc_before_finetune": before, "finetune_losses": losses,
                                   "kept": {r["name"]: r["kept"] for r in p.layers if r.get("pruned")}}, t)
 
-    # PQ, post-training k-means, for reference
-    t = time.time()
 
-    def run_pq():
-        r = compiled_eval(mod, vx, vy, batch, calibration={"x": calib}, layers={first: "exact"}, all_layers=True)
-        r["lat_module"] = LUTify({"x": calib}, layers={first: "exact"}, all_layers=True, progress=False)(
-            tvm_lut.from_torch(model, x1))
-        return r
-
-    finish("pq-kmeans", run_pq, {}, t)
-
-
-def mnist(rows, quick):
+def mnist(rows, quick, methods):
     d = datasets.load_mnist()
     tx, ty = models.normalize_mnist(d["train_images"]), d["train_labels"]
     vx, vy = models.normalize_mnist(d["test_images"]), d["test_labels"]
@@ -164,17 +174,17 @@ def mnist(rows, quick):
         tx, ty, vx, vy = tx[:3000], ty[:3000], vx[:500], vy[:500]
     lenet, _ = trained("lenet5_mnist", models.LeNet5, tx, ty, epochs=1 if quick else 3, progress=False)
     case(rows, dataset="MNIST", name="LeNet-5", model=lenet, tx=tx, ty=ty, vx=vx, vy=vy, first="features.0",
-         ft_epochs=2, ft_lr=1e-3, bs=64, butterfly_budget=0.15, quick=quick)
+         last="classifier.4", ft_epochs=2, ft_lr=1e-3, bs=64, butterfly_budget=0.15, quick=quick, methods=methods)
 
 
-def cifar(rows, quick):
+def cifar(rows, quick, methods):
     tx, ty = datasets.load_cifar10("train", limit=2000 if quick else None)
     vx, vy = datasets.load_cifar10("test", limit=500 if quick else None)
     vgg, _ = trained("vggsmall_cifar", models.VGGSmall, tx, ty, epochs=1 if quick else 12, batch_size=128, lr=0.05,
                      optimizer="sgd", augment=True, weight_decay=5e-4, progress=False)
     case(rows, dataset="CIFAR-10 (JPEG)", name="VGG-small", model=vgg, tx=tx, ty=ty, vx=vx, vy=vy,
-         first="features.0", ft_epochs=2, ft_lr=1e-3, bs=64, butterfly_budget=0.25, quick=quick,
-         transform=models.random_crop_flip)
+         first="features.0", last="classifier.2", ft_epochs=2, ft_lr=1e-3, bs=64, butterfly_budget=0.25,
+         quick=quick, methods=methods, transform=models.random_crop_flip)
 
 
 def markdown(rows) -> str:
@@ -192,6 +202,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["mnist", "cifar"], default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated subset of " + ",".join(METHODS) + " (the exact row is always measured); "
+                         "rows replace the matching ones in the JSON")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -202,17 +215,24 @@ def main(argv=None) -> int:
     os.makedirs(CACHE, exist_ok=True)
     rows: list = []
     t0 = time.time()
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        print(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        return 2
     if args.only in (None, "mnist"):
-        mnist(rows, args.quick)
+        mnist(rows, args.quick, methods)
     if args.only in (None, "cifar"):
-        cifar(rows, args.quick)
+        cifar(rows, args.quick, methods)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"structured{'_quick' if args.quick else ''}.json")
     if args.only and os.path.isfile(path):  # a partial run replaces its own dataset's rows
         with open(path) as f:
             old = json.load(f)["rows"]
-        mine = {r["dataset"] for r in rows}
-        rows = [r for r in old if r["dataset"] not in mine] + rows
+        mine = {(r["dataset"], r["method"]) for r in rows}
+        rows = [r for r in old if (r["dataset"], r["method"]) not in mine] + rows
+        order = ["exact", "butterfly", "lowrank", "ezcrop-50%", "pq-kmeans"]
+        rows.sort(key=lambda r: (not r["dataset"].startswith("MNIST"), order.index(r["method"])))
     with open(path, "w") as f:
         json.dump({"rows": rows, "threads": torch.get_num_threads(), "wall_s": time.time() - t0}, f, indent=1)
     md = markdown(rows)

@@ -50,3 +50,10 @@ def test_tutorial_learned_centroids_and_budget():
     res = _load("03_learned_centroids_and_budget").main(tiny=True)
     assert res["learned_l1"] == res["learned_l1_torch"]  # compiled == torch lookup layers
     assert res["exact"] > 85 and res["learned_l1"] > res["exact"] - 10
+
+
+def test_tutorial_butterfly_lowrank_ezcrop():
+    res = _load("04_butterfly_lowrank_ezcrop").main(tiny=True)
+    assert abs(res["butterfly_tuned"] - res["butterfly_tuned_torch"]) <= 0.5  # compiled == torch chains
+    assert res["butterfly_tuned"] > res["exact"] - 5 and res["butterfly_tuned_params_removed"] > 0.75
+    assert res["exact"] > 85

@@ -222,7 +222,8 @@ class LUTify:
         rewrite cannot serve (no chain within budget, a rank that saves nothing) goes back to exact."""
         r, layer = p.record, p.layer
         w_md = layer.weight.T.astype(np.float64)  # (M, D), conv columns (c, kh, kw)
-        if r["method"] == "butterfly" and layer.name in self.factors:  # given by the user: mismatches are errors
+        if r["method"] == "butterfly" and layer.name in self.factors:
+            # given by the user: a mismatch is an error (raised here), never silently an exact layer
             p.chain, p.factors = _trained_chain(layer, self.factors[layer.name])
             r["fit_error"] = float(np.linalg.norm(w_md - bf.product(p.chain, p.factors)) / (np.linalg.norm(w_md) or 1.0))
             r.update(chain=p.chain.describe(), params=p.chain.params, wasted_params=p.chain.wasted_params)
@@ -233,15 +234,15 @@ class LUTify:
                 p.factors, r["fit_error"] = bf.als_fit(w_md, p.chain, sweeps=4, seed=self.seed)
                 r.update(chain=p.chain.describe(), params=p.chain.params, wasted_params=p.chain.wasted_params)
             else:
-                w = w_md if layer.kind == "dense" else w_md.reshape(layer.m, -1, *layer.conv["kernel_hw"])
-                rank, form = r["rank_rule"], r["form"]
-                if isinstance(rank, list):
+                kh, kw = layer.conv["kernel_hw"] if layer.kind == "conv2d" else (1, 1)
+                w = w_md if layer.kind == "dense" else w_md.reshape(layer.m, -1, kh, kw)
+                rank = r["rank_rule"]
+                if isinstance(rank, list):  # [r_in, r_out]: Tucker-2 at these ranks
                     p.lowrank = lr.factorize_tucker2(w, rank[1], rank[0])
                 else:
-                    p.lowrank = lr.factorize(w, rank, form)
+                    p.lowrank = lr.factorize(w, rank, r["form"])
                 stride_area = 1 if layer.kind == "dense" else layer.conv["strides"][0] * layer.conv["strides"][1]
-                lr_mul = p.lowrank.mul_per_pixel(layer.d // int(np.prod(p.lowrank.kernel_hw)) if layer.kind ==
-                                                 "conv2d" else layer.d, layer.m, stride_area)
+                lr_mul = p.lowrank.mul_per_pixel(layer.d // (kh * kw), layer.m, stride_area)
                 r.update(form=p.lowrank.form, ranks=list(p.lowrank.ranks), params=p.lowrank.params,
                          fit_error=lr.relative_error(w, p.lowrank))
                 if lr_mul >= layer.d * layer.m:

@@ -78,7 +78,7 @@ METHODS = ("butterfly", "lowrank", "ezcrop", "pq")
 
 
 def case(rows, *, dataset, name, model, tx, ty, vx, vy, first, last, ft_epochs, ft_lr, bs, butterfly_budget,
-         quick, methods=METHODS, transform=None, calib_n=512):
+         quick, methods=METHODS, transform=None, calib_n=512, lowrank_epochs=None, rank="evbmf"):
     """Every method on one trained model; appends rows."""
     t0 = time.time()
     exact_acc = models.accuracy(models.predict(model, vx), vy)
@@ -111,12 +111,13 @@ def case(rows, *, dataset, name, model, tx, ty, vx, vy, first, last, ft_epochs, 
     kw = dict(epochs=ft_epochs, lr_=ft_lr, teacher=model, distill=0.5, transform=transform, progress=False)
 
     # DeBut and low rank: torch conversion + fine-tuning, then the compiler takes the factors
-    for method, conv_kw in (("butterfly", {"budget": butterfly_budget}), ("lowrank", {"rank": "evbmf"})):
+    for method, conv_kw in (("butterfly", {"budget": butterfly_budget}), ("lowrank", {"rank": rank})):
         if method not in methods:
             continue
         t = time.time()
         conv = sn.convert(model, method, exclude=[first, last], **conv_kw)
-        tuned, losses = sn.finetune(conv, train, **kw)
+        epochs = lowrank_epochs if (method == "lowrank" and lowrank_epochs) else ft_epochs
+        tuned, losses = sn.finetune(conv, train, **{**kw, "epochs": epochs})
         layers, factors = sn.structured_options(tuned)
         dense = sn.to_exact(tuned)
 
@@ -127,10 +128,11 @@ def case(rows, *, dataset, name, model, tx, ty, vx, vy, first, last, ft_epochs, 
                 tvm_lut.from_torch(dense, x1))
             return r
 
-        extra = {"finetune_losses": losses, "layer_options": {k: v for k, v in layers.items()}}
+        extra = {"finetune_losses": losses, "finetune_epochs": epochs,
+                 "layer_options": {k: v for k, v in layers.items()}}
         if method == "lowrank":
             extra["ranks"] = {k: v["rank"] for k, v in layers.items()}
-        finish(method, run, extra, t)
+        finish(method if method == "butterfly" else f"lowrank-{rank}", run, extra, t)
 
     # EZCrop: the pass chooses and removes channels; the torch twin is fine-tuned; the pass's module
     # (names kept) is rebuilt from the fine-tuned weights
@@ -177,21 +179,22 @@ def mnist(rows, quick, methods):
          last="classifier.4", ft_epochs=2, ft_lr=1e-3, bs=64, butterfly_budget=0.15, quick=quick, methods=methods)
 
 
-def cifar(rows, quick, methods):
+def cifar(rows, quick, methods, lowrank_epochs=None, rank="evbmf"):
     tx, ty = datasets.load_cifar10("train", limit=2000 if quick else None)
     vx, vy = datasets.load_cifar10("test", limit=500 if quick else None)
     vgg, _ = trained("vggsmall_cifar", models.VGGSmall, tx, ty, epochs=1 if quick else 12, batch_size=128, lr=0.05,
                      optimizer="sgd", augment=True, weight_decay=5e-4, progress=False)
     case(rows, dataset="CIFAR-10 (JPEG)", name="VGG-small", model=vgg, tx=tx, ty=ty, vx=vx, vy=vy,
          first="features.0", last="classifier.2", ft_epochs=2, ft_lr=1e-3, bs=64, butterfly_budget=0.25,
-         quick=quick, methods=methods, transform=models.random_crop_flip)
+         quick=quick, methods=methods, transform=models.random_crop_flip, lowrank_epochs=lowrank_epochs, rank=rank)
 
 
 def markdown(rows) -> str:
     out = ["| dataset | model | method | accuracy % | drop | params | params removed | multiplies | mult. removed | "
            "batch-1 latency (exact) | layers slower than exact |", "|" + "---|" * 11]
     for r in rows:
-        out.append(f"| {r['dataset']} | {r['model']} | {r['method']} | {r['acc']:.2f} | {r['exact_acc'] - r['acc']:+.2f} | "
+        label = r["method"] + (f" ({r['finetune_epochs']} ep.)" if r.get("finetune_epochs") else "")
+        out.append(f"| {r['dataset']} | {r['model']} | {label} | {r['acc']:.2f} | {r['exact_acc'] - r['acc']:+.2f} | "
                    f"{r['params']:,} | {1 - r['params'] / r['exact_params']:.1%} | {r['mul']:,} | "
                    f"{1 - r['mul'] / r['exact_mul']:.1%} | {r['latency_ms']:.3f} ms ({r['exact_latency_ms']:.3f} ms) | "
                    f"{', '.join(r['slower_layers']) or 'none'} |")
@@ -202,6 +205,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["mnist", "cifar"], default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lowrank-epochs", type=int, default=None,
+                    help="CIFAR low-rank fine-tuning epochs (default: 2, like the other methods)")
+    ap.add_argument("--rank", default="evbmf", help="CIFAR low-rank rule: evbmf (default) or energy=F (NRMF's threshold)")
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated subset of " + ",".join(METHODS) + " (the exact row is always measured); "
                          "rows replace the matching ones in the JSON")
@@ -223,7 +229,7 @@ def main(argv=None) -> int:
     if args.only in (None, "mnist"):
         mnist(rows, args.quick, methods)
     if args.only in (None, "cifar"):
-        cifar(rows, args.quick, methods)
+        cifar(rows, args.quick, methods, args.lowrank_epochs, args.rank)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"structured{'_quick' if args.quick else ''}.json")
     if args.only and os.path.isfile(path):  # a partial run replaces its own dataset's rows
@@ -231,8 +237,9 @@ def main(argv=None) -> int:
             old = json.load(f)["rows"]
         mine = {(r["dataset"], r["method"]) for r in rows}
         rows = [r for r in old if (r["dataset"], r["method"]) not in mine] + rows
-        order = ["exact", "butterfly", "lowrank", "ezcrop-50%", "pq-kmeans"]
-        rows.sort(key=lambda r: (not r["dataset"].startswith("MNIST"), order.index(r["method"])))
+        order = ["exact", "butterfly", "lowrank", "ezcrop", "pq"]
+        rows.sort(key=lambda r: (not r["dataset"].startswith("MNIST"),
+                                 next(i for i, o in enumerate(order) if r["method"].startswith(o)), r["method"]))
     with open(path, "w") as f:
         json.dump({"rows": rows, "threads": torch.get_num_threads(), "wall_s": time.time() - t0}, f, indent=1)
     md = markdown(rows)

@@ -49,6 +49,15 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def shared_data_present(only: str | None) -> bool:
+    """Whether ../shared/data has what the ``--only`` part (None: both) needs; says what is missing."""
+    for part, sub in (("mnist", "mnist"), ("cifar", "cifar10_jpeg")):
+        if only in (None, part) and not os.path.isdir(os.path.join(datasets.SHARED_DATA, sub)):
+            print(f"{sub} not found under {datasets.SHARED_DATA}: this benchmark needs ../shared/data", file=sys.stderr)
+            return False
+    return True
+
+
 def trained(name: str, make, x, y, **train_kw):
     """Train (or load from the cache) an exact model; returns (model, seconds spent training now)."""
     os.makedirs(CACHE, exist_ok=True)
@@ -292,10 +301,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    for part, sub in (("mnist", "mnist"), ("cifar", "cifar10_jpeg")):
-        if args.only in (None, part) and not os.path.isdir(os.path.join(datasets.SHARED_DATA, sub)):
-            print(f"{sub} not found under {datasets.SHARED_DATA}: this benchmark needs ../shared/data", file=sys.stderr)
-            return 1
+    if not shared_data_present(args.only):
+        return 1
     rows, sweep, info = [], [], {}
     t0 = time.time()
     if args.only in (None, "mnist"):

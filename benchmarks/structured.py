@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import tvm_lut  # noqa: E402
-from accuracy import CACHE, RESULTS, loader, log, trained  # noqa: E402
+from accuracy import CACHE, RESULTS, loader, log, shared_data_present, trained  # noqa: E402
 from relay_passes import EZCrop, LUTify  # noqa: E402
 from tvm_lut import datasets, ezcrop, models, pipeline, profile  # noqa: E402
 from tvm_lut import structured_nn as sn  # noqa: E402
@@ -214,10 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    for part, sub in (("mnist", "mnist"), ("cifar", "cifar10_jpeg")):
-        if args.only in (None, part) and not os.path.isdir(os.path.join(datasets.SHARED_DATA, sub)):
-            print(f"{sub} not found under {datasets.SHARED_DATA}: this benchmark needs ../shared/data", file=sys.stderr)
-            return 1
+    if not shared_data_present(args.only):
+        return 1
     os.makedirs(CACHE, exist_ok=True)
     rows: list = []
     t0 = time.time()

@@ -421,9 +421,7 @@ def _account(p: _Plan) -> None:
         r["factor_bytes"] = cost.param_bytes(p.chain.params, layer.m, has_bias)
     elif r["method"] == "lowrank":
         f, m, d = p.lowrank, layer.m, layer.d
-        if layer.kind == "dense":
-            stages = [(rows, d, f.ranks[0]), (rows, f.ranks[0], m)]
-        elif f.form == "pair":
+        if layer.kind == "dense" or f.form == "pair":
             stages = [(rows, d, f.ranks[0]), (rows, f.ranks[0], m)]
         else:
             kh, kw = f.kernel_hw

@@ -72,6 +72,8 @@ def test_ratio_zero_is_identity_and_errors_are_named(vgg):
         EZCrop(x, {"features.99": 0.5})(mod)
     with pytest.raises(OptionError, match="ratio"):
         EZCrop(x, 1.0)
+    with pytest.raises(OptionError, match="alpha"):
+        EZCrop(x, 0.5, alpha=0.0)
 
 
 def test_residual_outputs_are_kept_whole():

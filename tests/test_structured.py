@@ -183,6 +183,8 @@ def test_structured_options_are_checked():
     assert coerce("a", {"method": "lowrank", "rank": [2, 3]}).rank == (2, 3)
     assert parse_cli(["conv:method=lowrank,rank=energy=0.9"])["conv"].rank == "energy=0.9"
     assert parse_cli(["fc:method=butterfly,budget=0.25"])["fc"].budget == 0.25
+    with pytest.raises(OptionError, match="needs method='pq'"):
+        LUTify(method="lowrank", budget="max-drop=1")
     for bad, msg in [({"method": "lowrank", "rank": "many"}, "rank"), ({"method": "lowrank", "form": "cp"}, "form"),
                      ({"method": "butterfly", "budget": -1}, "budget"), ({"method": "magic"}, "unknown method")]:
         with pytest.raises(OptionError, match=msg):

@@ -41,7 +41,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tir_schedules import kernels, x86
+from tir_schedules import kernels, shuffle, x86
 from tvm_lut import butterfly as bf
 from tvm_lut import calibrate, cost, graph, pq
 from tvm_lut import lowrank as lr
@@ -96,6 +96,12 @@ class LUTify:
     factors : trained butterfly chains by layer name, ``{"chain": Chain.to_json(), "values": [...]}``
         (``structured_nn.structured_options``); used instead of ALS on the layer's weight.
     fitted : already fitted ``pq.PQLayer`` by layer name (e.g. ``PriorityMask.fitted``), used as they are.
+    lookup : the table-readout kernel of PQ layers: ``"auto"`` (default: byte shuffles when the target
+        has them, K=16, the distance is not L1 (kept multiplier-free on the gather path) and the layer has at
+        least half a shuffle's worth of rows, else gathers),
+        ``"shuffle"`` (``tir_schedules.shuffle``: codes packed two per byte, ``pshufb``; convolutions get
+        the encoder fused with im2col) or ``"gather"`` (``kernels.accumulate``, any K). Each layer's record
+        says which it got (``kernel``).
     budget : ``"max-drop=2.0"`` or ``"min-removed=0.6"``: run ``PriorityMask`` first to choose which
         layers stay exact (``labels``, or a ``labels`` entry in ``calibration``, for max-drop). Without
         it, a mask left on the module by an earlier ``PriorityMask`` pass is obeyed.
@@ -124,6 +130,7 @@ class LUTify:
         rank="evbmf",
         form: str | None = None,
         butterfly_budget: float = 0.2,
+        lookup: str = "auto",
         progress: bool = True,
     ):
         self.calibration = calibration
@@ -132,6 +139,9 @@ class LUTify:
         if budget is not None and method != "pq":
             raise OptionError(f"budget={budget!r} chooses which layers become PQ lookups; it needs method='pq' "
                               f"(got method={method!r})")
+        if lookup not in ("auto", "shuffle", "gather"):
+            raise OptionError(f"lookup={lookup!r}; choose 'auto', 'shuffle' or 'gather'")
+        self.lookup = lookup
         self.method = method
         self.factors = dict(factors or {})
         self.layer_options = {n: coerce(n, o) for n, o in (layers or {}).items()}
@@ -301,12 +311,35 @@ class LUTify:
                 self._fit(p, rows.get(p.layer.name))
         for p in plans:
             _account(p)
+            if p.record["method"] == "pq":
+                p.record["kernel"] = self._lookup_kernel(p)
         self._plans = plans
         self.layers = [p.record for p in plans]
         self.pq_layers = {p.layer.name: p.pq_layer for p in todo}
         rewrite = todo + structured
         out = _rewrite(mod, rewrite, self.schedule) if rewrite else mod
         return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))
+
+    def _lookup_kernel(self, p: _Plan) -> str:
+        """``"shuffle-<isa>"`` or ``"gather"`` for a PQ layer (see ``lookup``)."""
+        if self.lookup == "gather":
+            return "gather"
+        from tvm_lut.build import resolve_target
+
+        isa = shuffle.isa_for(resolve_target(self.target))
+        k = p.pq_layer.k
+        if self.lookup == "shuffle":
+            if isa is None or k != 16:
+                raise OptionError(f"lookup='shuffle' for layer {p.layer.name!r} needs K=16 (got K={k}) and a target "
+                                  f"with byte shuffles (SSSE3/AVX2/AVX-512BW); got {self.target!r}")
+            return f"shuffle-{isa.name}"
+        if isa is None or k != 16 or p.layer.rows < isa.lanes // 2:
+            return "gather"
+        if p.pq_layer.distance == "l1":
+            # PECAN-D stays multiplier-free end to end only on the gather path: the shuffle kernel's
+            # output addressing compiles to an imul per tile (tests/test_multiplier_free.py)
+            return "gather"
+        return f"shuffle-{isa.name}"
 
     def _fit(self, p: _Plan, rows: np.ndarray | None, targets: np.ndarray | None = None) -> None:
         r, name = p.record, p.layer.name
@@ -481,6 +514,8 @@ class _LookupRewriter(PyExprMutator):
             return self._emit_butterfly(plan, x, as_output)
         if plan.method == "lowrank":
             return self._emit_lowrank(plan, x, as_output)
+        if plan.record.get("kernel", "gather").startswith("shuffle"):
+            return self._emit_shuffle(plan, x, as_output)
         layer, q = plan.layer, plan.pq_layer
         bb, tag = self.builder_, _ident(layer.name)
         c, k, v, m = q.num_codebooks, q.k, q.v, q.m
@@ -496,9 +531,57 @@ class _LookupRewriter(PyExprMutator):
                               lambda: kernels.accumulate(rows, c, k, m, row_offsets=True))
         acc = bb.emit(relax.call_tir(acc_gv, [codes, relax.const(q.tables.reshape(-1))],
                                      relax.TensorType((rows, m), "int32")))
-        # epilogue: dequantise (+bias), then back to the layer's output layout
-        y = bb.emit(relax.op.astype(acc, "float32"))
-        return self._epilogue(layer, y, [lambda y: relax.op.multiply(y, relax.const(q.scale))], q.bias, as_output)
+        # epilogue: dequantise (+bias) in one elementwise kernel (one fused multiply-add per output, as
+        # the shuffle kernel and ``pq.dequantize``), then back to the layer's output layout
+        y = bb.emit_te(_dequantize, acc, relax.const(q.scale.astype(np.float32)),
+                       relax.const((q.bias if q.bias is not None else np.zeros(m)).astype(np.float32)),
+                       primfunc_name_hint=f"lut_dequantize_{tag}")
+        return self._epilogue(layer, y, [], None, as_output)
+
+    def _emit_shuffle(self, plan: _Plan, x, as_output: bool):
+        """Packed-code encoder (fused with im2col for a conv) -> shuffle lookup with the scale and bias
+        in its epilogue -> (M, rows) back to the layer's layout.
+
+        L1 (PECAN-D) convs keep the separate im2col kernel: the fused patch addressing divides by
+        constants, which LLVM compiles to integer multiplies, and the L1 encoder must have none."""
+        layer, q, bb = plan.layer, plan.pq_layer, self.builder_
+        tag, rows = _ident(layer.name), layer.rows
+        isa = next(i for i in shuffle.ISAS if plan.record["kernel"] == f"shuffle-{i.name}")
+        c, k, v, m, lanes = q.num_codebooks, q.k, q.v, q.m, isa.lanes
+        pairs, mb = shuffle.padded_pairs(c), shuffle.DEFAULT_TILE
+        cents, offsets = q.encoder_operands()
+        if layer.kind == "conv2d" and q.distance != "l1":
+            cv = layer.conv
+            conv = kernels.ConvInput(tuple(layer.input_shape), tuple(cv["kernel_hw"]), tuple(cv["strides"]),
+                                     tuple(cv["padding"]), tuple(cv["dilation"]))
+            src = x
+        else:
+            conv, src = None, self._rows(plan, x, c * v)
+        enc = self._kernel(("encode-packed", rows, c, k, v, q.distance, lanes, conv), f"lut_encode_{tag}",
+                           lambda: kernels.encode(rows, c, k, v, q.distance, pack_lanes=lanes, pairs=pairs, conv=conv))
+        packed = bb.emit(relax.call_tir(
+            enc, [src, relax.const(np.ascontiguousarray(cents.transpose(0, 2, 1))), relax.const(offsets)],
+            relax.TensorType((shuffle.num_row_blocks(rows, lanes), pairs, lanes), "uint8")))
+        look = self._kernel(("shuffle", rows, c, m, lanes, mb), f"lut_lookup_{tag}",
+                            lambda: shuffle.lookup(rows, c, m, lanes, mb, isa.intrinsic))
+        bias = q.bias if q.bias is not None else np.zeros(m, np.float32)
+        y = bb.emit(relax.call_tir(look, [packed, relax.const(shuffle.pack_tables(q.tables, mb)),
+                                         relax.const(q.scale.astype(np.float32)),
+                                         relax.const(bias.astype(np.float32))],
+                                   relax.TensorType((m, rows), "float32")))
+        steps = []
+        if layer.kind == "conv2d":
+            n_, _, oh, ow = layer.output_shape
+            if n_ == 1:
+                steps.append(lambda y: relax.op.reshape(y, (1, m, oh, ow)))
+            else:
+                steps.append(lambda y: relax.op.reshape(y, (m, n_, oh, ow)))
+                steps.append(lambda y: relax.op.permute_dims(y, [1, 0, 2, 3]))
+        else:
+            steps.append(lambda y: relax.op.permute_dims(y, [1, 0]))
+            if len(layer.output_shape) != 2:
+                steps.append(lambda y: relax.op.reshape(y, layer.output_shape))
+        return self._epilogue(layer, y, steps, None, as_output, rows_layout=False)
 
     def _rows(self, plan: _Plan, x, width: int):
         """The layer's (rows, width) input matrix: im2col for a conv, a reshape for dense; zero columns
@@ -575,6 +658,13 @@ class _LookupRewriter(PyExprMutator):
         else:
             h = bb.emit(conv(bb.emit(conv(x, f.first[:, :, None, None], False)), f.core, True))
         return self._epilogue(layer, h, [lambda y: conv(y, last, False)], layer.bias, as_output, rows_layout=False)
+
+
+def _dequantize(acc, scale, bias):
+    """TE: float(acc[n, m]) * scale[m] + bias[m] (reference ``pq.dequantize``)."""
+    from tvm import te
+
+    return te.compute(acc.shape, lambda i, j: acc[i, j].astype("float32") * scale[j] + bias[j], name="dequantize")
 
 
 def _rewrite(mod: tvm.IRModule, plans: list[_Plan], schedule: bool) -> tvm.IRModule:

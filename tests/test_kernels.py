@@ -85,3 +85,84 @@ def test_kernels_are_opaque_and_tagged():
     f = kernels.accumulate(4, 2, 16, 8)
     assert int(f.attrs["op_pattern"]) == 8 and str(f.attrs[kernels.KERNEL_ATTR]) == "accumulate"
     assert bool(x86.schedule(f).attrs["tirx.is_scheduled"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Shuffle lookup (pshufb), packed codes, encoder fused with im2col
+# ----------------------------------------------------------------------------------------------
+
+from tir_schedules import shuffle  # noqa: E402
+
+SHUFFLE_SHAPES = [  # (n, c, m, lanes, mb): odd rows, codebooks and outputs; > 256 codebooks (two uint16 blocks)
+    (1024, 32, 256, 64, 4), (1000, 33, 250, 64, 8), (77, 5, 13, 32, 4), (77, 5, 13, 16, 2), (63, 1, 7, 64, 4),
+    (300, 601, 20, 64, 8), (129, 17, 3, 32, 16),
+]
+
+
+def test_host_has_a_shuffle_isa():
+    assert shuffle.isa_for(TARGET) is not None
+    assert shuffle.isa_for(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})).name == "avx2"
+    assert shuffle.isa_for(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) is None
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("shape", SHUFFLE_SHAPES)
+def test_shuffle_lookup_bit_exact(scheduled, shape):
+    n, c, m, lanes, mb = shape
+    rng = np.random.default_rng(sum(shape))
+    codes = rng.integers(0, 16, (n, c)).astype(np.int32)
+    tab = rng.integers(-127, 128, (c, 16, m)).astype(np.int8)
+    tab[0, 0, 0], tab[-1, -1, -1] = -127, 127  # extremes of the int8 range
+    scale = rng.random(m).astype(np.float32)
+    bias = rng.standard_normal(m).astype(np.float32)
+    f = shuffle.lookup(n, c, m, lanes, mb)
+    f = x86.schedule(f) if scheduled else f
+    got = _run(f, pq.pack_codes(codes, lanes, shuffle.padded_pairs(c)), shuffle.pack_tables(tab, mb), scale, bias,
+               out_shape=(m, n), out_dtype="float32")
+    np.testing.assert_array_equal(got.T, pq.dequantize(pq.accumulate(codes, tab), scale, bias))
+    bare = _run(shuffle.lookup(n, c, m, lanes, mb, epilogue=False), pq.pack_codes(codes, lanes, shuffle.padded_pairs(c)),
+                shuffle.pack_tables(tab, mb), scale, bias, out_shape=(m, n), out_dtype="float32")
+    np.testing.assert_array_equal(bare.T, pq.accumulate(codes, tab).astype(np.float32))
+
+
+def test_pack_codes_layout():
+    codes = np.arange(2 * 3).reshape(2, 3) % 16
+    p = pq.pack_codes(codes, 16)
+    assert p.shape == (1, 2, 16) and p.dtype == np.uint8
+    assert p[0, 0, 0] == codes[0, 0] | codes[0, 1] << 4  # byte 0: row 0, codebooks 0 and 1
+    assert p[0, 1, 2] == codes[1, 2]  # byte 2: row 1; codebook 3 is padding (0)
+    assert p[0, 0, 1] == 0  # byte 1: row 8 (padding)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
+@pytest.mark.parametrize("shape", [(33, 5, 4, 64), (77, 6, 9, 32), (64, 1, 3, 16)])
+def test_packed_encoder_matches_reference(distance, shape):
+    n, c, v, lanes = shape
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal((n, c * v)).astype(np.float32)
+    ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), distance)
+    f = x86.schedule(kernels.encode(n, c, 16, v, distance, pack_lanes=lanes))
+    got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
+               out_shape=(-(-n // lanes), -(-c // 2), lanes), out_dtype="uint8")
+    np.testing.assert_array_equal(got, pq.pack_codes(pq.encode(x, ec, eb, distance), lanes))
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("conv", [
+    ((1, 16, 12, 12), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 9),
+    ((2, 3, 11, 9), (3, 3), (2, 1), (1, 0, 1, 2), (1, 2), 4),  # stride, asymmetric padding, dilation, D=27 padded
+    ((3, 5, 7, 7), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 2),
+])
+def test_encoder_fused_with_im2col_matches_reference(scheduled, conv):
+    shape, khw, st, pad, dil, v = conv
+    spec = kernels.ConvInput(shape, khw, st, pad, dil)
+    c = -(-spec.d // v)
+    rng = np.random.default_rng(spec.rows)
+    x = rng.standard_normal(shape).astype(np.float32)
+    ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), "l2")
+    rows = pq.pad_columns(pq.im2col(x, khw, st, pad, dil), c * v)
+    f = kernels.encode(spec.rows, c, 16, v, "l2", pack_lanes=64, conv=spec)
+    f = x86.schedule(f) if scheduled else f
+    got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
+               out_shape=(-(-spec.rows // 64), -(-c // 2), 64), out_dtype="uint8")
+    np.testing.assert_array_equal(got, pq.pack_codes(pq.encode(rows, ec, eb, "l2"), 64))

@@ -29,20 +29,26 @@ def test_relay_alias_is_the_pass():
     assert isinstance(relay.transform.LUTify(calibration=np.zeros((1, 1))), tvm.transform.Pass)
 
 
-def test_dense_layer_matches_emulator_bit_exact():
+LOOKUPS = ["gather", "shuffle"]
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_dense_layer_matches_emulator_bit_exact(lookup):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(30, 48)).eval()
     x = np.random.default_rng(0).standard_normal((256, 30)).astype(np.float32)
     mod = tvm_lut.from_torch(model, torch.from_numpy(x[:32]))
-    p = relay.transform.LUTify(calibration=x, progress=False)
+    p = relay.transform.LUTify(calibration=x, progress=False, lookup=lookup)
     lut = p(mod)
     assert [r["method"] for r in p.layers] == ["pq"] and p.layers[0]["c"] == 8  # D=30 padded to 32
+    assert p.layers[0]["kernel"].startswith(lookup)
     assert len(lut["main"].params) == 1  # converted weights leave the signature
     got = _run(lut, x[:32])
     _assert_matches_emulator(got, p.pq_layers["0"].emulate(x[:32]))
 
 
-def test_conv_with_stride_padding_dilation_and_bn_matches_emulator():
+@pytest.mark.parametrize("lookup", LOOKUPS)
+def test_conv_with_stride_padding_dilation_and_bn_matches_emulator(lookup):
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(20)
     model = nn.Sequential(nn.Conv2d(4, 20, 3, stride=2, padding=(1, 2), dilation=(2, 1)), bn).eval()
@@ -52,10 +58,13 @@ def test_conv_with_stride_padding_dilation_and_bn_matches_emulator():
         bn.weight.uniform_(0.5, 1.5)
     x = np.random.default_rng(1).standard_normal((16, 4, 10, 9)).astype(np.float32)
     mod = tvm_lut.from_torch(model, torch.from_numpy(x[:4]))
-    p = relay.transform.LUTify(calibration=x, progress=False)
+    p = relay.transform.LUTify(calibration=x, progress=False, lookup=lookup)
     lut = p(mod)
     text = lut["main"].script(show_meta=False)
-    assert "batch_norm" not in text and "conv2d" not in text and "lut_accumulate_0" in text
+    kernel = "lut_accumulate_0" if lookup == "gather" else "lut_lookup_0"
+    assert "batch_norm" not in text and "conv2d" not in text and kernel in text
+    if lookup == "shuffle":  # the encoder reads the NCHW input itself: no im2col kernel
+        assert "lut_im2col" not in text
     got = _run(lut, x[:4])
     rec = p.layers[0]
     assert rec["v"] == 9 and rec["has_bias"]  # 3x3 conv default V=9; BN shift becomes the bias

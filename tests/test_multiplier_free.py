@@ -63,3 +63,35 @@ def test_l2_encoder_control_shows_multiplies():
     lines = _asm(kernels.encode(64, 8, 16, 4, "l2", row_stride=40), "lut_encode_l2")
     assert [l for l in lines if FLOAT_MUL.match(l)]
     assert _multiplies_in_loops(lines)
+
+
+def test_shuffle_lookup_multiplies_only_to_dequantize():
+    """The shuffle lookup's lookups and sums use no multiply: without the epilogue its loops have no float
+    multiply at all; with it, the only float multiplies are the per-output FMAs ``acc * scale + bias``."""
+    from tir_schedules import shuffle
+
+    bare = _asm(shuffle.lookup(100, 9, 20, 64, 4, epilogue=False), "lut_lookup_bare")
+    assert _loop_ranges(bare) and not [l for l in bare if FLOAT_MUL.match(l)]
+    assert not [l for l in _multiplies_in_loops(bare) if not l.startswith("imul")], "vector multiply in a lookup loop"
+    full = _asm(shuffle.lookup(100, 9, 20, 64, 4), "lut_lookup_full")
+    floats = [l.strip() for l in full if FLOAT_MUL.match(l)]
+    assert floats and all(l.startswith("vfmadd") for l in floats), floats
+
+
+def test_lutify_keeps_l1_layers_on_the_multiplier_free_kernels():
+    import numpy as np
+    import torch
+    from torch import nn
+
+    import tvm_lut
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 32, 3, padding=1)).eval()
+    x = np.random.default_rng(0).standard_normal((8, 4, 12, 12)).astype(np.float32)
+    mod = tvm_lut.from_torch(model, torch.from_numpy(x[:1]))
+    p = tvm_lut.LUTify(calibration=x, distance="l1", progress=False)
+    p(mod)
+    assert p.layers[0]["kernel"] == "gather"
+    q = tvm_lut.LUTify(calibration=x, distance="l2", progress=False)
+    q(mod)
+    assert q.layers[0]["kernel"].startswith("shuffle")

@@ -17,6 +17,8 @@ Kernels are tagged ``"op_pattern": 8`` (opaque: FuseOps leaves them alone; see c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import te, tirx
 from tvm.script import tirx as T
 
@@ -61,13 +63,61 @@ def im2col(
     return _opaque(te.create_prim_func([x, cols]).without_attr("global_symbol"), "im2col")
 
 
-def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None = None) -> tirx.PrimFunc:
+@dataclass(frozen=True)
+class ConvInput:
+    """An NCHW input read as im2col rows on the fly (the encoder fused with im2col): columns (c, kh, kw)."""
+
+    shape: tuple[int, int, int, int]
+    kernel_hw: tuple[int, int]
+    strides: tuple[int, int]
+    padding: tuple[int, int, int, int]
+    dilation: tuple[int, int]
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        _, _, h, w = self.shape
+        (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw) = self.kernel_hw, self.strides, self.padding, self.dilation
+        return (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+
+    @property
+    def rows(self) -> int:
+        oh, ow = self.out_hw
+        return self.shape[0] * oh * ow
+
+    @property
+    def d(self) -> int:
+        return self.shape[1] * self.kernel_hw[0] * self.kernel_hw[1]
+
+    def value(self, x, r, col):
+        """Element (r, col) of the im2col matrix, zero outside the image and beyond D columns."""
+        _, c, h, w = self.shape
+        kh, kw = self.kernel_hw
+        (sh, sw), (pt, pl, _, _), (dh, dw) = self.strides, self.padding, self.dilation
+        oh, ow = self.out_hw
+        b, rem = r // (oh * ow), r % (oh * ow)
+        yy, xx = rem // ow, rem % ow
+        ci, tap = col // (kh * kw), col % (kh * kw)
+        iy = yy * sh - pt + (tap // kw) * dh
+        ix = xx * sw - pl + (tap % kw) * dw
+        inside = tirx.all(col < self.d, iy >= 0, iy < h, ix >= 0, ix < w)
+        return tirx.if_then_else(inside, x[b, tirx.min(ci, c - 1), tirx.max(tirx.min(iy, h - 1), 0),
+                                           tirx.max(tirx.min(ix, w - 1), 0)], tirx.const(0.0, "float32"))
+
+
+def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None = None,
+           pack_lanes: int | None = None, pairs: int | None = None, conv: ConvInput | None = None) -> tirx.PrimFunc:
     """codes[n, c] = argmin_k score[n, c, k], one kernel for the three distances.
 
     With ``row_stride=M`` the kernel writes, instead of the code, the offset of the selected table row
     in the flattened (C*K*M) table, ``(c*K + code) * M``, which is what ``accumulate(...,
     row_offsets=True)`` reads: the selected centroid's offset is a loop induction value, so no
     multiply is spent on table addressing anywhere (this keeps the l1 path multiplier-free).
+
+    With ``pack_lanes=L`` (K=16) the codes come out packed two per byte in the shuffle kernel's layout
+    ``(ceil(n/L), pairs, L)`` uint8 (``pq.pack_codes`` is the reference; ``shuffle.lookup`` reads it).
+
+    With ``conv`` the input is the layer's NCHW tensor and each row's patch is read in place (the encoder
+    fused with im2col: the (rows, D) matrix is never written); otherwise ``x`` is the (n, C*V) rows.
 
     ``score = offset[c, k] - sum_v x[n, cV+v] * p[c, k, v]`` for ``l2`` (offset ``0.5||p||^2``) and
     ``cosine`` (unit centroids, zero offset); ``score = offset[c, k] + sum_v |x[n, cV+v] - p[c, k, v]|``
@@ -77,25 +127,36 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     l1 = distance == "l1"
     stride = 1 if row_stride is None else int(row_stride)
     base = 0 if row_stride is None else k * stride  # offset of codebook c's first row is c * base
+    if pack_lanes is not None and (row_stride is not None or k > 16):
+        raise ValueError("packed codes need K <= 16 and raw codes (no row_stride)")
+    x_shape = conv.shape if conv is not None else (n, c * v)
 
     @T.prim_func(private=True, s_tir=True)
     def func(
-        x: T.Buffer((n, c * v), "float32"),
+        x: T.Buffer(x_shape, "float32"),
         cents: T.Buffer((c, v, k), "float32"),
         offsets: T.Buffer((c, k), "float32"),
         codes: T.Buffer((n, c), "int32"),
     ):
         score = T.sblock_alloc_buffer((n, c, k), "float32")
         best = T.sblock_alloc_buffer((n, c), "float32")
+        rows = T.sblock_alloc_buffer((n, c * v), "float32")
+        for i, col in T.grid(n, c * v):
+            with T.sblock("patch"):
+                vi, vcol = T.axis.remap("SS", [i, col])
+                if conv is not None:
+                    rows[vi, vcol] = conv.value(x, vi, vcol)
+                else:
+                    rows[vi, vcol] = x[vi, vcol]
         for i, j, q, t in T.grid(n, c, k, v):
             with T.sblock("score"):
                 vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
                 with T.init():
                     score[vi, vj, vq] = offsets[vj, vq]
                 if l1:
-                    score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(x[vi, vj * v + vt] - cents[vj, vt, vq])
+                    score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(rows[vi, vj * v + vt] - cents[vj, vt, vq])
                 else:
-                    score[vi, vj, vq] = score[vi, vj, vq] - x[vi, vj * v + vt] * cents[vj, vt, vq]
+                    score[vi, vj, vq] = score[vi, vj, vq] - rows[vi, vj * v + vt] * cents[vj, vt, vq]
         for i, j, q in T.grid(n, c, k):
             with T.sblock("argmin"):
                 vi, vj, vq = T.axis.remap("SSR", [i, j, q])
@@ -105,7 +166,64 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                 codes[vi, vj] = T.Select(score[vi, vj, vq] < best[vi, vj], vj * base + vq * stride, codes[vi, vj])
                 best[vi, vj] = T.min(best[vi, vj], score[vi, vj, vq])
 
-    return _opaque(func, "encode")
+    def finish(f: tirx.PrimFunc) -> tirx.PrimFunc:
+        f = _opaque(f, "encode")
+        return f.with_attr("tvm_lut.fused_im2col", True) if conv is not None else f
+
+    if pack_lanes is None:
+        return finish(func)
+
+    lanes, half = pack_lanes, pack_lanes // 2
+    pairs = -(-c // 2) if pairs is None else pairs
+    nb = -(-n // lanes)
+
+    def code_at(codes, vb, vj, col):
+        """Code of codebook ``col`` for byte ``vj`` of row block ``vb`` (0 beyond the rows/codebooks)."""
+        row = vb * lanes + (vj % 2) * half + vj // 2
+        return T.if_then_else(tirx.all(row < n, col < c), codes[T.min(row, n - 1), T.min(col, c - 1)], 0)
+
+    @T.prim_func(private=True, s_tir=True)
+    def packed_func(
+        x: T.Buffer(x_shape, "float32"),
+        cents: T.Buffer((c, v, k), "float32"),
+        offsets: T.Buffer((c, k), "float32"),
+        packed: T.Buffer((nb, pairs, lanes), "uint8"),
+    ):
+        score = T.sblock_alloc_buffer((n, c, k), "float32")
+        best = T.sblock_alloc_buffer((n, c), "float32")
+        rows = T.sblock_alloc_buffer((n, c * v), "float32")
+        for i, col in T.grid(n, c * v):
+            with T.sblock("patch"):
+                vi, vcol = T.axis.remap("SS", [i, col])
+                if conv is not None:
+                    rows[vi, vcol] = conv.value(x, vi, vcol)
+                else:
+                    rows[vi, vcol] = x[vi, vcol]
+        codes = T.sblock_alloc_buffer((n, c), "int32")
+        for i, j, q, t in T.grid(n, c, k, v):
+            with T.sblock("score"):
+                vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
+                with T.init():
+                    score[vi, vj, vq] = offsets[vj, vq]
+                if l1:
+                    score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(rows[vi, vj * v + vt] - cents[vj, vt, vq])
+                else:
+                    score[vi, vj, vq] = score[vi, vj, vq] - rows[vi, vj * v + vt] * cents[vj, vt, vq]
+        for i, j, q in T.grid(n, c, k):
+            with T.sblock("argmin"):
+                vi, vj, vq = T.axis.remap("SSR", [i, j, q])
+                with T.init():
+                    codes[vi, vj] = 0
+                    best[vi, vj] = T.float32(3.4e38)
+                codes[vi, vj] = T.Select(score[vi, vj, vq] < best[vi, vj], vq, codes[vi, vj])
+                best[vi, vj] = T.min(best[vi, vj], score[vi, vj, vq])
+        for b, p, j in T.grid(nb, pairs, lanes):
+            with T.sblock("pack"):
+                vb, vp, vj = T.axis.remap("SSS", [b, p, j])
+                packed[vb, vp, vj] = T.Cast("uint8", T.bitwise_or(
+                    code_at(codes, vb, vj, vp * 2), T.shift_left(code_at(codes, vb, vj, vp * 2 + 1), 4)))
+
+    return finish(packed_func)
 
 
 def accumulate(n: int, c: int, k: int, m: int, row_offsets: bool = False) -> tirx.PrimFunc:

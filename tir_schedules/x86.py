@@ -77,7 +77,36 @@ def schedule_encode(func: tirx.PrimFunc) -> tirx.PrimFunc:
     init = sch.decompose_reduction(score, s_v)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(lane)
+    _inline_or_fuse_patch(sch, c)
+    _schedule_pack(sch)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _inline_or_fuse_patch(sch: tvm.s_tir.Schedule, codebook_loop, row_lanes: bool = True) -> None:
+    """The encoder's input rows: a plain copy is inlined; an im2col patch (``kernels.encode(conv=...)``)
+    is computed per row tile and codebook into a small local buffer laid out (column, row) so the rows are
+    the vector lanes: the (rows, D) matrix never reaches memory."""
+    patch = sch.get_sblock("patch")
+    if "tvm_lut.fused_im2col" not in sch.mod["main"].attrs:
+        sch.compute_inline(patch)
+        return
+    sch.compute_at(patch, codebook_loop)
+    sch.set_scope(patch, 0, "local")
+    if not row_lanes:  # one row per iteration (odd row counts): a V-long local patch
+        return
+    sch.transform_layout(patch, ("write", 0), lambda r, col: (col, r))
+    row, col = sch.get_loops(patch)[-2:]
+    sch.reorder(col, row)
+    sch.vectorize(row)
+
+
+def _schedule_pack(sch: tvm.s_tir.Schedule) -> None:
+    """Packed-code output (``kernels.encode(pack_lanes=...)``): row blocks in parallel."""
+    try:
+        blk = sch.get_sblock("pack")
+    except Exception:  # unpacked encoder: no such block
+        return
+    sch.parallel(sch.get_loops(blk)[0])
 
 
 def _encode_k_vector(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -95,6 +124,8 @@ def _encode_k_vector(func: tirx.PrimFunc) -> tirx.PrimFunc:
         sch.vectorize(k_loop)
         init = sch.decompose_reduction(score, v_loop)
         sch.vectorize(sch.get_loops(init)[-1])
+    _inline_or_fuse_patch(sch, c, row_lanes=False)
+    _schedule_pack(sch)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
@@ -130,7 +161,19 @@ def schedule_butterfly(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
+def schedule_shuffle(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Shuffle lookup: (row block, output tile) pairs in parallel; each tile keeps its accumulators in
+    registers (the kernel's own structure, ``shuffle.lookup``)."""
+    sch = tvm.s_tir.Schedule(func)
+    b, ot = sch.get_loops(sch.get_sblock("lookup"))
+    # row blocks in parallel, not fused with the tiles: a fused loop divides by the tile count (an imul),
+    # a nest keeps every address an induction variable (the L1 path stays multiplier-free)
+    sch.parallel(b)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
 _SCHEDULES = {
+    "shuffle_lookup": schedule_shuffle,
     "butterfly": schedule_butterfly,
     "accumulate": schedule_accumulate,
     "encode": schedule_encode,

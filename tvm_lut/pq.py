@@ -224,6 +224,35 @@ def accumulate(codes: np.ndarray, tables_q: np.ndarray) -> np.ndarray:
     return acc
 
 
+def dequantize(acc: np.ndarray, scale: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """``float(acc) * scale + bias`` rounded once to float32, as the compiled epilogue's fused
+    multiply-add computes it (the float64 product of an int32 and a float32 is exact)."""
+    y = acc.astype(np.float64) * scale.astype(np.float64)
+    if bias is not None:
+        y = y + bias.astype(np.float64)
+    return y.astype(np.float32)
+
+
+def pack_codes(codes: np.ndarray, lanes: int, pairs: int | None = None) -> np.ndarray:
+    """Codes (N, C) in [0, 16) -> the shuffle kernel's layout (ceil(N/lanes), pairs, lanes) uint8.
+
+    Byte ``j`` of block ``b``, pair ``p`` holds codebook ``2p`` in its low nibble and ``2p+1`` in its high
+    nibble, for row ``b*lanes + j//2`` (even ``j``) or ``b*lanes + lanes/2 + j//2`` (odd ``j``): each 16-bit
+    word carries one row of each half of the block (``tir_schedules.shuffle``). Missing rows and codebooks
+    (padding up to ``pairs``, default ceil(C/2)) get code 0.
+    """
+    n, c = codes.shape
+    pairs = -(-c // 2) if pairs is None else pairs
+    nb = -(-n // lanes)
+    full = np.zeros((nb * lanes, 2 * pairs), np.uint8)
+    full[:n, :c] = codes
+    byte = (full[:, 0::2] | (full[:, 1::2] << 4)).reshape(nb, lanes, pairs)
+    order = np.empty(lanes, np.int64)
+    order[0::2] = np.arange(lanes // 2)
+    order[1::2] = np.arange(lanes // 2, lanes)
+    return np.ascontiguousarray(byte[:, order, :].transpose(0, 2, 1))
+
+
 @dataclass
 class PQLayer:
     """Everything one LUT layer stores: codebooks, int8 tables and the per-output affine epilogue."""
@@ -259,10 +288,7 @@ class PQLayer:
         xp = pad_columns(x.astype(np.float32), self.num_codebooks * self.v)
         cents, offsets = self.encoder_operands()
         acc = accumulate(encode(xp, cents, offsets, self.distance), self.tables)
-        y = acc.astype(np.float32) * self.scale
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+        return dequantize(acc, self.scale, self.bias)
 
 
 def _one_hot(codes: np.ndarray, k: int):

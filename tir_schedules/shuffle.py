@@ -1,0 +1,199 @@
+"""Shuffle-lookup accumulate: the PQ table readout done by byte shuffles (``pshufb``), codes packed two per byte.
+
+With K=16 one codebook's int8 table column (16 entries for one output) fits a 128-bit register, and a byte
+shuffle looks up one entry per byte lane: 16 (SSSE3), 32 (AVX2) or 64 (AVX-512BW) rows per instruction
+(RESEARCH.md §2, the MADDNESS/LUT-NN orientation). Per 64-row block and tile of ``mb`` outputs::
+
+    codes  = packed[b, pair, :]                 # 64 bytes: low nibble = codebook 2p, high = 2p+1
+    for o in tile:                              # the tile's accumulators stay in registers
+        v0 = pshufb(broadcast(T[o, 2p]), codes & 15)   # 64 lookups
+        v1 = pshufb(broadcast(T[o, 2p+1]), codes >> 4)
+        acc_lo[o] += v0 + v1      (as 32 x uint16: even byte + 256 * odd byte, wraps mod 2^16)
+        acc_hi[o] += (v0 >> 8) + (v1 >> 8)     (the odd bytes alone)
+
+Tables are stored biased, ``uint8(T + 128)``, so the odd byte of each 16-bit word is extracted with one
+shift and the even byte is ``acc_lo - (acc_hi << 8)`` once per block: the int8 -> int16 widening costs one
+shift per lookup vector instead of two sign extensions and a lane extract (the sign extensions compete with
+the shuffle for the same ports). Each 16-bit word holds two rows: byte ``2i`` is row ``i`` and byte
+``2i+1`` row ``L/2 + i`` of the block (``pack_codes`` lays them out so), so the even sums are rows
+``0..L/2-1`` in order and the odd sums the rest. Blocks of up to 256 codebooks (``CODEBOOK_BLOCK``) are
+summed in uint16 (255 * 256 < 2^16), then added to int32 with the bias ``128 * codebooks`` removed, then
+``y = float(acc) * scale + bias`` (one fused multiply-add per output: the only multiply of the kernel).
+
+Output is ``y[M, N]`` (outputs-major): for a convolution at batch 1 that is already NCHW.
+
+Numpy reference: ``tvm_lut.pq.pack_codes`` (the code layout) and ``tvm_lut.pq.accumulate`` (the sums).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from .kernels import _opaque
+
+DEFAULT_TILE = 4  # outputs per register tile of the hand schedule (measured best of 2/4/8/16 at C=32)
+CODEBOOK_BLOCK = 256  # codebooks summed in uint16 before the int32 flush: 255 * 256 < 65536
+
+
+@dataclass(frozen=True)
+class ShuffleISA:
+    """A byte-shuffle instruction: how many rows one lookup covers and the LLVM intrinsic."""
+
+    name: str
+    lanes: int
+    intrinsic: str
+
+
+ISAS = (
+    ShuffleISA("avx512bw", 64, "llvm.x86.avx512.pshuf.b.512"),
+    ShuffleISA("avx2", 32, "llvm.x86.avx2.pshuf.b"),
+    ShuffleISA("ssse3", 16, "llvm.x86.ssse3.pshuf.b.128"),
+)
+
+
+def isa_for(target: tvm.target.Target) -> ShuffleISA | None:
+    """The widest byte shuffle ``target`` has, or None (then the gather accumulate is used)."""
+    if str(target.kind.name) != "llvm":
+        return None
+    from tvm.target import codegen
+
+    for isa in ISAS:
+        try:
+            if codegen.target_has_features(isa.name, target):
+                return isa
+        except Exception:  # a target LLVM cannot describe (e.g. another architecture)
+            return None
+    return None
+
+
+def padded_pairs(c: int) -> int:
+    """Codebook pairs stored per row block: ceil(C/2), rounded up to whole uint16 blocks."""
+    pairs = -(-c // 2)
+    half_block = CODEBOOK_BLOCK // 2
+    blocks = -(-pairs // half_block)
+    return -(-pairs // blocks) * blocks
+
+
+def num_row_blocks(n: int, lanes: int) -> int:
+    return -(-n // lanes)
+
+
+def pack_tables(tables_q: np.ndarray, mb: int) -> np.ndarray:
+    """int8 tables (C, K=16, M) -> biased uint8 (M_pad, 2*pairs, 16), zero entries (biased 128) as padding."""
+    c, k, m = tables_q.shape
+    if k != 16:
+        raise ValueError(f"the shuffle lookup needs K=16 centroids per codebook, got K={k}")
+    pairs = padded_pairs(c)
+    m_pad = -(-m // mb) * mb
+    out = np.full((m_pad, 2 * pairs, 16), 128, np.uint8)
+    out[:m, :c, :] = (tables_q.astype(np.int16) + 128).astype(np.uint8).transpose(2, 0, 1)
+    return out
+
+
+def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str | None = None,
+           epilogue: bool = True) -> tirx.PrimFunc:
+    """The shuffle accumulate for ``n`` rows, ``c`` codebooks (K=16), ``m`` outputs: packed codes
+    ``(ceil(n/lanes), pairs, lanes)`` uint8 and ``pack_tables`` -> ``y (m, n)`` float32.
+
+    One schedulable block per (row block, output tile of ``mb``); MetaSchedule tunes how those are tiled,
+    ordered, parallelised and unrolled (``tuning.shuffle_space``); ``mb`` (the register tile) is a
+    template parameter: it sets how many accumulators live in registers.
+    """
+    isa = {i.lanes: i for i in ISAS}[lanes]
+    intrinsic = intrinsic or isa.intrinsic
+    half = lanes // 2
+    pairs = padded_pairs(c)
+    ncb = -(-pairs // (CODEBOOK_BLOCK // 2))
+    per_block = pairs // ncb
+    nb = num_row_blocks(n, lanes)
+    mt = -(-m // mb)
+    m_pad = mt * mb
+    bias_total = 128 * 2 * pairs
+    full_rows = n % lanes == 0
+    u16 = f"uint16x{half}"
+
+    def ramp(base, width):
+        return tirx.Ramp(base, 1, width)
+
+    def shuffled(packed, tables, vb, o, pair, high: bool):
+        codes = packed[vb, pair, ramp(0, lanes)]
+        idx = (tirx.shift_right(codes, tirx.Broadcast(tirx.const(4, "uint8"), lanes)) if high
+               else tirx.bitwise_and(codes, tirx.Broadcast(tirx.const(15, "uint8"), lanes)))
+        t = tables[o, pair * 2 + int(high), ramp(0, 16)]
+        table = t if lanes == 16 else tirx.Shuffle([t] * (lanes // 16), list(range(lanes)))
+        return tirx.reinterpret(u16, tirx.call_llvm_pure_intrin(f"int8x{lanes}", intrinsic, table, idx))
+
+    def dequant(val, scale, bias, o, width: int):
+        """``val * scale[o] + bias[o]`` (one FMA per output), or ``val`` alone without the epilogue."""
+        if not epilogue:
+            return val
+        if width == 1:
+            return val * scale[o] + bias[o]
+        return val * tirx.Broadcast(scale[o], width) + tirx.Broadcast(bias[o], width)
+
+    def odd(v):
+        return tirx.shift_right(v, tirx.Broadcast(tirx.const(8, "uint16"), half))
+
+    @T.prim_func(private=True, s_tir=True)
+    def func(
+        packed: T.Buffer((nb, pairs, lanes), "uint8"),
+        tables: T.Buffer((m_pad, pairs * 2, 16), "uint8"),
+        scale: T.Buffer((m,), "float32"),
+        bias: T.Buffer((m,), "float32"),
+        y: T.Buffer((m, n), "float32"),
+    ):
+        for b, ot in T.grid(nb, mt):
+            with T.sblock("lookup"):
+                vb, vot = T.axis.remap("SS", [b, ot])
+                T.reads(packed[vb, 0:pairs, 0:lanes], tables[vot * mb:vot * mb + mb, 0:pairs * 2, 0:16],
+                        scale[0:m], bias[0:m])
+                T.writes(y[0:m, 0:n])
+                acc_lo = T.sblock_alloc_buffer((mb, half), "uint16", scope="local")
+                acc_hi = T.sblock_alloc_buffer((mb, half), "uint16", scope="local")
+                sum_lo = T.sblock_alloc_buffer((mb, half), "int32", scope="local")
+                sum_hi = T.sblock_alloc_buffer((mb, half), "int32", scope="local")
+                for i in T.unroll(mb):
+                    sum_lo[i, T.ramp(0, 1, half)] = T.Broadcast(T.int32(-bias_total), half)
+                    sum_hi[i, T.ramp(0, 1, half)] = T.Broadcast(T.int32(-bias_total), half)
+                for cb in range(ncb):
+                    for i in T.unroll(mb):
+                        acc_lo[i, T.ramp(0, 1, half)] = T.Broadcast(T.uint16(0), half)
+                        acc_hi[i, T.ramp(0, 1, half)] = T.Broadcast(T.uint16(0), half)
+                    for p in range(per_block):
+                        for i in T.unroll(mb):
+                            acc_lo[i, T.ramp(0, 1, half)] = (
+                                acc_lo[i, T.ramp(0, 1, half)]
+                                + shuffled(packed, tables, vb, vot * mb + i, cb * per_block + p, False)
+                                + shuffled(packed, tables, vb, vot * mb + i, cb * per_block + p, True))
+                            acc_hi[i, T.ramp(0, 1, half)] = (
+                                acc_hi[i, T.ramp(0, 1, half)]
+                                + odd(shuffled(packed, tables, vb, vot * mb + i, cb * per_block + p, False))
+                                + odd(shuffled(packed, tables, vb, vot * mb + i, cb * per_block + p, True)))
+                    for i in T.unroll(mb):
+                        sum_lo[i, T.ramp(0, 1, half)] = sum_lo[i, T.ramp(0, 1, half)] + T.Cast(
+                            f"int32x{half}", acc_lo[i, T.ramp(0, 1, half)]
+                            - T.shift_left(acc_hi[i, T.ramp(0, 1, half)], T.Broadcast(T.uint16(8), half)))
+                        sum_hi[i, T.ramp(0, 1, half)] = sum_hi[i, T.ramp(0, 1, half)] + T.Cast(
+                            f"int32x{half}", acc_hi[i, T.ramp(0, 1, half)])
+                for i in T.unroll(mb):
+                    if vot * mb + i < m:
+                        if full_rows or vb * lanes + lanes <= n:
+                            y[vot * mb + i, T.ramp(vb * lanes, 1, half)] = dequant(
+                                T.Cast(f"float32x{half}", sum_lo[i, T.ramp(0, 1, half)]), scale, bias, vot * mb + i, half)
+                            y[vot * mb + i, T.ramp(vb * lanes + half, 1, half)] = dequant(
+                                T.Cast(f"float32x{half}", sum_hi[i, T.ramp(0, 1, half)]), scale, bias, vot * mb + i, half)
+                        else:
+                            for r in range(half):
+                                if vb * lanes + r < n:
+                                    y[vot * mb + i, vb * lanes + r] = dequant(
+                                        T.Cast("float32", sum_lo[i, r]), scale, bias, vot * mb + i, 1)
+                                if vb * lanes + half + r < n:
+                                    y[vot * mb + i, vb * lanes + half + r] = dequant(
+                                        T.Cast("float32", sum_hi[i, r]), scale, bias, vot * mb + i, 1)
+
+    return _opaque(func, "shuffle_lookup").with_attr("tvm_lut.lanes", lanes).with_attr("tvm_lut.mb", mb)

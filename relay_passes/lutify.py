@@ -38,10 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tir_schedules import kernels, shuffle, x86
+from tir_schedules import kernels, shuffle, tuning, x86
 from tvm_lut import butterfly as bf
 from tvm_lut import calibrate, cost, graph, pq
 from tvm_lut import lowrank as lr
@@ -102,6 +102,8 @@ class LUTify:
         ``"shuffle"`` (``tir_schedules.shuffle``: codes packed two per byte, ``pshufb``; convolutions get
         the encoder fused with im2col) or ``"gather"`` (``kernels.accumulate``, any K). Each layer's record
         says which it got (``kernel``).
+    database : a MetaSchedule database directory (``tvm-lut tune --db``): lookup kernels tuned there are
+        used instead of their hand schedules (``tuned`` lists them); others keep the hand schedule.
     budget : ``"max-drop=2.0"`` or ``"min-removed=0.6"``: run ``PriorityMask`` first to choose which
         layers stay exact (``labels``, or a ``labels`` entry in ``calibration``, for max-drop). Without
         it, a mask left on the module by an earlier ``PriorityMask`` pass is obeyed.
@@ -131,6 +133,7 @@ class LUTify:
         form: str | None = None,
         butterfly_budget: float = 0.2,
         lookup: str = "auto",
+        database: str | None = None,
         progress: bool = True,
     ):
         self.calibration = calibration
@@ -142,6 +145,8 @@ class LUTify:
         if lookup not in ("auto", "shuffle", "gather"):
             raise OptionError(f"lookup={lookup!r}; choose 'auto', 'shuffle' or 'gather'")
         self.lookup = lookup
+        self.database = database
+        self.tuned: list[str] = []  # kernels taken from the tuning database
         self.method = method
         self.factors = dict(factors or {})
         self.layer_options = {n: coerce(n, o) for n, o in (layers or {}).items()}
@@ -317,7 +322,7 @@ class LUTify:
         self.layers = [p.record for p in plans]
         self.pq_layers = {p.layer.name: p.pq_layer for p in todo}
         rewrite = todo + structured
-        out = _rewrite(mod, rewrite, self.schedule) if rewrite else mod
+        out = _rewrite(mod, rewrite, self.schedule, self.database, self.target, self.tuned) if rewrite else mod
         return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))
 
     def _lookup_kernel(self, p: _Plan) -> str:
@@ -480,22 +485,36 @@ def _ident(name: str) -> str:
 
 @mutator
 class _LookupRewriter(PyExprMutator):
-    def __init__(self, mod, plans: list[_Plan], schedule: bool):
+    def __init__(self, mod, plans: list[_Plan], schedule: bool, database: str | None = None, target=None):
         super().__init__(mod)
+        self.database = database
+        self.target = target
+        self.tuned: list[str] = []
         self.by_call = {p.layer.call_var: p for p in plans}
         self.drop = [v for p in plans for v in [p.layer.call_var, *p.layer.folded_vars]]
         self.schedule = schedule
         self.kernels: dict[tuple, relax.GlobalVar] = {}
 
     def _kernel(self, key: tuple, name: str, make) -> relax.GlobalVar:
-        gv = self.kernels.get(key)
-        if gv is None:
+        return self._kernel_func(key, name, make)[0]
+
+    def _kernel_func(self, key: tuple, name: str, make) -> tuple[relax.GlobalVar, tirx.PrimFunc]:
+        """Build (once per shape) a kernel: tuned from the database when it has it, else hand-scheduled
+        (or left unscheduled for MetaSchedule with ``schedule=False``)."""
+        got = self.kernels.get(key)
+        if got is None:
             func = make()
-            if self.schedule:
+            tuned = None
+            if self.database and tuning.tunable(func):
+                tuned = tuning.apply_database(func, self.target, self.database)
+                self.tuned.append(name) if tuned is not None else None
+            if tuned is not None:
+                func = tuned
+            elif self.schedule:
                 func = x86.schedule(func)
-            gv = self.builder_.add_func(func, name)
-            self.kernels[key] = gv
-        return gv
+            got = (self.builder_.add_func(func, name), func)
+            self.kernels[key] = got
+        return got
 
     def visit_var_binding_(self, binding):
         plan = self.by_call.get(binding.var)
@@ -562,8 +581,9 @@ class _LookupRewriter(PyExprMutator):
         packed = bb.emit(relax.call_tir(
             enc, [src, relax.const(np.ascontiguousarray(cents.transpose(0, 2, 1))), relax.const(offsets)],
             relax.TensorType((shuffle.num_row_blocks(rows, lanes), pairs, lanes), "uint8")))
-        look = self._kernel(("shuffle", rows, c, m, lanes, mb), f"lut_lookup_{tag}",
-                            lambda: shuffle.lookup(rows, c, m, lanes, mb, isa.intrinsic))
+        look, look_func = self._kernel_func(("shuffle", rows, c, m, lanes), f"lut_lookup_{tag}",
+                                            lambda: shuffle.lookup(rows, c, m, lanes, mb, isa.intrinsic))
+        mb = shuffle.tile_of(look_func)  # a tuned kernel may use another register tile: tables follow it
         bias = q.bias if q.bias is not None else np.zeros(m, np.float32)
         y = bb.emit(relax.call_tir(look, [packed, relax.const(shuffle.pack_tables(q.tables, mb)),
                                          relax.const(q.scale.astype(np.float32)),
@@ -667,11 +687,14 @@ def _dequantize(acc, scale, bias):
     return te.compute(acc.shape, lambda i, j: acc[i, j].astype("float32") * scale[j] + bias[j], name="dequantize")
 
 
-def _rewrite(mod: tvm.IRModule, plans: list[_Plan], schedule: bool) -> tvm.IRModule:
+def _rewrite(mod: tvm.IRModule, plans: list[_Plan], schedule: bool, database: str | None = None, target=None,
+             tuned: list | None = None) -> tvm.IRModule:
     func = mod["main"]
-    m = _LookupRewriter(mod, plans, schedule)
+    m = _LookupRewriter(mod, plans, schedule, database, target)
     new_main = m.visit_expr(func)
     m.builder_.update_func(m.builder_.get().get_global_var("main"), new_main)
+    if tuned is not None:
+        tuned.extend(m.tuned)
     out = m.builder_.get()
     out = relax.transform.DeadCodeElimination(["main"])(out)
     return _drop_unused_params(out)

@@ -196,4 +196,19 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
                                     y[vot * mb + i, vb * lanes + half + r] = dequant(
                                         T.Cast("float32", sum_hi[i, r]), scale, bias, vot * mb + i, 1)
 
-    return _opaque(func, "shuffle_lookup").with_attr("tvm_lut.lanes", lanes).with_attr("tvm_lut.mb", mb)
+    # "estimated_flops": MetaSchedule's flop counter cannot walk vector expressions (Broadcast, Shuffle);
+    # given here it is the number of table lookups plus the per-output FMA
+    return (_opaque(func, "shuffle_lookup").with_attr("estimated_flops", n * c * m + 2 * n * m)
+            .with_attr("tvm_lut.shape", [n, c, m, lanes]).with_attr("tvm_lut.mb", mb)
+            .with_attr("tvm_lut.intrinsic", intrinsic).with_attr("tvm_lut.epilogue", int(epilogue)))
+
+
+def retile(func: tirx.PrimFunc, mb: int) -> tirx.PrimFunc:
+    """The same shuffle lookup built with another register tile ``mb`` (its tables pack to ``mb`` rows)."""
+    n, c, m, lanes = (int(x) for x in func.attrs["tvm_lut.shape"])
+    return lookup(n, c, m, lanes, mb, str(func.attrs["tvm_lut.intrinsic"]), bool(int(func.attrs["tvm_lut.epilogue"])))
+
+
+def tile_of(func: tirx.PrimFunc) -> int:
+    """The register tile a shuffle lookup (scheduled or not) was built with."""
+    return int(func.attrs["tvm_lut.mb"])

@@ -1,4 +1,4 @@
-"""The ``tvm-lut`` command line: compile, run, report, demo."""
+"""The ``tvm-lut`` command line: compile, tune, run, report, demo."""
 
 from __future__ import annotations
 
@@ -58,6 +58,11 @@ def cmd_compile(args) -> int:
         if kwargs["budget"].startswith("max-drop") and "labels" not in calib:
             raise CalibrationError(f"--budget {args.budget} needs a 'labels' array in {args.calib} "
                                    "(or use --budget min-removed=FRACTION)")
+    kwargs["lookup"] = args.lookup
+    if args.db:
+        if not os.path.isfile(os.path.join(args.db, "database_workload.json")):
+            raise OptionError(f"--db {args.db}: no tuning database there (run 'tvm-lut tune ... --db {args.db}' first)")
+        kwargs["database"] = args.db
     if args.codebooks:
         from .lutnn import load_codebooks
 
@@ -69,6 +74,40 @@ def cmd_compile(args) -> int:
 
     print(format_report(manifest["report"]))
     print(f"\nwrote {args.out}/ (model.so, params.bin, manifest.json, report.json)")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    """LUTify the model as ``compile`` would, then tune its lookup kernels with MetaSchedule + XGBoost."""
+    from relay_passes import LUTify
+    from tir_schedules import tuning
+
+    from . import frontend, graph, options
+    from .build import resolve_target
+    from .calibrate import normalize_inputs
+
+    if args.trials < 1:
+        raise OptionError(f"--trials must be >= 1, got {args.trials}")
+    tgt = resolve_target(args.target)
+    calib = _load_npz(args.calib, "calibration")
+    mod = frontend.load_model(args.model, batch=args.batch, shape_dict=_parse_shapes(args.input_shape) or None)
+    inputs = normalize_inputs({k: v for k, v in calib.items() if k != "labels"}, graph.input_signature(mod["main"]))
+    pass_ = LUTify(calibration=inputs, k=args.k, v=args.v, distance=args.distance, layers=options.parse_cli(args.layer),
+                   all_layers=args.all_layers, lookup=args.lookup, target=tgt, schedule=False,
+                   progress=not args.quiet)
+    lut = pass_(mod)
+    results = tuning.tune_module_kernels(lut, tgt, args.db, args.trials, progress=not args.quiet, seed=args.seed)
+    if not results:
+        print("no tunable lookup kernels in this model (no layer became a PQ lookup)")
+        return 0
+    print(f"{'kernel':<40} {'role':<15} {'hand us':>9} {'tuned us':>9} {'speedup':>8} {'trials':>6}")
+    for r in results:
+        tuned = "-" if r.tuned_us is None else f"{r.tuned_us:9.1f}"
+        speed = "-" if r.speedup is None else f"{r.speedup:7.2f}x"
+        print(f"{r.name:<40} {r.role:<15} {r.hand_us:9.1f} {tuned:>9} {speed:>8} {r.trials:6d}")
+    with open(os.path.join(args.db, "tune_report.json"), "w") as f:
+        json.dump([r.__dict__ for r in results], f, indent=1)
+    print(f"\ndatabase: {args.db}/ (reuse with: tvm-lut compile ... --db {args.db})")
     return 0
 
 
@@ -148,8 +187,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-calib-rows", type=int, default=16384, help="rows per layer used for k-means")
     c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    c.add_argument("--lookup", default="auto", choices=["auto", "shuffle", "gather"],
+                   help="table readout kernel: byte shuffles (pshufb) or gathers (default auto: shuffles when they apply)")
+    c.add_argument("--db", default=None, metavar="DIR", help="use kernels tuned by 'tvm-lut tune --db DIR'")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compile)
+
+    t = sub.add_parser("tune", help="tune a model's lookup kernels with MetaSchedule (XGBoost cost model)")
+    t.add_argument("model", help="model file: .onnx or a torch.export.save'd .pt2")
+    t.add_argument("--calib", required=True, help=".npz with one array per model input (as for compile)")
+    t.add_argument("--db", required=True, metavar="DIR", help="tuning database directory (created or extended)")
+    t.add_argument("--trials", type=int, default=32, help="measured candidates per kernel variant (default 32)")
+    t.add_argument("--target", default="x86", help="target to tune for (default: x86, this host)")
+    t.add_argument("--k", type=int, default=16)
+    t.add_argument("--v", type=int, default=None)
+    t.add_argument("--distance", default="l2", choices=["l2", "cosine", "l1"])
+    t.add_argument("--layer", action="append", default=[], metavar="NAME:OPTS", help="per-layer options, as for compile")
+    t.add_argument("--all-layers", action="store_true")
+    t.add_argument("--lookup", default="auto", choices=["auto", "shuffle", "gather"])
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x32x32")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    t.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("run", help="run a compiled artifact on a dataset")
     r.add_argument("artifact", help="artifact directory written by 'compile'")

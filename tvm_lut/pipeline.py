@@ -141,6 +141,8 @@ def compile_and_measure(
         "accuracy": None,
         "latency": None,
     }
+    if pass_.database:
+        report["tuning"] = {"database": pass_.database, "tuned_kernels": list(pass_.tuned)}
     if pass_.priority:
         report["priority_mask"] = {k: v for k, v in pass_.priority.items() if k not in ("scores", "decision")}
     if held is not None:
@@ -154,8 +156,9 @@ def compile_and_measure(
         profile.measure_layers(pass_._plans, tgt)
         e_ms, l_ms = exact_run.latency_ms(), lut_run.latency_ms()
         report["latency"] = {"exact_ms": e_ms, "lut_ms": l_ms, "speedup": e_ms / l_ms, "batch": lut_run.batch,
-                             "threads": default_threads(), "note": "per batch; both builds untuned "
-                             "(TVM default CPU lowering for non-LUT ops)"}
+                             "threads": default_threads(), "note": "per batch; LUT kernels hand-scheduled "
+                             + ("or tuned (see tuning); " if pass_.tuned else "; ")
+                             + "exact layers and other ops: TVM default CPU lowering, untuned"}
     outputs = output_names or _output_names(lut_mod)
     manifest = {
         "source": source,

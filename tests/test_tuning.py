@@ -1,0 +1,87 @@
+"""MetaSchedule tuning of the lookup kernels (XGBoost cost model), the database, and ``tvm-lut tune``.
+
+A handful of trials per kernel keeps this in the default suite; the speed comparison of tuned vs hand
+schedules lives in ``benchmarks/speed.py``.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+from tir_schedules import kernels, shuffle, tuning, x86
+from tvm_lut import cli, pq
+
+TARGET = x86.host_target()
+
+
+def test_pitfall_fixes_stub_intrinsics_and_keep_codes_in_range():
+    tuning.stub_tensor_intrins()
+    assert type(sys.modules["tvm.s_tir.tensor_intrin.cuda"]).__name__ == "module"
+    args = tuning.alloc_argument(tvm.cpu(), [["TENSOR", "int32", [4, 3]], ["TENSOR", "float32", [5]]], 2)
+    assert len(args) == 2 and not args[0][0].numpy().any()  # row offsets / codes 0: always in range
+    assert args[0][1].numpy().std() > 0
+
+
+def test_tuned_shuffle_kernel_is_bit_exact_and_reused_from_the_database(tmp_path):
+    n, c, m = 200, 9, 40
+    func = shuffle.lookup(n, c, m, 64, 4)
+    db = str(tmp_path / "db")
+    tuning.tune_kernel(func, TARGET, db, trials=8)
+    assert os.path.isfile(os.path.join(db, "database_tuning_record.json"))
+    got = tuning.best_from_database(func, TARGET, db)
+    assert got is not None and got[1] > 0
+    tuned = tuning.apply_database(func, TARGET, db)  # what LUTify(database=...) takes
+    assert tuned is not None and shuffle.tile_of(tuned) == 4
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (n, c))
+    tab = rng.integers(-127, 128, (c, 16, m)).astype(np.int8)
+    scale, bias = rng.random(m).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+    ex = tvm.compile(tvm.IRModule({"main": tuned.with_attr("global_symbol", "main")}), TARGET)
+    args = [tvm.runtime.tensor(a) for a in (pq.pack_codes(codes, 64, shuffle.padded_pairs(c)),
+                                            shuffle.pack_tables(tab, 4), scale, bias, np.zeros((m, n), np.float32))]
+    ex["main"](*args)
+    np.testing.assert_array_equal(args[-1].numpy().T, pq.dequantize(pq.accumulate(codes, tab), scale, bias))
+    # a kernel of another shape has no record: the hand schedule is used
+    assert tuning.apply_database(shuffle.lookup(n + 1, c, m, 64, 4), TARGET, db) is None
+
+
+def test_gather_accumulate_space_tunes(tmp_path):
+    func = kernels.accumulate(128, 8, 16, 64)
+    db = str(tmp_path / "db")
+    tuning.tune_kernel(func, TARGET, db, trials=4)
+    assert tuning.best_from_database(func, TARGET, db) is not None
+
+
+def test_cli_tune_then_compile_with_db(tmp_path, small_cnn, small_inputs, monkeypatch, capsys):
+    monkeypatch.setattr(tuning, "SHUFFLE_TILES", (4,))  # one register tile: keeps the test short
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(small_cnn, (torch.zeros(1, 3, 8, 8),), str(path), input_names=["image"],
+                      output_names=["logits"], dynamo=False)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=small_inputs)
+    db = str(tmp_path / "db")
+    assert cli.main(["tune", str(path), "--calib", str(calib), "--db", db, "--trials", "4", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "shuffle_lookup" in out and "hand us" in out
+    report = json.load(open(os.path.join(db, "tune_report.json")))
+    assert report and all(r["trials"] >= 4 for r in report)
+    tuned_dir, plain_dir = str(tmp_path / "tuned"), str(tmp_path / "plain")
+    assert cli.main(["compile", str(path), "--calib", str(calib), "-o", tuned_dir, "--db", db, "-q", "--no-latency"]) == 0
+    assert cli.main(["compile", str(path), "--calib", str(calib), "-o", plain_dir, "-q", "--no-latency"]) == 0
+    rep = json.load(open(os.path.join(tuned_dir, "report.json")))
+    assert rep["tuning"]["database"] == db and rep["tuning"]["tuned_kernels"]
+    x = tmp_path / "x.npz"
+    np.savez(x, image=small_inputs[:8])
+    for d in (tuned_dir, plain_dir):
+        assert cli.main(["run", d, "--input", str(x), "--output", os.path.join(d, "y.npz")]) == 0
+    a, b = (np.load(os.path.join(d, "y.npz")) for d in (tuned_dir, plain_dir))
+    np.testing.assert_array_equal(a[a.files[0]], b[b.files[0]])  # same tables and codes: same outputs
+    # a database directory that does not exist: clear error, no artifact
+    bad = str(tmp_path / "bad")
+    assert cli.main(["compile", str(path), "--calib", str(calib), "-o", bad, "--db", str(tmp_path / "nodb"), "-q"]) == 2
+    assert "no tuning database" in capsys.readouterr().err and not os.path.exists(bad)

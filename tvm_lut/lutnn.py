@@ -157,14 +157,21 @@ class _LUTLayer(nn.Module):
         else:
             codes = self.encode(sub)  # exactly the compiled kernel's scores and order
         # lookup: int8-valued tables summed over codebooks (exact in float32: |sum| <= 127*C < 2^24),
-        # then one scale multiply per output, as the compiled epilogue does
+        # then one scale multiply (+ bias) per output, as the compiled epilogue does
         idx = codes + torch.arange(c) * k
         acc = F.embedding_bag(idx, tq.reshape(c * k, -1), mode="sum")
-        y = acc * scale
-        if smooth is not None:
-            y = smooth + (y - smooth).detach()  # forward value: the lookup; backward: straight-through
+        # acc * scale + bias rounded once, like the kernels' fused multiply-add (pq.dequantize)
+        hard = acc.detach().double() * scale.detach().double()
         if self.bias is not None:
-            y = y + self.bias
+            hard = hard + self.bias.detach().double()
+        hard = hard.float()
+        if smooth is None:  # inference
+            return self.unrows(hard, ctx)
+        if self.bias is not None:
+            smooth = smooth + self.bias
+        # forward value: the lookup (bit for bit wherever hard and smooth are within 2x, Sterbenz);
+        # backward: straight through the smooth reconstruction
+        y = smooth + (hard - smooth).detach()
         return self.unrows(y, ctx)
 
 

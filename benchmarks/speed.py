@@ -1,0 +1,440 @@
+"""Speed of the LUT kernels and models against exact TVM (untuned and MetaSchedule-tuned), PyTorch eager
+and ONNX Runtime, side by side in one run on this machine.
+
+    python benchmarks/speed.py [--quick] [--trials 64] [--threads 1,2] [--only kernel,e2e]
+
+Phase 1 (this process) builds every variant once and exports it (``benchmarks/results/cache/speed``):
+
+* kernel level, one linear layer ``x (N, D) @ W (D, M)`` (K=16, V=4 so C=D/4), on the issue's shapes
+  (N=1024, D in {256, 576, 1152}, M in {64, 128, 256}) and MADDNESS's (N=1024, D=128, M=256, C=32):
+  the LUT layer as deployed (packed-code encoder + shuffle lookup + transpose to (N, M)), the LUT
+  kernels alone (encoder + lookup, hand schedule and tuned), TVM's exact dense untuned and tuned with
+  MetaSchedule/XGBoost with the same trial budget as the LUT kernels, and ``torch.nn.functional.linear``;
+* end to end: a ResNet-18-class CIFAR model (64-512 channels), a ResNet-20-class one (16-64) and LeNet-5
+  (random weights: speed does not depend on them), batch 1 and 32: LUT model (every conv/dense but the
+  first conv; narrow layers with M <= K=16, i.e. the 10-way classifiers, stay exact as LUTify's default),
+  exact TVM default build, exact TVM tuned
+  (MetaSchedule over all its tasks, ``--e2e-trials`` per task), PyTorch eager and ONNX Runtime.
+
+Phase 2 measures everything in one fresh subprocess per thread count (``TVM_NUM_THREADS``, torch and ORT
+set to the same count), so 1- and 2-thread figures come from the same builds. Times are medians of
+repeated runs in ms; machines are noisy, so read the ratios within one run. Writes JSON, a markdown
+table and a PNG next to it (``benchmarks/results/speed.*``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+CACHE = os.path.join(HERE, "results", "cache", "speed")
+
+KERNEL_SHAPES = [(1024, 256, 64), (1024, 256, 128), (1024, 256, 256), (1024, 576, 64), (1024, 576, 128),
+                 (1024, 576, 256), (1024, 1152, 64), (1024, 1152, 128), (1024, 1152, 256), (1024, 128, 256)]
+QUICK_KERNEL_SHAPES = [(1024, 256, 128), (1024, 128, 256)]
+SHUFFLE_CEILING_PER_CYCLE = 1  # byte shuffles retired per cycle assumed for the ceiling (RESEARCH.md §2)
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 1: build
+# ----------------------------------------------------------------------------------------------
+
+
+def _export(ex, params, inputs, path: str) -> dict:
+    """Export an executable, its weight arguments and sample inputs; returns the entry the worker reads."""
+    ex.export_library(path + ".so")
+    np.savez(path + ".npz", **{f"p{i}": v for i, (_, v) in enumerate(params)},
+             **{f"x{i}": v for i, v in enumerate(inputs)})
+    return {"so": path + ".so", "npz": path + ".npz", "n_params": len(params), "n_inputs": len(inputs)}
+
+
+def _stub_builder():
+    from tvm.s_tir import meta_schedule as ms
+
+    from tir_schedules import tuning
+
+    tuning.stub_tensor_intrins()
+    return ms.builder.LocalBuilder(max_workers=2, timeout_sec=90, initializer=tuning.stub_tensor_intrins)
+
+
+def tune_exact(mod, target, work_dir: str, trials_per_task: int):
+    """MetaSchedule (XGBoost) tuning of an exact model's ops; returns the tuned executable and params."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvm_lut.build import split_params
+
+    stripped, params = split_params(mod)
+    tasks = ms.relax_integration.extract_tasks(stripped, target)
+    db = ms.relax_integration.tune_relax(
+        stripped, {}, target, work_dir, max_trials_global=trials_per_task * len(tasks),
+        max_trials_per_task=trials_per_task, num_trials_per_iter=min(16, trials_per_task),
+        builder=_stub_builder(),
+        runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0)),
+        cost_model=ms.cost_model.XGBModel(num_warmup_samples=0, extractor="per-store-feature"),
+        strategy=ms.search_strategy.EvolutionarySearch(population_size=128, init_min_unmeasured=16, genetic_num_iters=2),
+        seed=0)
+    ex = ms.relax_integration.compile_relax(db, stripped, target, params=None)
+    return ex, params, len(tasks)
+
+
+def _lut_layer_kernels(lut_mod):
+    from tvm import tirx
+
+    from tir_schedules.kernels import KERNEL_ATTR
+
+    return {str(f.attrs[KERNEL_ATTR]): f for _, f in lut_mod.functions.items()
+            if isinstance(f, tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs}
+
+
+def build_kernels(shapes, trials: int, target) -> list[dict]:
+    import torch
+    from torch import nn
+
+    import tvm_lut
+    from tir_schedules import shuffle, tuning, x86
+    from tvm_lut.build import compile_with_params
+
+    out = []
+    rng = np.random.default_rng(0)
+    for n, d, m in shapes:
+        tag = f"linear_n{n}_d{d}_m{m}"
+        _log(f"kernel {tag}: building")
+        layer = nn.Linear(d, m).eval()
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        mod = tvm_lut.from_torch(layer, torch.from_numpy(x))
+        entry = {"N": n, "D": d, "M": m, "V": 4, "C": d // 4, "K": 16, "torch": {"d": d, "m": m, "n": n}}
+        # LUT layer as deployed, hand schedule
+        p = tvm_lut.LUTify(calibration=x, all_layers=True, v=4, progress=False, target=target)
+        lut = p(mod)
+        entry["lut_kernel"] = p.layers[0]["kernel"]
+        ex, params = compile_with_params(lut, target)
+        entry["lut_layer"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_lut"))
+        # the two kernels alone: hand schedule vs tuned (same trial budget as the exact dense)
+        ks = _lut_layer_kernels(tvm_lut.LUTify(calibration=x, all_layers=True, v=4, progress=False, target=target,
+                                               schedule=False)(mod))
+        db = os.path.join(CACHE, "db_lut")
+        entry["kernels"] = {}
+        for role, f in ks.items():
+            rec = {"hand_us": tuning._measure_us(x86.schedule(f), target)}
+            if role in tuning.SPACES and trials:
+                t0 = time.time()
+                variants = ([shuffle.retile(f, mb) for mb in tuning.SHUFFLE_TILES]
+                            if role == "shuffle_lookup" else [f])
+                for v in variants:
+                    if tuning.best_from_database(v, target, db) is None:
+                        tuning.tune_kernel(v, target, db, trials)
+                best = tuning.apply_database(f, target, db)
+                rec["tuned_us"] = tuning._measure_us(best, target) if best is not None else None
+                rec["tuning_s"] = time.time() - t0
+                rec["trials"] = trials * len(variants)
+            entry["kernels"][role] = rec
+        # exact dense: untuned and tuned
+        ex, params = compile_with_params(mod, target)
+        entry["tvm_untuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_exact"))
+        if trials:
+            t0 = time.time()
+            ex, params, _ = tune_exact(mod, target, os.path.join(CACHE, "db_exact_" + tag), trials)
+            entry["tvm_tuning_s"] = time.time() - t0
+            entry["tvm_tuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_exact_tuned"))
+        out.append(entry)
+    return out
+
+
+E2E = {  # name: (models class, constructor kwargs, input shape, layers kept exact)
+    "ResNet-18 (CIFAR)": ("CifarResNet", {"widths": [64, 128, 256, 512], "blocks": 2}, (3, 32, 32), ["conv1"]),
+    "ResNet-20 (CIFAR)": ("CifarResNet", {}, (3, 32, 32), ["conv1"]),
+    "LeNet-5 (MNIST)": ("LeNet5", {}, (1, 28, 28), []),
+}
+
+
+def _make_model(cls_name: str, kwargs: dict):
+    import torch
+
+    from tvm_lut import models
+
+    torch.manual_seed(0)
+    return getattr(models, cls_name)(**kwargs).eval()
+
+
+def build_e2e(names, batches, e2e_trials: int, target) -> list[dict]:
+    import torch
+
+    import tvm_lut
+    from tvm_lut.build import compile_with_params
+
+    out = []
+    rng = np.random.default_rng(1)
+    for name in names:
+        cls_name, kwargs, shape, exclude = E2E[name]
+        model = _make_model(cls_name, kwargs)
+        calib = rng.standard_normal((256, *shape)).astype(np.float32)
+        for batch in batches:
+            tag = f"{name.split(' ')[0]}_b{batch}"
+            _log(f"end to end {name} batch {batch}: building")
+            x = calib[:batch]
+            mod = tvm_lut.from_torch(model, torch.from_numpy(x))
+            p = tvm_lut.LUTify(calibration=calib, progress=False, target=target,
+                               layers={e: "exact" for e in exclude})
+            lut = p(mod)
+            entry = {"model": name, "batch": batch, "class": cls_name, "kwargs": kwargs, "shape": list(shape),
+                     "lut_layers": sum(r["method"] == "pq" for r in p.layers), "layers": len(p.layers),
+                     "kernels": sorted({r.get("kernel", "") for r in p.layers if r["method"] == "pq"})}
+            ex, params = compile_with_params(lut, target)
+            entry["lut"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_lut"))
+            ex, params = compile_with_params(mod, target)
+            entry["tvm_untuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_exact"))
+            if e2e_trials:
+                t0 = time.time()
+                ex, params, n_tasks = tune_exact(mod, target, os.path.join(CACHE, "db_exact_" + tag), e2e_trials)
+                entry["tvm_tuning_s"], entry["tvm_tasks"] = time.time() - t0, n_tasks
+                entry["tvm_tuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_exact_tuned"))
+            onnx_path = os.path.join(CACHE, tag + ".onnx")
+            torch.onnx.export(model, (torch.from_numpy(x),), onnx_path, input_names=["x"], output_names=["y"],
+                              dynamo=False)
+            entry["onnx"] = onnx_path
+            np.save(os.path.join(CACHE, tag + "_x.npy"), x)
+            entry["x"] = os.path.join(CACHE, tag + "_x.npy")
+            out.append(entry)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 2: measure (one subprocess per thread count)
+# ----------------------------------------------------------------------------------------------
+
+
+def _tvm_ms(art: dict, number: int = 20) -> float:
+    import tvm
+    from tvm import relax
+
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(tvm.runtime.load_module(art["so"]), dev)
+    data = np.load(art["npz"])
+    args = ([tvm.runtime.tensor(data[f"x{i}"], dev) for i in range(art["n_inputs"])]
+            + [tvm.runtime.tensor(data[f"p{i}"], dev) for i in range(art["n_params"])])
+    vm["main"](*args)
+    once = time.perf_counter()
+    vm["main"](*args)
+    once = time.perf_counter() - once
+    number = int(min(max(0.3 / max(once, 1e-6), 1), 2000))
+    res = vm.time_evaluator("main", dev, number=number, repeat=5)(*args)
+    return float(np.median(res.results) * 1e3)
+
+
+def _median_ms(fn, budget_s: float = 0.3) -> float:
+    fn()
+    t = time.perf_counter()
+    fn()
+    once = time.perf_counter() - t
+    number = int(min(max(budget_s / max(once, 1e-6), 1), 2000))
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t) / number)
+    return float(np.median(times) * 1e3)
+
+
+def measure(plan: dict, threads: int) -> dict:
+    import onnxruntime as ort
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    res = {"threads": threads, "kernel": [], "e2e": []}
+    rng = np.random.default_rng(0)
+    for e in plan["kernel"]:
+        r = {k: e[k] for k in ("N", "D", "M", "V", "C", "K", "lut_kernel")}
+        r["lut_layer_ms"] = _tvm_ms(e["lut_layer"])
+        r["tvm_untuned_ms"] = _tvm_ms(e["tvm_untuned"])
+        r["tvm_tuned_ms"] = _tvm_ms(e["tvm_tuned"]) if "tvm_tuned" in e else None
+        x = torch.from_numpy(rng.standard_normal((e["N"], e["D"])).astype(np.float32))
+        w = torch.from_numpy(rng.standard_normal((e["M"], e["D"])).astype(np.float32))
+        b = torch.zeros(e["M"])
+        with torch.no_grad():
+            r["torch_ms"] = _median_ms(lambda: F.linear(x, w, b))
+        res["kernel"].append(r)
+    for e in plan["e2e"]:
+        r = {k: e[k] for k in ("model", "batch", "lut_layers", "layers", "kernels")}
+        r["lut_ms"] = _tvm_ms(e["lut"])
+        r["tvm_untuned_ms"] = _tvm_ms(e["tvm_untuned"])
+        r["tvm_tuned_ms"] = _tvm_ms(e["tvm_tuned"]) if "tvm_tuned" in e else None
+        x = np.load(e["x"])
+        model = _make_model(e["class"], e["kwargs"])
+        with torch.no_grad():
+            xt = torch.from_numpy(x)
+            r["torch_ms"] = _median_ms(lambda: model(xt))
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(e["onnx"], so, providers=["CPUExecutionProvider"])
+        r["ort_ms"] = _median_ms(lambda: sess.run(None, {"x": x}))
+        res["e2e"].append(r)
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def _cpu_mhz() -> float:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return max(float(l.split(":")[1]) for l in f if l.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
+    def fmt(v):
+        if v is None:
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    head = "| " + " | ".join(h for _, h in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    return "\n".join([head, sep] + ["| " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |" for r in rows])
+
+
+def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
+    mhz = _cpu_mhz()
+    lanes = {"shuffle-avx512bw": 64, "shuffle-avx2": 32, "shuffle-ssse3": 16}
+    kern_info = {(e["N"], e["D"], e["M"]): e for e in plan["kernel"]}
+    md = [f"# Speed, {platform.processor() or platform.machine()} ({mhz:.0f} MHz nominal), one run\n"]
+    for run in runs:
+        t = run["threads"]
+        for r in run["kernel"]:
+            info = kern_info[(r["N"], r["D"], r["M"])]
+            ks = info["kernels"]
+            lookups = r["N"] * r["C"] * r["M"]
+            look = ks.get("shuffle_lookup", {})
+            best = min(v for v in (look.get("hand_us"), look.get("tuned_us")) if v) if look else None
+            r["lookup_hand_us"], r["lookup_tuned_us"] = look.get("hand_us"), look.get("tuned_us")
+            r["encode_us"] = ks.get("encode", {}).get("hand_us")
+            r["tuning_improves"] = (look.get("tuned_us") is not None and look["tuned_us"] < look["hand_us"])
+            r["kernels_ms"] = ((r["encode_us"] or 0) + (best or 0)) / 1e3 if best else None
+            if best and mhz == mhz:
+                per_cycle = lookups / (best * 1e-6 * mhz * 1e6)
+                r["lookups_per_cycle"] = per_cycle
+                r["ceiling_frac"] = per_cycle / (lanes.get(r["lut_kernel"], 64) * SHUFFLE_CEILING_PER_CYCLE)
+            r["vs_tvm_tuned"] = r["tvm_tuned_ms"] / r["lut_layer_ms"] if r["tvm_tuned_ms"] else None
+            r["vs_torch"] = r["torch_ms"] / r["lut_layer_ms"]
+            r["kernels_vs_torch"] = r["torch_ms"] / r["kernels_ms"] if r.get("kernels_ms") else None
+        md.append(f"\n## Kernel: one linear layer, {t} thread(s) (ms; ratios > 1: LUT faster)\n")
+        md.append(_table(run["kernel"], [
+            ("N", "N"), ("D", "D"), ("M", "M"), ("C", "C"), ("lut_layer_ms", "LUT layer"),
+            ("kernels_ms", "LUT kernels"), ("encode_us", "encode µs"), ("lookup_hand_us", "lookup hand µs"),
+            ("lookup_tuned_us", "lookup tuned µs"), ("tvm_untuned_ms", "TVM exact"),
+            ("tvm_tuned_ms", "TVM exact tuned"), ("torch_ms", "PyTorch"), ("vs_tvm_tuned", "× TVM tuned"),
+            ("vs_torch", "× PyTorch"), ("lookups_per_cycle", "lookups/cycle"), ("ceiling_frac", "of ceiling")]))
+        for r in run["e2e"]:
+            r["vs_tvm_tuned"] = r["tvm_tuned_ms"] / r["lut_ms"] if r["tvm_tuned_ms"] else None
+            r["vs_tvm_untuned"] = r["tvm_untuned_ms"] / r["lut_ms"]
+            r["vs_ort"] = r["ort_ms"] / r["lut_ms"]
+            r["vs_torch"] = r["torch_ms"] / r["lut_ms"]
+        md.append(f"\n## End to end, {t} thread(s) (ms per batch; ratios > 1: LUT faster)\n")
+        md.append(_table(run["e2e"], [
+            ("model", "model"), ("batch", "batch"), ("lut_ms", "LUT"), ("tvm_untuned_ms", "TVM exact"),
+            ("tvm_tuned_ms", "TVM exact tuned"), ("torch_ms", "PyTorch"), ("ort_ms", "ONNX Runtime"),
+            ("vs_tvm_tuned", "× TVM tuned"), ("vs_ort", "× ORT"), ("vs_torch", "× PyTorch")]))
+    md.append("\nLUT kernels = packed-code encoder + shuffle lookup (the better of hand and tuned schedule), "
+              "output (M, N); LUT layer = the deployed layer incl. the transpose to (N, M) and VM call. "
+              f"Ceiling = lanes x {SHUFFLE_CEILING_PER_CYCLE} shuffle/cycle at the nominal clock.\n")
+    return {"machine": {"cpu_mhz": mhz, "platform": platform.platform()}, "runs": runs,
+            "build": {"kernel": [{k: v for k, v in e.items() if k in ("N", "D", "M", "kernels", "tvm_tuning_s")}
+                                 for e in plan["kernel"]],
+                      "e2e": [{k: v for k, v in e.items() if k in ("model", "batch", "tvm_tuning_s", "tvm_tasks")}
+                              for e in plan["e2e"]]}}, "\n".join(md)
+
+
+def _chart(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = result["runs"][0]
+    rows = run["e2e"]
+    if not rows:
+        return
+    labels = [f"{r['model'].split(' ')[0]}\nb{r['batch']}" for r in rows]
+    keys = [("lut_ms", "LUT"), ("tvm_tuned_ms", "TVM tuned"), ("torch_ms", "PyTorch"), ("ort_ms", "ORT")]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    w = 0.2
+    for i, (k, name) in enumerate(keys):
+        ax.bar(np.arange(len(rows)) + i * w, [r.get(k) or 0 for r in rows], w, label=name)
+    ax.set_xticks(np.arange(len(rows)) + 1.5 * w, labels)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"ms per batch ({run['threads']} thread)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="two kernel shapes, ResNet-20 and LeNet, batch 1")
+    ap.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per kernel (LUT and exact dense)")
+    ap.add_argument("--e2e-trials", type=int, default=32, help="trials per task when tuning exact models")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--only", default="kernel,e2e")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "speed"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:  # phase 2 in a fresh process
+        plan = json.load(open(args.worker))
+        json.dump(measure(plan, int(os.environ["TVM_NUM_THREADS"])), sys.stdout)
+        return
+    from tir_schedules import tuning, x86
+
+    tuning.stub_tensor_intrins()
+    os.makedirs(CACHE, exist_ok=True)
+    target = x86.host_target()
+    only = set(args.only.split(","))
+    t0 = time.time()
+    plan = {"kernel": [], "e2e": []}
+    if "kernel" in only:
+        plan["kernel"] = build_kernels(QUICK_KERNEL_SHAPES if args.quick else KERNEL_SHAPES, args.trials, target)
+    if "e2e" in only:
+        names = ["ResNet-20 (CIFAR)", "LeNet-5 (MNIST)"] if args.quick else list(E2E)
+        plan["e2e"] = build_e2e(names, [1] if args.quick else [1, 32], args.e2e_trials, target)
+    build_s = time.time() - t0
+    plan_path = os.path.join(CACHE, "plan.json")
+    json.dump(plan, open(plan_path, "w"))
+    runs = []
+    for t in [int(s) for s in args.threads.split(",")]:
+        _log(f"measuring with {t} thread(s)")
+        env = dict(os.environ, TVM_NUM_THREADS=str(t), OMP_NUM_THREADS=str(t))
+        proc = subprocess.run([sys.executable, __file__, "--worker", plan_path], env=env, capture_output=True,
+                              text=True, check=True)
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    result, md = summarize(plan, runs)
+    result["build_s"] = build_s
+    result["settings"] = {"trials": args.trials, "e2e_trials": args.e2e_trials, "quick": args.quick}
+    print(md)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(args.out + ".md", "w") as f:
+        f.write(md + "\n")
+    _chart(result, args.out + ".png")
+    _log(f"wrote {args.out}.json/.md/.png (build {build_s:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

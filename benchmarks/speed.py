@@ -76,16 +76,21 @@ def tune_exact(mod, target, work_dir: str, trials_per_task: int):
 
     from tvm_lut.build import split_params
 
+    from tvm import relax
+
     stripped, params = split_params(mod)
-    tasks = ms.relax_integration.extract_tasks(stripped, target)
+    fused = relax.get_pipeline("zero")(stripped)  # legalize + fuse: the tasks MetaSchedule tunes
+    tasks = ms.relax_integration.extract_tasks(fused, target)
     db = ms.relax_integration.tune_relax(
-        stripped, {}, target, work_dir, max_trials_global=trials_per_task * len(tasks),
+        fused, {}, target, work_dir, max_trials_global=trials_per_task * len(tasks),
         max_trials_per_task=trials_per_task, num_trials_per_iter=min(16, trials_per_task),
         builder=_stub_builder(),
         runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=0)),
         cost_model=ms.cost_model.XGBModel(num_warmup_samples=0, extractor="per-store-feature"),
         strategy=ms.search_strategy.EvolutionarySearch(population_size=128, init_min_unmeasured=16, genetic_num_iters=2),
         seed=0)
+    # compile_relax runs its own legalize/fuse pipeline: give it the unfused module (given the fused one
+    # it finds no matching workloads and silently builds the untuned kernels)
     ex = ms.relax_integration.compile_relax(db, stripped, target, params=None)
     return ex, params, len(tasks)
 

@@ -559,7 +559,7 @@ class _LookupRewriter(PyExprMutator):
 
     def _emit_shuffle(self, plan: _Plan, x, as_output: bool):
         """Packed-code encoder (fused with im2col for a conv) -> shuffle lookup with the scale and bias
-        in its epilogue -> (M, rows) back to the layer's layout.
+        in its epilogue, writing (M, rows) for a conv (NCHW at batch 1) and (rows, M) for a dense layer.
 
         L1 (PECAN-D) convs keep the separate im2col kernel: the fused patch addressing divides by
         constants, which LLVM compiles to integer multiplies, and the L1 encoder must have none."""
@@ -567,7 +567,8 @@ class _LookupRewriter(PyExprMutator):
         tag, rows = _ident(layer.name), layer.rows
         isa = next(i for i in shuffle.ISAS if plan.record["kernel"] == f"shuffle-{i.name}")
         c, k, v, m, lanes = q.num_codebooks, q.k, q.v, q.m, isa.lanes
-        pairs, mb = shuffle.padded_pairs(c), shuffle.DEFAULT_TILE
+        rows_major = layer.kind != "conv2d"  # a dense layer's (rows, M); a conv's (M, rows) is NCHW already
+        pairs, mb = shuffle.padded_pairs(c), shuffle.DEFAULT_TILE_ROWS_MAJOR if rows_major else shuffle.DEFAULT_TILE
         cents, offsets = q.encoder_operands()
         if layer.kind == "conv2d" and q.distance != "l1":
             cv = layer.conv
@@ -581,14 +582,15 @@ class _LookupRewriter(PyExprMutator):
         packed = bb.emit(relax.call_tir(
             enc, [src, relax.const(np.ascontiguousarray(cents.transpose(0, 2, 1))), relax.const(offsets)],
             relax.TensorType((shuffle.num_row_blocks(rows, lanes), pairs, lanes), "uint8")))
-        look, look_func = self._kernel_func(("shuffle", rows, c, m, lanes), f"lut_lookup_{tag}",
-                                            lambda: shuffle.lookup(rows, c, m, lanes, mb, isa.intrinsic))
+        look, look_func = self._kernel_func(("shuffle", rows, c, m, lanes, rows_major), f"lut_lookup_{tag}",
+                                            lambda: shuffle.lookup(rows, c, m, lanes, mb, isa.intrinsic,
+                                                                   rows_major=rows_major))
         mb = shuffle.tile_of(look_func)  # a tuned kernel may use another register tile: tables follow it
         bias = q.bias if q.bias is not None else np.zeros(m, np.float32)
         y = bb.emit(relax.call_tir(look, [packed, relax.const(shuffle.pack_tables(q.tables, mb)),
                                          relax.const(q.scale.astype(np.float32)),
                                          relax.const(bias.astype(np.float32))],
-                                   relax.TensorType((m, rows), "float32")))
+                                   relax.TensorType((rows, m) if rows_major else (m, rows), "float32")))
         steps = []
         if layer.kind == "conv2d":
             n_, _, oh, ow = layer.output_shape
@@ -597,10 +599,8 @@ class _LookupRewriter(PyExprMutator):
             else:
                 steps.append(lambda y: relax.op.reshape(y, (m, n_, oh, ow)))
                 steps.append(lambda y: relax.op.permute_dims(y, [1, 0, 2, 3]))
-        else:
-            steps.append(lambda y: relax.op.permute_dims(y, [1, 0]))
-            if len(layer.output_shape) != 2:
-                steps.append(lambda y: relax.op.reshape(y, layer.output_shape))
+        elif len(layer.output_shape) != 2:
+            steps.append(lambda y: relax.op.reshape(y, layer.output_shape))
         return self._epilogue(layer, y, steps, None, as_output, rows_layout=False)
 
     def _rows(self, plan: _Plan, x, width: int):

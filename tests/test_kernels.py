@@ -105,9 +105,10 @@ def test_host_has_a_shuffle_isa():
     assert shuffle.isa_for(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) is None
 
 
+@pytest.mark.parametrize("rows_major", [False, True])
 @pytest.mark.parametrize("scheduled", [False, True])
 @pytest.mark.parametrize("shape", SHUFFLE_SHAPES)
-def test_shuffle_lookup_bit_exact(scheduled, shape):
+def test_shuffle_lookup_bit_exact(scheduled, shape, rows_major):
     n, c, m, lanes, mb = shape
     rng = np.random.default_rng(sum(shape))
     codes = rng.integers(0, 16, (n, c)).astype(np.int32)
@@ -115,11 +116,13 @@ def test_shuffle_lookup_bit_exact(scheduled, shape):
     tab[0, 0, 0], tab[-1, -1, -1] = -127, 127  # extremes of the int8 range
     scale = rng.random(m).astype(np.float32)
     bias = rng.standard_normal(m).astype(np.float32)
-    f = shuffle.lookup(n, c, m, lanes, mb)
+    f = shuffle.lookup(n, c, m, lanes, mb, rows_major=rows_major)
     f = x86.schedule(f) if scheduled else f
     got = _run(f, pq.pack_codes(codes, lanes, shuffle.padded_pairs(c)), shuffle.pack_tables(tab, mb), scale, bias,
-               out_shape=(m, n), out_dtype="float32")
-    np.testing.assert_array_equal(got.T, pq.dequantize(pq.accumulate(codes, tab), scale, bias))
+               out_shape=(n, m) if rows_major else (m, n), out_dtype="float32")
+    np.testing.assert_array_equal(got if rows_major else got.T, pq.dequantize(pq.accumulate(codes, tab), scale, bias))
+    if rows_major:
+        return
     bare = _run(shuffle.lookup(n, c, m, lanes, mb, epilogue=False), pq.pack_codes(codes, lanes, shuffle.padded_pairs(c)),
                 shuffle.pack_tables(tab, mb), scale, bias, out_shape=(m, n), out_dtype="float32")
     np.testing.assert_array_equal(bare.T, pq.accumulate(codes, tab).astype(np.float32))

@@ -37,6 +37,7 @@ from tvm.script import tirx as T
 from .kernels import _opaque
 
 DEFAULT_TILE = 4  # outputs per register tile of the hand schedule (measured best of 2/4/8/16 at C=32)
+DEFAULT_TILE_ROWS_MAJOR = 8  # rows-major stores write mb floats per row: wider tiles store less often
 CODEBOOK_BLOCK = 256  # codebooks summed in uint16 before the int32 flush: 255 * 256 < 65536
 
 
@@ -96,13 +97,17 @@ def pack_tables(tables_q: np.ndarray, mb: int) -> np.ndarray:
 
 
 def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str | None = None,
-           epilogue: bool = True) -> tirx.PrimFunc:
+           epilogue: bool = True, rows_major: bool = False) -> tirx.PrimFunc:
     """The shuffle accumulate for ``n`` rows, ``c`` codebooks (K=16), ``m`` outputs: packed codes
     ``(ceil(n/lanes), pairs, lanes)`` uint8 and ``pack_tables`` -> ``y (m, n)`` float32.
 
     One schedulable block per (row block, output tile of ``mb``); MetaSchedule tunes how those are tiled,
     ordered, parallelised and unrolled (``tuning.shuffle_space``); ``mb`` (the register tile) is a
     template parameter: it sets how many accumulators live in registers.
+
+    ``rows_major=True`` writes ``y (n, m)`` instead (a dense layer's layout): each tile is dequantised into
+    a small local buffer and stored row by row, ``mb`` contiguous outputs per row, which costs far less than
+    a separate transpose of the whole output.
     """
     isa = {i.lanes: i for i in ISAS}[lanes]
     intrinsic = intrinsic or isa.intrinsic
@@ -116,6 +121,8 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
     bias_total = 128 * 2 * pairs
     full_rows = n % lanes == 0
     u16 = f"uint16x{half}"
+    y_shape = (n, m) if rows_major else (m, n)
+    full_tiles = m % mb == 0
 
     def ramp(base, width):
         return tirx.Ramp(base, 1, width)
@@ -145,7 +152,7 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
         tables: T.Buffer((m_pad, pairs * 2, 16), "uint8"),
         scale: T.Buffer((m,), "float32"),
         bias: T.Buffer((m,), "float32"),
-        y: T.Buffer((m, n), "float32"),
+        y: T.Buffer(y_shape, "float32"),
     ):
         for b, ot in T.grid(nb, mt):
             with T.sblock("lookup"):
@@ -180,8 +187,23 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
                             - T.shift_left(acc_hi[i, T.ramp(0, 1, half)], T.Broadcast(T.uint16(8), half)))
                         sum_hi[i, T.ramp(0, 1, half)] = sum_hi[i, T.ramp(0, 1, half)] + T.Cast(
                             f"int32x{half}", acc_hi[i, T.ramp(0, 1, half)])
+                if rows_major:
+                    tile = T.sblock_alloc_buffer((lanes, mb), "float32", scope="local")
+                    for i in T.unroll(mb):
+                        for r in T.vectorized(half):
+                            tile[r, i] = dequant(T.Cast("float32", sum_lo[i, r]), scale, bias, T.min(vot * mb + i, m - 1), 1)
+                            tile[half + r, i] = dequant(T.Cast("float32", sum_hi[i, r]), scale, bias,
+                                                        T.min(vot * mb + i, m - 1), 1)
+                    for r in range(lanes):
+                        if vb * lanes + r < n:
+                            if full_tiles:
+                                y[vb * lanes + r, T.ramp(vot * mb, 1, mb)] = tile[r, T.ramp(0, 1, mb)]
+                            else:
+                                for i in range(mb):
+                                    if vot * mb + i < m:
+                                        y[vb * lanes + r, vot * mb + i] = tile[r, i]
                 for i in T.unroll(mb):
-                    if vot * mb + i < m:
+                    if not rows_major and vot * mb + i < m:
                         if full_rows or vb * lanes + lanes <= n:
                             y[vot * mb + i, T.ramp(vb * lanes, 1, half)] = dequant(
                                 T.Cast(f"float32x{half}", sum_lo[i, T.ramp(0, 1, half)]), scale, bias, vot * mb + i, half)
@@ -200,13 +222,15 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
     # given here it is the number of table lookups plus the per-output FMA
     return (_opaque(func, "shuffle_lookup").with_attr("estimated_flops", n * c * m + 2 * n * m)
             .with_attr("tvm_lut.shape", [n, c, m, lanes]).with_attr("tvm_lut.mb", mb)
-            .with_attr("tvm_lut.intrinsic", intrinsic).with_attr("tvm_lut.epilogue", int(epilogue)))
+            .with_attr("tvm_lut.intrinsic", intrinsic).with_attr("tvm_lut.epilogue", int(epilogue))
+            .with_attr("tvm_lut.rows_major", int(rows_major)))
 
 
 def retile(func: tirx.PrimFunc, mb: int) -> tirx.PrimFunc:
     """The same shuffle lookup built with another register tile ``mb`` (its tables pack to ``mb`` rows)."""
     n, c, m, lanes = (int(x) for x in func.attrs["tvm_lut.shape"])
-    return lookup(n, c, m, lanes, mb, str(func.attrs["tvm_lut.intrinsic"]), bool(int(func.attrs["tvm_lut.epilogue"])))
+    return lookup(n, c, m, lanes, mb, str(func.attrs["tvm_lut.intrinsic"]), bool(int(func.attrs["tvm_lut.epilogue"])),
+                  bool(int(func.attrs["tvm_lut.rows_major"])))
 
 
 def tile_of(func: tirx.PrimFunc) -> int:

@@ -90,6 +90,7 @@ def tune_model(mod, target, work_dir: str, trials_per_task: int):
     stripped, params = split_params(mod)
     fused = relax.get_pipeline("zero")(stripped)  # legalize + fuse: the tasks MetaSchedule tunes
     tasks = [t for t in ms.relax_integration.extract_tasks(fused, target) if not ours(t)]
+    os.makedirs(work_dir, exist_ok=True)
     db = ms.database.JSONDatabase(work_dir=work_dir)
     if tasks:
         ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(

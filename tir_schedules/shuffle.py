@@ -20,7 +20,8 @@ the shuffle for the same ports). Each 16-bit word holds two rows: byte ``2i`` is
 summed in uint16 (255 * 256 < 2^16), then added to int32 with the bias ``128 * codebooks`` removed, then
 ``y = float(acc) * scale + bias`` (one fused multiply-add per output: the only multiply of the kernel).
 
-Output is ``y[M, N]`` (outputs-major): for a convolution at batch 1 that is already NCHW.
+Output is ``y[M, N]`` (outputs-major: for a convolution at batch 1 that is already NCHW) or, with
+``rows_major``, ``y[N, M]`` (a dense layer's layout, stored from a small per-tile buffer).
 
 Numpy reference: ``tvm_lut.pq.pack_codes`` (the code layout) and ``tvm_lut.pq.accumulate`` (the sums).
 """

@@ -423,6 +423,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per kernel (LUT and exact dense)")
     ap.add_argument("--e2e-trials", type=int, default=32, help="trials per task when tuning exact models")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--shapes", default=None, metavar="N:D:M,...", help="kernel shapes instead of the default list")
     ap.add_argument("--only", default="kernel,e2e")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "speed"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -440,7 +441,10 @@ def main() -> None:
     t0 = time.time()
     plan = {"kernel": [], "e2e": []}
     if "kernel" in only:
-        plan["kernel"] = build_kernels(QUICK_KERNEL_SHAPES if args.quick else KERNEL_SHAPES, args.trials, target)
+        shapes = QUICK_KERNEL_SHAPES if args.quick else KERNEL_SHAPES
+        if args.shapes:
+            shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
+        plan["kernel"] = build_kernels(shapes, args.trials, target)
     if "e2e" in only:
         names = ["ResNet-20 (CIFAR)", "LeNet-5 (MNIST)"] if args.quick else list(E2E)
         plan["e2e"] = build_e2e(names, [1] if args.quick else [1, 32], args.e2e_trials, target)

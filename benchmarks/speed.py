@@ -423,6 +423,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=64, help="MetaSchedule trials per kernel (LUT and exact dense)")
     ap.add_argument("--e2e-trials", type=int, default=32, help="trials per task when tuning exact models")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--models", default=None, help="comma-separated prefixes of the end-to-end models (ResNet-18,...)")
+    ap.add_argument("--batches", default="1,32", help="end-to-end batch sizes")
     ap.add_argument("--shapes", default=None, metavar="N:D:M,...", help="kernel shapes instead of the default list")
     ap.add_argument("--only", default="kernel,e2e")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "speed"))
@@ -447,9 +449,12 @@ def main() -> None:
         plan["kernel"] = build_kernels(shapes, args.trials, target)
     if "e2e" in only:
         names = ["ResNet-20 (CIFAR)", "LeNet-5 (MNIST)"] if args.quick else list(E2E)
-        plan["e2e"] = build_e2e(names, [1] if args.quick else [1, 32], args.e2e_trials, target)
+        if args.models:
+            names = [n for n in E2E if any(n.startswith(p) for p in args.models.split(","))]
+        batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
+        plan["e2e"] = build_e2e(names, batches, args.e2e_trials, target)
     build_s = time.time() - t0
-    plan_path = os.path.join(CACHE, "plan.json")
+    plan_path = os.path.join(CACHE, f"plan_{os.path.basename(args.out)}.json")
     json.dump(plan, open(plan_path, "w"))
     runs = []
     for t in [int(s) for s in args.threads.split(",")]:

@@ -95,7 +95,7 @@ def tune_model(mod, target, work_dir: str, trials_per_task: int):
     if tasks:
         ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, work_dir, strategy=ms.search_strategy.EvolutionarySearch(
-                population_size=128, init_min_unmeasured=16, genetic_num_iters=2), num_threads=2, seed=0)
+                population_size=64, init_min_unmeasured=8, genetic_num_iters=1), num_threads=2, seed=0)
         db = ms.tune_tasks(
             tasks=ctxs, task_weights=weights, work_dir=work_dir, max_trials_global=trials_per_task * len(ctxs),
             max_trials_per_task=trials_per_task, num_trials_per_iter=min(16, trials_per_task),
@@ -428,6 +428,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, metavar="N:D:M,...", help="kernel shapes instead of the default list")
     ap.add_argument("--only", default="kernel,e2e")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "speed"))
+    ap.add_argument("--measure-only", action="store_true",
+                    help="skip phase 1: measure the builds of the last run with the same --out again")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:  # phase 2 in a fresh process
@@ -442,6 +444,10 @@ def main() -> None:
     only = set(args.only.split(","))
     t0 = time.time()
     plan = {"kernel": [], "e2e": []}
+    plan_path = os.path.join(CACHE, f"plan_{os.path.basename(args.out)}.json")
+    if args.measure_only:
+        plan = json.load(open(plan_path))
+        only = set()
     if "kernel" in only:
         shapes = QUICK_KERNEL_SHAPES if args.quick else KERNEL_SHAPES
         if args.shapes:
@@ -454,8 +460,8 @@ def main() -> None:
         batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
         plan["e2e"] = build_e2e(names, batches, args.e2e_trials, target)
     build_s = time.time() - t0
-    plan_path = os.path.join(CACHE, f"plan_{os.path.basename(args.out)}.json")
-    json.dump(plan, open(plan_path, "w"))
+    if not args.measure_only:
+        json.dump(plan, open(plan_path, "w"))
     runs = []
     for t in [int(s) for s in args.threads.split(",")]:
         _log(f"measuring with {t} thread(s)")

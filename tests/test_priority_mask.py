@@ -67,7 +67,9 @@ def test_max_drop_is_met_on_unseen_data(lenet):
 
 def test_max_drop_converts_what_fits(lenet):
     """A budget just above the best-ranked layer's own validation drop (+ margin) converts at least it;
-    just below converts nothing (whatever the trained LeNet turned out to be on this machine)."""
+    just below, whatever is converted still meets the budget (usually nothing; a longer prefix of the
+    ranking can fit where its first layer alone does not, when the layers' errors partly cancel: that
+    depends on the LeNet this machine trained)."""
     mod, calib, _ = lenet
     probe = PriorityMask(calib, "max-drop=100", distance="l1", progress=False)
     everything, = probe.sweep(mod, ["max-drop=100"])
@@ -78,7 +80,7 @@ def test_max_drop_converts_what_fits(lenet):
     assert above["converted"][:1] == [first]
     assert above["val_drop"] + above["val_drop_margin"] <= need + 0.01
     if need >= 0.01:
-        assert below["converted"] == []
+        assert below["converted"] == [] or below["val_drop"] + below["val_drop_margin"] <= need - 0.01, below
 
 
 def test_min_removed_and_separate_pass(lenet):

@@ -142,7 +142,7 @@ def build_kernels(shapes, trials: int, target) -> list[dict]:
         db = os.path.join(CACHE, "db_lut")
         entry["kernels"] = {}
         for role, f in ks.items():
-            rec = {"hand_us": tuning._measure_us(x86.schedule(f), target)}
+            rec = {"hand_us": tuning.measure_us(x86.schedule(f), target)}
             if role in tuning.SPACES and trials:
                 t0 = time.time()
                 variants = ([shuffle.retile(f, mb) for mb in tuning.SHUFFLE_TILES]
@@ -151,7 +151,7 @@ def build_kernels(shapes, trials: int, target) -> list[dict]:
                     if tuning.best_from_database(v, target, db) is None:
                         tuning.tune_kernel(v, target, db, trials)
                 best = tuning.apply_database(f, target, db)
-                rec["tuned_us"] = tuning._measure_us(best, target) if best is not None else None
+                rec["tuned_us"] = tuning.measure_us(best, target) if best is not None else None
                 rec["tuned_tile"] = shuffle.tile_of(best) if best is not None and role == "shuffle_lookup" else None
                 rec["tuning_s"] = time.time() - t0
                 rec["trials"] = trials * len(variants)

@@ -507,7 +507,8 @@ class _LookupRewriter(PyExprMutator):
             tuned = None
             if self.database and tuning.tunable(func):
                 tuned = tuning.apply_database(func, self.target, self.database)
-                self.tuned.append(name) if tuned is not None else None
+                if tuned is not None:
+                    self.tuned.append(name)
             if tuned is not None:
                 func = tuned
             elif self.schedule:

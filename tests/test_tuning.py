@@ -85,3 +85,22 @@ def test_cli_tune_then_compile_with_db(tmp_path, small_cnn, small_inputs, monkey
     bad = str(tmp_path / "bad")
     assert cli.main(["compile", str(path), "--calib", str(calib), "-o", bad, "--db", str(tmp_path / "nodb"), "-q"]) == 2
     assert "no tuning database" in capsys.readouterr().err and not os.path.exists(bad)
+
+
+def test_bad_tuning_and_lookup_options_are_clear_errors(tmp_path, small_cnn, small_inputs, capsys):
+    import tvm_lut
+    from tvm_lut.errors import OptionError
+
+    with pytest.raises(OptionError, match="lookup='bogus'"):
+        tvm_lut.LUTify(calibration=small_inputs, lookup="bogus")
+    mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:1]))
+    with pytest.raises(OptionError, match="needs K=16"):  # shuffles index 16-entry tables
+        tvm_lut.LUTify(calibration=small_inputs, k=8, lookup="shuffle", progress=False)(mod)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(small_cnn, (torch.zeros(1, 3, 8, 8),), str(path), input_names=["image"],
+                      output_names=["logits"], dynamo=False)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=small_inputs)
+    db = tmp_path / "db"
+    assert cli.main(["tune", str(path), "--calib", str(calib), "--db", str(db), "--trials", "0", "-q"]) == 2
+    assert "--trials must be >= 1" in capsys.readouterr().err and not db.exists()

@@ -129,7 +129,7 @@ class TuneResult:
         return None if not self.tuned_us else self.hand_us / self.tuned_us
 
 
-def _measure_us(func: tirx.PrimFunc, target, number: int = 20) -> float:
+def measure_us(func: tirx.PrimFunc, target, number: int = 20) -> float:
     lib = tvm.compile(_workload(func), target)
     dev = tvm.cpu()
     args = alloc_argument(dev, [["TENSOR", b.dtype, [int(d) for d in b.shape]]
@@ -198,7 +198,7 @@ def tune_module_kernels(mod: tvm.IRModule, target, db_dir: str, trials: int, pro
         start = time.time()
         if progress:
             print(f"[{i + 1}/{len(funcs)}] tuning {name} ({role}), {trials} trials", file=sys.stderr, flush=True)
-        hand_us = _measure_us(x86.schedule(func), target)
+        hand_us = measure_us(x86.schedule(func), target)
         variants = [func]
         if role == "shuffle_lookup":
             variants = [shuffle.retile(func, mb) for mb in SHUFFLE_TILES]

@@ -169,8 +169,30 @@ def encoder_operands(centroids: np.ndarray, distance: str) -> tuple[np.ndarray, 
     raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
 
 
+def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``a * b + c`` for float32 operands, rounded once to float32, as a fused multiply-add instruction.
+
+    LLVM contracts the encoder's ``score - x * p`` into one FMA (``vfnmadd`` on x86, ``fmls`` on AArch64),
+    so the reference must round once too. The float64 product of two float32 is exact; the float64 sum is
+    made round-to-odd (Boldo and Melquiond's trick: 53 >= 24 + 2 bits), after which rounding to float32
+    is correctly rounded, with no double-rounding error."""
+    p = np.asarray(a, np.float32).astype(np.float64) * np.asarray(b, np.float32).astype(np.float64)
+    c64 = np.asarray(c, np.float32).astype(np.float64)
+    p, c64 = np.broadcast_arrays(p, c64)
+    t = p + c64
+    tb = t - p
+    err = (p - (t - tb)) + (c64 - tb)  # TwoSum: t + err == p + c exactly
+    t = np.array(t, dtype=np.float64, copy=True)
+    fix = (err != 0) & ((t.view(np.int64) & 1) == 0)  # inexact with an even last bit: step toward err
+    t[fix] = np.nextafter(t[fix], np.where(err[fix] > 0, np.inf, -np.inf))
+    return t.astype(np.float32)
+
+
 def encode_scores(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray, distance: str) -> np.ndarray:
-    """Per (row, subspace, centroid) score, accumulated over v in order like the kernel -> (N, C, K)."""
+    """Per (row, subspace, centroid) score, accumulated over v in order like the kernel -> (N, C, K).
+
+    L1 is sub, abs, add (exact IEEE operations, nothing to contract); the dot-product scores are one
+    fused multiply-add per element (``fma32``), as the compiled encoder computes them."""
     c_count, k, v = enc_centroids.shape
     xs = x.astype(np.float32).reshape(x.shape[0], c_count, 1, v)
     score = np.broadcast_to(offsets, (x.shape[0], c_count, k)).astype(np.float32)
@@ -178,7 +200,7 @@ def encode_scores(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray,
         if distance == "l1":
             score = score + np.abs(xs[..., i] - enc_centroids[None, :, :, i])
         else:
-            score = score - xs[..., i] * enc_centroids[None, :, :, i]
+            score = fma32(-xs[..., i], enc_centroids[None, :, :, i], score)
     return score
 
 

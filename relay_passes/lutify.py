@@ -47,6 +47,7 @@ from tvm_lut import calibrate, cost, graph, pq
 from tvm_lut import lowrank as lr
 from tvm_lut.errors import CalibrationError, OptionError
 from tvm_lut.options import LayerOptions, coerce
+from tvm_lut.targets import host_for, is_cam, resolve_target
 
 log = logging.getLogger("tvm_lut")
 
@@ -83,7 +84,10 @@ class LUTify:
     codebooks : learned centroids by layer name, each a (C, K, V) array or ``{"centroids", "distance"}``
         (``tvm_lut.lutnn.learned_codebooks``); those layers skip k-means and table refinement (tables are
         P.W of the model's weights, as in training) and are converted even when narrow.
-    target : where calibration runs and what the kernels are scheduled for (default: this x86 host).
+    target : what the kernels are chosen and scheduled for: ``"x86"`` (default, this host), ``"arm"``
+        (AArch64: NEON ``tbl`` shuffle lookups) or ``"cam"`` (each PQ layer's encode and table readout call
+        the CAM simulator, ``tvm_lut.cam``), or a TVM target; see ``tvm_lut.targets``. Calibration always
+        runs on this host.
     schedule : apply the hand schedules (``False`` leaves kernels for MetaSchedule).
     sequential : calibrate each layer on the inputs it sees once the layers before it are already
         lookups (one calibration run per layer; corrects compounding error). ``False`` calibrates all
@@ -277,7 +281,7 @@ class LUTify:
 
             opts = dict(k=self.defaults.k, v=self.defaults.v, distance=self.defaults.distance,
                         layers=self.layer_options, codebooks=self.codebooks, max_calibration_rows=self.max_rows)
-            pm = PriorityMask(self.calibration, self.budget, labels=self.labels, seed=self.seed, target=self.target,
+            pm = PriorityMask(self.calibration, self.budget, labels=self.labels, seed=self.seed, target=host_for(self.target),
                               progress=self.progress, **opts)
             mod = pm(mod)
             self._prefit.update(pm.pq_layers)
@@ -322,21 +326,45 @@ class LUTify:
         self.layers = [p.record for p in plans]
         self.pq_layers = {p.layer.name: p.pq_layer for p in todo}
         rewrite = todo + structured
+        self._rewritten = (mod, rewrite)
         out = _rewrite(mod, rewrite, self.schedule, self.database, self.target, self.tuned) if rewrite else mod
+        return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))
+
+    def retarget(self, target) -> tvm.IRModule:
+        """The model this pass last produced (same codebooks, tables and codes), with its kernels chosen and
+        hand-scheduled for another target: a cross-compiled (``arm``) build's accuracy is measured on the
+        host build of it. Layer records are left as they were for the pass's own target."""
+        if getattr(self, "_rewritten", None) is None:
+            raise RuntimeError("LUTify.retarget: run the pass on a module first")
+        mod, rewrite = self._rewritten
+        if not rewrite:
+            return mod.with_attr(LAYERS_ATTR, json.dumps(self.layers))
+        own_target, kernels_before = self.target, [p.record.get("kernel") for p in rewrite]
+        self.target = resolve_target(target)
+        try:
+            for p in rewrite:
+                if p.record["method"] == "pq":
+                    p.record["kernel"] = self._lookup_kernel(p)
+            out = _rewrite(mod, rewrite, True, None, self.target)
+        finally:
+            self.target = own_target
+            for p, k in zip(rewrite, kernels_before):
+                if k is not None:
+                    p.record["kernel"] = k
         return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))
 
     def _lookup_kernel(self, p: _Plan) -> str:
         """``"shuffle-<isa>"`` or ``"gather"`` for a PQ layer (see ``lookup``)."""
+        if is_cam(self.target):
+            return "cam"  # encode and readout on the CAM simulator (tvm_lut.cam)
         if self.lookup == "gather":
             return "gather"
-        from tvm_lut.build import resolve_target
-
         isa = shuffle.isa_for(resolve_target(self.target))
         k = p.pq_layer.k
         if self.lookup == "shuffle":
             if isa is None or k != 16:
                 raise OptionError(f"lookup='shuffle' for layer {p.layer.name!r} needs K=16 (got K={k}) and a target "
-                                  f"with byte shuffles (SSSE3/AVX2/AVX-512BW); got {self.target!r}")
+                                  f"with byte shuffles (SSSE3/AVX2/AVX-512BW, or NEON tbl); got {self.target!r}")
             return f"shuffle-{isa.name}"
         if isa is None or k != 16 or p.layer.rows < isa.lanes // 2:
             return "gather"
@@ -450,6 +478,7 @@ def _account(p: _Plan) -> None:
     if layer.weight is None or "d" not in r:
         return
     rows = layer.rows_per_sample
+    r["rows"] = layer.rows  # rows of one compiled batch (the kernels' N)
     has_bias = layer.bias is not None
     r["exact_ops"] = cost.exact_ops(rows, layer.d, layer.m, has_bias)
     r["weight_bytes"] = cost.weight_bytes(layer.d, layer.m, has_bias)
@@ -536,6 +565,8 @@ class _LookupRewriter(PyExprMutator):
             return self._emit_lowrank(plan, x, as_output)
         if plan.record.get("kernel", "gather").startswith("shuffle"):
             return self._emit_shuffle(plan, x, as_output)
+        if plan.record.get("kernel") == "cam":
+            return self._emit_cam(plan, x, as_output)
         layer, q = plan.layer, plan.pq_layer
         bb, tag = self.builder_, _ident(layer.name)
         c, k, v, m = q.num_codebooks, q.k, q.v, q.m
@@ -556,6 +587,29 @@ class _LookupRewriter(PyExprMutator):
         y = bb.emit_te(_dequantize, acc, relax.const(q.scale.astype(np.float32)),
                        relax.const((q.bias if q.bias is not None else np.zeros(m)).astype(np.float32)),
                        primfunc_name_hint=f"lut_dequantize_{tag}")
+        return self._epilogue(layer, y, [], None, as_output)
+
+    def _emit_cam(self, plan: _Plan, x, as_output: bool):
+        """``--target cam``: the layer's nearest-centroid search and table readout become calls of the CAM
+        simulator (``tvm_lut.cam``, resolved by name at run time); im2col and the dequantising epilogue stay
+        on the host, as in the gather path."""
+        from tvm_lut import cam
+
+        layer, q, bb = plan.layer, plan.pq_layer, self.builder_
+        c, m, rows = q.num_codebooks, q.m, layer.rows
+        x2 = self._rows(plan, x, c * q.v)
+        cents, offsets = q.encoder_operands()
+        name = tvm.ir.StringImm(layer.name)
+        addr = bb.emit(relax.call_dps_packed(
+            cam.SEARCH_FUNC, [x2, relax.const(np.ascontiguousarray(cents.transpose(0, 2, 1))), relax.const(offsets),
+                              tvm.ir.StringImm(q.distance), relax.prim_value(m), name],
+            relax.TensorType((rows, c), "int32")))
+        acc = bb.emit(relax.call_dps_packed(cam.READOUT_FUNC, [addr, relax.const(q.tables.reshape(-1)),
+                                                               relax.prim_value(m), name],
+                                            relax.TensorType((rows, m), "int32")))
+        y = bb.emit_te(_dequantize, acc, relax.const(q.scale.astype(np.float32)),
+                       relax.const((q.bias if q.bias is not None else np.zeros(m)).astype(np.float32)),
+                       primfunc_name_hint=f"lut_dequantize_{_ident(layer.name)}")
         return self._epilogue(layer, y, [], None, as_output)
 
     def _emit_shuffle(self, plan: _Plan, x, as_output: bool):

@@ -1,7 +1,8 @@
 """Shuffle-lookup accumulate: the PQ table readout done by byte shuffles (``pshufb``), codes packed two per byte.
 
 With K=16 one codebook's int8 table column (16 entries for one output) fits a 128-bit register, and a byte
-shuffle looks up one entry per byte lane: 16 (SSSE3), 32 (AVX2) or 64 (AVX-512BW) rows per instruction
+shuffle looks up one entry per byte lane: 16 (SSSE3, or NEON ``tbl`` on AArch64), 32 (AVX2) or 64
+(AVX-512BW) rows per instruction
 (RESEARCH.md §2, the MADDNESS/LUT-NN orientation). Per 64-row block and tile of ``mb`` outputs::
 
     codes  = packed[b, pair, :]                 # 64 bytes: low nibble = codebook 2p, high = 2p+1
@@ -55,6 +56,9 @@ ISAS = (
     ShuffleISA("avx512bw", 64, "llvm.x86.avx512.pshuf.b.512"),
     ShuffleISA("avx2", 32, "llvm.x86.avx2.pshuf.b"),
     ShuffleISA("ssse3", 16, "llvm.x86.ssse3.pshuf.b.128"),
+    # AArch64 ``tbl`` (one-register table): an index >= 16 reads 0 where pshufb tests bit 7; our
+    # indices are nibbles (0..15), so both compute the same lookup
+    ShuffleISA("neon", 16, "llvm.aarch64.neon.tbl1.v16i8"),
 )
 
 
@@ -62,9 +66,11 @@ def isa_for(target: tvm.target.Target) -> ShuffleISA | None:
     """The widest byte shuffle ``target`` has, or None (then the gather accumulate is used)."""
     if str(target.kind.name) != "llvm":
         return None
+    if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
+        return ISAS[-1]  # NEON is mandatory on AArch64
     from tvm.target import codegen
 
-    for isa in ISAS:
+    for isa in ISAS[:-1]:
         try:
             if codegen.target_has_features(isa.name, target):
                 return isa
@@ -110,7 +116,7 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
     a small local buffer and stored row by row, ``mb`` contiguous outputs per row, which costs far less than
     a separate transpose of the whole output.
     """
-    isa = {i.lanes: i for i in ISAS}[lanes]
+    isa = next(i for i in ISAS if i.lanes == lanes)  # the default intrinsic for that width (x86)
     intrinsic = intrinsic or isa.intrinsic
     half = lanes // 2
     pairs = padded_pairs(c)

@@ -58,14 +58,16 @@ def staging_dir(out: str) -> str:
     return tmp
 
 
-def save(out: str, executable, params: list[tuple[str, np.ndarray]], manifest: dict) -> None:
-    """Write an artifact directory atomically."""
+def save(out: str, executable, params: list[tuple[str, np.ndarray]], manifest: dict, target="x86") -> None:
+    """Write an artifact directory atomically (``model.so`` built with the compiler ``target`` needs)."""
     import tvm
+
+    from .targets import export_library
 
     tmp = staging_dir(out)
     try:
         so = os.path.join(tmp, "model.so")
-        executable.export_library(so)
+        export_library(executable, so, target)
         pbin = os.path.join(tmp, "params.bin")
         tvm.runtime.save_param_dict_to_file({n: tvm.runtime.tensor(np.ascontiguousarray(v)) for n, v in params}, pbin)
         manifest = dict(manifest)
@@ -80,6 +82,13 @@ def save(out: str, executable, params: list[tuple[str, np.ndarray]], manifest: d
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def verify(path: str, manifest: dict) -> None:
+    """Check the files' SHA-256 against the manifest (before anything loads the shared library)."""
+    for name, digest in manifest["sha256"].items():
+        if _sha256(os.path.join(path, name)) != digest:
+            raise ArtifactError(f"{path}/{name}: SHA-256 does not match the manifest (corrupt or tampered)")
 
 
 def read_manifest(path: str) -> dict:
@@ -116,9 +125,14 @@ class Model:
 
         self.path = path
         self.manifest = read_manifest(path)
-        for name, digest in self.manifest["sha256"].items():
-            if _sha256(os.path.join(path, name)) != digest:
-                raise ArtifactError(f"{path}/{name}: SHA-256 does not match the manifest (corrupt or tampered)")
+        verify(path, self.manifest)
+        target = self.manifest.get("target_name", "x86")
+        if target == "arm":
+            raise ArtifactError(f"{path}: built for aarch64 ({self.manifest.get('target')}); this process cannot "
+                                "load it. Run it on an aarch64 TVM runtime, e.g. over RPC: 'tvm-lut run "
+                                f"{path} --farm HOST:PORT --key arm64 ...' (see 'tvm-lut farm')")
+        if target == "cam":
+            from . import cam  # noqa: F401  (registers the simulator functions the .so calls by name)
         try:
             params = tvm.runtime.load_param_dict_from_file(os.path.join(path, "params.bin"))
             lib = tvm.runtime.load_module(os.path.join(path, "model.so"))

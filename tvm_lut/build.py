@@ -15,23 +15,8 @@ import tvm
 from tvm import relax
 
 from . import graph
-from .errors import TargetError
 
-#: Target names the CLI and ``build`` accept. ARM and the simulated CAM come with their own issue.
-TARGETS = ("x86",)
-
-
-def resolve_target(target) -> tvm.target.Target:
-    """A target name ("x86"), a target dict, or a ``tvm.target.Target`` -> ``tvm.target.Target``."""
-    if isinstance(target, tvm.target.Target):
-        return target
-    if isinstance(target, dict):
-        return tvm.target.Target(target)
-    if target in ("x86", "llvm", "host", None):
-        from tir_schedules.x86 import host_target
-
-        return host_target()
-    raise TargetError(f"unknown target {target!r}; supported: {', '.join(TARGETS)}")
+from .targets import TARGETS, resolve_target  # noqa: F401  (re-exported: the names users know)
 
 
 def split_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[tuple[str, np.ndarray]]]:

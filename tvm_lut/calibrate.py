@@ -17,7 +17,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from . import graph, pq
-from .build import BatchRunner, bind_params, resolve_target
+from .build import BatchRunner, bind_params
+from .targets import host_for
 from .errors import CalibrationError
 
 log = logging.getLogger("tvm_lut")
@@ -155,7 +156,7 @@ def collect(
     if not layers:
         return {}
     signature = graph.input_signature(mod["main"])
-    ex = tvm.compile(bind_params(instrument(mod, layers)), resolve_target(target))
+    ex = tvm.compile(bind_params(instrument(mod, layers)), host_for(target))
     runner = BatchRunner(ex, [], signature)
     n = len(next(iter(inputs.values())))
     keys = keys or [l.name for l in layers]

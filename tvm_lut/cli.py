@@ -44,6 +44,14 @@ def cmd_compile(args) -> int:
     from .build import resolve_target
 
     resolve_target(args.target)  # fail fast, before any work
+    cam_params = None
+    if args.cam_param and args.target != "cam":
+        raise OptionError(f"--cam-param applies to --target cam only (got --target {args.target})")
+    if args.cam_param:
+        from .cam import CAMParams
+
+        cam_params = CAMParams.parse_cli(args.cam_param)
+        CAMParams.from_env().with_overrides(cam_params)  # fail fast on an unknown name or a bad value
     layer_opts = options.parse_cli(args.layer)
     calib = _load_npz(args.calib, "calibration")
     mod = frontend.load_model(args.model, batch=args.batch, shape_dict=_parse_shapes(args.input_shape) or None)
@@ -68,7 +76,7 @@ def cmd_compile(args) -> int:
 
         kwargs["codebooks"] = load_codebooks(args.codebooks)
     manifest = pipeline.compile_to_dir(args.out, mod, calib, target=args.target, holdout=args.holdout,
-                                       seed=args.seed, source=os.path.basename(args.model),
+                                       seed=args.seed, source=os.path.basename(args.model), cam_params=cam_params,
                                        measure_latency=not args.no_latency, progress=not args.quiet, **kwargs)
     from .report import format_report
 
@@ -162,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="LUTify a model (.onnx or torch.export .pt2) and build it")
     c.add_argument("model", help="model file: .onnx or a torch.export.save'd .pt2")
     c.add_argument("--calib", required=True, help=".npz with one array per model input (+ optional 'labels')")
-    c.add_argument("--target", default="x86", help="compilation target (default: x86, this host)")
+    c.add_argument("--target", default="x86",
+                   help="x86 (default, this host), arm (aarch64 + NEON, cross-compiled) or cam (PQ layers on the "
+                        "CAM simulator)")
+    c.add_argument("--cam-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="--target cam: override a simulated device parameter (e.g. arrays=32; see tvm_lut/cam.py)")
     c.add_argument("-o", "--out", required=True, help="output artifact directory")
     c.add_argument("--k", type=int, default=16, help="centroids per codebook (default 16)")
     c.add_argument("--v", type=int, default=None, help="subvector length (default: 9 for 3x3 convs, else 4)")

@@ -16,7 +16,8 @@ import tvm
 from relay_passes import LUTify
 
 from . import artifact, graph
-from .build import BatchRunner, compile_with_params, default_threads, resolve_target
+from .build import BatchRunner, compile_with_params, default_threads
+from .targets import host_for, is_cam, name_of, resolve_target, runs_on_host
 from .calibrate import normalize_inputs
 from .errors import CalibrationError
 from .frontend import OUTPUT_NAMES_ATTR
@@ -110,12 +111,14 @@ def compile_and_measure(
     measure_latency: bool = True,
     progress: bool = True,
     evaluation: tuple | None = None,
+    cam_params: dict | None = None,
     **lutify_options,
 ) -> tuple[object, list, dict]:
     """LUTify ``mod`` on ``calibration`` and build it; returns (executable, params, manifest).
 
     ``evaluation=(inputs, labels)`` measures accuracy on that data instead of a held-out part of the
-    calibration data.
+    calibration data. ``cam_params`` ({name: value}) overrides the CAM simulator's device parameters in
+    the report of a ``cam`` build.
     """
     tgt = resolve_target(target)
     signature = graph.input_signature(mod["main"])
@@ -129,12 +132,18 @@ def compile_and_measure(
     lut_mod = pass_(mod)
     layers = pass_.layers
     lut_ex, lut_params = compile_with_params(lut_mod, tgt)
-    exact_ex, exact_params = compile_with_params(mod, tgt)
-    lut_run = BatchRunner(lut_ex, [v for _, v in lut_params], signature)
+    # accuracy and latency runs happen here: a cross build (arm) is measured through a host build of the
+    # same tables (tests/test_arm.py checks that both predict the same); the exact model always on the host
+    host = host_for(tgt)
+    on_host = runs_on_host(tgt)
+    run_ex = lut_ex if on_host else compile_with_params(pass_.retarget(host), host)[0]
+    exact_ex, exact_params = compile_with_params(mod, host)
+    lut_run = BatchRunner(run_ex, [v for _, v in lut_params], signature)
     exact_run = BatchRunner(exact_ex, [v for _, v in exact_params], signature)
     report: dict = {
         "model": source,
         "target": str(tgt),
+        "target_name": name_of(tgt),
         "batch": lut_run.batch,
         "layers": layers,
         "totals": totals(layers),
@@ -150,7 +159,18 @@ def compile_and_measure(
         acc_l, pred_l = _accuracy(lut_run, held, labels)
         report["accuracy"] = {"exact": acc_e, "lut": acc_l, "drop": acc_e - acc_l, "rows": int(len(labels)),
                               "agreement": float((pred_e == pred_l).mean() * 100.0)}
-    if measure_latency:
+        if not on_host:
+            report["accuracy"]["measured_on"] = f"host build of the same tables ({name_of(host)})"
+    if is_cam(tgt):
+        from . import cam
+
+        report["cam"] = cam.model_report(layers, cam.CAMParams.from_env().with_overrides(cam_params or {}))
+    if measure_latency and not on_host:
+        report["latency_note"] = f"not measured: {name_of(tgt)} code does not run here (emulated timings " \
+                                 "would say nothing about the device)"
+    elif measure_latency and is_cam(tgt):
+        report["latency_note"] = "not measured: the CAM layers run in a simulator; see cam (cycles, energy)"
+    elif measure_latency:
         from . import profile
 
         profile.measure_layers(pass_._plans, tgt)
@@ -163,6 +183,7 @@ def compile_and_measure(
     manifest = {
         "source": source,
         "target": str(tgt),
+        "target_name": name_of(tgt),
         "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in signature],
         "outputs": outputs,
         "layers": layers,
@@ -187,5 +208,5 @@ def _output_names(mod: tvm.IRModule) -> list[str]:
 def compile_to_dir(out: str, mod: tvm.IRModule, calibration, **kwargs) -> dict:
     """``compile_and_measure`` and write the artifact to ``out`` atomically; returns the manifest."""
     ex, params, manifest = compile_and_measure(mod, calibration, **kwargs)
-    artifact.save(out, ex, params, manifest)
+    artifact.save(out, ex, params, manifest, target=kwargs.get("target", "x86"))
     return manifest

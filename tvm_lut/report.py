@@ -79,13 +79,19 @@ def format_report(report: dict, exact_counts: bool = False) -> str:
     acc = report.get("accuracy")
     if acc:
         out.append(f"accuracy on {acc['rows']} held-out rows: exact {acc['exact']:.2f}%  LUT {acc['lut']:.2f}%  "
-                   f"(drop {acc['drop']:+.2f} points, top-1 agreement {acc['agreement']:.1f}%)")
+                   f"(drop {acc['drop']:+.2f} points, top-1 agreement {acc['agreement']:.1f}%)"
+                   + (f"; measured on the {acc['measured_on']}" if acc.get("measured_on") else ""))
     else:
         out.append("accuracy: not measured (the calibration file has no 'labels' array)")
     lat = report.get("latency")
     if lat:
         out.append(f"latency per batch of {lat['batch']}, {lat['threads']} threads: exact {lat['exact_ms']:.3f} ms  "
                    f"LUT {lat['lut_ms']:.3f} ms  (x{lat['speedup']:.2f}; {lat['note']})")
+    if report.get("latency_note"):
+        out.append(f"latency: {report['latency_note']}")
+    if report.get("cam"):
+        out.append("")
+        out.append(_cam_table(report["cam"], num))
     pm = report.get("priority_mask")
     if pm:
         out.append("")
@@ -124,4 +130,30 @@ def _priority_table(report: dict, pm: dict) -> str:
     lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     lines.append("  similarity: cosine of LUT vs exact layer output; drop alone: validation accuracy drop with only "
                  "that layer converted; rank: order of conversion (least sensitive per multiply removed first)")
+    return "\n".join(lines)
+
+
+def _cam_table(cam: dict, num) -> str:
+    """``--target cam``: per PQ layer, what the CAM simulator does for one batch and what it costs."""
+    head = ("layer", "dist", "searches", "reads", "adds", "CAM mul", "host mul", "cycles", "time us", "energy nJ",
+            "arrays needed")
+    rows = [(l["layer"], l["distance"], num(l["searches"]), num(l["reads"]), num(l["adds"]), num(l["cam_mul"]),
+             num(l["host_mul"]), num(l["cycles"]), f"{l['time_us']:.2f}", f"{l['energy_nj']:.2f}",
+             str(l["arrays_used"]) + ("" if l.get("resident", True) else " (> device: reloads not modeled)"))
+            for l in cam["layers"]]
+    t = cam["total"]
+    rows.append(("TOTAL", "", num(t["searches"]), num(t["reads"]), num(t["adds"]), num(t["cam_mul"]),
+                 num(t["host_mul"]), num(t["cycles"]), f"{t['time_us']:.2f}", f"{t['energy_nj']:.2f}", ""))
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    p = cam["params"]
+    lines = ["CAM simulator, per batch (searches: one subvector against a codebook's K words; reads: one table row "
+             "of M int8):", fmt(head), fmt(["-" * w for w in widths])]
+    lines += [fmt(r) for r in rows[:-1]] + [fmt(["-" * w for w in widths]), fmt(rows[-1])]
+    lines.append(f"  device: {p['arrays']} arrays of {p['array_words']} words, {p['cell_bits']}-bit cells, "
+                 f"{p['cycles_per_search']} cycle/search, {p['read_bytes_per_cycle']} B/read cycle, "
+                 f"{p['clock_ghz']} GHz; {p['e_search_bit_fj']} fJ/bit/search, {p['e_read_byte_pj']} pJ/byte read, "
+                 f"{p['e_add_pj']} pJ/add (sources: tvm_lut/cam.py SOURCES; override with --cam-param NAME=VALUE)")
+    lines.append("  CAM mul: dot-product terms of an l2/cosine search (0 for l1, PECAN-D); host mul: the one "
+                 "scale-and-bias multiply-add per output, on the host CPU")
     return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""The targets tvm-lut compiles for, by name, and what each implies for building and exporting.
+
+========  ==========================================================  =====================================
+name      TVM target                                                  runs / exports
+========  ==========================================================  =====================================
+``x86``   this host's LLVM target (``mcpu`` from the host: cookbook    here; ``export_library`` with the
+          P3), ``num-cores`` for MetaSchedule                          host compiler
+``arm``   ``llvm -mtriple=aarch64-linux-gnu -mattr=+neon``: shuffle    on an aarch64 TVM runtime (over RPC:
+          lookups use NEON ``tbl`` (16 rows per instruction)            ``tvm-lut farm``); exported with the
+                                                                      aarch64 cross compiler
+``cam``   the host target with the ``cam`` key: each PQ layer's        here, with ``tvm_lut.cam`` imported
+          encode and table readout run on the CAM simulator            (the .so calls it by name)
+          (``tvm_lut.cam``), the rest of the model on the CPU
+========  ==========================================================  =====================================
+
+A ``tvm.target.Target`` or a target dict is accepted wherever a name is. Calibration and accuracy runs
+always happen on the host (``host_for``): a cross target only changes what the final build is for.
+"""
+
+from __future__ import annotations
+
+import os
+
+import tvm
+
+from .errors import TargetError
+
+TARGETS = ("x86", "arm", "cam")
+CAM_KEY = "cam"
+ARM_TRIPLE = "aarch64-linux-gnu"
+
+
+def arm_target(num_cores: int = 4, mcpu: str | None = None) -> tvm.target.Target:
+    """Generic AArch64 with NEON (mandatory on AArch64); ``mcpu`` e.g. ``cortex-a72`` or ``neoverse-n1``."""
+    spec = {"kind": "llvm", "mtriple": ARM_TRIPLE, "mattr": ["+neon"], "num-cores": num_cores}
+    if mcpu:
+        spec["mcpu"] = mcpu
+    return tvm.target.Target(spec)
+
+
+def cam_target() -> tvm.target.Target:
+    """The host target tagged with the ``cam`` key (``is_cam``): LUT layers are offloaded at build time."""
+    from tir_schedules.x86 import host_target
+
+    spec = dict(host_target().export())
+    spec["keys"] = [CAM_KEY, "cpu"]
+    return tvm.target.Target({k: v for k, v in spec.items() if not k.startswith("feature.")})
+
+
+def resolve_target(target) -> tvm.target.Target:
+    """A target name (``x86``, ``arm``, ``cam``), a target dict, or a ``tvm.target.Target`` -> Target."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        try:
+            return tvm.target.Target(target)
+        except Exception as exc:
+            raise TargetError(f"invalid target dict {target!r}: {exc}") from None
+    if target in ("x86", "llvm", "host", None):
+        from tir_schedules.x86 import host_target
+
+        return host_target()
+    if target in ("arm", "aarch64", "arm64"):
+        return arm_target()
+    if target == "cam":
+        return cam_target()
+    raise TargetError(f"unknown target {target!r}; supported: {', '.join(TARGETS)} (or a TVM target dict)")
+
+
+def is_cam(target) -> bool:
+    return CAM_KEY in [str(k) for k in resolve_target(target).keys]
+
+
+def is_arm(target) -> bool:
+    tgt = resolve_target(target)
+    return str(tgt.attrs.get("mtriple", "")).startswith("aarch64")
+
+
+def runs_on_host(target) -> bool:
+    """Whether code built for ``target`` runs in this (x86-64) process."""
+    tgt = resolve_target(target)
+    if str(tgt.kind.name) != "llvm":
+        return False
+    triple = str(tgt.attrs.get("mtriple", ""))
+    return triple == "" or triple.startswith("x86_64")
+
+
+def host_for(target) -> tvm.target.Target:
+    """Where calibration, priority-mask and accuracy runs happen for a build for ``target``: the target
+    itself when it runs here (minus the CAM offload), else this host."""
+    tgt = resolve_target(target)
+    if runs_on_host(tgt) and not is_cam(tgt):
+        return tgt
+    from tir_schedules.x86 import host_target
+
+    return host_target()
+
+
+def export_library(executable, path: str, target) -> None:
+    """``executable.export_library(path)`` with the compiler ``target`` needs (aarch64: the cross g++)."""
+    if is_arm(target):
+        import shutil
+
+        from tvm.support import cc
+
+        from .arm_emulator import CROSS_CXX
+
+        if shutil.which(CROSS_CXX) is None:
+            raise TargetError(f"exporting for {ARM_TRIPLE} needs the cross compiler {CROSS_CXX} "
+                              "(run 'tvm-lut farm setup-arm' or install g++-aarch64-linux-gnu)")
+        executable.export_library(path, fcompile=cc.cross_compiler(CROSS_CXX))
+        return
+    executable.export_library(path)
+
+
+def name_of(target) -> str:
+    """The short name a manifest records: ``x86``, ``arm``, ``cam`` or the target's string."""
+    tgt = resolve_target(target)
+    if is_cam(tgt):
+        return "cam"
+    if is_arm(tgt):
+        return "arm"
+    if runs_on_host(tgt):
+        return "x86"
+    return str(tgt)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

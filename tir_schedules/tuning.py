@@ -10,7 +10,13 @@ Each tunable kernel role has a design space written as a schedule function with 
 
 Records go to a ``JSONDatabase`` directory (``database_workload.json`` / ``database_tuning_record.json``)
 that later compiles reuse (``LUTify(database=DIR)``, ``tvm-lut compile --db DIR``) and later tuning runs
-extend. Two TVM 0.27 pitfalls are handled here (cookbook §4a): builder workers would import every
+extend. Tuning resumes: a kernel that already has ``trials`` valid records is skipped, one with fewer gets
+only the missing trials (MetaSchedule's evolutionary search starts from the best records already there).
+
+Measurements run locally, or on a device farm (``Farm``: the servers registered under one key with a
+TVM RPC tracker, ``tvm_lut.farm``) through MetaSchedule's ``RPCRunner``, one worker per server: when a
+server dies mid-run its trial fails, the others go on, and every completed record is already in the
+database. For an aarch64 farm the candidates are cross-compiled here and uploaded as shared libraries. Two TVM 0.27 pitfalls are handled here (cookbook §4a): builder workers would import every
 target's tensor intrinsics (~44 s each, so every build timed out): they are stubbed in the workers;
 and the runner's random int32 arguments would send the gather kernel's table offsets out of bounds:
 integer arguments are zero-filled (always in range) instead.
@@ -62,6 +68,67 @@ def alloc_argument(device, args_info, alloc_repeat: int):
             args.append(tvm.runtime.tensor(arr, device=device))
         out.append(args)
     return out
+
+
+@dataclass(frozen=True)
+class Farm:
+    """Where tuning measures: the servers registered under ``key`` with the tracker at ``address``."""
+
+    address: str  # HOST:PORT of the RPC tracker
+    key: str  # device kind, e.g. "x86" or "arm64"
+    session_timeout_s: int = 120
+
+    def rpc_config(self):
+        from tvm.s_tir import meta_schedule as ms
+
+        host, _, port = self.address.rpartition(":")
+        return ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=self.key,
+                                   session_timeout_sec=self.session_timeout_s)
+
+    def servers(self) -> int:
+        return self.rpc_config().count_num_servers(allow_missing=True)
+
+
+def _session_with_cpu_device(session):
+    """MetaSchedule asks a session for device ``"llvm"``, which this tvm-ffi rejects: map it to ``"cpu"``
+    (a subclass wrapping the session; patching the method kept sessions open until their timeout)."""
+    from tvm.rpc.client import RPCSession
+
+    class _Session(RPCSession):
+        def __init__(self, inner):
+            super().__init__(inner._sess)
+            self._inner = inner
+
+        def device(self, dev_type, dev_id=0):
+            return super().device("cpu" if str(dev_type) == "llvm" else dev_type, dev_id)
+
+    return _Session(session)
+
+
+def rpc_create_session(rpc_config):
+    return _session_with_cpu_device(rpc_config.connect_server())
+
+
+def rpc_alloc_argument(session, device, args_info, alloc_repeat: int):
+    """``alloc_argument`` for a remote device: integer buffers zero-filled, floats random, copied over RPC."""
+    return alloc_argument(device, args_info, alloc_repeat)
+
+
+def export_aarch64(mod) -> str:
+    """Builder export for an aarch64 farm: a shared library from the cross compiler (the default .tar
+    would be linked by the remote, which has no compiler)."""
+    import tempfile
+
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="tvm_lut_ms_"), "candidate.so")
+    mod.export_library(path, fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    return path
+
+
+def _is_aarch64(target) -> bool:
+    tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    return str(tgt.attrs.get("mtriple", "")).startswith("aarch64")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,35 +196,92 @@ class TuneResult:
         return None if not self.tuned_us else self.hand_us / self.tuned_us
 
 
-def measure_us(func: tirx.PrimFunc, target, number: int = 20) -> float:
+def measure_us(func: tirx.PrimFunc, target, number: int = 20, farm: Farm | None = None) -> float:
+    """Best of 3 repeats of ``number`` runs of a (scheduled) kernel, in microseconds: here, or on a server
+    of ``farm``."""
     lib = tvm.compile(_workload(func), target)
-    dev = tvm.cpu()
-    args = alloc_argument(dev, [["TENSOR", b.dtype, [int(d) for d in b.shape]]
-                                for b in func.params], 1)[0]
-    t = lib.mod.time_evaluator("main", dev, number=number, repeat=3)
-    return min(t(*args).results) * 1e6
+    info = [["TENSOR", b.dtype, [int(d) for d in b.shape]] for b in func.params]
+    if farm is None:
+        dev = tvm.cpu()
+        args = alloc_argument(dev, info, 1)[0]
+        t = lib.mod.time_evaluator("main", dev, number=number, repeat=3)
+        return min(t(*args).results) * 1e6
+    import tempfile
+
+    from tvm_lut.farm import request
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.so")
+        if _is_aarch64(target):
+            from tvm.support import cc
+
+            lib.export_library(path, fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+        else:
+            lib.export_library(path)
+        sess = request(farm.address, farm.key, farm.session_timeout_s)
+        sess.upload(path, "tvm_lut_hand_kernel.so")
+        rlib = sess.load_module("tvm_lut_hand_kernel.so")
+        dev = sess.cpu()
+        args = alloc_argument(dev, info, 1)[0]
+        t = rlib.time_evaluator("main", dev, number=number, repeat=3)
+        return min(t(*args).results) * 1e6
 
 
-def tune_kernel(func: tirx.PrimFunc, target, db_dir: str, trials: int, seed: int = 0) -> None:
-    """Tune one unscheduled kernel into the database at ``db_dir`` (appends to what is there)."""
+def valid_records(func: tirx.PrimFunc, db_dir: str) -> int:
+    """Successfully measured records of ``func``'s workload in the database (what a re-run resumes from)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if not os.path.isfile(os.path.join(db_dir, "database_workload.json")):
+        return 0
+    db = ms.database.JSONDatabase(work_dir=db_dir)
+    mod = _workload(func)
+    if not db.has_workload(mod):
+        return 0
+    wl = db.commit_workload(mod)
+    return sum(1 for r in db.get_all_tuning_records()
+               if r.workload.same_as(wl)  # JSONDatabase keeps one Workload object per structure
+               if r.run_secs and all(float(s) < 1e9 for s in r.run_secs))
+
+
+def tune_kernel(func: tirx.PrimFunc, target, db_dir: str, trials: int, seed: int = 0,
+                farm: Farm | None = None) -> int:
+    """Tune one unscheduled kernel into the database at ``db_dir`` (appends to what is there), up to
+    ``trials`` valid records in all; returns how many trials this call ran (0: already tuned)."""
     from tvm.s_tir import meta_schedule as ms
 
     stub_tensor_intrins()
     role = str(func.attrs[KERNEL_ATTR])
     os.makedirs(db_dir, exist_ok=True)
+    todo = trials - valid_records(func, db_dir)
+    if todo <= 0:
+        return 0
     workers = max(1, min(2, len(os.sched_getaffinity(0))))
+    evaluator = ms.runner.EvaluatorConfig(number=5, repeat=1, min_repeat_ms=0)
+    if farm is None:
+        runner = ms.runner.LocalRunner(evaluator_config=evaluator, f_alloc_argument=alloc_argument,
+                                       initializer=stub_tensor_intrins)
+    else:
+        servers = farm.servers()
+        if servers < 1:
+            from tvm_lut.errors import TargetError
+
+            raise TargetError(f"no server with key {farm.key!r} is registered at {farm.address}")
+        runner = ms.runner.RPCRunner(rpc_config=farm.rpc_config(), evaluator_config=evaluator,
+                                     f_create_session=rpc_create_session, f_alloc_argument=rpc_alloc_argument,
+                                     max_workers=servers, initializer=stub_tensor_intrins)
+    export = export_aarch64 if _is_aarch64(target) else None
     ms.tune_tir(
-        _workload(func), target, db_dir, max_trials_global=trials, num_trials_per_iter=min(8, trials),
-        builder=ms.builder.LocalBuilder(max_workers=workers, timeout_sec=60, initializer=stub_tensor_intrins),
-        runner=ms.runner.LocalRunner(
-            evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=1, min_repeat_ms=0),
-            f_alloc_argument=alloc_argument, initializer=stub_tensor_intrins),
+        _workload(func), target, db_dir, max_trials_global=todo, num_trials_per_iter=min(8, todo),
+        builder=ms.builder.LocalBuilder(max_workers=workers, timeout_sec=60, initializer=stub_tensor_intrins,
+                                        f_export=export),
+        runner=runner,
         database=ms.database.JSONDatabase(work_dir=db_dir),
         cost_model=ms.cost_model.XGBModel(num_warmup_samples=0, extractor="per-store-feature"),
         strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=8,
                                                        genetic_num_iters=1),
         space=ms.space_generator.ScheduleFn(SPACES[role], sch_rules=[], postprocs=[], mutator_probs={}),
         num_tuning_cores=workers, seed=seed)
+    return todo
 
 
 def best_from_database(func: tirx.PrimFunc, target, db_dir: str) -> tuple[tirx.PrimFunc, float] | None:
@@ -183,7 +307,7 @@ def best_from_database(func: tirx.PrimFunc, target, db_dir: str) -> tuple[tirx.P
 
 
 def tune_module_kernels(mod: tvm.IRModule, target, db_dir: str, trials: int, progress: bool = True,
-                        seed: int = 0) -> list[TuneResult]:
+                        seed: int = 0, farm: Farm | None = None) -> list[TuneResult]:
     """Tune every tunable kernel of a LUTified module (``LUTify(schedule=False)``) into ``db_dir``.
 
     Shuffle lookups are tuned once per register tile in ``SHUFFLE_TILES``, ``trials`` each. Returns one
@@ -197,19 +321,24 @@ def tune_module_kernels(mod: tvm.IRModule, target, db_dir: str, trials: int, pro
         role = str(func.attrs[KERNEL_ATTR])
         start = time.time()
         if progress:
-            print(f"[{i + 1}/{len(funcs)}] tuning {name} ({role}), {trials} trials", file=sys.stderr, flush=True)
-        hand_us = measure_us(x86.schedule(func), target)
+            where = f" on {farm.key} servers at {farm.address}" if farm else ""
+            print(f"[{i + 1}/{len(funcs)}] tuning {name} ({role}), up to {trials} trials per variant{where}",
+                  file=sys.stderr, flush=True)
+        hand_us = measure_us(x86.schedule(func), target, farm=farm)
         variants = [func]
         if role == "shuffle_lookup":
             variants = [shuffle.retile(func, mb) for mb in SHUFFLE_TILES]
         best = None
+        ran = 0
         for f in variants:
-            tune_kernel(f, target, db_dir, trials, seed)
+            ran += tune_kernel(f, target, db_dir, trials, seed, farm)
             got = best_from_database(f, target, db_dir)
-            if got is not None and (best is None or got[1] < best):
-                best = got[1]
-        res = TuneResult(name, role, hand_us, None if best is None else best * 1e6, trials * len(variants),
-                         time.time() - start)
+            if got is not None and (best is None or got[1] < best[1]):
+                best = got
+        # the tuned kernel is re-measured the way the hand schedule was (MetaSchedule's own figure uses
+        # fewer runs, which on tiny kernels is mostly call overhead)
+        tuned_us = None if best is None else measure_us(best[0], target, farm=farm)
+        res = TuneResult(name, role, hand_us, tuned_us, ran, time.time() - start)
         if progress:
             tuned = "no valid record" if res.tuned_us is None else f"{res.tuned_us:.1f} us ({res.speedup:.2f}x)"
             print(f"    hand schedule {hand_us:.1f} us, tuned {tuned}, {res.seconds:.0f} s", file=sys.stderr, flush=True)

@@ -128,9 +128,9 @@ class Model:
         verify(path, self.manifest)
         target = self.manifest.get("target_name", "x86")
         if target == "arm":
-            raise ArtifactError(f"{path}: built for aarch64 ({self.manifest.get('target')}); this process cannot "
-                                "load it. Run it on an aarch64 TVM runtime, e.g. over RPC: 'tvm-lut run "
-                                f"{path} --farm HOST:PORT --key arm64 ...' (see 'tvm-lut farm')")
+            raise ArtifactError(f"{path}: built for aarch64 (--target arm); this x86 process cannot load it. Run "
+                                f"it on an aarch64 TVM runtime, e.g. over RPC: 'tvm-lut run {path} --farm HOST:PORT "
+                                "--key arm64 ...' (see 'tvm-lut farm')")
         if target == "cam":
             from . import cam  # noqa: F401  (registers the simulator functions the .so calls by name)
         try:

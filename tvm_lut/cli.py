@@ -97,6 +97,20 @@ def cmd_tune(args) -> int:
     if args.trials < 1:
         raise OptionError(f"--trials must be >= 1, got {args.trials}")
     tgt = resolve_target(args.target)
+    farm = None
+    if args.farm:
+        from .farm import parse_address
+        from .targets import is_arm, is_cam
+
+        parse_address(args.farm)
+        if is_cam(tgt):
+            raise OptionError("--farm: a cam build's lookups run in the host's CAM simulator; nothing to tune remotely")
+        if (args.key == "arm64") != is_arm(tgt):
+            raise OptionError(f"--key {args.key} with --target {args.target}: arm64 servers run --target arm builds, "
+                              "x86 servers x86 builds")
+        farm = tuning.Farm(args.farm, args.key)
+        if farm.servers() < 1:
+            raise OptionError(f"--farm {args.farm}: no server with key {args.key!r} is registered there")
     calib = _load_npz(args.calib, "calibration")
     mod = frontend.load_model(args.model, batch=args.batch, shape_dict=_parse_shapes(args.input_shape) or None)
     inputs = normalize_inputs({k: v for k, v in calib.items() if k != "labels"}, graph.input_signature(mod["main"]))
@@ -104,7 +118,8 @@ def cmd_tune(args) -> int:
                    all_layers=args.all_layers, lookup=args.lookup, target=tgt, schedule=False,
                    progress=not args.quiet)
     lut = pass_(mod)
-    results = tuning.tune_module_kernels(lut, tgt, args.db, args.trials, progress=not args.quiet, seed=args.seed)
+    results = tuning.tune_module_kernels(lut, tgt, args.db, args.trials, progress=not args.quiet, seed=args.seed,
+                                         farm=farm)
     if not results:
         print("no tunable lookup kernels in this model (no layer became a PQ lookup)")
         return 0
@@ -120,12 +135,17 @@ def cmd_tune(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .artifact import Model
-
-    model = Model(args.artifact)
     data = _load_npz(args.input, "input")
     labels = data.pop("labels", None)
-    outputs = model.run(data)
+    if args.farm:
+        from .farm import parse_address, run_remote
+
+        parse_address(args.farm)
+        outputs = run_remote(args.artifact, data, args.farm, args.key)
+    else:
+        from .artifact import Model
+
+        outputs = Model(args.artifact).run(data)
     out = args.output
     tmp = out + ".tmp.npz"
     try:
@@ -141,6 +161,29 @@ def cmd_run(args) -> int:
         acc = float((first.reshape(n, -1).argmax(-1) == labels.reshape(-1)[:n]).mean() * 100)
         msg += f"; top-1 accuracy against 'labels': {acc:.2f}%"
     print(msg)
+    return 0
+
+
+def cmd_farm(args) -> int:
+    from .farm import Farm
+
+    if args.action == "setup-arm":
+        from . import arm_emulator
+
+        arm_emulator.setup(force=args.force)
+        return 0
+    if args.action == "start":
+        farm = Farm(args.dir).start(x86=args.x86, arm=args.arm, host=args.host, port=args.port,
+                                    allow_remote=args.allow_remote)
+        print(farm.status_text())
+        print(f"\ntune on it:  tvm-lut tune MODEL --calib CALIB --db DIR --farm {farm.address} --key x86")
+        return 0
+    farm = Farm.load(args.dir)
+    if args.action == "status":
+        print(farm.status_text())
+        return 0
+    farm.stop()
+    print(f"stopped the farm at {farm.address}")
     return 0
 
 
@@ -220,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, default=1)
     t.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x32x32")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--farm", default=None, metavar="HOST:PORT",
+                   help="measure on the servers of an RPC tracker (tvm-lut farm start) instead of this process")
+    t.add_argument("--key", default="x86", choices=["x86", "arm64"], help="device kind on the farm (default x86)")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     t.set_defaults(func=cmd_tune)
 
@@ -227,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("artifact", help="artifact directory written by 'compile'")
     r.add_argument("--input", required=True, help=".npz with one array per model input")
     r.add_argument("--output", required=True, help=".npz to write the outputs to")
+    r.add_argument("--farm", default=None, metavar="HOST:PORT",
+                   help="run on a server of this RPC tracker (e.g. an arm build on an arm64 server)")
+    r.add_argument("--key", default="arm64", choices=["x86", "arm64"], help="device kind on the farm (default arm64)")
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="per-layer table of an artifact: methods, ops, bytes, accuracy, latency")
@@ -234,6 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--json", action="store_true", help="print the report as JSON")
     rep.add_argument("--exact-counts", action="store_true", help="print integer op counts instead of k/M/G")
     rep.set_defaults(func=cmd_report)
+
+    f = sub.add_parser("farm", help="a local device farm: TVM RPC tracker + servers (x86, emulated arm64)")
+    f.add_argument("action", choices=["setup-arm", "start", "status", "stop"],
+                   help="setup-arm: install the aarch64 cross compiler + an emulated aarch64 TVM runtime (root, "
+                        "Debian); start/status/stop: the tracker and its servers")
+    f.add_argument("--x86", type=int, default=1, help="start: x86 servers (key x86), default 1")
+    f.add_argument("--arm", type=int, default=0, help="start: emulated aarch64 servers (key arm64), default 0")
+    f.add_argument("--host", default="127.0.0.1", help="start: address to bind (default loopback)")
+    f.add_argument("--port", type=int, default=None, help="start: tracker port (default: a free one)")
+    f.add_argument("--allow-remote", action="store_true",
+                   help="start: allow a non-loopback --host (TVM RPC has no authentication)")
+    f.add_argument("--dir", default=None, help="farm state directory (default $TVM_LUT_FARM_DIR or ~/.cache/tvm-lut/farm)")
+    f.add_argument("--force", action="store_true", help="setup-arm: redo the setup")
+    f.set_defaults(func=cmd_farm)
 
     d = sub.add_parser("demo", help="the main job on embedded data: LeNet-5/MNIST, exact vs LUT")
     d.add_argument("--out", default="tvm-lut-demo", help="output directory (default ./tvm-lut-demo)")

@@ -1,0 +1,119 @@
+"""``--target arm``: NEON ``tbl`` lookups, cross-compiled and exported for aarch64, run on a real aarch64 TVM
+runtime (qemu-user, over RPC on 127.0.0.1) and compared with the x86 build.
+
+The emulated runtime is set up by ``tvm-lut farm setup-arm`` (root on Debian, about a minute on a fresh
+machine); where that cannot be done, the tests that need it skip with the reason. Nothing here times
+anything: emulated timings say nothing about ARM cores."""
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+import tvm_lut
+from tir_schedules import shuffle, x86
+from tvm_lut import arm_emulator, cli, pipeline
+from tvm_lut.artifact import Model
+from tvm_lut.errors import ArtifactError
+from tvm_lut.farm import Farm, run_remote
+from tvm_lut.targets import arm_target, host_for, runs_on_host
+
+
+def test_arm_target_uses_neon_tbl():
+    tgt = arm_target()
+    isa = shuffle.isa_for(tgt)
+    assert isa.name == "neon" and isa.lanes == 16 and not runs_on_host(tgt)
+    assert runs_on_host(host_for(tgt))  # calibration and accuracy runs stay on this host
+    f = x86.schedule(shuffle.lookup(100, 9, 20, isa.lanes, 4, isa.intrinsic))
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), tgt)
+    asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
+    assert asm.count("tbl\t") + asm.count("tbl ") >= 16  # one per codebook and output of a tile, at least
+    assert "pshufb" not in asm
+
+
+@pytest.fixture(scope="module")
+def arm_runtime():
+    reason = arm_emulator.unavailable_reason()
+    if reason is not None:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.skip(f"no emulated aarch64 runtime: {reason}")
+        try:
+            arm_emulator.setup(log=lambda *_: None)
+        except Exception as exc:  # no network, not Debian...: the check cannot run here
+            pytest.skip(f"aarch64 emulation could not be set up here: {exc}")
+    return arm_emulator.home()
+
+
+@pytest.fixture(scope="module")
+def arm_farm(arm_runtime, tmp_path_factory):
+    old = os.environ.get("TVM_LUT_FARM_DIR")
+    os.environ["TVM_LUT_FARM_DIR"] = str(tmp_path_factory.mktemp("armfarm"))
+    farm = Farm().start(x86=0, arm=1, log=lambda *_: None)
+    yield farm
+    farm.stop()
+    if old is None:
+        os.environ.pop("TVM_LUT_FARM_DIR", None)
+    else:
+        os.environ["TVM_LUT_FARM_DIR"] = old
+
+
+def test_arm_build_gives_the_x86_predictions_under_emulation(arm_farm, tmp_path, small_cnn, small_inputs, capsys):
+    mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:1]))
+    labels = np.arange(len(small_inputs)) % 10
+    calib = {"x": small_inputs, "labels": labels}
+    arm_dir, x86_dir = str(tmp_path / "arm"), str(tmp_path / "x86")
+    manifest = pipeline.compile_to_dir(arm_dir, mod, calib, target="arm", all_layers=True, progress=False)
+    pipeline.compile_to_dir(x86_dir, mod, calib, target="x86", all_layers=True, progress=False, measure_latency=False)
+    kernels = {r["kernel"] for r in manifest["layers"] if r["method"] == "pq"}
+    assert "shuffle-neon" in kernels
+    assert manifest["report"]["latency"] is None and "does not run here" in manifest["report"]["latency_note"]
+    assert manifest["report"]["accuracy"]["measured_on"].startswith("host build")
+    with open(os.path.join(arm_dir, "model.so"), "rb") as f:
+        head = f.read(20)
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+    with pytest.raises(ArtifactError, match="aarch64"):
+        Model(arm_dir)
+    x = small_inputs[:12]
+    on_arm = run_remote(arm_dir, {"x": x}, arm_farm.address, "arm64")["output"]
+    on_x86 = Model(x86_dir).run({"x": x})["output"]
+    np.testing.assert_array_equal(on_arm.argmax(1), on_x86.argmax(1))
+    np.testing.assert_allclose(on_arm, on_x86, rtol=1e-5, atol=1e-5)
+    # the CLI does the same
+    np.savez(tmp_path / "in.npz", x=x)
+    assert cli.main(["run", arm_dir, "--input", str(tmp_path / "in.npz"), "--output", str(tmp_path / "out.npz"),
+                     "--farm", arm_farm.address, "--key", "arm64"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["output"], on_arm)
+
+
+def test_tune_on_the_arm_farm(arm_farm, tmp_path):
+    """MetaSchedule through RPCRunner on the emulated aarch64 server: candidates cross-compiled here."""
+    from tir_schedules import tuning
+
+    isa = shuffle.ISAS[-1]
+    func = shuffle.lookup(256, 8, 32, isa.lanes, 4, isa.intrinsic)
+    db = str(tmp_path / "db")
+    assert tuning.tune_kernel(func, arm_target(), db, trials=4, farm=tuning.Farm(arm_farm.address, "arm64")) == 4
+    assert tuning.valid_records(func, db) >= 1
+
+
+def test_cross_export_needs_the_cross_compiler(tmp_path, monkeypatch, small_cnn, small_inputs):
+    from tvm_lut.build import build
+    from tvm_lut.errors import TargetError
+    from tvm_lut.targets import export_library
+
+    mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:1]))
+    lut = tvm_lut.LUTify(calibration=small_inputs, target="arm", progress=False)(mod)
+    ex = build(lut, "arm")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no aarch64-linux-gnu-g++ on PATH
+    with pytest.raises(TargetError, match="cross compiler"):
+        export_library(ex, str(tmp_path / "m.so"), "arm")
+    assert not (tmp_path / "m.so").exists()
+
+
+def test_setup_arm_is_idempotent(arm_runtime):
+    out = subprocess.run(["tvm-lut", "farm", "setup-arm"], capture_output=True, text=True, check=True).stdout
+    assert "already set up" in out

@@ -158,7 +158,10 @@ def accumulate_space(sch: tvm.s_tir.Schedule) -> None:
     blk = sch.get_sblock("acc")
     n, m, c = sch.get_loops(blk)
     no, ni = sch.split(n, sch.sample_perfect_tile(n, n=2, max_innermost_factor=16))
-    mo, mi = sch.split(m, sch.sample_perfect_tile(m, n=2, max_innermost_factor=64))
+    # the whole output row as one inner tile must be reachable: with a single outer tile nothing runs in
+    # parallel, which is what a one-row (batch-1 dense) kernel needs (a thread launch costs ~6 us)
+    m_extent = int(sch.get(m).extent)
+    mo, mi = sch.split(m, sch.sample_perfect_tile(m, n=2, max_innermost_factor=max(64, min(m_extent, 256))))
     sch.reorder(no, mo, ni, c, mi)
     sch.parallel(sch.fuse(no, mo))
     sch.vectorize(mi)
@@ -228,7 +231,9 @@ def measure_us(func: tirx.PrimFunc, target, number: int = 20, farm: Farm | None 
 
 
 def valid_records(func: tirx.PrimFunc, db_dir: str) -> int:
-    """Successfully measured records of ``func``'s workload in the database (what a re-run resumes from)."""
+    """Distinct schedules of ``func``'s workload measured successfully in the database (what a re-run
+    resumes from). Distinct: MetaSchedule's search does not know what earlier runs measured, so on a
+    small design space a re-run measures some candidates again; those are not new trials."""
     from tvm.s_tir import meta_schedule as ms
 
     if not os.path.isfile(os.path.join(db_dir, "database_workload.json")):
@@ -238,21 +243,24 @@ def valid_records(func: tirx.PrimFunc, db_dir: str) -> int:
     if not db.has_workload(mod):
         return 0
     wl = db.commit_workload(mod)
-    return sum(1 for r in db.get_all_tuning_records()
-               if r.workload.same_as(wl)  # JSONDatabase keeps one Workload object per structure
-               if r.run_secs and all(float(s) < 1e9 for s in r.run_secs))
+    return len({str(r.trace.as_json(remove_postproc=True)) for r in db.get_all_tuning_records()
+                if r.workload.same_as(wl)  # JSONDatabase keeps one Workload object per structure
+                if r.run_secs and all(float(s) < 1e9 for s in r.run_secs)})
 
 
 def tune_kernel(func: tirx.PrimFunc, target, db_dir: str, trials: int, seed: int = 0,
                 farm: Farm | None = None) -> int:
     """Tune one unscheduled kernel into the database at ``db_dir`` (appends to what is there), up to
-    ``trials`` valid records in all; returns how many trials this call ran (0: already tuned)."""
+    ``trials`` valid records in all; returns how many valid records this call added (0: already tuned,
+    or a design space with no unmeasured candidate left; fewer than asked: trials lost with a dead
+    server, or the space ran out)."""
     from tvm.s_tir import meta_schedule as ms
 
     stub_tensor_intrins()
     role = str(func.attrs[KERNEL_ATTR])
     os.makedirs(db_dir, exist_ok=True)
-    todo = trials - valid_records(func, db_dir)
+    before = valid_records(func, db_dir)
+    todo = trials - before
     if todo <= 0:
         return 0
     workers = max(1, min(2, len(os.sched_getaffinity(0))))
@@ -281,7 +289,7 @@ def tune_kernel(func: tirx.PrimFunc, target, db_dir: str, trials: int, seed: int
                                                        genetic_num_iters=1),
         space=ms.space_generator.ScheduleFn(SPACES[role], sch_rules=[], postprocs=[], mutator_probs={}),
         num_tuning_cores=workers, seed=seed)
-    return todo
+    return valid_records(func, db_dir) - before
 
 
 def best_from_database(func: tirx.PrimFunc, target, db_dir: str) -> tuple[tirx.PrimFunc, float] | None:

@@ -111,6 +111,12 @@ def cmd_tune(args) -> int:
         farm = tuning.Farm(args.farm, args.key)
         if farm.servers() < 1:
             raise OptionError(f"--farm {args.farm}: no server with key {args.key!r} is registered there")
+    else:
+        from .targets import runs_on_host
+
+        if not runs_on_host(tgt):
+            raise OptionError(f"--target {args.target}: its code cannot run on this machine, so candidates cannot be "
+                              "measured here; tune on a farm of such devices (--farm HOST:PORT --key arm64)")
     calib = _load_npz(args.calib, "calibration")
     mod = frontend.load_model(args.model, batch=args.batch, shape_dict=_parse_shapes(args.input_shape) or None)
     inputs = normalize_inputs({k: v for k, v in calib.items() if k != "labels"}, graph.input_signature(mod["main"]))
@@ -130,7 +136,11 @@ def cmd_tune(args) -> int:
         print(f"{r.name:<40} {r.role:<15} {r.hand_us:9.1f} {tuned:>9} {speed:>8} {r.trials:6d}")
     with open(os.path.join(args.db, "tune_report.json"), "w") as f:
         json.dump([r.__dict__ for r in results], f, indent=1)
-    print(f"\ndatabase: {args.db}/ (reuse with: tvm-lut compile ... --db {args.db})")
+    if farm is not None and farm.key == "arm64":
+        print("\ntimes measured on the farm's arm64 servers: servers started by 'tvm-lut farm start --arm' run under "
+              "qemu emulation, so their times only rank candidates and say nothing about ARM cores")
+    print(f"\ndatabase: {args.db}/ (reuse with: tvm-lut compile ... --db {args.db}"
+          + (f" --target {args.target})" if args.target != "x86" else ")"))
     return 0
 
 

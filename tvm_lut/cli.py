@@ -47,11 +47,11 @@ def cmd_compile(args) -> int:
     cam_params = None
     if args.cam_param and args.target != "cam":
         raise OptionError(f"--cam-param applies to --target cam only (got --target {args.target})")
-    if args.cam_param:
+    if args.target == "cam":
         from .cam import CAMParams
 
         cam_params = CAMParams.parse_cli(args.cam_param)
-        CAMParams.from_env().with_overrides(cam_params)  # fail fast on an unknown name or a bad value
+        CAMParams.from_env().with_overrides(cam_params)  # fail fast on an unknown name, a bad value or file
     layer_opts = options.parse_cli(args.layer)
     calib = _load_npz(args.calib, "calibration")
     mod = frontend.load_model(args.model, batch=args.batch, shape_dict=_parse_shapes(args.input_shape) or None)

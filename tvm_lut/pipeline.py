@@ -17,10 +17,10 @@ from relay_passes import LUTify
 
 from . import artifact, graph
 from .build import BatchRunner, compile_with_params, default_threads
-from .targets import host_for, is_cam, name_of, resolve_target, runs_on_host
 from .calibrate import normalize_inputs
 from .errors import CalibrationError
 from .frontend import OUTPUT_NAMES_ATTR
+from .targets import host_for, is_cam, name_of, resolve_target, runs_on_host
 
 log = logging.getLogger("tvm_lut")
 

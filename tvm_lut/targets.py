@@ -19,8 +19,6 @@ always happen on the host (``host_for``): a cross target only changes what the f
 
 from __future__ import annotations
 
-import os
-
 import tvm
 
 from .errors import TargetError
@@ -124,6 +122,3 @@ def name_of(target) -> str:
         return "x86"
     return str(tgt)
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0))

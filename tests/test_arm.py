@@ -89,6 +89,43 @@ def test_arm_build_gives_the_x86_predictions_under_emulation(arm_farm, tmp_path,
     np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["output"], on_arm)
 
 
+def test_neon_shuffle_lookup_bit_exact_on_aarch64(arm_farm, tmp_path):
+    """The NEON tbl kernel on the real aarch64 runtime against the numpy reference, both output layouts:
+    odd rows, codebooks and outputs, and more than 256 codebooks (two uint16 blocks). One shared library
+    holds every case (each library load under qemu costs seconds)."""
+    from tvm.support import cc
+
+    from tvm_lut import pq
+    from tvm_lut.farm import request
+
+    isa = shuffle.ISAS[-1]
+    cases, funcs = [], {}
+    for n, c, m, mb in [(77, 5, 13, 4), (100, 33, 20, 8), (40, 301, 7, 2)]:
+        for rows_major in (False, True):
+            name = f"k_{n}_{c}_{m}_{int(rows_major)}"
+            f = x86.schedule(shuffle.lookup(n, c, m, isa.lanes, mb, isa.intrinsic, rows_major=rows_major))
+            funcs[name] = f.with_attr("global_symbol", name)
+            cases.append((name, n, c, m, mb, rows_major))
+    lib = tvm.compile(tvm.IRModule(funcs), arm_target())
+    path = str(tmp_path / "kernels.so")
+    lib.export_library(path, fcompile=cc.cross_compiler(arm_emulator.CROSS_CXX))
+    sess = request(arm_farm.address, "arm64")
+    dev = sess.cpu()
+    sess.upload(path)
+    rlib = sess.load_module("kernels.so")
+    for name, n, c, m, mb, rows_major in cases:
+        rng = np.random.default_rng(n + c + m)
+        codes = rng.integers(0, 16, (n, c)).astype(np.int32)
+        tab = rng.integers(-127, 128, (c, 16, m)).astype(np.int8)
+        scale, bias = rng.random(m).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+        args = [tvm.runtime.tensor(a, dev) for a in (pq.pack_codes(codes, 16, shuffle.padded_pairs(c)),
+                                                      shuffle.pack_tables(tab, mb), scale, bias)]
+        out = tvm.runtime.tensor(np.zeros((n, m) if rows_major else (m, n), np.float32), dev)
+        rlib[name](*args, out)
+        got = out.numpy() if rows_major else out.numpy().T
+        np.testing.assert_array_equal(got, pq.dequantize(pq.accumulate(codes, tab), scale, bias), err_msg=name)
+
+
 def test_tune_on_the_arm_farm(arm_farm, tmp_path):
     """MetaSchedule through RPCRunner on the emulated aarch64 server: candidates cross-compiled here."""
     from tir_schedules import tuning

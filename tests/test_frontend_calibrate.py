@@ -51,6 +51,31 @@ def test_onnx_names_from_initializers_and_nodes(tmp_path, small_cnn):
     assert graph.input_signature(mod["main"]) == [("input", (3, 3, 8, 8), "float32")]
 
 
+class _Block(torch.nn.Module):
+    """Repeated blocks with the same inner names: ONNX scopes ``/blocks/blocks.0/b/b.0/Conv``."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+
+    def forward(self, x):
+        return x + self.b(x)
+
+
+def test_onnx_names_of_repeated_blocks_are_full_module_paths(tmp_path):
+    """Each BN-folded conv is named by its whole module path (``blocks.1.b.0``), not its last scope
+    (``b.0`` twice: two parameters with one name broke BindParams)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Sequential(_Block(), _Block())).eval()
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 3, 8, 8),), str(path), input_names=["input"], dynamo=False)
+    mod = tvm_lut.from_onnx(str(path))
+    names = [l.name for l in graph.find_layers(mod)]
+    assert names == ["0", "1.0.b.0", "1.1.b.0"]
+    x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    lut = tvm_lut.LUTify(calibration=x, all_layers=True, progress=False)(mod)
+    assert tvm_lut.build(lut) is not None
+
+
 @pytest.mark.parametrize("frontend", ["torch", "onnx"])
 def test_calibration_collects_real_layer_inputs(tmp_path, small_cnn, small_inputs, frontend):
     x = small_inputs[:10]

@@ -112,19 +112,36 @@ def load_torch_program(path: str | os.PathLike, batch: int = 1) -> tvm.IRModule:
     return fix_batch(from_exported_program(ep), batch)
 
 
+def _module_path(scopes: list[str]) -> str:
+    """PyTorch's ONNX scope path -> the module's dotted name: ``blocks / blocks.0 / b / b.0`` is
+    ``blocks.0.b.0`` (each ``x.i`` scope refines the ``x`` before it; other scopes nest)."""
+    path: list[str] = []
+    for s in scopes:
+        if path and s.startswith(path[-1] + "."):
+            path[-1] = s
+        else:
+            path.append(s)
+    return ".".join(path)
+
+
 def _onnx_layer_names(graph) -> dict[str, str]:
-    """Initializer name -> source name, naming auto-named weights (``onnx::Conv_22``) after their node."""
+    """Initializer name -> source name, naming auto-named weights (``onnx::Conv_22``) after their node's
+    module path; names stay unique (a repeated path gets the node's position appended)."""
     inits = {i.name for i in graph.initializer}
+    taken = {i.name for i in graph.initializer if i.name.endswith(".weight") or i.name.endswith(".bias")}
     out = {}
-    for node in graph.node:
+    for pos, node in enumerate(graph.node):
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
         w = node.input[1]
-        if w not in inits or w.endswith(".weight"):
+        if w not in inits or w.endswith(".weight") or w in out:
             continue
         if node.name:
             parts = [p for p in node.name.strip("/").split("/") if p]
-            base = parts[-2] if len(parts) >= 2 else parts[0]
+            base = _module_path(parts[:-1]) if len(parts) >= 2 else parts[0]
+            if f"{base}.weight" in taken:
+                base = f"{base}_{pos}"
+            taken.update({f"{base}.weight", f"{base}.bias"})
             out[w] = f"{base}.weight"
             if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in inits:
                 out[node.input[2]] = f"{base}.bias"

@@ -130,7 +130,7 @@ class EZCrop:
             rec = records[l.name]
             frac = self.ratio.get(l.name, 0.0) if isinstance(self.ratio, dict) else float(self.ratio)
             if l.kind != "conv2d" or l.name in self.exclude or frac <= 0:
-                rec["reason"] = "not requested" if l.kind == "conv2d" else "dense output (not pruned)"
+                rec["reason"] = "not requested" if l.kind == "conv2d" else f"{l.kind} output (not pruned)"
                 continue
             if l.unsupported:
                 rec["reason"] = l.unsupported

@@ -132,6 +132,23 @@ def layer_rows(layer: graph.Layer, x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
+def compile_or_explain(build):
+    """Run ``build()``; a TVM failure to build the (exact, imported) model becomes a ``ModelError`` that
+    says so, instead of an internal assertion from deep inside TVM's lowering."""
+    from .errors import LUTError, ModelError
+
+    try:
+        return build()
+    except LUTError:
+        raise
+    except Exception as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ModelError(f"TVM cannot build this model as imported, before any rewrite ({type(exc).__name__}: "
+                         f"{first[:300]}). Typical cause: an ONNX graph with data-dependent shapes (e.g. "
+                         "Slice/Split with computed bounds); export it with static shapes, or as a torch.export "
+                         ".pt2 file") from None
+
+
 def collect(
     mod: tvm.IRModule,
     layers: list[graph.Layer],
@@ -156,7 +173,7 @@ def collect(
     if not layers:
         return {}
     signature = graph.input_signature(mod["main"])
-    ex = tvm.compile(bind_params(instrument(mod, layers)), host_for(target))
+    ex = compile_or_explain(lambda: tvm.compile(bind_params(instrument(mod, layers)), host_for(target)))
     runner = BatchRunner(ex, [], signature)
     n = len(next(iter(inputs.values())))
     keys = keys or [l.name for l in layers]

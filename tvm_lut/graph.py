@@ -22,6 +22,9 @@ import tvm
 from tvm import relax
 
 LINEAR_OPS = ("relax.nn.conv2d", "relax.matmul")
+#: Weighted layers that are listed (and stay exact, with the reason) but not rewritten
+OTHER_WEIGHT_OPS = {"relax.nn.conv1d": "conv1d", "relax.nn.conv3d": "conv3d",
+                    "relax.nn.conv1d_transpose": "conv1d_transpose", "relax.nn.conv2d_transpose": "conv2d_transpose"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,8 +262,26 @@ def _fold_epilogue(layer: Layer, bindings, consumers, resolver: _Resolver, w: np
     return w.astype(np.float32), b.astype(np.float32)
 
 
+def _other_weight_layer(call, var, kind: str, resolver, index: int) -> Layer | None:
+    """A conv1d/conv3d/transposed conv with a constant weight: listed so that the report says why it stays
+    exact, instead of leaving it out silently."""
+    if resolver.value(call.args[1]) is None:
+        return None
+    src = resolver.source_param(call.args[1])
+    name = (src.name[: -len(".weight")] if src.name.endswith(".weight") else src.name) if src is not None \
+        else f"{kind}_{index}"
+    x = call.args[0]
+    layer = Layer(name=name, kind=kind, call_var=var, output_var=var, input_expr=x,
+                  weight_param=None if src is None else src.name,
+                  unsupported=f"{kind} layers are not rewritten (only conv2d and dense are)")
+    layer.input_shape = _static_shape(x.ty) or ()
+    layer.output_shape = _static_shape(call.ty) or ()
+    return layer
+
+
 def find_layers(mod: tvm.IRModule, func_name: str = "main") -> list[Layer]:
-    """All conv2d/dense layers of ``mod[func_name]`` in program order, named by their weight."""
+    """All conv2d/dense layers of ``mod[func_name]`` in program order, named by their weight; other
+    weighted layers (conv1d, conv3d, transposed convs) are listed as unsupported, with the reason."""
     func = mod[func_name]
     bindings, consumers = _uses(func)
     resolver = _Resolver(func, bindings)
@@ -268,6 +289,11 @@ def find_layers(mod: tvm.IRModule, func_name: str = "main") -> list[Layer]:
     seen: dict[str, int] = {}
     for var, value in bindings.items():
         if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+            continue
+        if value.op.name in OTHER_WEIGHT_OPS and len(value.args) == 2:
+            other = _other_weight_layer(value, var, OTHER_WEIGHT_OPS[value.op.name], resolver, len(layers))
+            if other is not None:
+                layers.append(other)
             continue
         if value.op.name not in LINEAR_OPS or len(value.args) != 2:
             continue

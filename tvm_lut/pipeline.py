@@ -17,7 +17,7 @@ from relay_passes import LUTify
 
 from . import artifact, graph
 from .build import BatchRunner, compile_with_params, default_threads
-from .calibrate import normalize_inputs
+from .calibrate import compile_or_explain, normalize_inputs
 from .errors import CalibrationError
 from .frontend import OUTPUT_NAMES_ATTR
 from .targets import host_for, is_cam, name_of, resolve_target, runs_on_host
@@ -128,16 +128,17 @@ def compile_and_measure(
     calib, held, labels = split_calibration(calibration, signature, holdout, seed)
     if evaluation is not None:
         held, labels = normalize_inputs(evaluation[0], signature, what="evaluation"), np.asarray(evaluation[1])
+    host = host_for(tgt)
+    # the exact model first: a model TVM cannot build at all gets that said plainly (ModelError)
+    exact_ex, exact_params = compile_or_explain(lambda: compile_with_params(mod, host))
     pass_ = LUTify(calibration=calib, target=tgt, seed=seed, progress=progress, **lutify_options)
     lut_mod = pass_(mod)
     layers = pass_.layers
     lut_ex, lut_params = compile_with_params(lut_mod, tgt)
     # accuracy and latency runs happen here: a cross build (arm) is measured through a host build of the
     # same tables (tests/test_arm.py checks that both predict the same); the exact model always on the host
-    host = host_for(tgt)
     on_host = runs_on_host(tgt)
     run_ex = lut_ex if on_host else compile_with_params(pass_.retarget(host), host)[0]
-    exact_ex, exact_params = compile_with_params(mod, host)
     lut_run = BatchRunner(run_ex, [v for _, v in lut_params], signature)
     exact_run = BatchRunner(exact_ex, [v for _, v in exact_params], signature)
     report: dict = {

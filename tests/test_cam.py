@@ -53,7 +53,9 @@ def test_layer_cost_by_hand():
     # search 60*16*4*8 bits * 2 fJ; read 60*40 B * 1 pJ; add 2400 * 0.5 pJ
     assert c["energy_nj"] == pytest.approx((60 * 16 * 4 * 8 * 2e-15 + 2400e-12 + 1200e-12) * 1e9)
     assert c["arrays_used"] == 2 and c["resident"]
-    assert cam.layer_cost(10, 6, 16, 4, 40, "l2", p)["cam_mul"] == 60 * 16 * 4
+    l2 = cam.layer_cost(10, 6, 16, 4, 40, "l2", p)
+    assert l2["cam_mul"] == 60 * 16 * 4
+    assert l2["energy_nj"] - c["energy_nj"] == pytest.approx(60 * 16 * 4 * p.e_cell_mul_pj * 1e-3)
     assert set(cam.SOURCES) >= {"e_search_bit_fj", "e_read_byte_pj", "e_add_pj", "cycles_per_search"}
 
 

@@ -20,7 +20,7 @@ the x86 path (tests/test_cam.py).
 Cost model (per layer and inference; ``CAMParams``, each default with its source):
 
 * searches = rows * C; each compares K words of V cells: ``search_energy = searches * K * V * cell_bits *
-  e_search_bit``; codebooks sit in ``arrays`` parallel arrays, one search per array per cycle:
+  e_search_bit``, plus ``K * V`` cell products per search for l2/cosine at ``e_cell_mul`` (none for l1); codebooks sit in ``arrays`` parallel arrays, one search per array per cycle:
   ``search_cycles = rows * ceil(C / arrays) * cycles_per_search``;
 * reads = rows * C table rows of M bytes: ``read_energy = reads * M * e_read_byte``,
   ``read_cycles = rows * C * ceil(M / read_bytes_per_cycle)`` (one SRAM port);
@@ -57,6 +57,8 @@ SOURCES = {
                       "problem (and what we can do about it)', ISSCC 2014, 45 nm)",
     "e_add_pj": "0.1 pJ per 32-bit integer add (Horowitz, ISSCC 2014, 45 nm)",
     "e_mul_pj": "3.7 pJ per 32-bit float multiply (Horowitz, ISSCC 2014, 45 nm): the host's dequantisation",
+    "e_cell_mul_pj": "0.2 pJ per 8-bit multiply (Horowitz, ISSCC 2014, 45 nm): the per-cell products an l2/cosine "
+                     "search needs (PECAN-D's l1 search has none)",
     "cycles_per_search": "1: a CAM search completes in one clock cycle (Pagiamtzis and Sheikholeslami 2006)",
     "array_words": "64 words per array: a small array keeps the match lines short (Pagiamtzis and "
                    "Sheikholeslami 2006); K=16 centroids use 16 of them",
@@ -81,6 +83,7 @@ class CAMParams:
     e_read_byte_pj: float = 1.25
     e_add_pj: float = 0.1
     e_mul_pj: float = 3.7
+    e_cell_mul_pj: float = 0.2
 
     def __post_init__(self):
         for f in fields(self):
@@ -145,15 +148,17 @@ def layer_cost(rows: int, c: int, k: int, v: int, m: int, distance: str, params:
     e_search = searches * k * v * params.cell_bits * params.e_search_bit_fj * 1e-15
     e_read = reads * m * params.e_read_byte_pj * 1e-12
     e_add = adds * params.e_add_pj * 1e-12
+    e_mul = cam_mul * params.e_cell_mul_pj * 1e-12
     host_mul = rows * m  # the dequantisation FMA per output, on the host CPU
     cycles = search_cycles + read_cycles
     return {
         "searches": searches, "reads": reads, "adds": adds, "cam_mul": cam_mul, "host_mul": host_mul,
         "search_cycles": search_cycles, "read_cycles": read_cycles, "cycles": cycles,
         "time_us": cycles / (params.clock_ghz * 1e3),
-        "energy_nj": (e_search + e_read + e_add) * 1e9,
+        "energy_nj": (e_search + e_mul + e_read + e_add) * 1e9,
         "host_energy_nj": host_mul * params.e_mul_pj * 1e-3,
-        "energy_split_nj": {"search": e_search * 1e9, "read": e_read * 1e9, "add": e_add * 1e9},
+        "energy_split_nj": {"search": e_search * 1e9, "search_mul": e_mul * 1e9, "read": e_read * 1e9,
+                            "add": e_add * 1e9},
         "arrays_used": math.ceil(c * k / params.array_words),
         # more arrays than the device has: the codebooks are taken as resident anyway (reloading is not modeled)
         "resident": math.ceil(c * k / params.array_words) <= params.arrays,

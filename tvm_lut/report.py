@@ -153,7 +153,7 @@ def _cam_table(cam: dict, num) -> str:
     lines.append(f"  device: {p['arrays']} arrays of {p['array_words']} words, {p['cell_bits']}-bit cells, "
                  f"{p['cycles_per_search']} cycle/search, {p['read_bytes_per_cycle']} B/read cycle, "
                  f"{p['clock_ghz']} GHz; {p['e_search_bit_fj']} fJ/bit/search, {p['e_read_byte_pj']} pJ/byte read, "
-                 f"{p['e_add_pj']} pJ/add (sources: tvm_lut/cam.py SOURCES; override with --cam-param NAME=VALUE)")
+                 f"{p['e_add_pj']} pJ/add, {p.get('e_cell_mul_pj', 0)} pJ/cell product (sources: tvm_lut/cam.py SOURCES; override with --cam-param NAME=VALUE)")
     lines.append("  CAM mul: dot-product terms of an l2/cosine search (0 for l1, PECAN-D); host mul: the one "
                  "scale-and-bias multiply-add per output, on the host CPU")
     return "\n".join(lines)

@@ -170,6 +170,7 @@ class LUTify:
         self._plans: list[_Plan] = []
         self.layers: list[dict] = []  # per-layer decision records (also in the module attribute)
         self.pq_layers: dict[str, pq.PQLayer] = {}  # fitted codebooks/tables by layer name
+        self._rewritten: tuple | None = None  # (source module, plans) of the last run, for retarget
 
     # -- planning ------------------------------------------------------------------------------
 
@@ -281,8 +282,8 @@ class LUTify:
 
             opts = dict(k=self.defaults.k, v=self.defaults.v, distance=self.defaults.distance,
                         layers=self.layer_options, codebooks=self.codebooks, max_calibration_rows=self.max_rows)
-            pm = PriorityMask(self.calibration, self.budget, labels=self.labels, seed=self.seed, target=host_for(self.target),
-                              progress=self.progress, **opts)
+            pm = PriorityMask(self.calibration, self.budget, labels=self.labels, seed=self.seed,
+                              target=host_for(self.target), progress=self.progress, **opts)
             mod = pm(mod)
             self._prefit.update(pm.pq_layers)
         if mod.attrs is not None and MASK_ATTR in mod.attrs:
@@ -334,7 +335,7 @@ class LUTify:
         """The model this pass last produced (same codebooks, tables and codes), with its kernels chosen and
         hand-scheduled for another target: a cross-compiled (``arm``) build's accuracy is measured on the
         host build of it. Layer records are left as they were for the pass's own target."""
-        if getattr(self, "_rewritten", None) is None:
+        if self._rewritten is None:
             raise RuntimeError("LUTify.retarget: run the pass on a module first")
         mod, rewrite = self._rewritten
         if not rewrite:

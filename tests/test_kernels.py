@@ -79,6 +79,30 @@ def test_encode_bit_exact_on_near_ties(scheduled, distance):
     np.testing.assert_array_equal(got, pq.encode(x, ec, eb, distance))
 
 
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+def test_encoder_on_column_major_input(scheduled, distance):
+    """``x_transposed``: the (C*V, n) input (MADDNESS's layout) gives the same codes, raw and packed."""
+    n, c, k, v = 200, 9, 16, 4
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((n, c * v)).astype(np.float32)
+    ec, eb = pq.encoder_operands(rng.standard_normal((c, k, v)).astype(np.float32), distance)
+    cents_t = np.ascontiguousarray(ec.transpose(0, 2, 1))
+    ref = pq.encode(x, ec, eb, distance)
+    f = kernels.encode(n, c, k, v, distance, x_transposed=True)
+    got = _run(x86.schedule(f) if scheduled else f, np.ascontiguousarray(x.T), cents_t, eb, out_shape=(n, c),
+               out_dtype="int32")
+    np.testing.assert_array_equal(got, ref)
+    pairs = shuffle.padded_pairs(c)
+    g = kernels.encode(n, c, k, v, distance, pack_lanes=64, pairs=pairs, x_transposed=True)
+    packed = _run(x86.schedule(g) if scheduled else g, np.ascontiguousarray(x.T), cents_t, eb,
+                  out_shape=(shuffle.num_row_blocks(n, 64), pairs, 64), out_dtype="uint8")
+    np.testing.assert_array_equal(packed, pq.pack_codes(ref, 64, pairs))
+    with pytest.raises(ValueError, match="x_transposed"):
+        kernels.encode(n, c, k, v, distance, conv=kernels.ConvInput((1, 4, 6, 6), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+                       x_transposed=True)
+
+
 def test_fma32_rounds_once():
     """Against exact rational arithmetic: fma32 is the correctly rounded a*b + c."""
     from fractions import Fraction

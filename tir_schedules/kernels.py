@@ -105,7 +105,8 @@ class ConvInput:
 
 
 def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None = None,
-           pack_lanes: int | None = None, pairs: int | None = None, conv: ConvInput | None = None) -> tirx.PrimFunc:
+           pack_lanes: int | None = None, pairs: int | None = None, conv: ConvInput | None = None,
+           x_transposed: bool = False) -> tirx.PrimFunc:
     """codes[n, c] = argmin_k score[n, c, k], one kernel for the three distances.
 
     With ``row_stride=M`` the kernel writes, instead of the code, the offset of the selected table row
@@ -117,7 +118,9 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     ``(ceil(n/L), pairs, L)`` uint8 (``pq.pack_codes`` is the reference; ``shuffle.lookup`` reads it).
 
     With ``conv`` the input is the layer's NCHW tensor and each row's patch is read in place (the encoder
-    fused with im2col: the (rows, D) matrix is never written); otherwise ``x`` is the (n, C*V) rows.
+    fused with im2col: the (rows, D) matrix is never written); otherwise ``x`` is the (n, C*V) rows, or
+    with ``x_transposed`` the (C*V, n) column-major matrix (MADDNESS's input layout): the rows that share
+    the vector lanes then load contiguously instead of by gathers.
 
     ``score = offset[c, k] - sum_v x[n, cV+v] * p[c, k, v]`` for ``l2`` (offset ``0.5||p||^2``) and
     ``cosine`` (unit centroids, zero offset); ``score = offset[c, k] + sum_v |x[n, cV+v] - p[c, k, v]|``
@@ -129,7 +132,9 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     base = 0 if row_stride is None else k * stride  # offset of codebook c's first row is c * base
     if pack_lanes is not None and (row_stride is not None or k > 16):
         raise ValueError("packed codes need K <= 16 and raw codes (no row_stride)")
-    x_shape = conv.shape if conv is not None else (n, c * v)
+    if x_transposed and conv is not None:
+        raise ValueError("x_transposed applies to a (C*V, n) matrix input, not to a fused convolution")
+    x_shape = conv.shape if conv is not None else ((c * v, n) if x_transposed else (n, c * v))
 
     @T.prim_func(private=True, s_tir=True)
     def func(
@@ -146,6 +151,8 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                 vi, vcol = T.axis.remap("SS", [i, col])
                 if conv is not None:
                     rows[vi, vcol] = conv.value(x, vi, vcol)
+                elif x_transposed:
+                    rows[vi, vcol] = x[vcol, vi]
                 else:
                     rows[vi, vcol] = x[vi, vcol]
         for i, j, q, t in T.grid(n, c, k, v):
@@ -197,6 +204,8 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                 vi, vcol = T.axis.remap("SS", [i, col])
                 if conv is not None:
                     rows[vi, vcol] = conv.value(x, vi, vcol)
+                elif x_transposed:
+                    rows[vi, vcol] = x[vcol, vi]
                 else:
                     rows[vi, vcol] = x[vi, vcol]
         codes = T.sblock_alloc_buffer((n, c), "int32")

@@ -101,3 +101,17 @@ def test_bad_farm_arguments(tmp_path, capsys, monkeypatch):
     assert cli.main(["farm", "start", "--host", "0.0.0.0"]) == 2
     assert "--allow-remote" in capsys.readouterr().err
     assert not (tmp_path / "farm" / "farm.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "arm"], "cannot run on this machine"),  # nowhere to measure aarch64 code without a farm
+    (["--farm", "127.0.0.1:1", "--key", "arm64"], "arm64 servers run --target arm builds"),
+    (["--farm", "127.0.0.1:1", "--target", "cam"], "CAM simulator"),
+    (["--farm", "nohostport"], "HOST:PORT"),
+])
+def test_tune_rejects_bad_farm_options_before_any_work(tmp_path, capsys, args, message):
+    db = tmp_path / "db"
+    assert cli.main(["tune", str(tmp_path / "missing.onnx"), "--calib", str(tmp_path / "missing.npz"),
+                     "--db", str(db), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not db.exists()

@@ -121,14 +121,11 @@ def export_aarch64(mod) -> str:
 
     from tvm.support import cc
 
+    from tvm_lut.arm_emulator import CROSS_CXX
+
     path = os.path.join(tempfile.mkdtemp(prefix="tvm_lut_ms_"), "candidate.so")
-    mod.export_library(path, fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
+    mod.export_library(path, fcompile=cc.cross_compiler(CROSS_CXX))
     return path
-
-
-def _is_aarch64(target) -> bool:
-    tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    return str(tgt.attrs.get("mtriple", "")).startswith("aarch64")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,15 +209,11 @@ def measure_us(func: tirx.PrimFunc, target, number: int = 20, farm: Farm | None 
     import tempfile
 
     from tvm_lut.farm import request
+    from tvm_lut.targets import export_library
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.so")
-        if _is_aarch64(target):
-            from tvm.support import cc
-
-            lib.export_library(path, fcompile=cc.cross_compiler("aarch64-linux-gnu-g++"))
-        else:
-            lib.export_library(path)
+        export_library(lib, path, target)
         sess = request(farm.address, farm.key, farm.session_timeout_s)
         sess.upload(path, "tvm_lut_hand_kernel.so")
         rlib = sess.load_module("tvm_lut_hand_kernel.so")
@@ -277,7 +270,9 @@ def tune_kernel(func: tirx.PrimFunc, target, db_dir: str, trials: int, seed: int
         runner = ms.runner.RPCRunner(rpc_config=farm.rpc_config(), evaluator_config=evaluator,
                                      f_create_session=rpc_create_session, f_alloc_argument=rpc_alloc_argument,
                                      max_workers=servers, initializer=stub_tensor_intrins)
-    export = export_aarch64 if _is_aarch64(target) else None
+    from tvm_lut.targets import is_arm
+
+    export = export_aarch64 if is_arm(target) else None
     ms.tune_tir(
         _workload(func), target, db_dir, max_trials_global=todo, num_trials_per_iter=min(8, todo),
         builder=ms.builder.LocalBuilder(max_workers=workers, timeout_sec=60, initializer=stub_tensor_intrins,

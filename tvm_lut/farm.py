@@ -120,6 +120,11 @@ class Farm:
         return os.path.join(self.root, "farm.json")
 
     @property
+    def connect_host(self) -> str:
+        """The address clients on this machine use (a wildcard bind is reached through loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
     def tracker(self) -> Service | None:
         return next((s for s in self.services if s.role == "tracker"), None)
 
@@ -190,13 +195,12 @@ class Farm:
         self._spawn("tracker", "", [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host,
                                     "--port", str(tport), "--port-end", str(tport + 1)])
         self.wait_for_tracker(timeout_s=30)
-        connect_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         for key, count, python in (("x86", x86, sys.executable), ("arm64", arm, arm_python)):
             for _ in range(count):
                 sport = free_port(host)
                 self._spawn("server", key, [python, "-m", "tvm.exec.rpc_server", "--host", host,
                                             "--port", str(sport), "--port-end", str(sport + 1),
-                                            "--tracker", f"{connect_host}:{tport}", "--key", key])
+                                            "--tracker", f"{self.connect_host}:{tport}", "--key", key])
         log(f"farm: tracker {host}:{tport}; waiting for {x86} x86 + {arm} arm64 servers to register"
             + (" (arm64 servers import TVM under qemu: 20-60 s)" if arm else ""))
         self.wait_for_servers({"x86": x86, "arm64": arm}, timeout_s=timeout_s)
@@ -215,8 +219,7 @@ class Farm:
         """The tracker's ``summary()``: ``queue_info`` {key: {free, pending}} and ``server_info``."""
         from tvm import rpc
 
-        host, port = ("127.0.0.1" if self.host in ("0.0.0.0", "") else self.host), self.tracker.port
-        return rpc.connect_tracker(host, port).summary()
+        return rpc.connect_tracker(self.connect_host, self.tracker.port).summary()
 
     def registered(self) -> dict[str, int]:
         """Servers the tracker knows, by key."""
@@ -228,9 +231,8 @@ class Farm:
 
     def tracker_listening(self) -> bool:
         """A plain TCP connect (``rpc.connect_tracker`` would retry for a minute with warnings)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         try:
-            with socket.create_connection((host, self.tracker.port), timeout=1.0):
+            with socket.create_connection((self.connect_host, self.tracker.port), timeout=1.0):
                 return True
         except OSError:
             return False
@@ -314,9 +316,9 @@ def request(address: str, key: str, timeout_s: float = 120.0):
 def run_remote(artifact_dir: str, arrays: dict[str, np.ndarray], address: str, key: str) -> dict[str, np.ndarray]:
     """Run an artifact on a farm server: upload ``model.so``, run it in the remote Relax VM batch by batch."""
     import tvm
-    from tvm import relax
 
     from .artifact import read_manifest, verify
+    from .build import BatchRunner
     from .calibrate import normalize_inputs
 
     manifest = read_manifest(artifact_dir)
@@ -330,22 +332,6 @@ def run_remote(artifact_dir: str, arrays: dict[str, np.ndarray], address: str, k
     sess = request(address, key)
     remote_name = f"tvm_lut_{os.getpid()}_{int(time.time() * 1e3)}.so"
     sess.upload(os.path.join(artifact_dir, "model.so"), remote_name)
-    lib = sess.load_module(remote_name)
-    dev = sess.cpu()
-    vm = relax.VirtualMachine(lib, dev)
-    weights = [tvm.runtime.tensor(params[n].numpy(), dev) for n in manifest["params"]]
-    batch = int(inputs[0][1][0])
-    n = len(next(iter(data.values())))
-    outs: list[list[np.ndarray]] = []
-    for start in range(0, n, batch):
-        valid = min(batch, n - start)
-        args = []
-        for name, shape, dtype in inputs:
-            part = data[name][start:start + batch].astype(dtype, copy=False)
-            if valid < batch:
-                part = np.concatenate([part, np.zeros((batch - valid,) + part.shape[1:], dtype)])
-            args.append(tvm.runtime.tensor(np.ascontiguousarray(part), dev))
-        res = vm["main"](*args, *weights)
-        flat = [res] if hasattr(res, "numpy") else list(res)
-        outs.append([o.numpy()[:valid] for o in flat])
-    return dict(zip(manifest["outputs"], [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]))
+    runner = BatchRunner(sess.load_module(remote_name), [params[n].numpy() for n in manifest["params"]], inputs,
+                         device=sess.cpu())  # the VM and every tensor live on the remote device
+    return dict(zip(manifest["outputs"], runner.run(data)))

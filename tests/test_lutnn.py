@@ -89,6 +89,38 @@ def test_straight_through_gradients_reach_everything(distance):
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
 
 
+@pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
+def test_hand_written_soft_assign_equals_autograd(distance):
+    """``_SoftAssign``'s backward against autograd of the estimator it stands for,
+    ``onehot @ P + softmax @ P - stop_gradient(softmax @ P)``, in float64."""
+    torch.manual_seed(3)
+    layer = lutnn.LUTLinear(nn.Linear(12, 6), np.random.default_rng(3).standard_normal((3, 16, 4)).astype(np.float32),
+                            distance, 0.7).double()
+    sub_t = torch.randn(3, 50, 4, dtype=torch.float64)
+    g = torch.randn(3, 50, 4, dtype=torch.float64)
+
+    def grads(fn):
+        layer.zero_grad()
+        x = sub_t.clone().requires_grad_(True)
+        recon, codes = fn(layer.logits(x))
+        (recon * g).sum().backward()
+        return recon.detach(), codes, [x.grad, layer.centroids.grad, layer.log_temperature.grad]
+
+    def reference(logits):
+        codes = logits.detach().argmax(-1)
+        soft = torch.softmax(logits, -1)
+        onehot = torch.nn.functional.one_hot(codes, 16).double()
+        soft_recon = torch.bmm(soft, layer.centroids)
+        return torch.bmm(onehot, layer.centroids) + soft_recon - soft_recon.detach(), codes
+
+    got, want = grads(lambda lg: lutnn._SoftAssign.apply(lg, layer.centroids)), grads(reference)
+    np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())
+    np.testing.assert_allclose(got[0].numpy(), want[0].numpy(), rtol=0, atol=1e-12)  # value: the chosen centroids
+    for name, a, b in zip(["input", "centroids", "temperature"], got[2], want[2]):
+        assert float(b.abs().sum()) > 0, name
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
+
+
 def test_finetune_learns_beyond_kmeans_and_is_seeded():
     x, y = _data(512)
     model = TinyNet()

@@ -60,6 +60,41 @@ def quantize_tables(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.clamp(torch.round(tables.detach() / scale), -127, 127), scale
 
 
+class _SoftAssign(torch.autograd.Function):
+    """Hard nearest-centroid forward, soft (softmax) backward: the soft-PQ straight-through estimator.
+
+    ``logits`` (C, n, K) are -distance / temperature, ``centroids`` (C, K, V). Forward returns the
+    reconstruction (C, n, V), whose value is each row's nearest centroid, and the codes (C, n). Backward
+    treats the reconstruction as ``onehot @ P + softmax @ P - stop_gradient(softmax @ P)``: gradients
+    reach the chosen centroids (hard path) and, through the softmax, every centroid and the logits
+    (soft path). Written by hand because autograd's version of that expression materialises five more
+    (C, n, K) tensors, and those memory passes dominate training time."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, centroids: torch.Tensor):
+        c, k, v = centroids.shape
+        codes = logits.argmax(-1)
+        soft = torch.softmax(logits, dim=-1)
+        flat = (codes + torch.arange(c).unsqueeze(1) * k).reshape(-1)
+        recon = centroids.reshape(c * k, v).index_select(0, flat).reshape(c, -1, v)
+        ctx.save_for_backward(soft, centroids, flat)
+        ctx.mark_non_differentiable(codes)
+        return recon, codes
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _codes_grad):
+        soft, centroids, flat = ctx.saved_tensors
+        c, k, v = centroids.shape
+        d_logits = d_cents = None
+        if ctx.needs_input_grad[1]:  # soft path S^T G plus the hard path (one-hot^T G)
+            d_cents = torch.bmm(soft.transpose(1, 2), grad)
+            d_cents.view(c * k, v).index_add_(0, flat, grad.reshape(-1, v))
+        if ctx.needs_input_grad[0]:  # softmax backward, in place: S * (dS - <S, dS>)
+            d_soft = torch.bmm(grad, centroids.transpose(1, 2))
+            d_logits = d_soft.sub_((d_soft * soft).sum(-1, keepdim=True)).mul_(soft)
+        return d_logits, d_cents
+
+
 class _LUTLayer(nn.Module):
     """Shared machinery of ``LUTConv2d`` and ``LUTLinear``: codebooks, tables, encode, lookup."""
 
@@ -114,21 +149,22 @@ class _LUTLayer(nn.Module):
                     score = score - sub[:, :, i, None] * cents[None, :, :, i]
             return score.argmin(-1)
 
-    def logits(self, sub: torch.Tensor) -> torch.Tensor:
-        """-distance / temperature of each subvector to each centroid, (n, C, K), up to a constant per
-        (row, subspace), which softmax and argmax ignore: the differentiable path.
+    def logits(self, sub_t: torch.Tensor) -> torch.Tensor:
+        """-distance / temperature of each subvector to each centroid, (C, n, K), for subvectors laid out
+        subspace-major, (C, n, V), up to a constant per (subspace, row), which softmax and argmax ignore:
+        the differentiable path.
 
-        l2 drops ``||x||^2`` and folds ``2 / temperature`` into the centroids, so it is one batched matmul
-        and one add (the (n, C, K) tensors dominate the training time)."""
+        Subspace-major keeps every (C, n, K) tensor (logits, softmax, their gradients: what dominates the
+        training time) contiguous with C as the batch of ``bmm``, so no large tensor is ever transposed.
+        l2 drops ``||x||^2`` and folds ``2 / temperature`` into the centroids: one ``baddbmm``."""
         p, t = self.centroids, self.temperature
         if self.distance == "l2":
-            cross = torch.bmm(sub.transpose(0, 1), (p * (2 / t)).transpose(1, 2)).transpose(0, 1)
-            return cross - (p * p).sum(-1) / t
+            return torch.baddbmm((p * p).sum(-1).unsqueeze(1) / -t, sub_t, (p * (2 / t)).transpose(1, 2))
         if self.distance == "cosine":
             u = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            xn = sub / sub.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            return torch.bmm(xn.transpose(0, 1), (u / t).transpose(1, 2)).transpose(0, 1)
-        return torch.cdist(sub.transpose(0, 1), p, p=1).transpose(0, 1) / -t
+            xn = sub_t / sub_t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            return torch.bmm(xn, (u / t).transpose(1, 2))
+        return torch.cdist(sub_t, p, p=1) / -t
 
     def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """Input -> (n, D) rows and what ``unrows`` needs to restore the output layout."""
@@ -146,14 +182,11 @@ class _LUTLayer(nn.Module):
         smooth = None
         if torch.is_grad_enabled():
             # training: codes from the differentiable distances (equal to the kernel's up to float
-            # near-ties), soft assignment for the backward path
-            logits = self.logits(sub)
-            codes = logits.detach().argmax(-1)
-            soft = torch.softmax(logits, dim=-1)
-            soft_recon = torch.bmm(soft.transpose(0, 1), self.centroids).transpose(0, 1)  # (n, C, V)
-            hard_recon = self.centroids[torch.arange(c), codes]  # (n, C, V), gradient to the chosen centroids
-            recon = hard_recon + soft_recon - soft_recon.detach()  # value: hard; gradient: both paths
-            smooth = recon.reshape(n, c * v) @ self.weight_matrix()
+            # near-ties), soft assignment for the backward path, all subspace-major (C, n, .)
+            sub_t = sub.transpose(0, 1).contiguous()
+            recon, codes_t = _SoftAssign.apply(self.logits(sub_t), self.centroids)  # (C, n, V), (C, n)
+            smooth = recon.transpose(0, 1).reshape(n, c * v) @ self.weight_matrix()
+            codes = codes_t.t()
         else:
             codes = self.encode(sub)  # exactly the compiled kernel's scores and order
         # lookup: int8-valued tables summed over codebooks (exact in float32: |sum| <= 127*C < 2^24),

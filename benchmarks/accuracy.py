@@ -101,15 +101,16 @@ def loader(x, y, batch: int, limit: int | None, seed: int = 0):
 
 
 def run_case(rows: list, *, dataset, model_name, model, exact_acc, calib, test_x, test_y, batch, variants,
-             exclude=(), finetune_kw=None, train_x=None, train_y=None):
-    """k-means and learned variants of one exact model; appends table rows."""
+             exclude=(), finetune_kw=None, train_x=None, train_y=None, v=None):
+    """k-means and learned variants of one exact model; appends table rows. ``v``: one subvector length
+    for every LUT layer (None: LUT-NN's, 9 for 3x3 convs and 4 otherwise)."""
     mod = tvm_lut.from_torch(model, torch.from_numpy(test_x[:batch]))
     layer_opts = {n: "exact" for n in exclude}
     for method, distance in variants:
         t = time.time()
         if method == "kmeans":
             res = lut_accuracy(mod, test_x, test_y, batch, calibration={"x": calib}, distance=distance,
-                               all_layers=True, layers=layer_opts)
+                               all_layers=True, layers=layer_opts, v=v)
             extra = {"fit_s": time.time() - t}
         else:
             kw = dict(finetune_kw or {})
@@ -117,12 +118,14 @@ def run_case(rows: list, *, dataset, model_name, model, exact_acc, calib, test_x
             tag = f"_{lim or 'all'}_{kw.get('max_steps') or 'all'}"
             if kw.get("epochs", 1) != 1:
                 tag += f"_e{kw['epochs']}"
+            if v:
+                tag += f"_v{v}"
             if kw.get("distill"):
                 kw["teacher"] = model
                 tag += f"_kd{kw['distill']}"
             else:
                 kw.pop("distill", None)
-            ft = lutnn.finetune(model, loader(train_x, train_y, bs, lim), distance=distance, exclude=list(exclude),
+            ft = lutnn.finetune(model, loader(train_x, train_y, bs, lim), distance=distance, exclude=list(exclude), v=v,
                                 checkpoint_dir=os.path.join(CACHE, f"ckpt_{dataset.split()[0]}_{model_name}_{distance}"
                                                                    + tag), **kw)
             fit_s = time.time() - t
@@ -130,7 +133,7 @@ def run_case(rows: list, *, dataset, model_name, model, exact_acc, calib, test_x
             res = lut_accuracy(mod_ft, test_x, test_y, batch, codebooks=ft.codebooks, layers=layer_opts)
             extra = {"fit_s": fit_s, "finetune_steps": ft.steps, "finetune_images": ft.steps * bs,
                      "finetune_loss": ft.losses, "distill": kw.get("distill", 0.0)}
-        row = {"dataset": dataset, "model": model_name, "centroids": method, "distance": distance,
+        row = {"dataset": dataset, "model": model_name, "centroids": method, "distance": distance, "v": v or "LUT-NN",
                "exact_acc": exact_acc, **res, "retention": res["lut_acc"] / exact_acc,
                "drop": exact_acc - res["lut_acc"], **extra}
         rows.append(row)
@@ -177,7 +180,7 @@ def mnist(rows: list, quick: bool) -> dict:
 
 
 def cifar(rows: list, sweep: list, quick: bool, finetune_images: int, finetune_epochs: int | None = None,
-          distill: float = 0.0, variants=None) -> dict:
+          distill: float = 0.0, variants=None, v: int | None = None) -> dict:
     tx, ty = datasets.load_cifar10("train", limit=2000 if quick else None)
     vx, vy = datasets.load_cifar10("test", limit=500 if quick else None)
     t = time.time()
@@ -197,7 +200,7 @@ def cifar(rows: list, sweep: list, quick: bool, finetune_images: int, finetune_e
         ft.update(epochs=finetune_epochs, limit=None)
     run_case(rows, dataset="CIFAR-10 (JPEG)", model_name="ResNet-20", model=rn, exact_acc=acc, calib=calib,
              test_x=vx, test_y=vy, batch=100, exclude=("conv1",), finetune_kw=ft, train_x=tx, train_y=ty,
-             variants=variants or [("kmeans", "l2"), ("kmeans", "l1"), ("learned", "l2"), ("learned", "l1")])
+             variants=variants or [("kmeans", "l2"), ("kmeans", "l1"), ("learned", "l2"), ("learned", "l1")], v=v)
     if variants:
         return info
     # priority-mask Pareto sweep (k-means L1 lookups: every converted layer is multiplier-free)
@@ -234,13 +237,14 @@ def cifar(rows: list, sweep: list, quick: bool, finetune_images: int, finetune_e
 
 
 def markdown(rows: list, sweep: list, info: dict) -> str:
-    out = ["| dataset | model | centroids | distance | exact % | LUT % | retention | drop | mult. removed | "
-           "LUT bytes / fp32 weights | layers LUT | fit time |", "|" + "---|" * 12]
+    out = ["| dataset | model | centroids | distance | V | exact % | LUT % | retention | drop | mult. removed | "
+           "LUT bytes / fp32 weights | layers LUT | fit time |", "|" + "---|" * 13]
     for r in rows:
         ratio = r["lut_bytes"] / max(r["weight_bytes_converted"], 1)
         extra = f" ({r['finetune_images']} imgs{', distilled' if r.get('distill') else ''})" \
             if "finetune_images" in r else ""
-        out.append(f"| {r['dataset']} | {r['model']} | {r['centroids']} | {r['distance']} | {r['exact_acc']:.2f} | "
+        out.append(f"| {r['dataset']} | {r['model']} | {r['centroids']} | {r['distance']} | {r.get('v', 'LUT-NN')} | "
+                   f"{r['exact_acc']:.2f} | "
                    f"{r['lut_acc']:.2f} | {r['retention']:.1%} | {r['drop']:+.2f} | {r['mul_removed']:.1%} | "
                    f"{r['lut_bytes'] / 1e3:.1f} kB / {r['weight_bytes_converted'] / 1e3:.1f} kB ({ratio:.2f}x) | "
                    f"{r['layers_lut']}/{r['layers']} | {r['fit_s']:.0f} s{extra} |")
@@ -284,6 +288,11 @@ def chart(rows: list, sweep: list, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def row_key(r: dict) -> tuple:
+    """What identifies a table row: a rerun of the same case replaces it."""
+    return r["dataset"], r["model"], r["centroids"], r["distance"], r.get("v", "LUT-NN")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["mnist", "cifar"], default=None)
@@ -298,6 +307,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=None,
                     help="CIFAR only these comma-separated method:distance pairs (e.g. learned:l2), "
                          "no priority sweep; rows replace the matching ones in the JSON")
+    ap.add_argument("--subvector", type=int, default=None, metavar="V",
+                    help="CIFAR: one subvector length for every LUT layer (default LUT-NN's: 9 for 3x3 convs, "
+                         "one input channel's patch, and 4 otherwise); smaller V = more codebooks, larger tables")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -310,7 +322,7 @@ def main(argv=None) -> int:
     if args.only in (None, "cifar"):
         variants = [tuple(v.split(":")) for v in args.variants.split(",")] if args.variants else None
         info.update(cifar(rows, sweep, args.quick, args.finetune_images, args.finetune_epochs, args.distill,
-                          variants))
+                          variants, args.subvector))
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     path = os.path.join(args.out, f"accuracy{suffix}.json")
@@ -319,9 +331,9 @@ def main(argv=None) -> int:
         with open(path) as f:
             old = json.load(f)
         mine = "MNIST" if args.only == "mnist" else "CIFAR"
-        new = {(r["dataset"], r["model"], r["centroids"], r["distance"]) for r in rows}
+        new = {row_key(r) for r in rows}
         if args.variants:  # only the rows this run measured are replaced
-            rows = [r for r in old["rows"] if (r["dataset"], r["model"], r["centroids"], r["distance"]) not in new] \
+            rows = [r for r in old["rows"] if row_key(r) not in new] \
                 + rows
         else:
             rows = [r for r in old["rows"] if not r["dataset"].startswith(mine)] + rows

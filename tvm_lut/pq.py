@@ -94,16 +94,72 @@ def im2col(
 KMEANS_MAX_ROWS = 4096
 
 
+def _sq_dist(x: np.ndarray, p: np.ndarray, x2: np.ndarray) -> np.ndarray:
+    """Squared L2 distances (c, n, K) of subvectors x (c, n, V) to centroids p (c, K, V)."""
+    d = x2[:, :, None] - 2.0 * np.matmul(x, p.transpose(0, 2, 1)) + (p * p).sum(-1)[:, None, :]
+    return np.maximum(d, 0.0)
+
+
+def kmeans(data: np.ndarray, k: int, seed: int = 0, max_iter: int = 100, tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """Batched k-means: one independent clustering per subspace, all subspaces at once.
+
+    ``data`` (c, n, V) float64 -> centroids (c, K, V) and labels (c, n). Greedy k-means++ seeding (the
+    best of ``2 + log K`` sampled candidates per step, as scikit-learn seeds), then Lloyd iterations until
+    no centroid moves more than ``tol`` times the data's variance. Vectorised over subspaces in numpy: a
+    layer's hundreds of small clusterings cost one pass of batched matrix products per iteration instead
+    of hundreds of library calls (scikit-learn's per-call OpenMP pool also fights torch's threads).
+    An empty cluster keeps its previous centroid."""
+    c, n, v = data.shape
+    rng = np.random.default_rng(seed)
+    x2 = (data * data).sum(-1)  # (c, n)
+    ar = np.arange(c)
+    trials = 2 + int(np.log(k))
+    cents = np.empty((c, k, v))
+    cents[:, 0] = data[ar, rng.integers(0, n, c)]
+    closest = _sq_dist(data, cents[:, :1], x2)[:, :, 0]  # (c, n)
+    for j in range(1, k):
+        pot = closest.sum(1, keepdims=True)
+        cum = np.cumsum(closest, 1)
+        r = rng.random((c, trials)) * pot
+        cand = np.minimum(np.stack([np.searchsorted(cum[i], r[i]) for i in range(c)]), n - 1)  # (c, trials)
+        d_cand = _sq_dist(data, data[ar[:, None], cand], x2)  # (c, n, trials)
+        new_closest = np.minimum(closest[:, :, None], d_cand)
+        best = new_closest.sum(1).argmin(1)  # (c,)
+        cents[:, j] = data[ar, cand[ar, best]]
+        closest = new_closest[ar, :, best]
+    tol_abs = tol * data.var(1).mean(-1)  # per subspace (c,)
+    active = ar  # subspaces still moving: converged ones leave the batch
+    for _ in range(max_iter):
+        xa, ca = data[active], cents[active]
+        labels = _nearest(xa, ca)
+        idx = (labels + (np.arange(len(active)) * k)[:, None]).ravel()
+        counts = np.bincount(idx, minlength=len(active) * k).reshape(-1, k)
+        sums = np.stack([np.bincount(idx, weights=xa[..., i].ravel(), minlength=len(active) * k)
+                         for i in range(v)], -1).reshape(-1, k, v)
+        new = np.where(counts[..., None] > 0, sums / np.maximum(counts, 1)[..., None], ca)
+        shift = ((new - ca) ** 2).sum((1, 2))
+        cents[active] = new
+        active = active[shift > tol_abs[active]]
+        if not len(active):
+            break
+    return cents, _nearest(data, cents)
+
+
+def _nearest(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Index of the nearest centroid (c, n) by squared L2, ``||p||^2 - 2 x.p`` (``||x||^2`` is constant)."""
+    scores = np.matmul(x, -2.0 * p.transpose(0, 2, 1))
+    scores += (p * p).sum(-1)[:, None, :]
+    return scores.argmin(-1)
+
+
 def fit_codebooks(rows: np.ndarray, v: int, k: int, distance: str = "l2", seed: int = 0) -> np.ndarray:
     """Learn K centroids per subspace from calibration rows (n x D_pad, D_pad = C*V) -> (C, K, V).
 
-    ``l2`` and ``cosine`` use scikit-learn's k-means (``cosine`` on unit-normalised subvectors, i.e.
+    ``l2`` and ``cosine`` use k-means (``kmeans``; ``cosine`` on unit-normalised subvectors, i.e.
     spherical k-means, then each centroid is rescaled to the mean norm of its members so the table row
     stays a faithful reconstruction). ``l1`` refines the k-means solution with a few k-medians steps,
     which minimise the L1 distance the encoder uses.
     """
-    from sklearn.cluster import KMeans
-
     if distance not in DISTANCES:
         raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
     n, d_pad = rows.shape
@@ -112,38 +168,35 @@ def fit_codebooks(rows: np.ndarray, v: int, k: int, distance: str = "l2", seed: 
     if n < k:
         raise ValueError(f"K={k} centroids need at least {k} calibration vectors, got {n}")
     c_count = d_pad // v
-    out = np.empty((c_count, k, v), dtype=np.float32)
     rows = rows.astype(np.float32, copy=False)
     if n > KMEANS_MAX_ROWS:
         rows = rows[np.sort(np.random.default_rng(seed).choice(n, KMEANS_MAX_ROWS, replace=False))]
-    for c in range(c_count):
-        sub = rows[:, c * v : (c + 1) * v]
-        data = sub
+    sub = rows.reshape(len(rows), c_count, v).transpose(1, 0, 2).astype(np.float64)  # (C, n, V)
+    data = sub
+    if distance == "cosine":
+        norms = np.linalg.norm(sub, axis=-1, keepdims=True)
+        data = sub / np.maximum(norms, 1e-12)
+    out = np.empty((c_count, k, v), dtype=np.float32)
+    chunk = max(1, (1 << 22) // (len(rows) * k))  # subspaces per batch: (chunk, n, K) distances of ~32 MB
+    for c0 in range(0, c_count, chunk):
+        part = slice(c0, min(c0 + chunk, c_count))
+        cent, labels = kmeans(data[part], k, seed + c0)
         if distance == "cosine":
-            norms = np.linalg.norm(sub, axis=1, keepdims=True)
-            data = sub / np.maximum(norms, 1e-12)
-        km = KMeans(n_clusters=k, n_init=1, max_iter=100, random_state=seed + c)
-        # k-means on data with fewer distinct points than K warns and duplicates centroids: harmless here.
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                labels = km.fit_predict(data.astype(np.float64))
-        cent = km.cluster_centers_.astype(np.float32)
-        if distance == "cosine":
-            for j in range(k):
-                members = labels == j
-                mean_norm = float(norms[members].mean()) if members.any() else 0.0
-                cent[j] = cent[j] / max(float(np.linalg.norm(cent[j])), 1e-12) * mean_norm
+            member_norm = np.stack([np.bincount(lab, weights=nm[:, 0], minlength=k)
+                                    for lab, nm in zip(labels, norms[part])])
+            counts = np.stack([np.bincount(lab, minlength=k) for lab in labels])
+            mean_norm = np.where(counts > 0, member_norm / np.maximum(counts, 1), 0.0)
+            cent = cent / np.maximum(np.linalg.norm(cent, axis=-1, keepdims=True), 1e-12) * mean_norm[..., None]
         elif distance == "l1":
+            xs = sub[part]
             for _ in range(5):
-                labels = np.abs(sub[:, None, :] - cent[None]).sum(-1).argmin(1)
-                for j in range(k):
-                    members = sub[labels == j]
-                    if len(members):
-                        cent[j] = np.median(members, axis=0)
-        out[c] = cent
+                lab = np.abs(xs[:, :, None, :] - cent[:, None]).sum(-1).argmin(-1)  # (c, n)
+                for i in range(len(xs)):
+                    for j in range(k):
+                        members = xs[i][lab[i] == j]
+                        if len(members):
+                            cent[i, j] = np.median(members, axis=0)
+        out[part] = cent
     return out
 
 

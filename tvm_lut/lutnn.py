@@ -34,6 +34,7 @@ tables equal up to the folded factor (bit-identical tables for layers without a 
 from __future__ import annotations
 
 import copy
+import ctypes
 import hashlib
 import json
 import math
@@ -401,6 +402,25 @@ def load_codebooks(path: str) -> dict[str, dict]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _retain_freed_memory() -> None:
+    """Keep freed large blocks in the process heap instead of returning them to the kernel (glibc only).
+
+    glibc serves every block above its mmap threshold (at most 32 MB by default) by ``mmap`` and unmaps it
+    on free, so the next step's identical (C, n, K) tensors come back as fresh zero-filled pages: with
+    100 MB tensors that page faulting took half the CPU time of a training step here (``vmstat``: 50 %
+    system time). Raising the threshold and the trim limit (``mallopt``) keeps those blocks for reuse.
+    Process-wide, like the ``MALLOC_MMAP_THRESHOLD_`` environment variable it stands for; a no-op where
+    the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, (1 << 31) - 1)
+
+
 @dataclass
 class FinetuneResult:
     model: nn.Module  # with lookup layers (eval mode); ``to_exact(model)`` for export
@@ -454,9 +474,13 @@ def finetune(
     distillation: ``(1 - distill) * loss_fn + distill * T² * KL(teacher || student)`` at temperature
     ``T = distill_temperature`` (Hinton et al.), so the lookup model learns the exact model's soft
     outputs rather than the labels alone.
+
+    Speed: on glibc the process keeps freed large blocks for reuse (``_retain_freed_memory``), which
+    halved the step time of a ResNet-20 with V=3 codebooks here.
     """
     from tqdm import tqdm
 
+    _retain_freed_memory()
     torch.manual_seed(seed)
     if teacher is not None:
         if lut_layers(teacher):

@@ -100,7 +100,8 @@ def _sq_dist(x: np.ndarray, p: np.ndarray, x2: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
-def kmeans(data: np.ndarray, k: int, seed: int = 0, max_iter: int = 100, tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(data: np.ndarray, k: int, seed: int = 0, max_iter: int = 100,
+           tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
     """Batched k-means: one independent clustering per subspace, all subspaces at once.
 
     ``data`` (c, n, V) float64 -> centroids (c, K, V) and labels (c, n). Greedy k-means++ seeding (the

@@ -300,8 +300,8 @@ def main(argv=None) -> int:
     ap.add_argument("--finetune-images", type=int, default=9600,
                     help="CIFAR images seen while learning centroids (one pass, batch 32)")
     ap.add_argument("--finetune-epochs", type=int, default=None,
-                    help="instead: whole passes over the 50k CIFAR training images (~30 min each here; resumable "
-                         "from the checkpoints in benchmarks/results/cache)")
+                    help="instead: whole passes over the 50k CIFAR training images (about 37 min each here at "
+                         "V=3; resumable from the checkpoints in benchmarks/results/cache)")
     ap.add_argument("--distill", type=float, default=0.0,
                     help="knowledge-distillation weight from the exact model while learning centroids (0 = labels only)")
     ap.add_argument("--variants", default=None,

@@ -312,6 +312,8 @@ def main(argv=None) -> int:
                          "one input channel's patch, and 4 otherwise); smaller V = more codebooks, larger tables")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
+    if args.subvector is not None and args.subvector < 1:
+        ap.error(f"--subvector must be a positive subvector length, got {args.subvector}")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     if not shared_data_present(args.only):
         return 1

@@ -121,6 +121,27 @@ def test_hand_written_soft_assign_equals_autograd(distance):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("v", [1, 3, 4])
+def test_hand_written_l1_distance_equals_cdist(v):
+    """``_L1Distance`` (the L1 logits' backward for short subvectors) against ``torch.cdist(p=1)``'s own
+    gradients in float64, and against finite differences (``gradcheck``)."""
+    torch.manual_seed(4)
+    x0 = torch.randn(3, 40, v, dtype=torch.float64)
+    p0 = torch.randn(3, 16, v, dtype=torch.float64)
+    g = torch.randn(3, 40, 16, dtype=torch.float64)
+    out = []
+    for fn in (lutnn._L1Distance.apply, lambda a, b: torch.cdist(a, b, p=1)):
+        x, p = x0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
+        d = fn(x, p)
+        (d * g).sum().backward()
+        out.append((d.detach(), x.grad, p.grad))
+    for a, b in zip(*out):
+        assert float(b.abs().sum()) > 0
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lutnn._L1Distance.apply, (x0[:, :5].clone().requires_grad_(True),
+                                                              p0.clone().requires_grad_(True)))
+
+
 def test_finetune_learns_beyond_kmeans_and_is_seeded():
     x, y = _data(512)
     model = TinyNet()
@@ -237,3 +258,16 @@ def test_bad_codebooks_are_named():
         LUTify(codebooks={"nope": np.zeros((3, 16, 4), np.float32)}, progress=False)(mod)
     with pytest.raises(OptionError, match="not found"):
         lutnn.load_codebooks("/nonexistent/cb.npz")
+
+
+@pytest.mark.parametrize("kw, match", [({"v": 0}, "V=0"), ({"v": -3}, "V=-3"), ({"k": 1}, "K=1"),
+                                       ({"k": 300}, "K=300")])
+def test_bad_k_and_v_are_refused_not_defaulted(kw, match):
+    """``v=0`` once read as "the default V"; convert and finetune now refuse it, like LUTify's options."""
+    x, y = _data(64)
+    with pytest.raises(OptionError, match=match):
+        lutnn.convert(TinyNet(), [x[:32]], **kw)
+    with pytest.raises(OptionError, match=match):
+        lutnn.finetune(TinyNet(), _loader(x, y), max_steps=1, progress=False, **kw)
+    lut = lutnn.convert(TinyNet(), [x[:32]], v=1)  # the smallest V is accepted
+    assert lutnn.lut_layers(lut)["fc"].centroids.shape[-1] == 1

@@ -137,3 +137,18 @@ def test_default_subvector_lengths():
     assert pq.default_subvector_len("conv2d", (3, 3)) == 9
     assert pq.default_subvector_len("conv2d", (1, 1)) == 4
     assert pq.default_subvector_len("dense", None) == 4
+
+
+def test_kmedians_step_equals_per_cluster_median(rng):
+    """The vectorised k-medians update is ``np.median`` of each cluster's members, dimension by
+    dimension (odd and even member counts, ties from ReLU zeros), and an empty cluster keeps its centroid."""
+    data = np.maximum(rng.standard_normal((5, 301, 3)), 0.0)  # many exact zeros: ties in the sort
+    labels = rng.integers(0, 15, (5, 301))  # centroid 15 is empty everywhere
+    labels[2] = rng.integers(0, 3, 301)  # few, large clusters in one subspace
+    cents = rng.standard_normal((5, 16, 3))
+    new = pq.kmedians_step(data, labels, cents)
+    for i in range(5):
+        for j in range(16):
+            members = data[i][labels[i] == j]
+            want = np.median(members, axis=0) if len(members) else cents[i, j]
+            np.testing.assert_array_equal(new[i, j], want)

@@ -120,6 +120,8 @@ def run_case(rows: list, *, dataset, model_name, model, exact_acc, calib, test_x
                 tag += f"_e{kw['epochs']}"
             if v:
                 tag += f"_v{v}"
+            if kw.get("weight_lr") is not None:
+                tag += f"_wlr{kw['weight_lr']:g}"
             if kw.get("distill"):
                 kw["teacher"] = model
                 tag += f"_kd{kw['distill']}"
@@ -132,7 +134,8 @@ def run_case(rows: list, *, dataset, model_name, model, exact_acc, calib, test_x
             mod_ft = tvm_lut.from_torch(lutnn.to_exact(ft.model), torch.from_numpy(test_x[:batch]))
             res = lut_accuracy(mod_ft, test_x, test_y, batch, codebooks=ft.codebooks, layers=layer_opts)
             extra = {"fit_s": fit_s, "finetune_steps": ft.steps, "finetune_images": ft.steps * bs,
-                     "finetune_loss": ft.losses, "distill": kw.get("distill", 0.0)}
+                     "finetune_loss": ft.losses, "distill": kw.get("distill", 0.0),
+                     "weight_lr": kw.get("weight_lr") or kw.get("lr", 1e-3) / 10}
         row = {"dataset": dataset, "model": model_name, "centroids": method, "distance": distance, "v": v or "LUT-NN",
                "exact_acc": exact_acc, **res, "retention": res["lut_acc"] / exact_acc,
                "drop": exact_acc - res["lut_acc"], **extra}
@@ -180,7 +183,7 @@ def mnist(rows: list, quick: bool) -> dict:
 
 
 def cifar(rows: list, sweep: list, quick: bool, finetune_images: int, finetune_epochs: int | None = None,
-          distill: float = 0.0, variants=None, v: int | None = None) -> dict:
+          distill: float = 0.0, variants=None, v: int | None = None, weight_lr: float | None = None) -> dict:
     tx, ty = datasets.load_cifar10("train", limit=2000 if quick else None)
     vx, vy = datasets.load_cifar10("test", limit=500 if quick else None)
     t = time.time()
@@ -195,7 +198,7 @@ def cifar(rows: list, sweep: list, quick: bool, finetune_images: int, finetune_e
     bs = 32
     steps = 20 if quick else finetune_images // bs
     ft = {"epochs": 1, "lr": 1e-3, "batch_size": bs, "limit": steps * bs, "progress": False,
-          "transform": models.random_crop_flip, "distill": distill}
+          "transform": models.random_crop_flip, "distill": distill, "weight_lr": weight_lr}
     if finetune_epochs and not quick:  # whole passes over the 50k training images instead
         ft.update(epochs=finetune_epochs, limit=None)
     run_case(rows, dataset="CIFAR-10 (JPEG)", model_name="ResNet-20", model=rn, exact_acc=acc, calib=calib,
@@ -241,8 +244,8 @@ def markdown(rows: list, sweep: list, info: dict) -> str:
            "LUT bytes / fp32 weights | layers LUT | fit time |", "|" + "---|" * 13]
     for r in rows:
         ratio = r["lut_bytes"] / max(r["weight_bytes_converted"], 1)
-        extra = f" ({r['finetune_images']} imgs{', distilled' if r.get('distill') else ''})" \
-            if "finetune_images" in r else ""
+        extra = f" ({r['finetune_images']} imgs{', distilled' if r.get('distill') else ''}" \
+                f"{', weight lr %g' % r['weight_lr'] if r.get('weight_lr') else ''})" if "finetune_images" in r else ""
         out.append(f"| {r['dataset']} | {r['model']} | {r['centroids']} | {r['distance']} | {r.get('v', 'LUT-NN')} | "
                    f"{r['exact_acc']:.2f} | "
                    f"{r['lut_acc']:.2f} | {r['retention']:.1%} | {r['drop']:+.2f} | {r['mul_removed']:.1%} | "
@@ -310,10 +313,15 @@ def main(argv=None) -> int:
     ap.add_argument("--subvector", type=int, default=None, metavar="V",
                     help="CIFAR: one subvector length for every LUT layer (default LUT-NN's: 9 for 3x3 convs, "
                          "one input channel's patch, and 4 otherwise); smaller V = more codebooks, larger tables")
+    ap.add_argument("--weight-lr", type=float, default=None,
+                    help="CIFAR: Adam learning rate of the weights (and BN) while learning centroids "
+                         "(default lr/10 = 1e-4; centroids and temperatures use 1e-3)")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
     if args.subvector is not None and args.subvector < 1:
         ap.error(f"--subvector must be a positive subvector length, got {args.subvector}")
+    if args.weight_lr is not None and not args.weight_lr > 0:
+        ap.error(f"--weight-lr must be a positive learning rate, got {args.weight_lr}")
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     if not shared_data_present(args.only):
         return 1
@@ -324,7 +332,7 @@ def main(argv=None) -> int:
     if args.only in (None, "cifar"):
         variants = [tuple(v.split(":")) for v in args.variants.split(",")] if args.variants else None
         info.update(cifar(rows, sweep, args.quick, args.finetune_images, args.finetune_epochs, args.distill,
-                          variants, args.subvector))
+                          variants, args.subvector, args.weight_lr))
     os.makedirs(args.out, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     path = os.path.join(args.out, f"accuracy{suffix}.json")

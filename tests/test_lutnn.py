@@ -271,3 +271,19 @@ def test_bad_k_and_v_are_refused_not_defaulted(kw, match):
         lutnn.finetune(TinyNet(), _loader(x, y), max_steps=1, progress=False, **kw)
     lut = lutnn.convert(TinyNet(), [x[:32]], v=1)  # the smallest V is accepted
     assert lutnn.lut_layers(lut)["fc"].centroids.shape[-1] == 1
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
+def test_eval_encoder_blocks_rows_without_changing_codes(distance, monkeypatch):
+    """The eval-mode encoder works in row blocks (bounded memory on large batches): blocks of 5 rows,
+    the last one partial, give the codes of one block and of the numpy reference encoder."""
+    rng = np.random.default_rng(5)
+    layer = lutnn.LUTLinear(nn.Linear(9, 4), rng.standard_normal((3, 16, 3)).astype(np.float32), distance, 1.0)
+    sub = torch.from_numpy(rng.standard_normal((23, 3, 3)).astype(np.float32))
+    whole = layer.encode(sub)
+    monkeypatch.setattr(lutnn, "ENCODE_BLOCK", 5 * 3 * 16)
+    blocked = layer.encode(sub)
+    cents, offsets = pq.encoder_operands(layer.centroids.detach().numpy(), distance)
+    ref = pq.encode(sub.reshape(23, 9).numpy(), cents, offsets, distance)
+    np.testing.assert_array_equal(blocked.numpy(), whole.numpy())
+    np.testing.assert_array_equal(blocked.numpy(), ref)

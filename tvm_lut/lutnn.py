@@ -129,6 +129,10 @@ class _L1Distance(torch.autograd.Function):
 L1_HAND_BACKWARD_MAX_V = 4
 
 
+#: Scores per block of the eval-mode encoder (rows x C x K floats): bounds its memory on large batches.
+ENCODE_BLOCK = 1 << 22
+
+
 class _LUTLayer(nn.Module):
     """Shared machinery of ``LUTConv2d`` and ``LUTLinear``: codebooks, tables, encode, lookup."""
 
@@ -175,13 +179,24 @@ class _LUTLayer(nn.Module):
         with torch.no_grad():
             cents, offsets = pq.encoder_operands(self.centroids.detach().numpy(), self.distance)
             cents, offsets = torch.from_numpy(cents), torch.from_numpy(offsets)
-            score = offsets.unsqueeze(0).expand(sub.shape[0], -1, -1)
-            for i in range(sub.shape[2]):
-                if self.distance == "l1":
-                    score = score + (sub[:, :, i, None] - cents[None, :, :, i]).abs()
-                else:
-                    score = score - sub[:, :, i, None] * cents[None, :, :, i]
-            return score.argmin(-1)
+            n, c, v = sub.shape
+            k = cents.shape[1]
+            codes = torch.empty(n, c, dtype=torch.long)
+            step = max(1, ENCODE_BLOCK // (c * k))  # rows per block of (rows, C, K) scores
+            tmp = torch.empty(min(step, n), c, k)
+            cols = [cents[None, :, :, i].contiguous() for i in range(v)]
+            for r0 in range(0, n, step):
+                part = sub[r0:r0 + step]
+                t = tmp[:len(part)]
+                score = offsets.unsqueeze(0).repeat(len(part), 1, 1)
+                for i in range(v):  # in place, same operations and order as before: one rounding each
+                    xi = part[:, :, i, None].contiguous()
+                    if self.distance == "l1":
+                        score.add_(torch.sub(xi, cols[i], out=t).abs_())
+                    else:
+                        score.sub_(torch.mul(xi, cols[i], out=t))
+                codes[r0:r0 + step] = score.argmin(-1)
+            return codes
 
     def logits(self, sub_t: torch.Tensor) -> torch.Tensor:
         """-distance / temperature of each subvector to each centroid, (C, n, K), for subvectors laid out

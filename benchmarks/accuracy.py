@@ -292,8 +292,9 @@ def chart(rows: list, sweep: list, path: str) -> None:
 
 
 def row_key(r: dict) -> tuple:
-    """What identifies a table row: a rerun of the same case replaces it."""
-    return r["dataset"], r["model"], r["centroids"], r["distance"], r.get("v", "LUT-NN")
+    """What identifies a table row: a rerun of the same case (and weight learning rate) replaces it."""
+    wlr = r.get("weight_lr") or (1e-4 if r["centroids"] == "learned" else None)  # older rows: the default
+    return r["dataset"], r["model"], r["centroids"], r["distance"], r.get("v", "LUT-NN"), wlr
 
 
 def main(argv=None) -> int:

@@ -135,7 +135,7 @@ def run_case(rows: list, *, dataset, model_name, model, exact_acc, calib, test_x
             res = lut_accuracy(mod_ft, test_x, test_y, batch, codebooks=ft.codebooks, layers=layer_opts)
             extra = {"fit_s": fit_s, "finetune_steps": ft.steps, "finetune_images": ft.steps * bs,
                      "finetune_loss": ft.losses, "distill": kw.get("distill", 0.0),
-                     "weight_lr": kw.get("weight_lr") or kw.get("lr", 1e-3) / 10}
+                     "weight_lr": kw.get("weight_lr") or kw["lr"] * lutnn.WEIGHT_LR_FRACTION}
         row = {"dataset": dataset, "model": model_name, "centroids": method, "distance": distance, "v": v or "LUT-NN",
                "exact_acc": exact_acc, **res, "retention": res["lut_acc"] / exact_acc,
                "drop": exact_acc - res["lut_acc"], **extra}
@@ -293,7 +293,8 @@ def chart(rows: list, sweep: list, path: str) -> None:
 
 def row_key(r: dict) -> tuple:
     """What identifies a table row: a rerun of the same case (and weight learning rate) replaces it."""
-    wlr = r.get("weight_lr") or (1e-4 if r["centroids"] == "learned" else None)  # older rows: the default
+    # older rows did not record it: they used finetune's default at lr 1e-3
+    wlr = r.get("weight_lr") or (1e-3 * lutnn.WEIGHT_LR_FRACTION if r["centroids"] == "learned" else None)
     return r["dataset"], r["model"], r["centroids"], r["distance"], r.get("v", "LUT-NN"), wlr
 
 

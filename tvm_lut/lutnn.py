@@ -487,6 +487,8 @@ class FinetuneResult:
 
 
 _CKPT = "lutnn_checkpoint.pt"
+#: ``finetune``'s default learning rate of the weights, as a fraction of the centroids' ``lr``.
+WEIGHT_LR_FRACTION = 0.1
 
 
 def finetune(
@@ -565,7 +567,7 @@ def finetune(
     ids = {id(p) for p in codebook_params}
     other = [p for p in model.parameters() if id(p) not in ids]
     opt = torch.optim.Adam([{"params": codebook_params, "lr": lr},
-                            {"params": other, "lr": weight_lr if weight_lr is not None else lr / 10}])
+                            {"params": other, "lr": weight_lr if weight_lr is not None else lr * WEIGHT_LR_FRACTION}])
     steps_per_epoch = len(loader)
     total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))

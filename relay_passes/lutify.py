@@ -102,7 +102,7 @@ class LUTify:
     fitted : already fitted ``pq.PQLayer`` by layer name (e.g. ``PriorityMask.fitted``), used as they are.
     lookup : the table-readout kernel of PQ layers: ``"auto"`` (default: byte shuffles when the target
         has them, K=16, the distance is not L1 (kept multiplier-free on the gather path) and the layer has at
-        least half a shuffle's worth of rows, else gathers),
+        least half a shuffle's worth of rows, or 16 for a convolution, else gathers),
         ``"shuffle"`` (``tir_schedules.shuffle``: codes packed two per byte, ``pshufb``; convolutions get
         the encoder fused with im2col) or ``"gather"`` (``kernels.accumulate``, any K). Each layer's record
         says which it got (``kernel``).
@@ -367,7 +367,14 @@ class LUTify:
                 raise OptionError(f"lookup='shuffle' for layer {p.layer.name!r} needs K=16 (got K={k}) and a target "
                                   f"with byte shuffles (SSSE3/AVX2/AVX-512BW, or NEON tbl); got {self.target!r}")
             return f"shuffle-{isa.name}"
-        if isa is None or k != 16 or p.layer.rows < isa.lanes // 2:
+        # the shuffle kernel computes a whole row block (isa.lanes rows) per pass: too few rows waste it.
+        # A conv still gains from it with one 16-row encoder tile: the encoder reads the input in place
+        # (no im2col kernel) and the lookup streams its tables once instead of gathering table rows
+        # (measured: 512->512 3x3 on a 4x4 map, 0.161 vs 0.251 ms with hot tables, more when cold). A
+        # dense layer keeps the gather below half a block (batch 1 Linear 512->256: 0.004 vs 0.020 ms).
+        if isa is None or k != 16:
+            return "gather"
+        if p.layer.rows < (min(16, isa.lanes // 2) if p.layer.kind == "conv2d" else isa.lanes // 2):
             return "gather"
         if p.pq_layer.distance == "l1":
             # PECAN-D stays multiplier-free end to end only on the gather path: the shuffle kernel's

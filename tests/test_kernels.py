@@ -207,6 +207,9 @@ def test_packed_encoder_matches_reference(distance, shape):
     ((1, 16, 12, 12), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 9),
     ((2, 3, 11, 9), (3, 3), (2, 1), (1, 0, 1, 2), (1, 2), 4),  # stride, asymmetric padding, dilation, D=27 padded
     ((3, 5, 7, 7), (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 2),
+    # stride 1 encodes virtual rows over the padded width: batch 2, dilation, asymmetric padding, a
+    # 16-row tile spanning output rows and images' boundaries, D=45 padded to 48 columns
+    ((2, 5, 9, 7), (3, 3), (1, 1), (0, 1, 2, 1), (2, 1), 4),
 ])
 def test_encoder_fused_with_im2col_matches_reference(scheduled, conv):
     shape, khw, st, pad, dil, v = conv

@@ -17,7 +17,7 @@ Kernels are tagged ``"op_pattern": 8`` (opaque: FuseOps leaves them alone; see c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tvm import te, tirx
 from tvm.script import tirx as T
@@ -72,6 +72,7 @@ class ConvInput:
     strides: tuple[int, int]
     padding: tuple[int, int, int, int]
     dilation: tuple[int, int]
+    virtual: bool = True  # allow virtual rows (stride 1): the packed encoder; its unpacked twin encodes real rows
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -87,6 +88,79 @@ class ConvInput:
     @property
     def d(self) -> int:
         return self.shape[1] * self.kernel_hw[0] * self.kernel_hw[1]
+
+    # -- the zero-padded copy the fused encoder reads ---------------------------------------------
+    # The encoder first copies the input once into a flat zero-padded buffer (``pad_zero`` +
+    # ``pad_copy``: C*Hp*Wp floats, a ninth of the im2col matrix at 3x3), then reads every patch element
+    # from it with no bounds test. With stride 1 the rows are "virtual": row q of an image stands for
+    # the output pixel (q // Wp, q % Wp) of the padded width Wp, so 16 consecutive rows are 16
+    # consecutive floats of the padded plane for every tap, one vector load even where a 16-row tile
+    # spans several output rows (8x8 and 4x4 maps). The Wp - OW columns per output row that are not
+    # real pixels are encoded and dropped (their reads stay inside the buffer's slack).
+
+    @property
+    def padded_hw(self) -> tuple[int, int]:
+        _, _, h, w = self.shape
+        pt, pl, pb, pr = self.padding
+        return h + pt + pb, w + pl + pr
+
+    @property
+    def virtual_rows(self) -> bool:
+        """Stride 1: encode rows over the padded width (contiguous loads); else the real rows."""
+        return self.virtual and tuple(self.strides) == (1, 1)
+
+    @property
+    def rows_per_image(self) -> int:
+        """Encoded rows per image: with virtual rows up to the last real pixel, rounded up to 16
+        (whole vector tiles that never span two images); otherwise OH*OW."""
+        oh, ow = self.out_hw
+        if not self.virtual_rows:
+            return oh * ow
+        return -(-((oh - 1) * self.padded_hw[1] + ow) // 16) * 16
+
+    @property
+    def encoded_rows(self) -> int:
+        return self.shape[0] * self.rows_per_image
+
+    def flat_size(self, columns: int) -> int:
+        """Length of the flat padded buffer: B x Cp planes of Hp*Wp (Cp: enough zero channels for
+        ``columns`` im2col columns) plus the slack the last virtual rows read past the last plane."""
+        hp, wp = self.padded_hw
+        kh, kw = self.kernel_hw
+        dh, dw = self.dilation
+        taps = kh * kw
+        return self.shape[0] * -(-columns // taps) * hp * wp + self.rows_per_image + (kh - 1) * dh * wp + (kw - 1) * dw
+
+    def flat_offset(self, columns: int, b, ci, y, x):
+        """Where input element (b, ci, y, x) sits in the flat padded buffer."""
+        hp, wp = self.padded_hw
+        pt, pl = self.padding[0], self.padding[1]
+        cp = -(-columns // (self.kernel_hw[0] * self.kernel_hw[1]))
+        return ((b * cp + ci) * hp + y + pt) * wp + x + pl
+
+    def flat_value(self, xflat, columns: int, r, col):
+        """Element (encoded row r, col) of the im2col matrix, read from the flat padded buffer."""
+        hp, wp = self.padded_hw
+        kh, kw = self.kernel_hw
+        (sh, sw), (dh, dw) = self.strides, self.dilation
+        cp = -(-columns // (kh * kw))
+        rpi = self.rows_per_image
+        b, q = r // rpi, r % rpi
+        ci, tap = col // (kh * kw), col % (kh * kw)
+        if self.virtual_rows:
+            pixel = q  # (q // wp) * wp + q % wp: the padded-plane offset of the virtual pixel
+        else:
+            ow = self.out_hw[1]
+            pixel = (q // ow) * sh * wp + (q % ow) * sw
+        return xflat[(b * cp + ci) * hp * wp + pixel + (tap // kw) * dh * wp + (tap % kw) * dw]
+
+    def encoded_row(self, r):
+        """The encoded row holding real row r (output pixel r of the N*OH*OW im2col rows)."""
+        oh, ow = self.out_hw
+        if not self.virtual_rows:
+            return r
+        b, rem = r // (oh * ow), r % (oh * ow)
+        return b * self.rows_per_image + (rem // ow) * self.padded_hw[1] + rem % ow
 
     def value(self, x, r, col):
         """Element (r, col) of the im2col matrix, zero outside the image and beyond D columns."""
@@ -135,6 +209,11 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     if x_transposed and conv is not None:
         raise ValueError("x_transposed applies to a (C*V, n) matrix input, not to a fused convolution")
     x_shape = conv.shape if conv is not None else ((c * v, n) if x_transposed else (n, c * v))
+    if conv is not None and pack_lanes is None:
+        conv = replace(conv, virtual=False)  # raw (n, C) codes: encode the real rows only
+    # rows the encoder scores: a fused convolution may encode more (virtual rows, ``ConvInput``)
+    ne = conv.encoded_rows if conv is not None else n
+    flat = conv.flat_size(c * v) if conv is not None else 1
 
     @T.prim_func(private=True, s_tir=True)
     def func(
@@ -145,12 +224,22 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     ):
         score = T.sblock_alloc_buffer((n, c, k), "float32")
         best = T.sblock_alloc_buffer((n, c), "float32")
-        rows = T.sblock_alloc_buffer((n, c * v), "float32")
-        for i, col in T.grid(n, c * v):
+        rows = T.sblock_alloc_buffer((ne, c * v), "float32")
+        xflat = T.sblock_alloc_buffer((flat,), "float32")
+        if conv is not None:
+            for z in T.serial(flat):
+                with T.sblock("pad_zero"):
+                    vz = T.axis.remap("S", [z])
+                    xflat[vz] = T.float32(0)
+            for pb_, pc, py, px in T.grid(*conv.shape):
+                with T.sblock("pad_copy"):
+                    vb, vc, vy, vx = T.axis.remap("SSSS", [pb_, pc, py, px])
+                    xflat[conv.flat_offset(c * v, vb, vc, vy, vx)] = x[vb, vc, vy, vx]
+        for i, col in T.grid(ne, c * v):
             with T.sblock("patch"):
                 vi, vcol = T.axis.remap("SS", [i, col])
                 if conv is not None:
-                    rows[vi, vcol] = conv.value(x, vi, vcol)
+                    rows[vi, vcol] = conv.flat_value(xflat, c * v, vi, vcol)
                 elif x_transposed:
                     rows[vi, vcol] = x[vcol, vi]
                 else:
@@ -187,7 +276,8 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     def code_at(codes, vb, vj, col):
         """Code of codebook ``col`` for byte ``vj`` of row block ``vb`` (0 beyond the rows/codebooks)."""
         row = vb * lanes + (vj % 2) * half + vj // 2
-        return T.if_then_else(tirx.all(row < n, col < c), codes[T.min(row, n - 1), T.min(col, c - 1)], 0)
+        src = T.min(row, n - 1) if conv is None else conv.encoded_row(T.min(row, n - 1))
+        return T.if_then_else(tirx.all(row < n, col < c), codes[src, T.min(col, c - 1)], 0)
 
     @T.prim_func(private=True, s_tir=True)
     def packed_func(
@@ -196,20 +286,30 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         offsets: T.Buffer((c, k), "float32"),
         packed: T.Buffer((nb, pairs, lanes), "uint8"),
     ):
-        score = T.sblock_alloc_buffer((n, c, k), "float32")
-        best = T.sblock_alloc_buffer((n, c), "float32")
-        rows = T.sblock_alloc_buffer((n, c * v), "float32")
-        for i, col in T.grid(n, c * v):
+        score = T.sblock_alloc_buffer((ne, c, k), "float32")
+        best = T.sblock_alloc_buffer((ne, c), "float32")
+        rows = T.sblock_alloc_buffer((ne, c * v), "float32")
+        xflat = T.sblock_alloc_buffer((flat,), "float32")
+        if conv is not None:
+            for z in T.serial(flat):
+                with T.sblock("pad_zero"):
+                    vz = T.axis.remap("S", [z])
+                    xflat[vz] = T.float32(0)
+            for pb_, pc, py, px in T.grid(*conv.shape):
+                with T.sblock("pad_copy"):
+                    vb, vc, vy, vx = T.axis.remap("SSSS", [pb_, pc, py, px])
+                    xflat[conv.flat_offset(c * v, vb, vc, vy, vx)] = x[vb, vc, vy, vx]
+        for i, col in T.grid(ne, c * v):
             with T.sblock("patch"):
                 vi, vcol = T.axis.remap("SS", [i, col])
                 if conv is not None:
-                    rows[vi, vcol] = conv.value(x, vi, vcol)
+                    rows[vi, vcol] = conv.flat_value(xflat, c * v, vi, vcol)
                 elif x_transposed:
                     rows[vi, vcol] = x[vcol, vi]
                 else:
                     rows[vi, vcol] = x[vi, vcol]
-        codes = T.sblock_alloc_buffer((n, c), "int32")
-        for i, j, q, t in T.grid(n, c, k, v):
+        codes = T.sblock_alloc_buffer((ne, c), "int32")
+        for i, j, q, t in T.grid(ne, c, k, v):
             with T.sblock("score"):
                 vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
                 with T.init():
@@ -218,7 +318,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                     score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(rows[vi, vj * v + vt] - cents[vj, vt, vq])
                 else:
                     score[vi, vj, vq] = score[vi, vj, vq] - rows[vi, vj * v + vt] * cents[vj, vt, vq]
-        for i, j, q in T.grid(n, c, k):
+        for i, j, q in T.grid(ne, c, k):
             with T.sblock("argmin"):
                 vi, vj, vq = T.axis.remap("SSR", [i, j, q])
                 with T.init():

@@ -77,6 +77,28 @@ def test_conv_with_stride_padding_dilation_and_bn_matches_emulator(lookup):
     assert np.linalg.norm(got - exact) < 0.8 * baseline
 
 
+def test_auto_lookup_small_conv_takes_shuffle_small_dense_takes_gather():
+    """A 4x4 map at batch 1 (16 rows) is one encoder tile: the conv takes the shuffle lookup (its encoder
+    encodes virtual rows over the padded width and drops the padding columns) and stays bit-exact; a
+    dense layer with 8 rows keeps the gather."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(24, 40, 3, padding=1), nn.Flatten(), nn.Linear(640, 32)).eval()
+    x = np.random.default_rng(2).standard_normal((64, 24, 4, 4)).astype(np.float32)
+    mod = tvm_lut.from_torch(model, torch.from_numpy(x[:1]))
+    p = relay.transform.LUTify(calibration=x, progress=False, all_layers=True)
+    lut = p(mod)
+    kernels = {r["name"]: r["kernel"] for r in p.layers}
+    isa = kernels["0"].split("-", 1)[-1]
+    if isa not in ("avx512bw", "avx2"):
+        pytest.skip(f"host has no 32/64-lane byte shuffle (got {kernels['0']})")
+    assert kernels["0"].startswith("shuffle") and kernels["2"] == "gather"
+    vm = tvm.relax.VirtualMachine(tvm_lut.build(lut), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x[:1])).numpy()
+    conv = p.pq_layers["0"].emulate(pq.im2col(x[:1], (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)))
+    flat = conv.reshape(1, 4, 4, 40).transpose(0, 3, 1, 2).reshape(1, -1)
+    _assert_matches_emulator(got, p.pq_layers["2"].emulate(flat))
+
+
 def test_narrow_and_unsupported_layers_stay_exact_with_reason(small_cnn, small_inputs, caplog):
     mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:4]))
     p = relay.transform.LUTify(calibration=small_inputs, progress=False)

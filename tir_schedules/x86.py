@@ -78,6 +78,7 @@ def schedule_encode(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(lane)
     _inline_or_fuse_patch(sch, c)
+    _schedule_pad(sch)
     _schedule_pack(sch)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
@@ -98,6 +99,17 @@ def _inline_or_fuse_patch(sch: tvm.s_tir.Schedule, codebook_loop, row_lanes: boo
     row, col = sch.get_loops(patch)[-2:]
     sch.reorder(col, row)
     sch.vectorize(row)
+
+
+def _schedule_pad(sch: tvm.s_tir.Schedule) -> None:
+    """The fused conv encoder's zero-padded input copy: planes in parallel; LLVM turns the zero fill
+    into memset and vectorizes each contiguous row copy."""
+    try:
+        copy = sch.get_sblock("pad_copy")
+    except Exception:  # no fused convolution: no padded copy
+        return
+    b, ci = sch.get_loops(copy)[:2]
+    sch.parallel(sch.fuse(b, ci))
 
 
 def _schedule_pack(sch: tvm.s_tir.Schedule) -> None:
@@ -125,6 +137,7 @@ def _encode_k_vector(func: tirx.PrimFunc) -> tirx.PrimFunc:
         init = sch.decompose_reduction(score, v_loop)
         sch.vectorize(sch.get_loops(init)[-1])
     _inline_or_fuse_patch(sch, c, row_lanes=False)
+    _schedule_pad(sch)
     _schedule_pack(sch)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 

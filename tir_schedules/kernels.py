@@ -162,21 +162,6 @@ class ConvInput:
         b, rem = r // (oh * ow), r % (oh * ow)
         return b * self.rows_per_image + (rem // ow) * self.padded_hw[1] + rem % ow
 
-    def value(self, x, r, col):
-        """Element (r, col) of the im2col matrix, zero outside the image and beyond D columns."""
-        _, c, h, w = self.shape
-        kh, kw = self.kernel_hw
-        (sh, sw), (pt, pl, _, _), (dh, dw) = self.strides, self.padding, self.dilation
-        oh, ow = self.out_hw
-        b, rem = r // (oh * ow), r % (oh * ow)
-        yy, xx = rem // ow, rem % ow
-        ci, tap = col // (kh * kw), col % (kh * kw)
-        iy = yy * sh - pt + (tap // kw) * dh
-        ix = xx * sw - pl + (tap % kw) * dw
-        inside = tirx.all(col < self.d, iy >= 0, iy < h, ix >= 0, ix < w)
-        return tirx.if_then_else(inside, x[b, tirx.min(ci, c - 1), tirx.max(tirx.min(iy, h - 1), 0),
-                                           tirx.max(tirx.min(ix, w - 1), 0)], tirx.const(0.0, "float32"))
-
 
 def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None = None,
            pack_lanes: int | None = None, pairs: int | None = None, conv: ConvInput | None = None,
@@ -191,8 +176,9 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     With ``pack_lanes=L`` (K=16) the codes come out packed two per byte in the shuffle kernel's layout
     ``(ceil(n/L), pairs, L)`` uint8 (``pq.pack_codes`` is the reference; ``shuffle.lookup`` reads it).
 
-    With ``conv`` the input is the layer's NCHW tensor and each row's patch is read in place (the encoder
-    fused with im2col: the (rows, D) matrix is never written); otherwise ``x`` is the (n, C*V) rows, or
+    With ``conv`` the input is the layer's NCHW tensor, copied once into a zero-padded buffer from which
+    each row's patch is read (the encoder fused with im2col: the (rows, D) matrix is never written; the
+    packed encoder at stride 1 scores virtual rows, see ``ConvInput``); otherwise ``x`` is the (n, C*V) rows, or
     with ``x_transposed`` the (C*V, n) column-major matrix (MADDNESS's input layout): the rows that share
     the vector lanes then load contiguously instead of by gathers.
 

@@ -201,6 +201,36 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     ne = conv.encoded_rows if conv is not None else n
     flat = conv.flat_size(c * v) if conv is not None else 1
 
+    def input_rows_macro():
+        """The encoder's (ne, C*V) input rows: copied from x, or for a fused convolution read from the
+        zero-padded copy ``xflat`` written first. One macro object per kernel: a macro expanded twice
+        renames its blocks (``patch_1``), and the schedules look them up by name."""
+
+        @T.macro
+        def input_rows(x, xflat, rows):
+            if conv is not None:
+                for z in T.serial(flat):
+                    with T.sblock("pad_zero"):
+                        vz = T.axis.remap("S", [z])
+                        xflat[vz] = T.float32(0)
+                for pb_, pc, py, px in T.grid(*conv.shape):
+                    with T.sblock("pad_copy"):
+                        vb, vc, vy, vx = T.axis.remap("SSSS", [pb_, pc, py, px])
+                        xflat[conv.flat_offset(c * v, vb, vc, vy, vx)] = x[vb, vc, vy, vx]
+            for i, col in T.grid(ne, c * v):
+                with T.sblock("patch"):
+                    vi, vcol = T.axis.remap("SS", [i, col])
+                    if conv is not None:
+                        rows[vi, vcol] = conv.flat_value(xflat, c * v, vi, vcol)
+                    elif x_transposed:
+                        rows[vi, vcol] = x[vcol, vi]
+                    else:
+                        rows[vi, vcol] = x[vi, vcol]
+
+        return input_rows
+
+    input_rows = input_rows_macro()
+
     @T.prim_func(private=True, s_tir=True)
     def func(
         x: T.Buffer(x_shape, "float32"),
@@ -212,24 +242,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         best = T.sblock_alloc_buffer((n, c), "float32")
         rows = T.sblock_alloc_buffer((ne, c * v), "float32")
         xflat = T.sblock_alloc_buffer((flat,), "float32")
-        if conv is not None:
-            for z in T.serial(flat):
-                with T.sblock("pad_zero"):
-                    vz = T.axis.remap("S", [z])
-                    xflat[vz] = T.float32(0)
-            for pb_, pc, py, px in T.grid(*conv.shape):
-                with T.sblock("pad_copy"):
-                    vb, vc, vy, vx = T.axis.remap("SSSS", [pb_, pc, py, px])
-                    xflat[conv.flat_offset(c * v, vb, vc, vy, vx)] = x[vb, vc, vy, vx]
-        for i, col in T.grid(ne, c * v):
-            with T.sblock("patch"):
-                vi, vcol = T.axis.remap("SS", [i, col])
-                if conv is not None:
-                    rows[vi, vcol] = conv.flat_value(xflat, c * v, vi, vcol)
-                elif x_transposed:
-                    rows[vi, vcol] = x[vcol, vi]
-                else:
-                    rows[vi, vcol] = x[vi, vcol]
+        input_rows(x, xflat, rows)
         for i, j, q, t in T.grid(n, c, k, v):
             with T.sblock("score"):
                 vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
@@ -265,6 +278,8 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         src = T.min(row, n - 1) if conv is None else conv.encoded_row(T.min(row, n - 1))
         return T.if_then_else(tirx.all(row < n, col < c), codes[src, T.min(col, c - 1)], 0)
 
+    input_rows = input_rows_macro()
+
     @T.prim_func(private=True, s_tir=True)
     def packed_func(
         x: T.Buffer(x_shape, "float32"),
@@ -276,24 +291,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         best = T.sblock_alloc_buffer((ne, c), "float32")
         rows = T.sblock_alloc_buffer((ne, c * v), "float32")
         xflat = T.sblock_alloc_buffer((flat,), "float32")
-        if conv is not None:
-            for z in T.serial(flat):
-                with T.sblock("pad_zero"):
-                    vz = T.axis.remap("S", [z])
-                    xflat[vz] = T.float32(0)
-            for pb_, pc, py, px in T.grid(*conv.shape):
-                with T.sblock("pad_copy"):
-                    vb, vc, vy, vx = T.axis.remap("SSSS", [pb_, pc, py, px])
-                    xflat[conv.flat_offset(c * v, vb, vc, vy, vx)] = x[vb, vc, vy, vx]
-        for i, col in T.grid(ne, c * v):
-            with T.sblock("patch"):
-                vi, vcol = T.axis.remap("SS", [i, col])
-                if conv is not None:
-                    rows[vi, vcol] = conv.flat_value(xflat, c * v, vi, vcol)
-                elif x_transposed:
-                    rows[vi, vcol] = x[vcol, vi]
-                else:
-                    rows[vi, vcol] = x[vi, vcol]
+        input_rows(x, xflat, rows)
         codes = T.sblock_alloc_buffer((ne, c), "int32")
         for i, j, q, t in T.grid(ne, c, k, v):
             with T.sblock("score"):

@@ -629,7 +629,7 @@ class _LookupRewriter(PyExprMutator):
         layer, q, bb = plan.layer, plan.pq_layer, self.builder_
         tag, rows = _ident(layer.name), layer.rows
         isa = next(i for i in shuffle.ISAS if plan.record["kernel"] == f"shuffle-{i.name}")
-        c, k, v, m, lanes = q.num_codebooks, q.k, q.v, q.m, isa.lanes
+        c, k, v, m, lanes = q.num_codebooks, q.k, q.v, q.m, shuffle.block_rows(isa, rows)
         rows_major = layer.kind != "conv2d"  # a dense layer's (rows, M); a conv's (M, rows) is NCHW already
         pairs, mb = shuffle.padded_pairs(c), shuffle.DEFAULT_TILE_ROWS_MAJOR if rows_major else shuffle.DEFAULT_TILE
         cents, offsets = q.encoder_operands()
@@ -640,17 +640,18 @@ class _LookupRewriter(PyExprMutator):
             src = x
         else:
             conv, src = None, self._rows(plan, x, c * v)
-        enc = self._kernel(("encode-packed", rows, c, k, v, q.distance, lanes, conv), f"lut_encode_{tag}",
-                           lambda: kernels.encode(rows, c, k, v, q.distance, pack_lanes=lanes, pairs=pairs, conv=conv))
+        enc = self._kernel(("encode-packed", rows, c, k, v, q.distance, lanes, isa.grouped, conv), f"lut_encode_{tag}",
+                           lambda: kernels.encode(rows, c, k, v, q.distance, pack_lanes=lanes, pairs=pairs, conv=conv,
+                                                  grouped=isa.grouped))
         packed = bb.emit(relax.call_tir(
             enc, [src, relax.const(np.ascontiguousarray(cents.transpose(0, 2, 1))), relax.const(offsets)],
-            relax.TensorType((shuffle.num_row_blocks(rows, lanes), pairs, lanes), "uint8")))
-        look, look_func = self._kernel_func(("shuffle", rows, c, m, lanes, rows_major), f"lut_lookup_{tag}",
+            relax.TensorType(shuffle.packed_shape(rows, c, lanes, isa.grouped), "uint8")))
+        look, look_func = self._kernel_func(("shuffle", rows, c, m, lanes, isa.grouped, rows_major), f"lut_lookup_{tag}",
                                             lambda: shuffle.lookup(rows, c, m, lanes, mb, isa.intrinsic,
                                                                    rows_major=rows_major))
         mb = shuffle.tile_of(look_func)  # a tuned kernel may use another register tile: tables follow it
         bias = q.bias if q.bias is not None else np.zeros(m, np.float32)
-        y = bb.emit(relax.call_tir(look, [packed, relax.const(shuffle.pack_tables(q.tables, mb)),
+        y = bb.emit(relax.call_tir(look, [packed, relax.const(shuffle.pack_tables(q.tables, mb, isa.grouped)),
                                          relax.const(q.scale.astype(np.float32)),
                                          relax.const(bias.astype(np.float32))],
                                    relax.TensorType((rows, m) if rows_major else (m, rows), "float32")))

@@ -180,6 +180,55 @@ def test_shuffle_lookup_bit_exact(scheduled, shape, rows_major):
     np.testing.assert_array_equal(bare.T, pq.accumulate(codes, tab).astype(np.float32))
 
 
+GROUPED = shuffle.isa_for(TARGET) is shuffle.ISAS[0]
+needs_grouped = pytest.mark.skipif(not GROUPED, reason="host has no AVX-512 VBMI + VNNI (grouped vpermb lookup)")
+
+
+@needs_grouped
+@pytest.mark.parametrize("rows_major", [False, True])
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("shape", SHUFFLE_SHAPES + [(16, 70, 9, 16, 8), (40, 3, 5, 48, 4)])
+def test_grouped_lookup_bit_exact(scheduled, shape, rows_major):
+    """vpermb + vpdpbusd: 4 codebooks per lookup, int32 sums; odd rows, codebooks (not multiples of 4)
+    and outputs, the whole int8 range (-128 too: no bias trick here)."""
+    n, c, m, lanes, mb = shape
+    lanes = min(lanes, 64) if lanes % 16 == 0 else 64
+    rng = np.random.default_rng(sum(shape) + 1)
+    codes = rng.integers(0, 16, (n, c)).astype(np.int32)
+    tab = rng.integers(-128, 128, (c, 16, m)).astype(np.int8)
+    tab[0, 0, 0], tab[-1, -1, -1] = -128, 127
+    scale, bias = rng.random(m).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+    f = shuffle.lookup(n, c, m, lanes, mb, shuffle.PERMUTE_INTRINSIC, rows_major=rows_major)
+    f = x86.schedule(f) if scheduled else f
+    got = _run(f, pq.pack_codes_grouped(codes, lanes), shuffle.pack_tables(tab, mb, grouped=True), scale, bias,
+               out_shape=(n, m) if rows_major else (m, n), out_dtype="float32")
+    np.testing.assert_array_equal(got if rows_major else got.T, pq.dequantize(pq.accumulate(codes, tab), scale, bias))
+    if not rows_major:
+        bare = _run(shuffle.lookup(n, c, m, lanes, mb, shuffle.PERMUTE_INTRINSIC, epilogue=False),
+                    pq.pack_codes_grouped(codes, lanes), shuffle.pack_tables(tab, mb, grouped=True), scale, bias,
+                    out_shape=(m, n), out_dtype="float32")
+        np.testing.assert_array_equal(bare.T, pq.accumulate(codes, tab).astype(np.float32))
+
+
+def test_pack_codes_grouped_layout():
+    codes = (np.arange(3 * 5).reshape(3, 5) * 7) % 16
+    p = pq.pack_codes_grouped(codes, 16)
+    assert p.shape == (1, 2, 64) and p.dtype == np.uint8
+    assert p[0, 0, 4 * 2 + 3] == 48 + codes[2, 3]  # row 2, codebook 3: entry 16*3 + code of group 0
+    assert p[0, 1, 4 * 1 + 0] == codes[1, 4]  # row 1, codebook 4 = group 1, slot 0
+    assert p[0, 1, 4 * 1 + 1] == 16 and p[0, 0, 4 * 5 + 2] == 32  # padding codebook / padding row: code 0
+    assert shuffle.packed_shape(3, 5, 16, grouped=True) == p.shape
+    tab = np.arange(5 * 16 * 2).reshape(5, 16, 2).astype(np.int8)
+    t = shuffle.pack_tables(tab, 4, grouped=True)
+    assert t.shape == (4, 2, 64) and t[1, 0, 16 * 3 + 5] == tab[3, 5, 1] and not t[0, 1, 16:].any()
+
+
+def test_block_rows_fits_small_layers():
+    isa = shuffle.ISAS[0]
+    assert [shuffle.block_rows(isa, r) for r in (1, 16, 17, 32, 33, 4096)] == [16, 16, 32, 32, 64, 64]
+    assert shuffle.block_rows(shuffle.ISAS[1], 16) == 64
+
+
 def test_pack_codes_layout():
     codes = np.arange(2 * 3).reshape(2, 3) % 16
     p = pq.pack_codes(codes, 16)
@@ -191,15 +240,17 @@ def test_pack_codes_layout():
 
 @pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
 @pytest.mark.parametrize("shape", [(33, 5, 4, 64), (77, 6, 9, 32), (64, 1, 3, 16)])
-def test_packed_encoder_matches_reference(distance, shape):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_packed_encoder_matches_reference(distance, shape, grouped):
     n, c, v, lanes = shape
     rng = np.random.default_rng(sum(shape))
     x = rng.standard_normal((n, c * v)).astype(np.float32)
     ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), distance)
-    f = x86.schedule(kernels.encode(n, c, 16, v, distance, pack_lanes=lanes))
+    f = x86.schedule(kernels.encode(n, c, 16, v, distance, pack_lanes=lanes, grouped=grouped))
     got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
-               out_shape=(-(-n // lanes), -(-c // 2), lanes), out_dtype="uint8")
-    np.testing.assert_array_equal(got, pq.pack_codes(pq.encode(x, ec, eb, distance), lanes))
+               out_shape=shuffle.packed_shape(n, c, lanes, grouped), out_dtype="uint8")
+    codes = pq.encode(x, ec, eb, distance)
+    np.testing.assert_array_equal(got, pq.pack_codes_grouped(codes, lanes) if grouped else pq.pack_codes(codes, lanes))
 
 
 @pytest.mark.parametrize("scheduled", [False, True])
@@ -219,8 +270,10 @@ def test_encoder_fused_with_im2col_matches_reference(scheduled, conv):
     x = rng.standard_normal(shape).astype(np.float32)
     ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), "l2")
     rows = pq.pad_columns(pq.im2col(x, khw, st, pad, dil), c * v)
-    f = kernels.encode(spec.rows, c, 16, v, "l2", pack_lanes=64, conv=spec)
-    f = x86.schedule(f) if scheduled else f
-    got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
-               out_shape=(-(-spec.rows // 64), -(-c // 2), 64), out_dtype="uint8")
-    np.testing.assert_array_equal(got, pq.pack_codes(pq.encode(rows, ec, eb, "l2"), 64))
+    codes = pq.encode(rows, ec, eb, "l2")
+    for grouped, lanes in ((False, 64), (True, 64), (True, 16)):
+        f = kernels.encode(spec.rows, c, 16, v, "l2", pack_lanes=lanes, conv=spec, grouped=grouped)
+        f = x86.schedule(f) if scheduled else f
+        got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
+                   out_shape=shuffle.packed_shape(spec.rows, c, lanes, grouped), out_dtype="uint8")
+        np.testing.assert_array_equal(got, pq.pack_codes_grouped(codes, lanes) if grouped else pq.pack_codes(codes, 64))

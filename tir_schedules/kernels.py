@@ -165,7 +165,7 @@ class ConvInput:
 
 def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None = None,
            pack_lanes: int | None = None, pairs: int | None = None, conv: ConvInput | None = None,
-           x_transposed: bool = False) -> tirx.PrimFunc:
+           x_transposed: bool = False, grouped: bool = False) -> tirx.PrimFunc:
     """codes[n, c] = argmin_k score[n, c, k], one kernel for the three distances.
 
     With ``row_stride=M`` the kernel writes, instead of the code, the offset of the selected table row
@@ -174,7 +174,9 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     multiply is spent on table addressing anywhere (this keeps the l1 path multiplier-free).
 
     With ``pack_lanes=L`` (K=16) the codes come out packed two per byte in the shuffle kernel's layout
-    ``(ceil(n/L), pairs, L)`` uint8 (``pq.pack_codes`` is the reference; ``shuffle.lookup`` reads it).
+    ``(ceil(n/L), pairs, L)`` uint8 (``pq.pack_codes`` is the reference; ``shuffle.lookup`` reads it);
+    with ``grouped`` one code per byte in the grouped kernel's layout ``(ceil(n/L), ceil(C/4), 4L)``
+    (``pq.pack_codes_grouped``).
 
     With ``conv`` the input is the layer's NCHW tensor, copied once into a zero-padded buffer from which
     each row's patch is read (the encoder fused with im2col: the (rows, D) matrix is never written; the
@@ -271,12 +273,17 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     lanes, half = pack_lanes, pack_lanes // 2
     pairs = -(-c // 2) if pairs is None else pairs
     nb = -(-n // lanes)
+    groups = -(-c // 4)
+    packed_shape = (nb, groups, 4 * lanes) if grouped else (nb, pairs, lanes)
 
-    def code_at(codes, vb, vj, col):
-        """Code of codebook ``col`` for byte ``vj`` of row block ``vb`` (0 beyond the rows/codebooks)."""
-        row = vb * lanes + (vj % 2) * half + vj // 2
+    def code_at(codes, row, col):
+        """Code of codebook ``col`` for row ``row`` (0 beyond the rows/codebooks)."""
         src = T.min(row, n - 1) if conv is None else conv.encoded_row(T.min(row, n - 1))
         return T.if_then_else(tirx.all(row < n, col < c), codes[src, T.min(col, c - 1)], 0)
+
+    def nibble_row(vb, vj):
+        """Row of byte ``vj`` of nibble block ``vb``: the two halves of the block interleave."""
+        return vb * lanes + (vj % 2) * half + vj // 2
 
     input_rows = input_rows_macro()
 
@@ -285,7 +292,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         x: T.Buffer(x_shape, "float32"),
         cents: T.Buffer((c, v, k), "float32"),
         offsets: T.Buffer((c, k), "float32"),
-        packed: T.Buffer((nb, pairs, lanes), "uint8"),
+        packed: T.Buffer(packed_shape, "uint8"),
     ):
         score = T.sblock_alloc_buffer((ne, c, k), "float32")
         best = T.sblock_alloc_buffer((ne, c), "float32")
@@ -310,11 +317,19 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                     best[vi, vj] = T.float32(3.4e38)
                 codes[vi, vj] = T.Select(score[vi, vj, vq] < best[vi, vj], vq, codes[vi, vj])
                 best[vi, vj] = T.min(best[vi, vj], score[vi, vj, vq])
-        for b, p, j in T.grid(nb, pairs, lanes):
-            with T.sblock("pack"):
-                vb, vp, vj = T.axis.remap("SSS", [b, p, j])
-                packed[vb, vp, vj] = T.Cast("uint8", T.bitwise_or(
-                    code_at(codes, vb, vj, vp * 2), T.shift_left(code_at(codes, vb, vj, vp * 2 + 1), 4)))
+        if grouped:
+            for b, g, j in T.grid(nb, groups, 4 * lanes):
+                with T.sblock("pack"):
+                    vb, vg, vj = T.axis.remap("SSS", [b, g, j])
+                    packed[vb, vg, vj] = T.Cast("uint8", code_at(codes, vb * lanes + vj // 4, vg * 4 + vj % 4)
+                                                + (vj % 4) * 16)
+        else:
+            for b, p, j in T.grid(nb, pairs, lanes):
+                with T.sblock("pack"):
+                    vb, vp, vj = T.axis.remap("SSS", [b, p, j])
+                    packed[vb, vp, vj] = T.Cast("uint8", T.bitwise_or(
+                        code_at(codes, nibble_row(vb, vj), vp * 2),
+                        T.shift_left(code_at(codes, nibble_row(vb, vj), vp * 2 + 1), 4)))
 
     return finish(packed_func)
 

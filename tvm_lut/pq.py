@@ -349,6 +349,19 @@ def pack_codes(codes: np.ndarray, lanes: int, pairs: int | None = None) -> np.nd
     return np.ascontiguousarray(byte[:, order, :].transpose(0, 2, 1))
 
 
+def pack_codes_grouped(codes: np.ndarray, lanes: int) -> np.ndarray:
+    """Codes (N, C) in [0, 16) -> the grouped shuffle kernel's layout (ceil(N/lanes), ceil(C/4), 4*lanes)
+    uint8: byte ``4r + j`` of block ``b``, group ``g`` is ``16j + code`` of row ``b*lanes + r``, codebook
+    ``4g + j`` (the index of that codebook's entry in the group's 64-byte table, ``vpermb``). Missing rows
+    and codebooks get code 0."""
+    n, c = codes.shape
+    groups, nb = -(-c // 4), -(-n // lanes)
+    full = np.zeros((nb * lanes, groups * 4), np.uint8)
+    full[:n, :c] = codes
+    full += (16 * (np.arange(groups * 4) % 4)).astype(np.uint8)
+    return np.ascontiguousarray(full.reshape(nb, lanes, groups, 4).transpose(0, 2, 1, 3).reshape(nb, groups, 4 * lanes))
+
+
 @dataclass
 class PQLayer:
     """Everything one LUT layer stores: codebooks, int8 tables and the per-output affine epilogue."""

@@ -79,6 +79,38 @@ def test_encode_bit_exact_on_near_ties(scheduled, distance):
     np.testing.assert_array_equal(got, pq.encode(x, ec, eb, distance))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+def test_encode_exact_ties_take_the_first_centroid(scheduled, distance, packed):
+    """Duplicated centroids give exactly equal scores: the tree argmin (``kernels.argmin_tree``) must pick
+    the lowest index, as a serial strict-< scan and ``np.argmin`` do, wherever the pair sits in the tree
+    (neighbours, across halves, first and last, three-way)."""
+    n, c, k, v = 64, 5, 16, 4
+    rng = np.random.default_rng(3)
+    cents = rng.standard_normal((c, k, v)).astype(np.float32)
+    dup = [(0, 1), (3, 12), (0, 15), (7, 8), (5, 6)]
+    for cb, (i, j) in enumerate(dup):
+        cents[cb, j] = cents[cb, i]
+    cents[4, 13] = cents[4, 5]  # three-way tie 5, 6, 13
+    x = np.concatenate([cents[cb, dup[cb][0]] for cb in range(c)])[None].repeat(n, 0)
+    x[::2] += rng.standard_normal((n // 2, c * v)).astype(np.float32) * np.float32(1e-3)
+    ec, eb = pq.encoder_operands(cents, distance)
+    ref = pq.encode(x, ec, eb, distance)
+    assert (ref[1::2] == [i for i, _ in dup]).all()
+    if packed:
+        f = kernels.encode(n, c, k, v, distance, pack_lanes=16, grouped=True)
+        f = x86.schedule(f) if scheduled else f
+        got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
+                   out_shape=shuffle.packed_shape(n, c, 16, True), out_dtype="uint8")
+        np.testing.assert_array_equal(got, pq.pack_codes_grouped(ref, 16))
+    else:
+        f = kernels.encode(n, c, k, v, distance)
+        f = x86.schedule(f) if scheduled else f
+        got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb, out_shape=(n, c), out_dtype="int32")
+        np.testing.assert_array_equal(got, ref)
+
+
 @pytest.mark.parametrize("scheduled", [False, True])
 @pytest.mark.parametrize("distance", ["l2", "l1"])
 def test_encoder_on_column_major_input(scheduled, distance):

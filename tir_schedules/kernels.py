@@ -163,6 +163,39 @@ class ConvInput:
         return b * self.rows_per_image + (rem // ow) * self.padded_hw[1] + rem % ow
 
 
+def argmin_tree(score: tirx.Buffer, i, j, k: int, first, stride: int) -> tvm.ir.PrimExpr:
+    """``first + stride * argmin_q score[i, j, q]``, the first minimum, by a balanced tree of pairwise
+    compares: ``ceil(log2 K)`` dependent steps instead of a K-long chain of min/compare (which bounded
+    the encoder by latency, not throughput). Each pair keeps the earlier entry unless the later one is
+    strictly smaller, so ties resolve to the lowest index exactly as a serial strict-``<`` scan does.
+    Intermediate values are ``Let``-bound, so each score is loaded once and no subtree is duplicated."""
+    binds: list[tuple[tirx.Var, tvm.ir.PrimExpr]] = []
+    first = tirx.const(first, "int32") if isinstance(first, int) else first
+
+    def bind(name: str, value, dtype: str) -> tirx.Var:
+        var = tirx.Var(name, dtype)
+        binds.append((var, value))
+        return var
+
+    level = [(bind(f"s{q}", score[i, j, q], "float32"), first + q * stride) for q in range(k)]
+    depth = 0
+    while len(level) > 1:
+        depth += 1
+        nxt = []
+        for a in range(0, len(level) - 1, 2):
+            (va, ia), (vb, ib) = level[a], level[a + 1]
+            later = vb < va  # not Let-bound: a bool vector Let trips TVM's analyzer; LLVM shares the compare
+            nxt.append((bind(f"m{depth}_{a}", tirx.Select(later, vb, va), "float32"),
+                        bind(f"i{depth}_{a}", tirx.Select(later, ib, ia), "int32")))
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    out = level[0][1]
+    for var, value in reversed(binds):
+        out = tirx.Let(var, value, out)
+    return out
+
+
 def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None = None,
            pack_lanes: int | None = None, pairs: int | None = None, conv: ConvInput | None = None,
            x_transposed: bool = False, grouped: bool = False) -> tirx.PrimFunc:
@@ -241,7 +274,6 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         codes: T.Buffer((n, c), "int32"),
     ):
         score = T.sblock_alloc_buffer((n, c, k), "float32")
-        best = T.sblock_alloc_buffer((n, c), "float32")
         rows = T.sblock_alloc_buffer((ne, c * v), "float32")
         xflat = T.sblock_alloc_buffer((flat,), "float32")
         input_rows(x, xflat, rows)
@@ -254,14 +286,10 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                     score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(rows[vi, vj * v + vt] - cents[vj, vt, vq])
                 else:
                     score[vi, vj, vq] = score[vi, vj, vq] - rows[vi, vj * v + vt] * cents[vj, vt, vq]
-        for i, j, q in T.grid(n, c, k):
+        for i, j in T.grid(n, c):
             with T.sblock("argmin"):
-                vi, vj, vq = T.axis.remap("SSR", [i, j, q])
-                with T.init():
-                    codes[vi, vj] = vj * base
-                    best[vi, vj] = T.float32(3.4e38)
-                codes[vi, vj] = T.Select(score[vi, vj, vq] < best[vi, vj], vj * base + vq * stride, codes[vi, vj])
-                best[vi, vj] = T.min(best[vi, vj], score[vi, vj, vq])
+                vi, vj = T.axis.remap("SS", [i, j])
+                codes[vi, vj] = argmin_tree(score, vi, vj, k, vj * base, stride)
 
     def finish(f: tirx.PrimFunc) -> tirx.PrimFunc:
         f = _opaque(f, "encode")
@@ -295,7 +323,6 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         packed: T.Buffer(packed_shape, "uint8"),
     ):
         score = T.sblock_alloc_buffer((ne, c, k), "float32")
-        best = T.sblock_alloc_buffer((ne, c), "float32")
         rows = T.sblock_alloc_buffer((ne, c * v), "float32")
         xflat = T.sblock_alloc_buffer((flat,), "float32")
         input_rows(x, xflat, rows)
@@ -309,14 +336,10 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                     score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(rows[vi, vj * v + vt] - cents[vj, vt, vq])
                 else:
                     score[vi, vj, vq] = score[vi, vj, vq] - rows[vi, vj * v + vt] * cents[vj, vt, vq]
-        for i, j, q in T.grid(ne, c, k):
+        for i, j in T.grid(ne, c):
             with T.sblock("argmin"):
-                vi, vj, vq = T.axis.remap("SSR", [i, j, q])
-                with T.init():
-                    codes[vi, vj] = 0
-                    best[vi, vj] = T.float32(3.4e38)
-                codes[vi, vj] = T.Select(score[vi, vj, vq] < best[vi, vj], vq, codes[vi, vj])
-                best[vi, vj] = T.min(best[vi, vj], score[vi, vj, vq])
+                vi, vj = T.axis.remap("SS", [i, j])
+                codes[vi, vj] = argmin_tree(score, vi, vj, k, 0, 1)
         if grouped:
             for b, g, j in T.grid(nb, groups, 4 * lanes):
                 with T.sblock("pack"):

@@ -55,18 +55,22 @@ def schedule_encode(func: tirx.PrimFunc) -> tirx.PrimFunc:
     vector ops (a scalar argmin over K=16 cost 95% of the time before); tiles of rows run in parallel.
 
     For each tile and codebook the scores live in a small local buffer laid out (C, K, rows): the score
-    update walks the subvector elements with the rows as vector lanes, and the argmin walks K with a
-    vector compare/select per step. Odd row counts fall back to vectorizing over K (``_encode_k_vector``).
+    update walks the subvector elements with the rows as vector lanes, and the argmin is a tree of vector
+    compare/selects (``kernels.argmin_tree``). A packed encoder keeps its codes (codebook, row), so each
+    tile stores its 16 codes as one vector. Odd row counts fall back to vectorizing over K
+    (``_encode_k_vector``).
     """
     sch = tvm.s_tir.Schedule(func)
     arg = sch.get_sblock("argmin")
-    n, c, k = sch.get_loops(arg)
+    n, c = sch.get_loops(arg)
     lanes = _inner_factor(int(sch.get(n).extent), (16, 8, 4, 2))
     if lanes == 1:
         return _encode_k_vector(func)
     score = sch.get_sblock("score")
     tile, lane = sch.split(n, [None, lanes])
-    sch.reorder(tile, c, k, lane)
+    sch.reorder(tile, c, lane)
+    if _has_block(sch, "pack"):  # internal codes: (codebook, row), so a tile's 16 codes store as one vector
+        sch.transform_layout(arg, ("write", 0), lambda r, cb: (cb, r))
     sch.compute_at(score, c)
     sch.set_scope(score, 0, "local")
     sch.transform_layout(score, ("write", 0), lambda r, cb, q: (cb, q, r))
@@ -81,6 +85,14 @@ def schedule_encode(func: tirx.PrimFunc) -> tirx.PrimFunc:
     _schedule_pad(sch)
     _schedule_pack(sch)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _has_block(sch: tvm.s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:
+        return False
 
 
 def _inline_or_fuse_patch(sch: tvm.s_tir.Schedule, codebook_loop, row_lanes: bool = True) -> None:
@@ -126,7 +138,7 @@ def _encode_k_vector(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = tvm.s_tir.Schedule(func)
     score = sch.get_sblock("score")
     arg = sch.get_sblock("argmin")
-    n, c, _k = sch.get_loops(arg)
+    n, c = sch.get_loops(arg)
     sch.compute_at(score, c)
     sch.set_scope(score, 0, "local")
     k_loop, v_loop = sch.get_loops(score)[-2:]

@@ -41,7 +41,7 @@ CACHE = os.path.join(HERE, "results", "cache", "speed")
 KERNEL_SHAPES = [(1024, 256, 64), (1024, 256, 128), (1024, 256, 256), (1024, 576, 64), (1024, 576, 128),
                  (1024, 576, 256), (1024, 1152, 64), (1024, 1152, 128), (1024, 1152, 256), (1024, 128, 256)]
 QUICK_KERNEL_SHAPES = [(1024, 256, 128), (1024, 128, 256)]
-SHUFFLE_CEILING_PER_CYCLE = 1  # byte shuffles retired per cycle assumed for the ceiling (RESEARCH.md §2)
+SHUFFLE_CEILING_PER_CYCLE = 1  # fallback where lookup_peak cannot measure the core: 1 shuffle/cycle, nominal clock
 
 
 def _log(msg: str) -> None:
@@ -338,11 +338,22 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> str:
     return "\n".join([head, sep] + ["| " + " | ".join(fmt(r.get(k)) for k, _ in cols) + " |" for r in rows])
 
 
-def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
-    mhz = _cpu_mhz()
-    lanes = {"shuffle-avx512bw": 64, "shuffle-avx2": 32, "shuffle-ssse3": 16}
+def _ceiling(kernel: str, peak: dict | None) -> float:
+    """Lookups per cycle the kernel's lookup instruction allows on this core (``lookup_peak``): 64 per
+    ``vpermb`` + ``vpdpbusd`` pair for the grouped kernel, lanes per ``pshufb`` for the nibble kernel."""
+    lanes = {"shuffle-avx512vbmi": 64, "shuffle-avx512bw": 64, "shuffle-avx2": 32, "shuffle-ssse3": 16}.get(kernel, 64)
+    if peak is None:
+        return lanes * SHUFFLE_CEILING_PER_CYCLE
+    if kernel == "shuffle-avx512vbmi":
+        return lanes * peak["vpermb_vpdpbusd_per_cycle"]
+    return lanes * peak["vpshufb_per_cycle"]
+
+
+def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[dict, str]:
+    mhz = peak["clock_ghz"] * 1e3 if peak else _cpu_mhz()
     kern_info = {(e["N"], e["D"], e["M"]): e for e in plan["kernel"]}
-    md = [f"# Speed, {platform.processor() or platform.machine()} ({mhz:.0f} MHz nominal), one run\n"]
+    clock = "measured" if peak else "nominal"
+    md = [f"# Speed, {platform.processor() or platform.machine()} ({mhz:.0f} MHz {clock}), one run\n"]
     for run in runs:
         t = run["threads"]
         for r in run["kernel"]:
@@ -358,7 +369,7 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
             if best and mhz == mhz:
                 per_cycle = lookups / (best * 1e-6 * mhz * 1e6)
                 r["lookups_per_cycle"] = per_cycle
-                r["ceiling_frac"] = per_cycle / (lanes.get(r["lut_kernel"], 64) * SHUFFLE_CEILING_PER_CYCLE)
+                r["ceiling_frac"] = per_cycle / _ceiling(r["lut_kernel"], peak)
             r["vs_tvm_tuned"] = r["tvm_tuned_ms"] / r["lut_layer_ms"] if r["tvm_tuned_ms"] else None
             r["vs_torch"] = r["torch_ms"] / r["lut_layer_ms"]
             r["kernels_vs_torch"] = r["torch_ms"] / r["kernels_ms"] if r.get("kernels_ms") else None
@@ -385,8 +396,12 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
               "lowering for those ops.\n")
     md.append("\nLUT kernels = packed-code encoder + shuffle lookup (the better of hand and tuned schedule), "
               "output (M, N); LUT layer = the deployed layer incl. the transpose to (N, M) and VM call. "
-              f"Ceiling = lanes x {SHUFFLE_CEILING_PER_CYCLE} shuffle/cycle at the nominal clock.\n")
-    return {"machine": {"cpu_mhz": mhz, "platform": platform.platform()}, "runs": runs,
+              + ("Ceiling = lookups per cycle of the kernel's lookup instruction on this core, measured by "
+                 f"benchmarks/lookup_peak.py: {json.dumps(peak)} (grouped kernel: 64 per vpermb+vpdpbusd pair; "
+                 "nibble kernel: lanes per vpshufb); lookups/cycle at the measured clock.\n" if peak else
+                 f"Ceiling = lanes x {SHUFFLE_CEILING_PER_CYCLE} shuffle/cycle at the nominal clock (no C compiler "
+                 "or no AVX-512 VBMI here: lookup_peak.py could not measure the core).\n"))
+    return {"machine": {"cpu_mhz": mhz, "platform": platform.platform(), "lookup_peak": peak}, "runs": runs,
             "build": {"kernel": [{k: v for k, v in e.items() if k in ("N", "D", "M", "kernels", "tvm_tuning_s")}
                                  for e in plan["kernel"]],
                       "e2e": [{k: v for k, v in e.items() if k in ("model", "batch", "tvm_tuning_s", "tvm_tasks", "lut_rest_tuning_s", "lut_rest_tasks")}
@@ -436,6 +451,9 @@ def main() -> None:
         plan = json.load(open(args.worker))
         json.dump(measure(plan, int(os.environ["TVM_NUM_THREADS"])), sys.stdout)
         return
+    # the build phase times kernels (hand vs tuned) and MetaSchedule measures candidates: both with the
+    # first thread count (default 1), set before TVM starts its thread pool
+    os.environ["TVM_NUM_THREADS"] = args.threads.split(",")[0]
     from tir_schedules import tuning, x86
 
     tuning.stub_tensor_intrins()
@@ -469,7 +487,9 @@ def main() -> None:
         proc = subprocess.run([sys.executable, __file__, "--worker", plan_path], env=env, capture_output=True,
                               text=True, check=True)
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    result, md = summarize(plan, runs)
+    from lookup_peak import measure as measure_peak
+
+    result, md = summarize(plan, runs, measure_peak())
     result["build_s"] = build_s
     result["settings"] = {"trials": args.trials, "e2e_trials": args.e2e_trials, "quick": args.quick}
     print(md)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T
 

@@ -152,6 +152,29 @@ def pack_tables(tables_q: np.ndarray, mb: int, grouped: bool = False) -> np.ndar
     return out
 
 
+def _dequant(val, scale, bias, o, width: int, epilogue: bool):
+    """``val * scale[o] + bias[o]`` (one FMA per output), or ``val`` alone without the epilogue."""
+    if not epilogue:
+        return val
+    if width == 1:
+        return val * scale[o] + bias[o]
+    return val * tirx.Broadcast(scale[o], width) + tirx.Broadcast(bias[o], width)
+
+
+@T.macro
+def _store_tile_rows(y, tile, vb, vot, n, m, lanes, mb, full_tiles):
+    """Rows-major output: each of the block's rows stores its ``mb`` dequantised outputs from the local
+    tile (one vector store per row when the output tiles are full)."""
+    for r in range(lanes):
+        if vb * lanes + r < n:
+            if full_tiles:
+                y[vb * lanes + r, T.ramp(vot * mb, 1, mb)] = tile[r, T.ramp(0, 1, mb)]
+            else:
+                for i in range(mb):
+                    if vot * mb + i < m:
+                        y[vb * lanes + r, vot * mb + i] = tile[r, i]
+
+
 def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str | None = None,
            epilogue: bool = True, rows_major: bool = False) -> tirx.PrimFunc:
     """The shuffle accumulate for ``n`` rows, ``c`` codebooks (K=16), ``m`` outputs: packed codes
@@ -197,12 +220,7 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
         return tirx.reinterpret(u16, tirx.call_llvm_pure_intrin(f"int8x{lanes}", intrinsic, table, idx))
 
     def dequant(val, scale, bias, o, width: int):
-        """``val * scale[o] + bias[o]`` (one FMA per output), or ``val`` alone without the epilogue."""
-        if not epilogue:
-            return val
-        if width == 1:
-            return val * scale[o] + bias[o]
-        return val * tirx.Broadcast(scale[o], width) + tirx.Broadcast(bias[o], width)
+        return _dequant(val, scale, bias, o, width, epilogue)
 
     def odd(v):
         return tirx.shift_right(v, tirx.Broadcast(tirx.const(8, "uint16"), half))
@@ -255,14 +273,7 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
                             tile[r, i] = dequant(T.Cast("float32", sum_lo[i, r]), scale, bias, T.min(vot * mb + i, m - 1), 1)
                             tile[half + r, i] = dequant(T.Cast("float32", sum_hi[i, r]), scale, bias,
                                                         T.min(vot * mb + i, m - 1), 1)
-                    for r in range(lanes):
-                        if vb * lanes + r < n:
-                            if full_tiles:
-                                y[vb * lanes + r, T.ramp(vot * mb, 1, mb)] = tile[r, T.ramp(0, 1, mb)]
-                            else:
-                                for i in range(mb):
-                                    if vot * mb + i < m:
-                                        y[vb * lanes + r, vot * mb + i] = tile[r, i]
+                    _store_tile_rows(y, tile, vb, vot, n, m, lanes, mb, full_tiles)
                 for i in T.unroll(mb):
                     if not rows_major and vot * mb + i < m:
                         if full_rows or vb * lanes + lanes <= n:
@@ -310,11 +321,7 @@ def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
         return tirx.call_llvm_pure_intrin("int32x16", DOT_INTRINSIC, acc, tirx.Broadcast(tirx.const(1, "int8"), 64), v)
 
     def dequant(val, scale, bias, o, width: int):
-        if not epilogue:
-            return val
-        if width == 1:
-            return val * scale[o] + bias[o]
-        return val * tirx.Broadcast(scale[o], width) + tirx.Broadcast(bias[o], width)
+        return _dequant(val, scale, bias, o, width, epilogue)
 
     @T.prim_func(private=True, s_tir=True)
     def func(
@@ -346,14 +353,7 @@ def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
                             for r in T.vectorized(16):
                                 tile[s * 16 + r, i] = dequant(T.Cast("float32", acc[i, s, r]), scale, bias,
                                                               T.min(vot * mb + i, m - 1), 1)
-                    for r in range(lanes):
-                        if vb * lanes + r < n:
-                            if full_tiles:
-                                y[vb * lanes + r, T.ramp(vot * mb, 1, mb)] = tile[r, T.ramp(0, 1, mb)]
-                            else:
-                                for i in range(mb):
-                                    if vot * mb + i < m:
-                                        y[vb * lanes + r, vot * mb + i] = tile[r, i]
+                    _store_tile_rows(y, tile, vb, vot, n, m, lanes, mb, full_tiles)
                 for i in T.unroll(mb):
                     if not rows_major and vot * mb + i < m:
                         for s in T.unroll(sub):

@@ -116,21 +116,17 @@ def _inline_or_fuse_patch(sch: tvm.s_tir.Schedule, codebook_loop, row_lanes: boo
 def _schedule_pad(sch: tvm.s_tir.Schedule) -> None:
     """The fused conv encoder's zero-padded input copy: planes in parallel; LLVM turns the zero fill
     into memset and vectorizes each contiguous row copy."""
-    try:
-        copy = sch.get_sblock("pad_copy")
-    except Exception:  # no fused convolution: no padded copy
+    if not _has_block(sch, "pad_copy"):  # no fused convolution: no padded copy
         return
-    b, ci = sch.get_loops(copy)[:2]
+    b, ci = sch.get_loops(sch.get_sblock("pad_copy"))[:2]
     sch.parallel(sch.fuse(b, ci))
 
 
 def _schedule_pack(sch: tvm.s_tir.Schedule) -> None:
     """Packed-code output (``kernels.encode(pack_lanes=...)``): row blocks in parallel."""
-    try:
-        blk = sch.get_sblock("pack")
-    except Exception:  # unpacked encoder: no such block
+    if not _has_block(sch, "pack"):  # unpacked encoder: no such block
         return
-    sch.parallel(sch.get_loops(blk)[0])
+    sch.parallel(sch.get_loops(sch.get_sblock("pack"))[0])
 
 
 def _encode_k_vector(func: tirx.PrimFunc) -> tirx.PrimFunc:

@@ -258,6 +258,12 @@ def test_pack_codes_grouped_layout():
     assert t.shape == (4, 2, 64) and t[1, 0, 16 * 3 + 5] == tab[3, 5, 1] and not t[0, 1, 16:].any()
 
 
+def test_grouped_lookup_rejects_rows_per_block_not_a_multiple_of_16():
+    for lanes in (8, 24, 80):
+        with pytest.raises(ValueError, match=f"rows per block must be 16, 32, 48 or 64, got {lanes}"):
+            shuffle.lookup(100, 8, 16, lanes, 4, shuffle.PERMUTE_INTRINSIC)
+
+
 def test_block_rows_fits_small_layers():
     isa = shuffle.ISAS[0]
     assert [shuffle.block_rows(isa, r) for r in (1, 16, 17, 32, 33, 4096)] == [16, 16, 32, 32, 64, 64]

@@ -150,8 +150,11 @@ def build_kernels(shapes, trials: int, target) -> list[dict]:
                 for v in variants:
                     if tuning.best_from_database(v, target, db) is None:
                         tuning.tune_kernel(v, target, db, trials)
-                best = tuning.apply_database(f, target, db)
+                best = tuning.best_tuned(f, target, db)
                 rec["tuned_us"] = tuning.measure_us(best, target) if best is not None else None
+                # LUTify(database=...) below deploys the tuned kernel only where it measured faster
+                tuning.record_comparison(f, target, db, role, rec["hand_us"], rec["tuned_us"])
+                rec["deployed"] = "tuned" if tuning.apply_database(f, target, db) is not None else "hand"
                 rec["tuned_tile"] = shuffle.tile_of(best) if best is not None and role == "shuffle_lookup" else None
                 rec["tuning_s"] = time.time() - t0
                 rec["trials"] = trials * len(variants)

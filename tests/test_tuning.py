@@ -52,6 +52,12 @@ def test_tuned_shuffle_kernel_is_bit_exact_and_reused_from_the_database(tmp_path
     np.testing.assert_array_equal(args[-1].numpy().T, pq.dequantize(pq.accumulate(codes, tab), scale, bias))
     # a kernel of another shape has no record: the hand schedule is used
     assert tuning.apply_database(shuffle.lookup(n + 1, c, m, 64, 4, func.attrs["tvm_lut.intrinsic"]), TARGET, db) is None
+    # where the tuning run measured the hand schedule faster, the hand schedule is deployed
+    tuning.record_comparison(func, TARGET, db, "lookup", hand_us=1.0, tuned_us=2.0)
+    assert tuning.apply_database(func, TARGET, db) is None
+    assert tuning.best_tuned(func, TARGET, db) is not None
+    tuning.record_comparison(func, TARGET, db, "lookup", hand_us=2.0, tuned_us=1.0)
+    assert tuning.apply_database(func, TARGET, db) is not None
 
 
 def test_gather_accumulate_space_tunes(tmp_path):
@@ -78,7 +84,10 @@ def test_cli_tune_then_compile_with_db(tmp_path, small_cnn, small_inputs, monkey
     assert cli.main(["compile", str(path), "--calib", str(calib), "-o", tuned_dir, "--db", db, "-q", "--no-latency"]) == 0
     assert cli.main(["compile", str(path), "--calib", str(calib), "-o", plain_dir, "-q", "--no-latency"]) == 0
     rep = json.load(open(os.path.join(tuned_dir, "report.json")))
-    assert rep["tuning"]["database"] == db and rep["tuning"]["tuned_kernels"]
+    # deployed tuned: exactly the kernels whose tuned time beat the hand schedule's in the tuning run
+    faster = {r["name"] for r in report if r["tuned_us"] is not None and r["tuned_us"] < r["hand_us"]}
+    assert rep["tuning"]["database"] == db and set(rep["tuning"]["tuned_kernels"]) == faster
+    assert len(json.load(open(os.path.join(db, tuning.HAND_VS_TUNED)))) == len(report)
     x = tmp_path / "x.npz"
     np.savez(x, image=small_inputs[:8])
     for d in (tuned_dir, plain_dir):

@@ -13,6 +13,11 @@ that later compiles reuse (``LUTify(database=DIR)``, ``tvm-lut compile --db DIR`
 extend. Tuning resumes: a kernel that already has ``trials`` valid records is skipped, one with fewer gets
 only the missing trials (MetaSchedule's evolutionary search starts from the best records already there).
 
+Tuning does not always beat the hand schedule (``x86.schedule``): the design spaces do not contain it, and a
+few trials may find nothing better. Each tuning run therefore also measures the hand schedule and the best
+tuned kernel side by side and keeps both times in the database directory (``HAND_VS_TUNED``, keyed by the
+kernel's structure and target); ``apply_database`` deploys a tuned kernel only where it measured faster.
+
 Measurements run locally, or on a device farm (``Farm``: the servers registered under one key with a
 TVM RPC tracker, ``tvm_lut.farm``) through MetaSchedule's ``RPCRunner``, one worker per server: when a
 server dies mid-run its trial fails, the others go on, and every completed record is already in the
@@ -24,6 +29,7 @@ integer arguments are zero-filled (always in range) instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -33,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import tirx
 
 from .kernels import KERNEL_ATTR
@@ -43,6 +50,7 @@ log = logging.getLogger("tvm_lut")
 # its VNNI intrinsics when it tunes exact models
 _UNUSED_INTRINSICS = ("cuda", "rocm", "hexagon", "metal", "riscv_cpu", "amdgpu")
 SHUFFLE_TILES = (2, 4, 8)  # outputs per register tile, one workload each
+HAND_VS_TUNED = "tvm_lut_hand_vs_tuned.json"  # in the database directory: both times per kernel
 
 
 def stub_tensor_intrins() -> None:
@@ -342,6 +350,7 @@ def tune_module_kernels(mod: tvm.IRModule, target, db_dir: str, trials: int, pro
         # fewer runs, which on tiny kernels is mostly call overhead)
         tuned_us = None if best is None else measure_us(best[0], target, farm=farm)
         res = TuneResult(name, role, hand_us, tuned_us, ran, time.time() - start)
+        record_comparison(func, target, db_dir, name, hand_us, tuned_us)
         if progress:
             tuned = "no valid record" if res.tuned_us is None else f"{res.tuned_us:.1f} us ({res.speedup:.2f}x)"
             print(f"    hand schedule {hand_us:.1f} us, tuned {tuned}, {res.seconds:.0f} s", file=sys.stderr, flush=True)
@@ -349,14 +358,59 @@ def tune_module_kernels(mod: tvm.IRModule, target, db_dir: str, trials: int, pro
     return out
 
 
-def apply_database(func: tirx.PrimFunc, target, db_dir: str) -> tirx.PrimFunc | None:
-    """The fastest tuned variant of an unscheduled kernel from ``db_dir`` (any register tile for shuffle
-    lookups), or None when nothing was tuned for it."""
+def _comparison_key(func: tirx.PrimFunc, target) -> str:
+    """The kernel (unscheduled, as LUTify builds it) and the target it was timed on."""
+    tgt = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    return f"{tvm_ffi.structural_hash(func):x}:{tgt.kind.name}:{tgt.attrs.get('mcpu', '')}"
+
+
+def _read_comparisons(db_dir: str) -> dict:
+    path = os.path.join(db_dir, HAND_VS_TUNED)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("%s: unreadable (%s); tuned kernels are deployed without the hand-schedule check", path, e)
+        return {}
+
+
+def record_comparison(func: tirx.PrimFunc, target, db_dir: str, name: str, hand_us: float,
+                      tuned_us: float | None) -> None:
+    """Keep the hand-schedule and tuned times of ``func`` (unscheduled) in ``db_dir`` for
+    ``apply_database``; written to a temporary file and renamed, so a killed run leaves the old file."""
+    records = _read_comparisons(db_dir)
+    records[_comparison_key(func, target)] = {"name": name, "role": str(func.attrs[KERNEL_ATTR]),
+                                              "hand_us": hand_us, "tuned_us": tuned_us}
+    path = os.path.join(db_dir, HAND_VS_TUNED)
+    os.makedirs(db_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(records, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def best_tuned(func: tirx.PrimFunc, target, db_dir: str) -> tirx.PrimFunc | None:
+    """The fastest tuned variant of an unscheduled kernel in ``db_dir`` (any register tile for shuffle
+    lookups), or None when nothing was tuned for it; whether it beats the hand schedule is not checked."""
     from . import shuffle
 
     role = str(func.attrs[KERNEL_ATTR])
     variants = [shuffle.retile(func, mb) for mb in SHUFFLE_TILES] if role == "shuffle_lookup" else [func]
     found = [got for f in variants if (got := best_from_database(f, target, db_dir)) is not None]
-    if not found:
+    return min(found, key=lambda g: g[1])[0] if found else None
+
+
+def apply_database(func: tirx.PrimFunc, target, db_dir: str) -> tirx.PrimFunc | None:
+    """What to deploy for an unscheduled kernel from ``db_dir``: its fastest tuned variant, or None when
+    nothing was tuned for it or when the tuning run measured the hand schedule faster
+    (``record_comparison``): then the caller keeps the hand schedule."""
+    best = best_tuned(func, target, db_dir)
+    if best is None:
         return None
-    return min(found, key=lambda g: g[1])[0]
+    seen = _read_comparisons(db_dir).get(_comparison_key(func, target))
+    if seen is not None and (seen["tuned_us"] is None or seen["tuned_us"] >= seen["hand_us"]):
+        log.info("%s: the hand schedule measured faster than the tuned kernel when it was tuned (%.1f vs %s us); "
+                 "keeping the hand schedule", seen["name"], seen["hand_us"], seen["tuned_us"])
+        return None
+    return best

@@ -129,11 +129,12 @@ def cmd_tune(args) -> int:
     if not results:
         print("no tunable lookup kernels in this model (no layer became a PQ lookup)")
         return 0
-    print(f"{'kernel':<40} {'role':<15} {'hand us':>9} {'tuned us':>9} {'speedup':>8} {'trials':>6}")
+    print(f"{'kernel':<40} {'role':<15} {'hand us':>9} {'tuned us':>9} {'speedup':>8} {'trials':>6} {'deploys':>7}")
     for r in results:
         tuned = "-" if r.tuned_us is None else f"{r.tuned_us:9.1f}"
         speed = "-" if r.speedup is None else f"{r.speedup:7.2f}x"
-        print(f"{r.name:<40} {r.role:<15} {r.hand_us:9.1f} {tuned:>9} {speed:>8} {r.trials:6d}")
+        deploys = "tuned" if r.speedup is not None and r.speedup > 1 else "hand"
+        print(f"{r.name:<40} {r.role:<15} {r.hand_us:9.1f} {tuned:>9} {speed:>8} {r.trials:6d} {deploys:>7}")
     with open(os.path.join(args.db, "tune_report.json"), "w") as f:
         json.dump([r.__dict__ for r in results], f, indent=1)
     if farm is not None and farm.key == "arm64":

@@ -629,9 +629,12 @@ class _LookupRewriter(PyExprMutator):
         layer, q, bb = plan.layer, plan.pq_layer, self.builder_
         tag, rows = _ident(layer.name), layer.rows
         isa = next(i for i in shuffle.ISAS if plan.record["kernel"] == f"shuffle-{i.name}")
-        c, k, v, m, lanes = q.num_codebooks, q.k, q.v, q.m, shuffle.block_rows(isa, rows)
+        c, k, v, m = q.num_codebooks, q.k, q.v, q.m
         rows_major = layer.kind != "conv2d"  # a dense layer's (rows, M); a conv's (M, rows) is NCHW already
-        pairs, mb = shuffle.padded_pairs(c), shuffle.DEFAULT_TILE_ROWS_MAJOR if rows_major else shuffle.DEFAULT_TILE
+        lanes = shuffle.block_rows(isa, rows, m if rows_major else None)
+        # the grouped kernel transposes 4 outputs at a time in registers; the nibble kernel stores from a tile
+        wide = rows_major and not isa.grouped
+        pairs, mb = shuffle.padded_pairs(c), shuffle.DEFAULT_TILE_ROWS_MAJOR if wide else shuffle.DEFAULT_TILE
         cents, offsets = q.encoder_operands()
         if layer.kind == "conv2d" and q.distance != "l1":
             cv = layer.conv
@@ -640,12 +643,18 @@ class _LookupRewriter(PyExprMutator):
             src = x
         else:
             conv, src = None, self._rows(plan, x, c * v)
-        enc = self._kernel(("encode-packed", rows, c, k, v, q.distance, lanes, isa.grouped, conv), f"lut_encode_{tag}",
-                           lambda: kernels.encode(rows, c, k, v, q.distance, pack_lanes=lanes, pairs=pairs, conv=conv,
-                                                  grouped=isa.grouped))
-        packed = bb.emit(relax.call_tir(
-            enc, [src, relax.const(np.ascontiguousarray(cents.transpose(0, 2, 1))), relax.const(offsets)],
-            relax.TensorType(shuffle.packed_shape(rows, c, lanes, isa.grouped), "uint8")))
+        cents = np.ascontiguousarray(cents.transpose(0, 2, 1))
+        if conv is None and isa.grouped:  # a dense row-major input: 16 codebooks of a row per vector
+            enc = self._kernel(("encode-codebook-lanes", rows, c, k, v, q.distance, lanes), f"lut_encode_{tag}",
+                               lambda: kernels.encode_codebook_lanes(rows, c, k, v, q.distance, lanes))
+            cents, offsets = kernels.codebook_lane_operands(cents, offsets)
+        else:
+            enc = self._kernel(("encode-packed", rows, c, k, v, q.distance, lanes, isa.grouped, conv),
+                               f"lut_encode_{tag}",
+                               lambda: kernels.encode(rows, c, k, v, q.distance, pack_lanes=lanes, pairs=pairs,
+                                                      conv=conv, grouped=isa.grouped))
+        packed = bb.emit(relax.call_tir(enc, [src, relax.const(cents), relax.const(offsets)],
+                                        relax.TensorType(shuffle.packed_shape(rows, c, lanes, isa.grouped), "uint8")))
         look, look_func = self._kernel_func(("shuffle", rows, c, m, lanes, isa.grouped, rows_major), f"lut_lookup_{tag}",
                                             lambda: shuffle.lookup(rows, c, m, lanes, mb, isa.intrinsic,
                                                                    rows_major=rows_major))

@@ -268,6 +268,9 @@ def test_block_rows_fits_small_layers():
     isa = shuffle.ISAS[0]
     assert [shuffle.block_rows(isa, r) for r in (1, 16, 17, 32, 33, 4096)] == [16, 16, 32, 32, 64, 64]
     assert shuffle.block_rows(shuffle.ISAS[1], 16) == 64
+    # rows-major outputs: rows M*4 bytes apart share few L1 sets, so blocks shrink where they would not fit
+    assert [shuffle.block_rows(isa, 4096, m) for m in (100, 128, 256, 512, 2048)] == [64, 64, 32, 16, 16]
+    assert shuffle.block_rows(isa, 20, 256) == 32
 
 
 def test_pack_codes_layout():
@@ -292,6 +295,46 @@ def test_packed_encoder_matches_reference(distance, shape, grouped):
                out_shape=shuffle.packed_shape(n, c, lanes, grouped), out_dtype="uint8")
     codes = pq.encode(x, ec, eb, distance)
     np.testing.assert_array_equal(got, pq.pack_codes_grouped(codes, lanes) if grouped else pq.pack_codes(codes, lanes))
+
+
+def _codebook_lanes(x, ec, eb, distance, n, c, v, lanes):
+    f = kernels.encode_codebook_lanes(n, c, ec.shape[1], v, distance, lanes)
+    assert x86.schedule(f).same_as(f)  # written vectorized: the hand schedule leaves it as it is
+    cents, offsets = kernels.codebook_lane_operands(np.ascontiguousarray(ec.transpose(0, 2, 1)), eb)
+    return _run(f, x, cents, offsets, out_shape=shuffle.packed_shape(n, c, lanes, True), out_dtype="uint8")
+
+
+# C < 16 (tail block only), C = 37 (two full blocks + a tail ending mid-group), C = 48 (no tail); rows
+# not a multiple of the block (zero-coded padding rows)
+@pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
+@pytest.mark.parametrize("shape", [(33, 5, 4, 64), (77, 37, 3, 32), (100, 48, 4, 16)])
+def test_codebook_lane_encoder_matches_reference(distance, shape):
+    n, c, v, lanes = shape
+    rng = np.random.default_rng(sum(shape))
+    x = rng.standard_normal((n, c * v)).astype(np.float32)
+    ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), distance)
+    np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, lanes),
+                                  pq.pack_codes_grouped(pq.encode(x, ec, eb, distance), lanes))
+
+
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+def test_codebook_lane_encoder_on_ties_and_near_ties(distance):
+    """Exact ties (duplicated centroids) take the lowest index; rows halfway between two centroids
+    (+1e-6) agree with the FMA-rounding reference, as for ``encode``."""
+    n, c, k, v = 512, 20, 16, 4
+    rng = np.random.default_rng(5)
+    cents = rng.standard_normal((c, k, v)).astype(np.float32)
+    dup = [(0, 1), (3, 12), (0, 15), (7, 8)] * 5
+    for cb, (i, j) in enumerate(dup):
+        cents[cb, j] = cents[cb, i]
+    a, b = rng.integers(0, k, (n, c)), rng.integers(0, k, (n, c))
+    mid = (cents[np.arange(c), a] + cents[np.arange(c), b]) * np.float32(0.5)
+    x = (mid.reshape(n, c * v) + rng.standard_normal((n, c * v)).astype(np.float32) * np.float32(1e-6)).astype(np.float32)
+    x[::3] = np.concatenate([cents[cb, i] for cb, (i, _) in enumerate(dup)])  # on duplicated centroids: ties
+    ec, eb = pq.encoder_operands(cents, distance)
+    ref = pq.encode(x, ec, eb, distance)
+    assert (ref[::3] == [i for i, _ in dup]).all()
+    np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, 64), pq.pack_codes_grouped(ref, 64))
 
 
 @pytest.mark.parametrize("scheduled", [False, True])

@@ -2,14 +2,15 @@
 
 Each kernel mirrors a numpy function in ``tvm_lut.pq`` (the reference the tests hold it against):
 
-=====================  ===========================  ========================================
-kernel                 computes                     numpy reference
-=====================  ===========================  ========================================
-``im2col``             NCHW -> (rows, D_pad) patches ``pq.im2col`` + ``pq.pad_columns``
-``encode``             argmin_k (b_k -/+ dist terms) ``pq.encode`` (``l2``, ``cosine``, ``l1``)
-``accumulate``         sum_c int8 T[c, code, m]      ``pq.accumulate``
-``butterfly_factor``   grouped r x s matmuls         ``butterfly.apply_factor``
-=====================  ===========================  ========================================
+===========================  ============================  =============================================
+kernel                       computes                      numpy reference
+===========================  ============================  =============================================
+``im2col``                   NCHW -> (rows, D_pad) patches ``pq.im2col`` + ``pq.pad_columns``
+``encode``                   argmin_k (b_k -/+ dist terms) ``pq.encode`` (``l2``, ``cosine``, ``l1``)
+``encode_codebook_lanes``    the same, grouped packed      ``pq.encode`` + ``pq.pack_codes_grouped``
+``accumulate``               sum_c int8 T[c, code, m]      ``pq.accumulate``
+``butterfly_factor``         grouped r x s matmuls         ``butterfly.apply_factor``
+===========================  ============================  =============================================
 
 Kernels are tagged ``"op_pattern": 8`` (opaque: FuseOps leaves them alone; see cookbook P5) and
 ``"tvm_lut.kernel"`` with their role, which schedules and tuning filter on.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T
@@ -164,21 +166,21 @@ class ConvInput:
         return b * self.rows_per_image + (rem // ow) * self.padded_hw[1] + rem % ow
 
 
-def argmin_tree(score: tirx.Buffer, i, j, k: int, first, stride: int) -> tvm.ir.PrimExpr:
-    """``first + stride * argmin_q score[i, j, q]``, the first minimum, by a balanced tree of pairwise
-    compares: ``ceil(log2 K)`` dependent steps instead of a K-long chain of min/compare (which bounded
-    the encoder by latency, not throughput). Each pair keeps the earlier entry unless the later one is
-    strictly smaller, so ties resolve to the lowest index exactly as a serial strict-``<`` scan does.
-    Intermediate values are ``Let``-bound, so each score is loaded once and no subtree is duplicated."""
+def _argmin_tree(values: list, indices: list, value_dtype: str, index_dtype: str) -> tvm.ir.PrimExpr:
+    """The index of the first minimum of ``values`` by a balanced tree of pairwise compares:
+    ``ceil(log2 K)`` dependent steps instead of a K-long chain of min/compare (which bounded the encoder
+    by latency, not throughput). Each pair keeps the earlier entry unless the later one is strictly
+    smaller, so ties resolve to the lowest index exactly as a serial strict-``<`` scan does. Intermediate
+    values are ``Let``-bound, so each value is computed once and no subtree is duplicated. Scalars or
+    vectors (one argmin per lane)."""
     binds: list[tuple[tirx.Var, tvm.ir.PrimExpr]] = []
-    first = tirx.const(first, "int32") if isinstance(first, int) else first
 
     def bind(name: str, value, dtype: str) -> tirx.Var:
         var = tirx.Var(name, dtype)
         binds.append((var, value))
         return var
 
-    level = [(bind(f"s{q}", score[i, j, q], "float32"), first + q * stride) for q in range(k)]
+    level = [(bind(f"s{q}", val, value_dtype), idx) for q, (val, idx) in enumerate(zip(values, indices))]
     depth = 0
     while len(level) > 1:
         depth += 1
@@ -186,8 +188,8 @@ def argmin_tree(score: tirx.Buffer, i, j, k: int, first, stride: int) -> tvm.ir.
         for a in range(0, len(level) - 1, 2):
             (va, ia), (vb, ib) = level[a], level[a + 1]
             later = vb < va  # not Let-bound: a bool vector Let trips TVM's analyzer; LLVM shares the compare
-            nxt.append((bind(f"m{depth}_{a}", tirx.Select(later, vb, va), "float32"),
-                        bind(f"i{depth}_{a}", tirx.Select(later, ib, ia), "int32")))
+            nxt.append((bind(f"m{depth}_{a}", tirx.Select(later, vb, va), value_dtype),
+                        bind(f"i{depth}_{a}", tirx.Select(later, ib, ia), index_dtype)))
         if len(level) % 2:
             nxt.append(level[-1])
         level = nxt
@@ -195,6 +197,14 @@ def argmin_tree(score: tirx.Buffer, i, j, k: int, first, stride: int) -> tvm.ir.
     for var, value in reversed(binds):
         out = tirx.Let(var, value, out)
     return out
+
+
+def argmin_tree(score: tirx.Buffer, i, j, k: int, first, stride: int) -> tvm.ir.PrimExpr:
+    """``first + stride * argmin_q score[i, j, q]``, the first minimum (``_argmin_tree``); the schedule
+    vectorizes it over rows."""
+    first = tirx.const(first, "int32") if isinstance(first, int) else first
+    return _argmin_tree([score[i, j, q] for q in range(k)], [first + q * stride for q in range(k)],
+                        "float32", "int32")
 
 
 def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None = None,
@@ -356,6 +366,101 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                         T.shift_left(code_at(codes, nibble_row(vb, vj), vp * 2 + 1), 4)))
 
     return finish(packed_func)
+
+
+CODEBOOK_LANES = 16  # codebooks scored side by side in one 512-bit float vector
+
+
+def codebook_lane_operands(cents: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``encode``'s operands, centroids (C, V, K) and offsets (C, K), in ``encode_codebook_lanes``' layout:
+    (ceil(C/16), V, K, 16) and (ceil(C/16), K, 16), codebook innermost, so that the values of one
+    (subvector element, centroid) for 16 codebooks are one contiguous vector. Codebooks past C are zero
+    (their codes are never stored)."""
+    c, v, k = cents.shape
+    blocks, lanes = -(-c // CODEBOOK_LANES), CODEBOOK_LANES
+    cp = np.zeros((blocks * lanes, v, k), np.float32)
+    cp[:c] = cents
+    op = np.zeros((blocks * lanes, k), np.float32)
+    op[:c] = offsets
+    return (np.ascontiguousarray(cp.reshape(blocks, lanes, v, k).transpose(0, 2, 3, 1)),
+            np.ascontiguousarray(op.reshape(blocks, lanes, k).transpose(0, 2, 1)))
+
+
+def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_lanes: int) -> tirx.PrimFunc:
+    """A dense layer's encoder with 16 codebooks of one row as the vector lanes, writing grouped packed
+    codes (``pq.pack_codes_grouped``, ``shuffle``'s ``vpermb`` kernel). Already vectorized (no schedule).
+
+    ``encode`` puts 16 *rows* in the lanes, which on a row-major (n, C*V) input costs a strided gather
+    per subvector element (16 loads each). Here one row's C*V floats are read contiguously: V vector
+    loads cover 16 codebooks, and V two-source permutes (``Shuffle``) deinterleave them into one vector
+    per subvector element. The centroids come codebook-innermost (``codebook_lane_operands``), so every
+    score update is a vector FMA with a full-vector memory operand (no broadcast), and the argmin over K
+    is a tree of vertical vector compares (``_argmin_tree``) as in ``encode``. A row's 16 codes then store
+    as four 4-byte groups. Scores are computed as in ``encode`` (same operation order), so the codes are
+    the same: bit-exact against ``pq.encode``.
+
+    Codebooks past the last multiple of 16 run as one tail block whose column reads are clamped to the
+    row (their centroids are zero and their codes dropped); rows past ``n`` in the last block of
+    ``pack_lanes`` rows get code 0, as ``pq.pack_codes_grouped`` writes them.
+    """
+    if k > 16:
+        raise ValueError(f"packed codes need K <= 16, got K={k}")
+    lanes = CODEBOOK_LANES
+    l1 = distance == "l1"
+    d, blocks, full = c * v, -(-c // lanes), c // lanes
+    groups, nb = -(-c // 4), -(-n // pack_lanes)
+    vec, ivec = f"float32x{lanes}", f"int32x{lanes}"
+
+    def codes_of(x, cents, offsets, r, b, tail: bool):
+        """The 16 codes (int32 vector) of row r, codebooks 16b .. 16b+15."""
+        base = b * (lanes * v)
+        if tail:
+            last = tirx.Broadcast(tirx.const(d - 1, "int32"), lanes)
+            raw = [x[r, tirx.Min(tirx.Ramp(base + lanes * i, 1, lanes), last)] for i in range(v)]
+        else:
+            raw = [x[r, tirx.Ramp(base + lanes * i, 1, lanes)] for i in range(v)]
+        xs = [tirx.Shuffle(raw, [tirx.const(q * v + t, "int32") for q in range(lanes)]) for t in range(v)]
+        scores = []
+        for q in range(k):
+            score = offsets[b, q, tirx.Ramp(0, 1, lanes)]
+            for t in range(v):
+                p = cents[b, t, q, tirx.Ramp(0, 1, lanes)]
+                score = score + T.fabs(xs[t] - p) if l1 else score - xs[t] * p
+            scores.append(score)
+        return _argmin_tree(scores, [tirx.Broadcast(tirx.const(q, "int32"), lanes) for q in range(k)], vec, ivec)
+
+    def grouped_bytes(codes):
+        """Byte of codebook j within its group of 4 is ``16 * (j % 4) + code`` (its vpermb table index)."""
+        return tirx.Cast(f"uint8x{lanes}", codes + tirx.Ramp(0, 1, lanes) % 4 * 16)
+
+    tail_groups = groups - full * 4
+
+    @T.prim_func(private=True)
+    def func(
+        x: T.Buffer((n, d), "float32"),
+        cents: T.Buffer((blocks, v, k, lanes), "float32"),
+        offsets: T.Buffer((blocks, k, lanes), "float32"),
+        packed: T.Buffer((nb, groups, 4 * pack_lanes), "uint8"),
+    ):
+        code = T.alloc_buffer((lanes,), "uint8", scope="local")
+        for rb in T.parallel(nb):
+            for rr in T.serial(pack_lanes):
+                if rb * pack_lanes + rr < n:
+                    for b in T.serial(full):
+                        code[T.Ramp(0, 1, lanes)] = grouped_bytes(codes_of(x, cents, offsets, rb * pack_lanes + rr,
+                                                                           b, False))
+                        for q in T.unroll(4):
+                            packed[rb, b * 4 + q, T.Ramp(rr * 4, 1, 4)] = code[T.Ramp(q * 4, 1, 4)]
+                    if tail_groups > 0:
+                        code[T.Ramp(0, 1, lanes)] = grouped_bytes(codes_of(x, cents, offsets, rb * pack_lanes + rr,
+                                                                           full, True))
+                        for q in T.unroll(tail_groups):
+                            packed[rb, full * 4 + q, T.Ramp(rr * 4, 1, 4)] = code[T.Ramp(q * 4, 1, 4)]
+                else:
+                    for g in T.serial(groups):
+                        packed[rb, g, T.Ramp(rr * 4, 1, 4)] = T.Cast("uint8x4", T.Ramp(0, 16, 4))
+
+    return _opaque(func, "encode").with_attr("tirx.is_scheduled", True).with_attr("tvm_lut.codebook_lanes", True)
 
 
 def accumulate(n: int, c: int, k: int, m: int, row_offsets: bool = False) -> tirx.PrimFunc:

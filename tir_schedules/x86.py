@@ -204,5 +204,7 @@ _SCHEDULES = {
 
 def schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """Apply the hand schedule matching the kernel's ``tvm_lut.kernel`` role."""
+    if func.attrs.get("tirx.is_scheduled"):  # written vectorized (``kernels.encode_codebook_lanes``)
+        return func
     role = str(func.attrs[KERNEL_ATTR])
     return _SCHEDULES[role](func)

@@ -126,6 +126,7 @@ def test_neon_shuffle_lookup_bit_exact_on_aarch64(arm_farm, tmp_path):
         np.testing.assert_array_equal(got, pq.dequantize(pq.accumulate(codes, tab), scale, bias), err_msg=name)
 
 
+@pytest.mark.slow  # about 2 min (tuning under qemu); the x86 farm tuning in test_farm.py stays in the default suite
 def test_tune_on_the_arm_farm(arm_farm, tmp_path):
     """MetaSchedule through RPCRunner on the emulated aarch64 server: candidates cross-compiled here."""
     from tir_schedules import tuning

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from tvm_lut import cli
 
@@ -59,6 +60,7 @@ def test_tutorial_butterfly_lowrank_ezcrop():
     assert res["exact"] > 85
 
 
+@pytest.mark.slow  # about 100 s; its parts (ARM cross-build, farm, CAM) are each tested in test_arm/test_farm/test_cam
 def test_tutorial_targets(tmp_path, monkeypatch):
     monkeypatch.setenv("TVM_LUT_FARM_DIR", str(tmp_path / "farm"))
     res = _load("05_targets_arm_farm_cam").main(tiny=True, out=str(tmp_path))

@@ -460,7 +460,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
                     for g in T.serial(groups):
                         packed[rb, g, T.Ramp(rr * 4, 1, 4)] = T.Cast("uint8x4", T.Ramp(0, 16, 4))
 
-    return _opaque(func, "encode").with_attr("tirx.is_scheduled", True).with_attr("tvm_lut.codebook_lanes", True)
+    return _opaque(func, "encode").with_attr("tirx.is_scheduled", True)
 
 
 def accumulate(n: int, c: int, k: int, m: int, row_offsets: bool = False) -> tirx.PrimFunc:

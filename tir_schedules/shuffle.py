@@ -386,7 +386,7 @@ def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
                         for s in T.unroll(sub):
                             acc[i, s, T.ramp(0, 1, 16)] = add4(acc[i, s, T.ramp(0, 1, 16)],
                                                                looked_up(packed, tables, vb, vot * mb + i, g, s))
-                if rows_major and transpose4:
+                if transpose4:
                     # 4x4 in-register transposes: quad[g, 16t + 4q + e] is output 4g + e of row 4q + t;
                     # each row's mb outputs are then mb/4 pieces of 4 and one store
                     quad = T.sblock_alloc_buffer((mb // 4, 64), "float32", scope="local")

@@ -317,6 +317,11 @@ def test_codebook_lane_encoder_matches_reference(distance, shape):
                                   pq.pack_codes_grouped(pq.encode(x, ec, eb, distance), lanes))
 
 
+def test_codebook_lane_encoder_rejects_more_than_16_centroids():
+    with pytest.raises(ValueError, match="packed codes need K <= 16, got K=32"):
+        kernels.encode_codebook_lanes(64, 16, 32, 4, "l2", 16)
+
+
 @pytest.mark.parametrize("distance", ["l2", "l1"])
 def test_codebook_lane_encoder_on_ties_and_near_ties(distance):
     """Exact ties (duplicated centroids) take the lowest index; rows halfway between two centroids

@@ -10,7 +10,9 @@ in inline assembly (no memory traffic) is compiled with the host C compiler (``c
 * ``clock_ghz``: a chain of dependent 1-cycle integer adds;
 * ``vpshufb_per_cycle`` (zmm, AVX-512BW): the nibble kernel's lookup, 64 lookups each;
 * ``vpermb_vpdpbusd_per_cycle``: pairs of ``vpermb`` + ``vpdpbusd`` into 16 independent accumulators, the
-  grouped kernel's inner step (64 lookups summed per pair).
+  grouped kernel's inner step (64 lookups summed per pair);
+* ``fma_per_cycle``: 512-bit ``vfmadd231ps`` into 16 independent accumulators (16 float multiply-adds
+  each): the ceiling of an exact dense layer, and of the encoder's distance arithmetic.
 
 Returns None where there is no C compiler or the CPU lacks AVX-512 VBMI/VNNI (the caller then falls back
 to the nominal clock and one shuffle per cycle, and says so).
@@ -43,7 +45,11 @@ int main(void){
   n = N; t0 = now();
   __asm__ volatile("vpxord %%zmm0,%%zmm0,%%zmm0\n\t1:\n\t" PERM "dec %0\n\tjnz 1b" : "+r"(n) :: CLOB);
   double perm = 16.0 * N / ((now() - t0) * ghz * 1e9);
-  printf("{\"clock_ghz\": %.3f, \"vpshufb_per_cycle\": %.3f, \"vpermb_vpdpbusd_per_cycle\": %.3f}\n", ghz, shuf, perm);
+  n = N; t0 = now();
+  __asm__ volatile("vpxord %%zmm0,%%zmm0,%%zmm0\n\t1:\n\t" FMA "dec %0\n\tjnz 1b" : "+r"(n) :: CLOB);
+  double fma = 16.0 * N / ((now() - t0) * ghz * 1e9);
+  printf("{\"clock_ghz\": %.3f, \"vpshufb_per_cycle\": %.3f, \"vpermb_vpdpbusd_per_cycle\": %.3f, "
+         "\"fma_per_cycle\": %.3f}\n", ghz, shuf, perm, fma);
   return 0;
 }
 """
@@ -53,11 +59,12 @@ def _defines() -> str:
     shuf = "".join(f"vpshufb %%zmm0, %%zmm{r}, %%zmm{r}\\n\\t" for r in range(1, 13))
     perm = "".join(f"vpermb %%zmm{1 + i % 4}, %%zmm0, %%zmm{5 + i % 8}\\n\\tvpdpbusd %%zmm{5 + i % 8}, %%zmm13, %%zmm{16 + i}\\n\\t"
                    for i in range(16))
-    return f'#define SHUF "{shuf}"\n#define PERM "{perm}"\n'
+    fma = "".join(f"vfmadd231ps %%zmm1, %%zmm2, %%zmm{16 + i}\\n\\t" for i in range(16))
+    return f'#define SHUF "{shuf}"\n#define PERM "{perm}"\n#define FMA "{fma}"\n'
 
 
 def measure() -> dict | None:
-    """Clock and shuffle throughput of this core, or None where they cannot be measured here."""
+    """Clock, shuffle and FMA throughput of this core, or None where they cannot be measured here."""
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None

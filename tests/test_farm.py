@@ -38,6 +38,7 @@ def _kill_when_recorded(db_dir: str, victim, out: dict, timeout_s: float = 240.0
     victim.stop()
 
 
+@pytest.mark.slow  # about 75 s with its three-server farm; the farm's tuning and status stay in the default suite
 def test_tuning_survives_a_killed_server_and_resumes(farm3, tmp_path):
     func = shuffle.lookup(4096, 16, 256, 64, 4)  # 64 row blocks x 64 output tiles: a roomy space
     db = str(tmp_path / "db")

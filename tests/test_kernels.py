@@ -39,9 +39,19 @@ def test_accumulate_bit_exact(scheduled, shape):
     np.testing.assert_array_equal(got, pq.accumulate(codes, tab))
 
 
-@pytest.mark.parametrize("scheduled", [False, True])
-@pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
-@pytest.mark.parametrize("shape", [(33, 5, 16, 4), (7, 3, 16, 9), (50, 11, 8, 3), (64, 6, 16, 4), (24, 3, 32, 2)])
+# K=32 compiles a 32-way argmin: about 21 s a case, so the default suite keeps one (l2, scheduled)
+def _encode_case(shape, distance, scheduled, slow=False):
+    return pytest.param(shape, distance, scheduled, marks=[pytest.mark.slow] if slow else [],
+                        id="x".join(map(str, shape)) + f"-{distance}-{scheduled}")
+
+
+_K32 = [_encode_case((24, 3, 32, 2), d, s, slow=(d, s) != ("l2", True))
+        for d in ("l2", "cosine", "l1") for s in (False, True)]
+
+
+@pytest.mark.parametrize("shape,distance,scheduled", [
+    _encode_case(shape, d, s) for shape in [(33, 5, 16, 4), (7, 3, 16, 9), (50, 11, 8, 3), (64, 6, 16, 4)]
+    for d in ("l2", "cosine", "l1") for s in (False, True)] + _K32)
 def test_encode_matches_reference(scheduled, distance, shape):
     n, c, k, v = shape
     rng = np.random.default_rng(sum(shape))

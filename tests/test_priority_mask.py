@@ -65,6 +65,7 @@ def test_max_drop_is_met_on_unseen_data(lenet):
     assert bool(pm["converted"]) == (_alone_needs(first_sc, pm["validation_samples"]) <= budget)
 
 
+@pytest.mark.slow  # about 55 s (three sweeps); test_max_drop_is_met_on_unseen_data checks the budget by default
 def test_max_drop_converts_what_fits(lenet):
     """A budget just above the best-ranked layer's own validation drop (+ margin) converts at least it;
     just below, whatever is converted still meets the budget (usually nothing; a longer prefix of the

@@ -24,6 +24,7 @@ def test_tutorial_torch_to_deployed_so(tmp_path):
     assert os.path.isfile(tmp_path / "model.so") and exact > 90.0 and lut > exact - 3.0
 
 
+@pytest.mark.slow  # about 30 s; the ONNX CLI path is tested by test_deploy_cli.py::test_cli_onnx_batch1_compile_run_report
 def test_tutorial_onnx_cli(tmp_path):
     pred = _load("02_onnx_through_the_cli").main(tiny=True, out=str(tmp_path))
     assert pred["logits"].shape == (50, 10)  # the ONNX output name
@@ -47,6 +48,7 @@ def test_demo_main_job(tmp_path, capsys):
     assert np.load(os.path.join(out, "pred.npz"))["output"].shape == (2000, 10)
 
 
+@pytest.mark.slow  # about 60 s; fine-tuning is tested in test_lutnn.py, budgets in test_priority_mask.py
 def test_tutorial_learned_centroids_and_budget():
     res = _load("03_learned_centroids_and_budget").main(tiny=True)
     assert res["learned_l1"] == res["learned_l1_torch"]  # compiled == torch lookup layers

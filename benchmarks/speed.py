@@ -407,13 +407,13 @@ def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[d
     md.append("\nEnd to end, LUT = lookup layers with their hand schedules + the model's other ops tuned "
               "by MetaSchedule with the same per-task budget as the exact model; 'rest untuned' = TVM's default "
               "lowering for those ops.\n")
-    md.append("\nLUT kernels = packed-code encoder + shuffle lookup (the better of hand and tuned schedule), "
-              "output (M, N); LUT layer = the deployed layer incl. the transpose to (N, M) and VM call. "
+    md.append("\nLUT kernels = the encoder + shuffle lookup as LUTify emits them for the layer (the lookup: the "
+              "better of hand and tuned schedule); LUT layer = the deployed layer, called through the VM. "
               + ("Ceiling = lookups per cycle of the kernel's lookup instruction on this core, measured by "
                  f"benchmarks/lookup_peak.py: {json.dumps(peak)} (grouped kernel: 64 per vpermb+vpdpbusd pair; "
                  "nibble kernel: lanes per vpshufb); lookups/cycle at the measured clock. "
-                 "'× TVM tuned, bound' = the most any exact-argmin PQ layer could reach against that TVM time on "
-                 "this core: the encoder's N*D*K distance multiply-adds at the measured FMA peak plus the N*C*M "
+                 "'× TVM tuned, bound' = the most an fp32 exact-argmin PQ layer (one multiply-add per centroid and "
+                 "input element) could reach against that TVM time on this core: the encoder's N*D*K distance multiply-adds at the measured FMA peak plus the N*C*M "
                  "lookups at the ceiling, argmin, loads and stores counted as free; 'of FMA peak' = the tuned "
                  "exact dense's N*D*M multiply-adds against that peak.\n" if peak else
                  f"Ceiling = lanes x {SHUFFLE_CEILING_PER_CYCLE} shuffle/cycle at the nominal clock (no C compiler "

@@ -314,10 +314,11 @@ def _codebook_lanes(x, ec, eb, distance, n, c, v, lanes):
     return _run(f, x, cents, offsets, out_shape=shuffle.packed_shape(n, c, lanes, True), out_dtype="uint8")
 
 
-# C < 16 (tail block only), C = 37 (two full blocks + a tail ending mid-group), C = 48 (no tail); rows
-# not a multiple of the block (zero-coded padding rows)
+# C < 16 (tail block only), C = 37 (two full blocks + a tail ending mid-group), C = 48 (no tail), C = 83
+# (five full blocks: one L1 group of four and a partial one, then a tail); rows not a multiple of the
+# block (zero-coded padding rows)
 @pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
-@pytest.mark.parametrize("shape", [(33, 5, 4, 64), (77, 37, 3, 32), (100, 48, 4, 16)])
+@pytest.mark.parametrize("shape", [(33, 5, 4, 64), (77, 37, 3, 32), (100, 48, 4, 16), (40, 83, 4, 16)])
 def test_codebook_lane_encoder_matches_reference(distance, shape):
     n, c, v, lanes = shape
     rng = np.random.default_rng(sum(shape))

@@ -369,6 +369,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
 
 
 CODEBOOK_LANES = 16  # codebooks scored side by side in one 512-bit float vector
+CENTROID_L1_BYTES = 16 * 1024  # centroids kept in L1 while a block of rows is encoded (of 32-48 KB)
 
 
 def codebook_lane_operands(cents: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -434,6 +435,8 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         return tirx.Cast(f"uint8x{lanes}", codes + tirx.Ramp(0, 1, lanes) % 4 * 16)
 
     tail_groups = groups - full * 4
+    group = max(1, CENTROID_L1_BYTES // (v * k * lanes * 4))  # codebook blocks whose centroids share L1
+    n_groups = -(-full // group)
 
     @T.prim_func(private=True)
     def func(
@@ -444,21 +447,31 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
     ):
         code = T.alloc_buffer((lanes,), "uint8", scope="local")
         for rb in T.parallel(nb):
-            for rr in T.serial(pack_lanes):
-                if rb * pack_lanes + rr < n:
-                    for b in T.serial(full):
-                        code[T.Ramp(0, 1, lanes)] = grouped_bytes(codes_of(x, cents, offsets, rb * pack_lanes + rr,
-                                                                           b, False))
-                        for q in T.unroll(4):
-                            packed[rb, b * 4 + q, T.Ramp(rr * 4, 1, 4)] = code[T.Ramp(q * 4, 1, 4)]
-                    if tail_groups > 0:
+            # codebook blocks in groups whose centroids fit in L1 (CENTROID_L1_BYTES), each group over the
+            # block's rows: a row's groups are contiguous reads of x, and a group's centroids stay in L1
+            # across the rows (row-outermost re-read all C*V*K floats per row: 74 KB at D=1152, from L2)
+            for gb in T.serial(n_groups):
+                for rr in T.serial(pack_lanes):
+                    for bi in T.serial(T.min(group, full - gb * group)):
+                        if rb * pack_lanes + rr < n:
+                            code[T.Ramp(0, 1, lanes)] = grouped_bytes(codes_of(
+                                x, cents, offsets, rb * pack_lanes + rr, gb * group + bi, False))
+                            for q in T.unroll(4):
+                                packed[rb, (gb * group + bi) * 4 + q, T.Ramp(rr * 4, 1, 4)] = code[T.Ramp(q * 4, 1, 4)]
+                        else:
+                            for q in T.unroll(4):
+                                packed[rb, (gb * group + bi) * 4 + q, T.Ramp(rr * 4, 1, 4)] = T.Cast(
+                                    "uint8x4", T.Ramp(0, 16, 4))
+            if tail_groups > 0:
+                for rr in T.serial(pack_lanes):
+                    if rb * pack_lanes + rr < n:
                         code[T.Ramp(0, 1, lanes)] = grouped_bytes(codes_of(x, cents, offsets, rb * pack_lanes + rr,
                                                                            full, True))
                         for q in T.unroll(tail_groups):
                             packed[rb, full * 4 + q, T.Ramp(rr * 4, 1, 4)] = code[T.Ramp(q * 4, 1, 4)]
-                else:
-                    for g in T.serial(groups):
-                        packed[rb, g, T.Ramp(rr * 4, 1, 4)] = T.Cast("uint8x4", T.Ramp(0, 16, 4))
+                    else:
+                        for q in T.unroll(tail_groups):
+                            packed[rb, full * 4 + q, T.Ramp(rr * 4, 1, 4)] = T.Cast("uint8x4", T.Ramp(0, 16, 4))
 
     return _opaque(func, "encode").with_attr("tirx.is_scheduled", True)
 

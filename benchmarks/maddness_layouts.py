@@ -7,10 +7,11 @@ MADDNESS (Mithral, dblalock/bolt) reads ``X`` column-major (``ColMatrix``: ``x_c
 output in ``mithral_scan``): input (D, N), output (M, N). ``tvm-lut`` deploys a dense layer on PyTorch's
 layouts instead: input (N, D), output (N, M). Each layout has its own cost:
 
-* the encoder puts 16 rows in the vector lanes, so on (N, D) it gathers every input element (stride D),
-  and on (D, N) it loads them contiguously (``kernels.encode(x_transposed=True)``);
-* the shuffle lookup produces 64 rows of one output per block, so (M, N) stores them contiguously while
-  (N, M) transposes each tile through a small buffer (``shuffle.lookup(rows_major=True)``).
+* on (N, D) the deployed encoder puts 16 codebooks of one row in the vector lanes
+  (``kernels.encode_codebook_lanes``: contiguous loads, deinterleaving shuffles); on (D, N) this script's
+  encoder puts 16 rows in the lanes and loads them contiguously (``kernels.encode(x_transposed=True)``);
+* the shuffle lookup produces a block of rows of one output per vector, so (M, N) stores them
+  contiguously while (N, M) transposes 4x4 tiles in registers first (``shuffle.lookup(rows_major=True)``).
 
 Same tables, same codes, so both give the same numbers (checked here). Shape: N=1024, D=128, M=256, C=32,
 K=16 (RESEARCH.md §6: MADDNESS measured 114 µs there on this machine, single thread, AVX2; that figure

@@ -438,6 +438,18 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
     group = max(1, CENTROID_L1_BYTES // (v * k * lanes * 4))  # codebook blocks whose centroids share L1
     n_groups = -(-full // group)
 
+    @T.macro
+    def encode_block(x, cents, offsets, packed, code, rb, rr, b, tail, width):
+        """Codes of row ``rb * pack_lanes + rr`` for codebook block ``b`` into its ``width`` groups of 4;
+        rows past ``n`` get code 0."""
+        if rb * pack_lanes + rr < n:
+            code[T.Ramp(0, 1, lanes)] = grouped_bytes(codes_of(x, cents, offsets, rb * pack_lanes + rr, b, tail))
+            for q in T.unroll(width):
+                packed[rb, b * 4 + q, T.Ramp(rr * 4, 1, 4)] = code[T.Ramp(q * 4, 1, 4)]
+        else:
+            for q in T.unroll(width):
+                packed[rb, b * 4 + q, T.Ramp(rr * 4, 1, 4)] = T.Cast("uint8x4", T.Ramp(0, 16, 4))
+
     @T.prim_func(private=True)
     def func(
         x: T.Buffer((n, d), "float32"),
@@ -453,25 +465,10 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
             for gb in T.serial(n_groups):
                 for rr in T.serial(pack_lanes):
                     for bi in T.serial(T.min(group, full - gb * group)):
-                        if rb * pack_lanes + rr < n:
-                            code[T.Ramp(0, 1, lanes)] = grouped_bytes(codes_of(
-                                x, cents, offsets, rb * pack_lanes + rr, gb * group + bi, False))
-                            for q in T.unroll(4):
-                                packed[rb, (gb * group + bi) * 4 + q, T.Ramp(rr * 4, 1, 4)] = code[T.Ramp(q * 4, 1, 4)]
-                        else:
-                            for q in T.unroll(4):
-                                packed[rb, (gb * group + bi) * 4 + q, T.Ramp(rr * 4, 1, 4)] = T.Cast(
-                                    "uint8x4", T.Ramp(0, 16, 4))
+                        encode_block(x, cents, offsets, packed, code, rb, rr, gb * group + bi, False, 4)
             if tail_groups > 0:
                 for rr in T.serial(pack_lanes):
-                    if rb * pack_lanes + rr < n:
-                        code[T.Ramp(0, 1, lanes)] = grouped_bytes(codes_of(x, cents, offsets, rb * pack_lanes + rr,
-                                                                           full, True))
-                        for q in T.unroll(tail_groups):
-                            packed[rb, full * 4 + q, T.Ramp(rr * 4, 1, 4)] = code[T.Ramp(q * 4, 1, 4)]
-                    else:
-                        for q in T.unroll(tail_groups):
-                            packed[rb, full * 4 + q, T.Ramp(rr * 4, 1, 4)] = T.Cast("uint8x4", T.Ramp(0, 16, 4))
+                    encode_block(x, cents, offsets, packed, code, rb, rr, full, True, tail_groups)
 
     return _opaque(func, "encode").with_attr("tirx.is_scheduled", True)
 

@@ -1,5 +1,7 @@
 """TIR kernels, unscheduled and hand-scheduled for x86, against the numpy reference on random shapes."""
 
+import os
+
 import numpy as np
 import pytest
 import tvm
@@ -331,6 +333,42 @@ def test_codebook_lane_encoder_matches_reference(distance, shape):
 def test_codebook_lane_encoder_rejects_more_than_16_centroids():
     with pytest.raises(ValueError, match="packed codes need K <= 16, got K=32"):
         kernels.encode_codebook_lanes(64, 16, 32, 4, "l2", 16)
+
+
+_TWO_THREADS = """
+import numpy as np, tvm
+from tir_schedules import kernels
+from tir_schedules.x86 import host_target
+from tvm_lut import pq
+assert tvm.get_global_func("runtime.NumThreads")() == 2
+n, c, v, lanes = 4096, 64, 4, 16
+rng = np.random.default_rng(11)
+x = rng.standard_normal((n, c * v)).astype(np.float32)
+ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), "l2")
+want = pq.pack_codes_grouped(pq.encode(x, ec, eb, "l2"), lanes)
+f = kernels.encode_codebook_lanes(n, c, 16, v, "l2", lanes)
+ex = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), host_target())
+cents, offsets = kernels.codebook_lane_operands(np.ascontiguousarray(ec.transpose(0, 2, 1)), eb)
+args = [tvm.runtime.tensor(a) for a in (x, cents, offsets)]
+for _ in range(5):
+    out = tvm.runtime.tensor(np.zeros(want.shape, np.uint8))
+    ex["main"](*args, out)
+    np.testing.assert_array_equal(out.numpy(), want)
+"""
+
+
+def test_codebook_lane_encoder_on_two_threads():
+    """The software-pipelined encoder carries a row's subvectors from one step to the next in scratch
+    allocated once for the kernel, which LLVM keeps in registers (constant indices); 256 row blocks on two
+    threads (TVM's pool defaults to the physical cores: one here, hence a subprocess) give the reference's
+    codes. (A carry in shared memory is not reliably caught: store forwarding hides most such races.)"""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TVM_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", _TWO_THREADS], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("distance", ["l2", "l1"])

@@ -364,6 +364,7 @@ def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[d
             ks = info["kernels"]
             lookups = r["N"] * r["C"] * r["M"]
             look = ks.get("shuffle_lookup", {})
+            ceiling = _ceiling(r["lut_kernel"], peak)  # lookups per cycle
             best = min(v for v in (look.get("hand_us"), look.get("tuned_us")) if v) if look else None
             r["lookup_hand_us"], r["lookup_tuned_us"] = look.get("hand_us"), look.get("tuned_us")
             r["encode_us"] = ks.get("encode", {}).get("hand_us")
@@ -372,7 +373,7 @@ def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[d
             if best and mhz == mhz:
                 per_cycle = lookups / (best * 1e-6 * mhz * 1e6)
                 r["lookups_per_cycle"] = per_cycle
-                r["ceiling_frac"] = per_cycle / _ceiling(r["lut_kernel"], peak)
+                r["ceiling_frac"] = per_cycle / ceiling
             r["vs_tvm_tuned"] = r["tvm_tuned_ms"] / r["lut_layer_ms"] if r["tvm_tuned_ms"] else None
             if peak and peak.get("fma_per_cycle") and r["tvm_tuned_ms"]:
                 # the arithmetic bound of exact-argmin PQ on this core: the encoder's N*D*K distance
@@ -380,7 +381,7 @@ def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[d
                 # loads and stores free. TVM's tuned dense is held to its measured time, not its floor.
                 fmas_per_ms = 16 * peak["fma_per_cycle"] * mhz * 1e3
                 floor_ms = (r["N"] * r["D"] * r["K"] / fmas_per_ms
-                            + lookups / (_ceiling(r["lut_kernel"], peak) * mhz * 1e3))
+                            + lookups / (ceiling * mhz * 1e3))
                 r["tvm_tuned_fma_frac"] = r["N"] * r["D"] * r["M"] / fmas_per_ms / r["tvm_tuned_ms"]
                 r["vs_tvm_tuned_bound"] = r["tvm_tuned_ms"] / floor_ms
             r["vs_torch"] = r["torch_ms"] / r["lut_layer_ms"]

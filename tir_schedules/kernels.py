@@ -469,7 +469,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
             carry(xn, row_block(x, T.min(rb * pack_lanes + nxt // gs, n - 1), g0 + nxt % gs))
             code[T.Ramp(0, 1, lanes)] = T.Select(  # rows past n: code 0 (a branch here timed the same)
                 rb * pack_lanes + it // gs < n, grouped_bytes(codes_from(cur, cents, offsets, g0 + it % gs)),
-                tirx.Cast(f"uint8x{lanes}", tirx.Ramp(0, 1, lanes) % 4 * 16))
+                grouped_bytes(tirx.Broadcast(tirx.const(0, "int32"), lanes)))
             for q in T.unroll(4):
                 packed[rb, (g0 + it % gs) * 4 + q, T.Ramp(it // gs * 4, 1, 4)] = code[T.Ramp(q * 4, 1, 4)]
 

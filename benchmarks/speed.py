@@ -8,7 +8,9 @@ Phase 1 (this process) builds every variant once and exports it (``benchmarks/re
 * kernel level, one linear layer ``x (N, D) @ W (D, M)`` (K=16, V=4 so C=D/4), on the issue's shapes
   (N=1024, D in {256, 576, 1152}, M in {64, 128, 256}) and MADDNESS's (N=1024, D=128, M=256, C=32):
   the LUT layer as deployed (packed-code encoder + shuffle lookup + transpose to (N, M)), the LUT
-  kernels alone (encoder + lookup, hand schedule and tuned), TVM's exact dense untuned and tuned with
+  kernels alone (encoder + lookup, hand schedule and tuned), the deployed layer's kernels called back to
+  back on preallocated buffers (how MADDNESS's harness times its kernels: RESEARCH.md §6 is compared at
+  its shape), TVM's exact dense untuned and tuned with
   MetaSchedule/XGBoost with the same trial budget as the LUT kernels, and ``torch.nn.functional.linear``;
 * end to end: a ResNet-18-class CIFAR model (64-512 channels), a ResNet-20-class one (16-64) and LeNet-5
   (random weights: speed does not depend on them), batch 1 and 32: LUT model (every conv/dense but the
@@ -36,11 +38,15 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from maddness_layouts import MADDNESS_US  # noqa: E402
+
 CACHE = os.path.join(HERE, "results", "cache", "speed")
 
 KERNEL_SHAPES = [(1024, 256, 64), (1024, 256, 128), (1024, 256, 256), (1024, 576, 64), (1024, 576, 128),
                  (1024, 576, 256), (1024, 1152, 64), (1024, 1152, 128), (1024, 1152, 256), (1024, 128, 256)]
 QUICK_KERNEL_SHAPES = [(1024, 256, 128), (1024, 128, 256)]
+MADDNESS_SHAPE = (1024, 128, 256, 32)  # N, D, M, C of RESEARCH.md §6's peer measurement (MADDNESS_US)
 SHUFFLE_CEILING_PER_CYCLE = 1  # fallback where lookup_peak cannot measure the core: 1 shuffle/cycle, nominal clock
 
 
@@ -119,6 +125,43 @@ def _lut_layer_kernels(lut_mod):
             if isinstance(f, tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs}
 
 
+def _kernel_chain(mod, path: str) -> dict | None:
+    """The LUT layer's ``main`` as the chain of ``call_tir`` kernels it runs, for timing the kernels back to
+    back outside the VM: ``{"calls": [{"name", "args", "shape", "dtype"}], "npz"}`` where each argument is
+    ``["input", i]``, ``["const", key]`` (saved in ``path + ".npz"``) or ``["call", j]`` (call j's output).
+    None when ``main`` is anything but such a chain."""
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    func = mod["main"]
+    inputs = {p: i for i, p in enumerate(func.params)}
+    calls, consts, produced = [], {}, {}
+    for block in func.body.blocks:
+        for bind in block.bindings:
+            v = bind.value
+            if isinstance(v, relax.Var) and v in produced:
+                produced[bind.var] = produced[v]
+                continue
+            if not (isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir"):
+                return None
+            args = []
+            for a in v.args[1].fields:
+                if a in inputs:
+                    args.append(["input", inputs[a]])
+                elif isinstance(a, Constant):
+                    consts[f"c{len(consts)}"] = a.value.numpy()
+                    args.append(["const", f"c{len(consts) - 1}"])
+                elif a in produced:
+                    args.append(["call", produced[a]])
+                else:
+                    return None
+            produced[bind.var] = len(calls)
+            calls.append({"name": v.args[0].name_hint, "args": args,
+                          "shape": [int(d) for d in bind.var.ty.shape], "dtype": str(bind.var.ty.dtype)})
+    np.savez(path + ".npz", **consts)
+    return {"calls": calls, "npz": path + ".npz"}
+
+
 def build_kernels(shapes, trials: int, target) -> list[dict]:
     import torch
     from torch import nn
@@ -166,6 +209,7 @@ def build_kernels(shapes, trials: int, target) -> list[dict]:
         entry["lut_kernel"] = p.layers[0]["kernel"]
         ex, params = compile_with_params(lut, target)
         entry["lut_layer"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_lut"))
+        entry["lut_layer"]["chain"] = _kernel_chain(lut, os.path.join(CACHE, tag + "_lut_chain"))
         # exact dense: untuned and tuned
         ex, params = compile_with_params(mod, target)
         entry["tvm_untuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_exact"))
@@ -263,6 +307,38 @@ def _tvm_ms(art: dict, number: int = 20) -> float:
     return float(np.median(res.results) * 1e3)
 
 
+def _chain_ms(art: dict) -> float | None:
+    """The deployed layer's kernels called back to back on preallocated buffers (one output buffer, as a
+    C++ harness like MADDNESS's calls its kernels), from the layer's own ``.so``; checked against the VM."""
+    import tvm
+    from tvm import relax
+
+    chain = art.get("chain")
+    if not chain:
+        return None
+    dev = tvm.cpu()
+    lib = tvm.runtime.load_module(art["so"])
+    data, consts = np.load(art["npz"]), np.load(chain["npz"])
+    inputs = [tvm.runtime.tensor(data[f"x{i}"], dev) for i in range(art["n_inputs"])]
+    outs, steps = [], []
+    for c in chain["calls"]:
+        args = [inputs[a[1]] if a[0] == "input" else outs[a[1]] if a[0] == "call"
+                else tvm.runtime.tensor(consts[a[1]], dev) for a in c["args"]]
+        outs.append(tvm.runtime.empty(c["shape"], c["dtype"], dev))
+        steps.append((lib.get_function(c["name"], query_imports=True), args + [outs[-1]]))
+
+    def run():
+        for f, args in steps:
+            f(*args)
+
+    run()
+    vm = relax.VirtualMachine(lib, dev)
+    want = vm["main"](*inputs, *[tvm.runtime.tensor(data[f"p{i}"], dev) for i in range(art["n_params"])]).numpy()
+    if not np.array_equal(outs[-1].numpy(), want):
+        raise RuntimeError(f"{art['so']}: its kernels called back to back do not reproduce the VM's output")
+    return _median_ms(run)
+
+
 def _median_ms(fn, budget_s: float = 0.3) -> float:
     fn()
     t = time.perf_counter()
@@ -289,6 +365,7 @@ def measure(plan: dict, threads: int) -> dict:
     for e in plan["kernel"]:
         r = {k: e[k] for k in ("N", "D", "M", "V", "C", "K", "lut_kernel")}
         r["lut_layer_ms"] = _tvm_ms(e["lut_layer"])
+        r["chain_ms"] = _chain_ms(e["lut_layer"])
         r["tvm_untuned_ms"] = _tvm_ms(e["tvm_untuned"])
         r["tvm_tuned_ms"] = _tvm_ms(e["tvm_tuned"]) if "tvm_tuned" in e else None
         x = torch.from_numpy(rng.standard_normal((e["N"], e["D"])).astype(np.float32))
@@ -389,11 +466,20 @@ def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[d
         md.append(f"\n## Kernel: one linear layer, {t} thread(s) (ms; ratios > 1: LUT faster)\n")
         md.append(_table(run["kernel"], [
             ("N", "N"), ("D", "D"), ("M", "M"), ("C", "C"), ("lut_layer_ms", "LUT layer"),
-            ("kernels_ms", "LUT kernels"), ("encode_us", "encode µs"), ("lookup_hand_us", "lookup hand µs"),
+            ("kernels_ms", "LUT kernels"), ("chain_ms", "kernels back to back"), ("encode_us", "encode µs"), ("lookup_hand_us", "lookup hand µs"),
             ("lookup_tuned_us", "lookup tuned µs"), ("tvm_untuned_ms", "TVM exact"),
             ("tvm_tuned_ms", "TVM exact tuned"), ("torch_ms", "PyTorch"), ("vs_tvm_tuned", "× TVM tuned"),
             ("vs_torch", "× PyTorch"), ("lookups_per_cycle", "lookups/cycle"), ("ceiling_frac", "of ceiling"),
             ("tvm_tuned_fma_frac", "TVM tuned, of FMA peak"), ("vs_tvm_tuned_bound", "× TVM tuned, bound")]))
+        for r in run["kernel"]:
+            if (r["N"], r["D"], r["M"], r["C"]) == MADDNESS_SHAPE:
+                r["vs_maddness"] = {k: r[k] * 1e3 / MADDNESS_US for k in ("lut_layer_ms", "chain_ms", "kernels_ms")
+                                    if r.get(k)}
+                md.append(f"\nMADDNESS's shape (N, D, M, C) = {MADDNESS_SHAPE}, against its {MADDNESS_US:.0f} µs "
+                          "(RESEARCH.md §6, measured on another day): " + ", ".join(
+                              f"{name} {r[k] * 1e3:.0f} µs = {r['vs_maddness'][k]:.2f}×" for k, name in
+                              (("lut_layer_ms", "LUT layer"), ("chain_ms", "kernels back to back"),
+                               ("kernels_ms", "kernels alone")) if k in r["vs_maddness"]) + ".\n")
         for r in run["e2e"]:
             r["vs_tvm_tuned"] = r["tvm_tuned_ms"] / r["lut_ms"] if r["tvm_tuned_ms"] else None
             r["vs_tvm_untuned"] = r["tvm_untuned_ms"] / r["lut_ms"]
@@ -409,7 +495,10 @@ def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[d
               "by MetaSchedule with the same per-task budget as the exact model; 'rest untuned' = TVM's default "
               "lowering for those ops.\n")
     md.append("\nLUT kernels = the encoder + shuffle lookup as LUTify emits them for the layer (the lookup: the "
-              "better of hand and tuned schedule); LUT layer = the deployed layer, called through the VM. "
+              "better of hand and tuned schedule), each timed alone; kernels back to back = the deployed "
+              "layer's own kernels called one after the other on preallocated buffers (one output buffer, as a C++ "
+              "harness calls a kernel), outside the VM; LUT layer = the deployed layer, called through the VM "
+              "(which allocates its output per call and alternates two output buffers). "
               + ("Ceiling = lookups per cycle of the kernel's lookup instruction on this core, measured by "
                  f"benchmarks/lookup_peak.py: {json.dumps(peak)} (grouped kernel: 64 per vpermb+vpdpbusd pair; "
                  "nibble kernel: lanes per vpshufb); lookups/cycle at the measured clock. "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
@@ -14,15 +15,15 @@ speed = pytest.importorskip("speed")
 PEAK = {"clock_ghz": 2.0, "vpshufb_per_cycle": 2.0, "vpermb_vpdpbusd_per_cycle": 1.0, "fma_per_cycle": 2.0}
 
 
-def _run(tvm_tuned_ms: float) -> tuple[dict, dict]:
-    n, d, m, k, v = 1024, 256, 128, 16, 4
+def _run(tvm_tuned_ms: float, d: int = 256, m: int = 128, chain_ms: float | None = None) -> tuple[dict, dict]:
+    n, k, v = 1024, 16, 4
     plan = {"kernel": [{"N": n, "D": d, "M": m, "kernels": {"encode": {"hand_us": 50.0},
                                                               "shuffle_lookup": {"hand_us": 40.0, "tuned_us": 30.0}}}],
             "e2e": []}
     run = {"threads": 1, "e2e": [], "kernel": [{"N": n, "D": d, "M": m, "V": v, "C": d // v, "K": k,
                                                  "lut_kernel": "shuffle-avx512vbmi", "lut_layer_ms": 0.1,
                                                  "tvm_untuned_ms": 5.0, "tvm_tuned_ms": tvm_tuned_ms,
-                                                 "torch_ms": 0.5}]}
+                                                 "torch_ms": 0.5, "chain_ms": chain_ms}]}
     result, md = speed.summarize(plan, [run], PEAK)
     return result["runs"][0]["kernel"][0], md
 
@@ -46,3 +47,37 @@ def test_bound_scales_with_the_exact_time_and_is_absent_without_a_tuned_build():
     assert _run(0.8)[0]["vs_tvm_tuned_bound"] == pytest.approx(2 * _run(0.4)[0]["vs_tvm_tuned_bound"])
     r, _ = _run(None)
     assert r["vs_tvm_tuned"] is None and "vs_tvm_tuned_bound" not in r
+
+
+def test_maddness_shape_row_is_compared_with_maddness():
+    r, md = _run(0.4, d=128, m=256, chain_ms=0.114 * 1.1)
+    assert r["vs_maddness"]["chain_ms"] == pytest.approx(1.1)
+    assert r["vs_maddness"]["lut_layer_ms"] == pytest.approx(0.1 / 0.114)
+    assert r["vs_maddness"]["kernels_ms"] == pytest.approx(0.080 / 0.114)
+    assert "kernels back to back 125 µs = 1.10×" in md
+    other, md = _run(0.4)  # any other shape: no MADDNESS comparison
+    assert "vs_maddness" not in other and "MADDNESS's shape" not in md
+
+
+def test_kernel_chain_reproduces_the_deployed_layer_and_rejects_a_wrong_one(tmp_path):
+    """The back-to-back timing calls the deployed layer's own kernels outside the VM; it must check that
+    they compute what the VM computes (here a tampered table must be caught)."""
+    torch = pytest.importorskip("torch")
+    import tvm_lut
+    from tvm_lut.build import compile_with_params
+
+    x = np.random.default_rng(0).standard_normal((40, 32)).astype(np.float32)
+    mod = tvm_lut.from_torch(torch.nn.Linear(32, 24).eval(), torch.from_numpy(x))
+    lut = tvm_lut.LUTify(calibration=x, all_layers=True, v=4, progress=False)(mod)
+    ex, params = compile_with_params(lut, "x86")
+    art = speed._export(ex, params, [x], str(tmp_path / "layer"))
+    art["chain"] = speed._kernel_chain(lut, str(tmp_path / "chain"))
+    assert [c["name"] for c in art["chain"]["calls"]] == ["lut_encode_weight", "lut_lookup_weight"]
+    assert art["chain"]["calls"][1]["args"][0] == ["call", 0] and art["chain"]["calls"][0]["args"][0] == ["input", 0]
+    assert speed._chain_ms(art) > 0
+    consts = dict(np.load(art["chain"]["npz"]))
+    key = art["chain"]["calls"][1]["args"][1][1]  # the lookup's tables
+    consts[key] = consts[key] + np.ones_like(consts[key])
+    np.savez(art["chain"]["npz"], **consts)
+    with pytest.raises(RuntimeError, match="do not reproduce"):
+        speed._chain_ms(art)

@@ -466,7 +466,8 @@ def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[d
         md.append(f"\n## Kernel: one linear layer, {t} thread(s) (ms; ratios > 1: LUT faster)\n")
         md.append(_table(run["kernel"], [
             ("N", "N"), ("D", "D"), ("M", "M"), ("C", "C"), ("lut_layer_ms", "LUT layer"),
-            ("kernels_ms", "LUT kernels"), ("chain_ms", "kernels back to back"), ("encode_us", "encode µs"), ("lookup_hand_us", "lookup hand µs"),
+            ("kernels_ms", "LUT kernels"), ("chain_ms", "kernels back to back"), ("encode_us", "encode µs"),
+            ("lookup_hand_us", "lookup hand µs"),
             ("lookup_tuned_us", "lookup tuned µs"), ("tvm_untuned_ms", "TVM exact"),
             ("tvm_tuned_ms", "TVM exact tuned"), ("torch_ms", "PyTorch"), ("vs_tvm_tuned", "× TVM tuned"),
             ("vs_torch", "× PyTorch"), ("lookups_per_cycle", "lookups/cycle"), ("ceiling_frac", "of ceiling"),

@@ -130,8 +130,8 @@ def _kernel_chain(mod, path: str) -> dict | None:
     back outside the VM: ``{"calls": [{"name", "args", "shape", "dtype"}], "npz"}`` where each argument is
     ``["input", i]``, ``["const", key]`` (saved in ``path + ".npz"``) or ``["call", j]`` (call j's output).
     None when ``main`` is anything but such a chain."""
+    import tvm
     from tvm import relax
-    from tvm.ir.expr import Constant
 
     func = mod["main"]
     inputs = {p: i for i, p in enumerate(func.params)}
@@ -148,7 +148,7 @@ def _kernel_chain(mod, path: str) -> dict | None:
             for a in v.args[1].fields:
                 if a in inputs:
                     args.append(["input", inputs[a]])
-                elif isinstance(a, Constant):
+                elif isinstance(a, tvm.ir.GenericConst):
                     consts[f"c{len(consts)}"] = a.value.numpy()
                     args.append(["const", f"c{len(consts) - 1}"])
                 elif a in produced:
@@ -289,21 +289,31 @@ def build_e2e(names, batches, e2e_trials: int, target) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _tvm_ms(art: dict, number: int = 20) -> float:
+def _load(art: dict):
+    """An exported build (``_export``): its library, a VM over it, and its sample inputs and weights as
+    device tensors."""
     import tvm
     from tvm import relax
 
     dev = tvm.cpu()
-    vm = relax.VirtualMachine(tvm.runtime.load_module(art["so"]), dev)
+    lib = tvm.runtime.load_module(art["so"])
     data = np.load(art["npz"])
-    args = ([tvm.runtime.tensor(data[f"x{i}"], dev) for i in range(art["n_inputs"])]
-            + [tvm.runtime.tensor(data[f"p{i}"], dev) for i in range(art["n_params"])])
+    inputs = [tvm.runtime.tensor(data[f"x{i}"], dev) for i in range(art["n_inputs"])]
+    params = [tvm.runtime.tensor(data[f"p{i}"], dev) for i in range(art["n_params"])]
+    return lib, relax.VirtualMachine(lib, dev), inputs, params
+
+
+def _tvm_ms(art: dict, number: int = 20) -> float:
+    import tvm
+
+    _, vm, inputs, params = _load(art)
+    args = inputs + params
     vm["main"](*args)
     once = time.perf_counter()
     vm["main"](*args)
     once = time.perf_counter() - once
     number = int(min(max(0.3 / max(once, 1e-6), 1), 2000))
-    res = vm.time_evaluator("main", dev, number=number, repeat=5)(*args)
+    res = vm.time_evaluator("main", tvm.cpu(), number=number, repeat=5)(*args)
     return float(np.median(res.results) * 1e3)
 
 
@@ -311,15 +321,13 @@ def _chain_ms(art: dict) -> float | None:
     """The deployed layer's kernels called back to back on preallocated buffers (one output buffer, as a
     C++ harness like MADDNESS's calls its kernels), from the layer's own ``.so``; checked against the VM."""
     import tvm
-    from tvm import relax
 
     chain = art.get("chain")
     if not chain:
         return None
     dev = tvm.cpu()
-    lib = tvm.runtime.load_module(art["so"])
-    data, consts = np.load(art["npz"]), np.load(chain["npz"])
-    inputs = [tvm.runtime.tensor(data[f"x{i}"], dev) for i in range(art["n_inputs"])]
+    lib, vm, inputs, params = _load(art)
+    consts = np.load(chain["npz"])
     outs, steps = [], []
     for c in chain["calls"]:
         args = [inputs[a[1]] if a[0] == "input" else outs[a[1]] if a[0] == "call"
@@ -332,8 +340,7 @@ def _chain_ms(art: dict) -> float | None:
             f(*args)
 
     run()
-    vm = relax.VirtualMachine(lib, dev)
-    want = vm["main"](*inputs, *[tvm.runtime.tensor(data[f"p{i}"], dev) for i in range(art["n_params"])]).numpy()
+    want = vm["main"](*inputs, *params).numpy()
     if not np.array_equal(outs[-1].numpy(), want):
         raise RuntimeError(f"{art['so']}: its kernels called back to back do not reproduce the VM's output")
     return _median_ms(run)

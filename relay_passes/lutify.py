@@ -622,7 +622,8 @@ class _LookupRewriter(PyExprMutator):
 
     def _emit_shuffle(self, plan: _Plan, x, as_output: bool):
         """Packed-code encoder (fused with im2col for a conv) -> shuffle lookup with the scale and bias
-        in its epilogue, writing (M, rows) for a conv (NCHW at batch 1) and (rows, M) for a dense layer.
+        in its epilogue, writing (M, rows) for a conv (NCHW at batch 1; with the grouped kernel also at batch
+        B > 1, as (B, M, OH*OW)) and (rows, M) for a dense layer.
 
         L1 (PECAN-D) convs keep the separate im2col kernel: the fused patch addressing divides by
         constants, which LLVM compiles to integer multiplies, and the L1 encoder must have none."""
@@ -655,20 +656,26 @@ class _LookupRewriter(PyExprMutator):
                                                       conv=conv, grouped=isa.grouped))
         packed = bb.emit(relax.call_tir(enc, [src, relax.const(cents), relax.const(offsets)],
                                         relax.TensorType(shuffle.packed_shape(rows, c, lanes, isa.grouped), "uint8")))
-        look, look_func = self._kernel_func(("shuffle", rows, c, m, lanes, isa.grouped, rows_major), f"lut_lookup_{tag}",
+        # a conv at batch B > 1: the grouped kernel writes (B, M, OH*OW), i.e. NCHW, with no transpose after it
+        images = layer.output_shape[0] if layer.kind == "conv2d" else 1
+        if not (isa.grouped and images > 1 and (rows // images) % 16 == 0):
+            images = 1
+        look, look_func = self._kernel_func(("shuffle", rows, c, m, lanes, isa.grouped, rows_major, images),
+                                            f"lut_lookup_{tag}",
                                             lambda: shuffle.lookup(rows, c, m, lanes, mb, isa.intrinsic,
-                                                                   rows_major=rows_major))
+                                                                   rows_major=rows_major, images=images))
         mb = shuffle.tile_of(look_func)  # a tuned kernel may use another register tile: tables follow it
         bias = q.bias if q.bias is not None else np.zeros(m, np.float32)
         y = bb.emit(relax.call_tir(look, [packed, relax.const(shuffle.pack_tables(q.tables, mb, isa.grouped)),
                                          relax.const(q.scale.astype(np.float32)),
                                          relax.const(bias.astype(np.float32))],
-                                   relax.TensorType((rows, m) if rows_major else (m, rows), "float32")))
+                                   relax.TensorType((rows, m) if rows_major else (m, rows) if images == 1
+                                                    else (images, m, rows // images), "float32")))
         steps = []
         if layer.kind == "conv2d":
             n_, _, oh, ow = layer.output_shape
-            if n_ == 1:
-                steps.append(lambda y: relax.op.reshape(y, (1, m, oh, ow)))
+            if n_ == 1 or images > 1:
+                steps.append(lambda y: relax.op.reshape(y, (n_, m, oh, ow)))
             else:
                 steps.append(lambda y: relax.op.reshape(y, (m, n_, oh, ow)))
                 steps.append(lambda y: relax.op.permute_dims(y, [1, 0, 2, 3]))

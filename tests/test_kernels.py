@@ -257,6 +257,34 @@ def test_grouped_lookup_bit_exact(scheduled, shape, rows_major):
         np.testing.assert_array_equal(bare.T, pq.accumulate(codes, tab).astype(np.float32))
 
 
+@needs_grouped
+@pytest.mark.parametrize("images,hw,c,m,lanes,scheduled", [
+    (2, 64, 36, 40, 64, True), (3, 16, 8, 16, 64, True), (4, 16, 9, 20, 16, False), (5, 32, 5, 8, 32, True)])
+def test_grouped_lookup_writes_batched_nchw(images, hw, c, m, lanes, scheduled):
+    """``images=B``: y (B, M, HW) is the (M, B*HW) output with the image axis moved first, bit for bit,
+    including blocks that span images (16 rows per image, 64-row blocks) and a partial last block."""
+    n = images * hw
+    rng = np.random.default_rng(n + c + m)
+    codes = rng.integers(0, 16, (n, c)).astype(np.int32)
+    tab = rng.integers(-128, 128, (c, 16, m)).astype(np.int8)
+    scale, bias = rng.random(m).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+    f = shuffle.lookup(n, c, m, lanes, 4, shuffle.PERMUTE_INTRINSIC, images=images)
+    assert int(shuffle.retile(f, 8).attrs["tvm_lut.images"]) == images  # tuning's tile variants keep it
+    got = _run(x86.schedule(f) if scheduled else f, pq.pack_codes_grouped(codes, lanes),
+               shuffle.pack_tables(tab, 4, grouped=True), scale, bias, out_shape=(images, m, hw), out_dtype="float32")
+    ref = pq.dequantize(pq.accumulate(codes, tab), scale, bias)  # (n, m)
+    np.testing.assert_array_equal(got, ref.reshape(images, hw, m).transpose(0, 2, 1))
+
+
+def test_batched_nchw_lookup_rejects_what_it_cannot_write():
+    with pytest.raises(ValueError, match="multiple of 16 rows per image, got 40 rows"):
+        shuffle.lookup(40, 8, 16, 16, 4, shuffle.PERMUTE_INTRINSIC, images=2)  # 20 pixels per image
+    with pytest.raises(ValueError, match="and rows_major"):
+        shuffle.lookup(64, 8, 16, 16, 4, shuffle.PERMUTE_INTRINSIC, rows_major=True, images=2)
+    with pytest.raises(ValueError, match="only the grouped"):
+        shuffle.lookup(64, 8, 16, 64, 4, images=2)
+
+
 def test_pack_codes_grouped_layout():
     codes = (np.arange(3 * 5).reshape(3, 5) * 7) % 16
     p = pq.pack_codes_grouped(codes, 16)

@@ -77,6 +77,28 @@ def test_conv_with_stride_padding_dilation_and_bn_matches_emulator(lookup):
     assert np.linalg.norm(got - exact) < 0.8 * baseline
 
 
+def test_batched_conv_lookup_writes_nchw_without_a_transpose():
+    """At batch 3 an 8x8 map is 3 images of 64 rows: the grouped lookup writes (3, M, 64), NCHW, and the
+    model has no transpose after it; the output still matches the emulator bit for bit."""
+    from tir_schedules import shuffle
+    from tir_schedules.x86 import host_target
+
+    if shuffle.isa_for(host_target()) is not shuffle.ISAS[0]:
+        pytest.skip("host has no AVX-512 VBMI + VNNI (the grouped lookup writes the batched NCHW output)")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 24, 3, padding=1)).eval()
+    x = np.random.default_rng(2).standard_normal((12, 4, 8, 8)).astype(np.float32)
+    mod = tvm_lut.from_torch(model, torch.from_numpy(x[:3]))
+    p = relay.transform.LUTify(calibration=x, progress=False, lookup="shuffle")
+    lut = p(mod)
+    text = lut["main"].script(show_meta=False)
+    assert "lut_lookup_0" in text and "permute_dims" not in text
+    got = _run(lut, x[:3])
+    assert got.shape == (3, 24, 8, 8)
+    ref = p.pq_layers["0"].emulate(pq.im2col(x[:3], (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)))  # (3*64, 24)
+    _assert_matches_emulator(got, ref.reshape(3, 8, 8, 24).transpose(0, 3, 1, 2))
+
+
 def test_auto_lookup_small_conv_takes_shuffle_small_dense_takes_gather():
     """A 4x4 map at batch 1 (16 rows) is one encoder tile: the conv takes the shuffle lookup (its encoder
     encodes virtual rows over the padded width and drops the padding columns) and stays bit-exact; a

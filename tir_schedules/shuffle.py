@@ -21,8 +21,9 @@ the shuffle for the same ports). Each 16-bit word holds two rows: byte ``2i`` is
 summed in uint16 (255 * 256 < 2^16), then added to int32 with the bias ``128 * codebooks`` removed, then
 ``y = float(acc) * scale + bias`` (one fused multiply-add per output: the only multiply of the kernel).
 
-Output is ``y[M, N]`` (outputs-major: for a convolution at batch 1 that is already NCHW) or, with
-``rows_major``, ``y[N, M]`` (a dense layer's layout, stored from a small per-tile buffer).
+Output is ``y[M, N]`` (outputs-major: for a convolution at batch 1 that is already NCHW; the grouped
+kernel writes ``y[B, M, N/B]`` at batch B, see ``lookup``'s ``images``) or, with ``rows_major``,
+``y[N, M]`` (a dense layer's layout, stored from a small per-tile buffer).
 
 Numpy reference: ``tvm_lut.pq.pack_codes`` (the code layout) and ``tvm_lut.pq.accumulate`` (the sums).
 
@@ -213,7 +214,7 @@ def transposed4(vecs: list):
 
 
 def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str | None = None,
-           epilogue: bool = True, rows_major: bool = False) -> tirx.PrimFunc:
+           epilogue: bool = True, rows_major: bool = False, images: int = 1) -> tirx.PrimFunc:
     """The shuffle accumulate for ``n`` rows, ``c`` codebooks (K=16), ``m`` outputs: packed codes
     ``(ceil(n/lanes), pairs, lanes)`` uint8 and ``pack_tables`` -> ``y (m, n)`` float32.
 
@@ -227,9 +228,15 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
 
     ``intrinsic=PERMUTE_INTRINSIC`` builds the grouped kernel instead (module docstring): codes and tables
     in the grouped layouts (``packed_shape(..., grouped=True)``, ``pack_tables(..., grouped=True)``).
+
+    ``images=B`` (grouped kernel, outputs-major) writes ``y (B, m, n / B)`` instead of ``y (m, n)``: a
+    convolution's NCHW output at batch B, with no transpose after the kernel. The rows are ``B`` images of
+    ``n / B`` output pixels each, a multiple of 16 (a 16-row vector never spans two images).
     """
     if intrinsic == PERMUTE_INTRINSIC:
-        return _grouped_lookup(n, c, m, lanes, mb, epilogue, rows_major)
+        return _grouped_lookup(n, c, m, lanes, mb, epilogue, rows_major, images)
+    if images != 1:
+        raise ValueError(f"images={images}: only the grouped (vpermb) lookup writes a batched NCHW output")
     isa = next(i for i in ISAS if i.lanes == lanes and not i.grouped)  # the default for that width (x86)
     intrinsic = intrinsic or isa.intrinsic
     half = lanes // 2
@@ -336,7 +343,7 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
 
 
 def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
-                    rows_major: bool) -> tirx.PrimFunc:
+                    rows_major: bool, images: int = 1) -> tirx.PrimFunc:
     """The grouped (``vpermb`` + ``vpdpbusd``) kernel, same block structure and output as ``lookup``:
     codes ``packed_shape(n, c, lanes, grouped=True)``, tables ``pack_tables(..., grouped=True)``."""
     if lanes % 16 or not 16 <= lanes <= 64:
@@ -345,8 +352,19 @@ def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
     groups, nb = num_groups(c), num_row_blocks(n, lanes)
     mt = -(-m // mb)
     m_pad = mt * mb
-    y_shape = (n, m) if rows_major else (m, n)
+    if images != 1 and (rows_major or n % images or (n // images) % 16):
+        raise ValueError(f"grouped lookup: images={images} needs an outputs-major output and a multiple of 16 "
+                         f"rows per image, got {n} rows{' and rows_major' if rows_major else ''}")
+    hw = n // images  # output pixels per image
+    y_shape = (n, m) if rows_major else (m, n) if images == 1 else (images, m, hw)
+    y_all = tuple(slice(0, e) for e in y_shape)  # the whole output (each block writes a strided part)
     full_rows, full_tiles = n % lanes == 0, m % mb == 0
+
+    def y_at(o, row, width: int) -> list:
+        """Indices of output ``o`` for rows ``row .. row+width-1`` (one image) in the outputs-major ``y``."""
+        if images == 1:
+            return [o, row if width == 1 else tirx.Ramp(row, 1, width)]
+        return [row // hw, o, row % hw if width == 1 else tirx.Ramp(row % hw, 1, width)]
 
     def looked_up(packed, tables, vb, o, g, s):
         """64 lookups: rows ``16s..16s+15`` of the block x the 4 codebooks of group ``g``, for output ``o``."""
@@ -376,7 +394,7 @@ def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
                 vb, vot = T.axis.remap("SS", [b, ot])
                 T.reads(packed[vb, 0:groups, 0:GROUP * lanes], tables[vot * mb:vot * mb + mb, 0:groups, 0:64],
                         scale[0:m], bias[0:m])
-                T.writes(y[0:m, 0:n])
+                T.writes(y[y_all])
                 acc = T.sblock_alloc_buffer((mb, sub, 16), "int32", scope="local")
                 for i in T.unroll(mb):
                     for s in T.unroll(sub):
@@ -413,25 +431,27 @@ def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
                     if not rows_major and vot * mb + i < m:
                         for s in T.unroll(sub):
                             if full_rows or vb * lanes + lanes <= n:
-                                y[vot * mb + i, T.ramp(vb * lanes + s * 16, 1, 16)] = dequant(
-                                    T.Cast("float32x16", acc[i, s, T.ramp(0, 1, 16)]), scale, bias, vot * mb + i, 16)
+                                T.buffer_store(y, dequant(T.Cast("float32x16", acc[i, s, T.ramp(0, 1, 16)]), scale,
+                                                          bias, vot * mb + i, 16),
+                                               y_at(vot * mb + i, vb * lanes + s * 16, 16))
                             else:
                                 for r in range(16):
                                     if vb * lanes + s * 16 + r < n:
-                                        y[vot * mb + i, vb * lanes + s * 16 + r] = dequant(
-                                            T.Cast("float32", acc[i, s, r]), scale, bias, vot * mb + i, 1)
+                                        T.buffer_store(y, dequant(T.Cast("float32", acc[i, s, r]), scale, bias,
+                                                                  vot * mb + i, 1),
+                                                       y_at(vot * mb + i, vb * lanes + s * 16 + r, 1))
 
     return (_opaque(func, "shuffle_lookup").with_attr("estimated_flops", n * c * m + 2 * n * m)
             .with_attr("tvm_lut.shape", [n, c, m, lanes]).with_attr("tvm_lut.mb", mb)
             .with_attr("tvm_lut.intrinsic", PERMUTE_INTRINSIC).with_attr("tvm_lut.epilogue", int(epilogue))
-            .with_attr("tvm_lut.rows_major", int(rows_major)))
+            .with_attr("tvm_lut.rows_major", int(rows_major)).with_attr("tvm_lut.images", images))
 
 
 def retile(func: tirx.PrimFunc, mb: int) -> tirx.PrimFunc:
     """The same shuffle lookup built with another register tile ``mb`` (its tables pack to ``mb`` rows)."""
     n, c, m, lanes = (int(x) for x in func.attrs["tvm_lut.shape"])
     return lookup(n, c, m, lanes, mb, str(func.attrs["tvm_lut.intrinsic"]), bool(int(func.attrs["tvm_lut.epilogue"])),
-                  bool(int(func.attrs["tvm_lut.rows_major"])))
+                  bool(int(func.attrs["tvm_lut.rows_major"])), int(func.attrs.get("tvm_lut.images", 1)))
 
 
 def tile_of(func: tirx.PrimFunc) -> int:

@@ -237,3 +237,58 @@ def test_dynamic_batch_pt2_is_fixed_to_batch(tmp_path, small_cnn, small_inputs):
     manifest = json.load(open(os.path.join(out, "manifest.json")))
     assert manifest["inputs"][0]["shape"] == [8, 3, 8, 8]
     assert {l["name"]: l["method"] for l in manifest["layers"]}["fc1"] == "pq"
+
+
+def _foreign_x86_cpu() -> str | None:
+    """An x86 CPU with an instruction set this one lacks (AVX-512 on a Zen 3, AMX on a Zen 5), or None."""
+    from tvm_lut.targets import instruction_sets, missing_instruction_sets
+
+    for cpu in ("znver4", "sapphirerapids", "graniterapids", "diamondrapids"):
+        if missing_instruction_sets(instruction_sets(f"x86:{cpu}")):
+            return cpu
+    return None
+
+
+def test_build_for_another_x86_cpu_is_measured_here_and_refused_where_it_cannot_run(tmp_path, small_cnn, small_inputs):
+    """--target x86:CPU cross-compiles for a CPU this one is not: calibration and accuracy run on a host build
+    of the same tables, the manifest lists the instruction sets the code may use, and loading the artifact on
+    a CPU without one of them is an error naming them, not an illegal instruction in the middle of a run."""
+    from tvm_lut.targets import missing_instruction_sets
+
+    cpu = _foreign_x86_cpu()
+    if cpu is None:
+        pytest.skip("this CPU has every instruction set of znver4, sapphirerapids, graniterapids and diamondrapids")
+    model = _onnx_model(tmp_path, small_cnn, batch=4)
+    labels = np.argmax(small_cnn(torch.from_numpy(small_inputs)).detach().numpy(), 1)
+    calib = _calib(tmp_path, small_inputs, labels)
+    out = str(tmp_path / "out")
+    assert cli.main(["compile", model, "--calib", calib, "--target", f"x86:{cpu}", "-o", out, "-q"]) == 0
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    missing = missing_instruction_sets(manifest["instruction_sets"])
+    assert manifest["target_name"] == f"x86:{cpu}" and missing
+    assert manifest["report"]["accuracy"]["measured_on"].startswith("host build")
+    assert manifest["report"]["accuracy"]["agreement"] > 50
+    with pytest.raises(tvm_lut.errors.ArtifactError, match=f"lacks {missing[0]}.*illegal instruction"):
+        Model(out)
+    # the CLI in a fresh process: exit status 2 and the reason (without the check the process dies of SIGILL)
+    np.savez(tmp_path / "data.npz", image=small_inputs[:8])
+    pred = tmp_path / "pred.npz"
+    run = subprocess.run([sys.executable, "-c", "import sys; from tvm_lut.cli import main; sys.exit(main(sys.argv[1:]))",
+                          "run", out, "--input", str(tmp_path / "data.npz"), "--output", str(pred)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "illegal instruction" in run.stderr and not pred.exists(), run.stderr[-2000:]
+
+
+def test_host_build_lists_its_instruction_sets_and_unknown_cpus_are_refused(tmp_path, small_cnn, small_inputs, capsys):
+    from tvm_lut.targets import instruction_sets, missing_instruction_sets, resolve_target, runs_on_host
+
+    assert runs_on_host("x86") and not missing_instruction_sets(instruction_sets("x86"))
+    assert "avx512vbmi" in instruction_sets("x86:znver4") and "avx512f" not in instruction_sets("x86:x86-64-v3")
+    assert str(resolve_target("x86:x86-64-v3").attrs["mcpu"]) == "x86-64-v3"
+    with pytest.raises(tvm_lut.errors.TargetError, match="unknown x86 CPU 'znver99'"):
+        resolve_target("x86:znver99")
+    model = _onnx_model(tmp_path, small_cnn, batch=4)
+    calib = _calib(tmp_path, small_inputs)
+    out = tmp_path / "out"
+    assert cli.main(["compile", model, "--calib", calib, "--target", "x86:znver99", "-o", str(out), "-q"]) == 2
+    assert "unknown x86 CPU 'znver99'" in capsys.readouterr().err and not out.exists()

@@ -40,7 +40,8 @@ def _kill_when_recorded(db_dir: str, victim, out: dict, timeout_s: float = 240.0
 
 @pytest.mark.slow  # about 75 s with its three-server farm; the farm's tuning and status stay in the default suite
 def test_tuning_survives_a_killed_server_and_resumes(farm3, tmp_path):
-    func = shuffle.lookup(4096, 16, 256, 64, 4)  # 64 row blocks x 64 output tiles: a roomy space
+    lanes = shuffle.isa_for(TARGET, grouped=False).lanes  # 64 (128 on an AVX2-only host) row blocks x 64 tiles
+    func = shuffle.lookup(4096, 16, 256, lanes, 4)  # a roomy space
     db = str(tmp_path / "db")
     spec = tuning.Farm(farm3.address, "x86")
     assert spec.servers() == 3

@@ -32,7 +32,8 @@ def test_tuned_shuffle_kernel_is_bit_exact_and_reused_from_the_database(tmp_path
     n, c, m = 200, 9, 40
     if grouped and shuffle.isa_for(TARGET) is not shuffle.ISAS[0]:
         pytest.skip("host has no AVX-512 VBMI + VNNI (grouped vpermb lookup)")
-    func = shuffle.lookup(n, c, m, 64, 4, shuffle.PERMUTE_INTRINSIC if grouped else None)
+    lanes = 64 if grouped else shuffle.isa_for(TARGET, grouped=False).lanes  # 32 on an AVX2-only host
+    func = shuffle.lookup(n, c, m, lanes, 4, shuffle.PERMUTE_INTRINSIC if grouped else None)
     db = str(tmp_path / "db")
     tuning.tune_kernel(func, TARGET, db, trials=8)
     assert os.path.isfile(os.path.join(db, "database_tuning_record.json"))
@@ -45,13 +46,13 @@ def test_tuned_shuffle_kernel_is_bit_exact_and_reused_from_the_database(tmp_path
     tab = rng.integers(-127, 128, (c, 16, m)).astype(np.int8)
     scale, bias = rng.random(m).astype(np.float32), rng.standard_normal(m).astype(np.float32)
     ex = tvm.compile(tvm.IRModule({"main": tuned.with_attr("global_symbol", "main")}), TARGET)
-    packed = pq.pack_codes_grouped(codes, 64) if grouped else pq.pack_codes(codes, 64, shuffle.padded_pairs(c))
+    packed = pq.pack_codes_grouped(codes, 64) if grouped else pq.pack_codes(codes, lanes, shuffle.padded_pairs(c))
     args = [tvm.runtime.tensor(a) for a in (packed, shuffle.pack_tables(tab, 4, grouped), scale, bias,
                                             np.zeros((m, n), np.float32))]
     ex["main"](*args)
     np.testing.assert_array_equal(args[-1].numpy().T, pq.dequantize(pq.accumulate(codes, tab), scale, bias))
     # a kernel of another shape has no record: the hand schedule is used
-    assert tuning.apply_database(shuffle.lookup(n + 1, c, m, 64, 4, func.attrs["tvm_lut.intrinsic"]), TARGET, db) is None
+    assert tuning.apply_database(shuffle.lookup(n + 1, c, m, lanes, 4, func.attrs["tvm_lut.intrinsic"]), TARGET, db) is None
     # where the tuning run measured the hand schedule faster, the hand schedule is deployed
     tuning.record_comparison(func, TARGET, db, "lookup", hand_us=1.0, tuned_us=2.0)
     assert tuning.apply_database(func, TARGET, db) is None

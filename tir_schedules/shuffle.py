@@ -87,8 +87,12 @@ ISAS = (
 )
 
 
-def isa_for(target: tvm.target.Target) -> ShuffleISA | None:
-    """The widest byte shuffle ``target`` has, or None (then the gather accumulate is used)."""
+def isa_for(target: tvm.target.Target, grouped: bool = True) -> ShuffleISA | None:
+    """The widest byte shuffle ``target`` has, or None (then the gather accumulate is used).
+
+    ``grouped=False`` skips the grouped (``vpermb``) kernel: the widest nibble-code ``pshufb`` the target has,
+    e.g. to build ``lookup``'s default kernel for it (a 64-lane one needs AVX-512BW; LLVM aborts the process,
+    with no Python error, when asked to select an intrinsic the target lacks)."""
     if str(target.kind.name) != "llvm":
         return None
     if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
@@ -96,6 +100,8 @@ def isa_for(target: tvm.target.Target) -> ShuffleISA | None:
     from tvm.target import codegen
 
     for isa in ISAS[:-1]:
+        if isa.grouped and not grouped:
+            continue
         try:
             if all(codegen.target_has_features(f, target) for f in (isa.features or (isa.name,))):
                 return isa

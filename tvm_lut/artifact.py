@@ -131,6 +131,16 @@ class Model:
             raise ArtifactError(f"{path}: built for aarch64 (--target arm); this x86 process cannot load it. Run "
                                 f"it on an aarch64 TVM runtime, e.g. over RPC: 'tvm-lut run {path} --farm HOST:PORT "
                                 "--key arm64 ...' (see 'tvm-lut farm')")
+        from .targets import missing_instruction_sets
+
+        missing = missing_instruction_sets(self.manifest.get("instruction_sets", []))
+        if missing:
+            from tvm.target import codegen
+
+            raise ArtifactError(f"{path}: built for {target} ({self.manifest.get('target', '')}); this CPU "
+                                f"({codegen.llvm_get_system_cpu()}) lacks {', '.join(missing)}, so its code would "
+                                "stop with an illegal instruction. Recompile it here (--target x86), or for a CPU "
+                                "both machines are, e.g. --target x86:x86-64-v3 (any AVX2 CPU)")
         if target == "cam":
             from . import cam  # noqa: F401  (registers the simulator functions the .so calls by name)
         try:

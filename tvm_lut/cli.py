@@ -112,11 +112,12 @@ def cmd_tune(args) -> int:
         if farm.servers() < 1:
             raise OptionError(f"--farm {args.farm}: no server with key {args.key!r} is registered there")
     else:
-        from .targets import runs_on_host
+        from .targets import is_arm, runs_on_host
 
         if not runs_on_host(tgt):
+            key = "arm64" if is_arm(tgt) else "x86"
             raise OptionError(f"--target {args.target}: its code cannot run on this machine, so candidates cannot be "
-                              "measured here; tune on a farm of such devices (--farm HOST:PORT --key arm64)")
+                              f"measured here; tune on a farm of such devices (--farm HOST:PORT --key {key})")
     calib = _load_npz(args.calib, "calibration")
     mod = frontend.load_model(args.model, batch=args.batch, shape_dict=_parse_shapes(args.input_shape) or None)
     inputs = normalize_inputs({k: v for k, v in calib.items() if k != "labels"}, graph.input_signature(mod["main"]))
@@ -225,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="model file: .onnx or a torch.export.save'd .pt2")
     c.add_argument("--calib", required=True, help=".npz with one array per model input (+ optional 'labels')")
     c.add_argument("--target", default="x86",
-                   help="x86 (default, this host), arm (aarch64 + NEON, cross-compiled) or cam (PQ layers on the "
-                        "CAM simulator)")
+                   help="x86 (default, this host's CPU), x86:CPU for another x86-64 CPU (LLVM names: x86-64-v3 runs "
+                        "on any AVX2 CPU, znver4, icelake-server...), arm (aarch64 + NEON, cross-compiled) or cam "
+                        "(PQ layers on the CAM simulator)")
     c.add_argument("--cam-param", action="append", default=[], metavar="NAME=VALUE",
                    help="--target cam: override a simulated device parameter (e.g. arrays=32; see tvm_lut/cam.py)")
     c.add_argument("-o", "--out", required=True, help="output artifact directory")

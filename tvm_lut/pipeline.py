@@ -20,7 +20,7 @@ from .build import BatchRunner, compile_with_params, default_threads
 from .calibrate import compile_or_explain, normalize_inputs
 from .errors import CalibrationError
 from .frontend import OUTPUT_NAMES_ATTR
-from .targets import host_for, is_cam, name_of, resolve_target, runs_on_host
+from .targets import host_for, instruction_sets, is_cam, is_x86, name_of, resolve_target, runs_on_host
 
 log = logging.getLogger("tvm_lut")
 
@@ -185,6 +185,8 @@ def compile_and_measure(
         "source": source,
         "target": str(tgt),
         "target_name": name_of(tgt),
+        # what the code may execute: loading refuses a CPU without one of these (artifact.Model)
+        "instruction_sets": instruction_sets(tgt) if is_x86(tgt) else [],
         "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in signature],
         "outputs": outputs,
         "layers": layers,

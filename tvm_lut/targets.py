@@ -5,6 +5,9 @@ name      TVM target                                                  runs / exp
 ========  ==========================================================  =====================================
 ``x86``   this host's LLVM target (``mcpu`` from the host: cookbook    here; ``export_library`` with the
           P3), ``num-cores`` for MetaSchedule                          host compiler
+``x86:CPU`` another x86-64 CPU, e.g. ``x86:znver4`` (AVX-512) or       here only if this CPU has every
+          ``x86:x86-64-v3`` (any AVX2 CPU): LLVM's ``mcpu`` names       instruction set of ``CPU``; else
+                                                                      calibrated here, run there
 ``arm``   ``llvm -mtriple=aarch64-linux-gnu -mattr=+neon``: shuffle    on an aarch64 TVM runtime (over RPC:
           lookups use NEON ``tbl`` (16 rows per instruction)            ``tvm-lut farm``); exported with the
                                                                       aarch64 cross compiler
@@ -15,6 +18,11 @@ name      TVM target                                                  runs / exp
 
 A ``tvm.target.Target`` or a target dict is accepted wherever a name is. Calibration and accuracy runs
 always happen on the host (``host_for``): a cross target only changes what the final build is for.
+
+Code LLVM builds for an x86 ``mcpu`` may use every instruction set that CPU has (AVX-512 for ``znver4``,
+and the lookup kernel is chosen by them too). ``instruction_sets`` lists them; an artifact records the list and
+refuses to load on a CPU that lacks one (``missing_instruction_sets``), where it would otherwise stop the
+process with an illegal instruction.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import tvm
 
 from .errors import TargetError
 
-TARGETS = ("x86", "arm", "cam")
+TARGETS = ("x86", "x86:CPU", "arm", "cam")
 CAM_KEY = "cam"
 ARM_TRIPLE = "aarch64-linux-gnu"
 
@@ -45,8 +53,50 @@ def cam_target() -> tvm.target.Target:
     return tvm.target.Target({k: v for k, v in spec.items() if not k.startswith("feature.")})
 
 
+# LLVM x86 feature names that are instruction sets (code using one stops with SIGILL on a CPU without it);
+# llvm_get_cpu_features' other names ("fast-...", "macrofusion", "64bit") are tuning hints or always there
+_ISA_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "bmi", "amx", "gfni", "vaes", "vpclmulqdq", "vbmi",
+                 "sha", "aes", "pclmul", "popcnt", "lzcnt", "movbe", "adx")
+
+
+def x86_target(mcpu: str) -> tvm.target.Target:
+    """This host's target with another x86-64 CPU as ``mcpu`` (LLVM's names: ``znver4``, ``x86-64-v3``...)."""
+    from tvm.target import codegen
+
+    from tir_schedules.x86 import host_target
+
+    if not codegen.llvm_is_valid_cpu(mcpu, "x86_64-pc-linux-gnu"):
+        raise TargetError(f"unknown x86 CPU {mcpu!r} in --target x86:{mcpu}; give an LLVM CPU name such as "
+                          "x86-64-v3 (any AVX2 CPU), x86-64-v4 (AVX-512), znver3, znver4, icelake-server")
+    spec = {k: v for k, v in dict(host_target().export()).items() if k in ("kind", "num-cores")}
+    return tvm.target.Target({**spec, "mcpu": mcpu})
+
+
+def is_x86(target) -> bool:
+    """An LLVM target for x86-64 (this host's kind of machine, whatever its ``mcpu``)."""
+    tgt = resolve_target(target)
+    triple = str(tgt.attrs.get("mtriple", ""))
+    return str(tgt.kind.name) == "llvm" and (triple == "" or triple.startswith("x86_64"))
+
+
+def instruction_sets(target) -> list[str]:
+    """The x86 instruction-set extensions code built for ``target`` may use (its ``mcpu`` and ``mattr``)."""
+    from tvm.target import codegen
+
+    tgt = resolve_target(target)
+    return sorted(f for f in codegen.llvm_get_cpu_features(tgt) if f.startswith(_ISA_PREFIXES))
+
+
+def missing_instruction_sets(required) -> list[str]:
+    """Which of ``required`` (names from ``instruction_sets``) this machine's CPU lacks."""
+    from tir_schedules.x86 import host_target
+
+    have = set(instruction_sets(host_target()))
+    return sorted(set(required) - have)
+
+
 def resolve_target(target) -> tvm.target.Target:
-    """A target name (``x86``, ``arm``, ``cam``), a target dict, or a ``tvm.target.Target`` -> Target."""
+    """A target name (``x86``, ``x86:CPU``, ``arm``, ``cam``), a target dict, or a ``tvm.target.Target`` -> Target."""
     if isinstance(target, tvm.target.Target):
         return target
     if isinstance(target, dict):
@@ -58,6 +108,8 @@ def resolve_target(target) -> tvm.target.Target:
         from tir_schedules.x86 import host_target
 
         return host_target()
+    if isinstance(target, str) and target.startswith("x86:"):
+        return x86_target(target.split(":", 1)[1])
     if target in ("arm", "aarch64", "arm64"):
         return arm_target()
     if target == "cam":
@@ -75,12 +127,10 @@ def is_arm(target) -> bool:
 
 
 def runs_on_host(target) -> bool:
-    """Whether code built for ``target`` runs in this (x86-64) process."""
+    """Whether code built for ``target`` runs in this (x86-64) process: an x86 target whose instruction sets
+    this CPU has all of (``x86:znver4``'s AVX-512 code does not run on a Zen 3)."""
     tgt = resolve_target(target)
-    if str(tgt.kind.name) != "llvm":
-        return False
-    triple = str(tgt.attrs.get("mtriple", ""))
-    return triple == "" or triple.startswith("x86_64")
+    return is_x86(tgt) and not missing_instruction_sets(instruction_sets(tgt))
 
 
 def host_for(target) -> tvm.target.Target:
@@ -112,13 +162,17 @@ def export_library(executable, path: str, target) -> None:
 
 
 def name_of(target) -> str:
-    """The short name a manifest records: ``x86``, ``arm``, ``cam`` or the target's string."""
+    """The short name a manifest records: ``x86`` (this host's CPU), ``x86:CPU``, ``arm``, ``cam`` or the
+    target's string."""
     tgt = resolve_target(target)
     if is_cam(tgt):
         return "cam"
     if is_arm(tgt):
         return "arm"
-    if runs_on_host(tgt):
-        return "x86"
+    if is_x86(tgt):
+        from tvm.target import codegen
+
+        mcpu = str(tgt.attrs.get("mcpu", ""))
+        return "x86" if mcpu in ("", codegen.llvm_get_system_cpu()) else f"x86:{mcpu}"
     return str(tgt)
 

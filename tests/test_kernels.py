@@ -345,11 +345,16 @@ def test_packed_encoder_matches_reference(distance, shape, grouped):
     np.testing.assert_array_equal(got, pq.pack_codes_grouped(codes, lanes) if grouped else pq.pack_codes(codes, lanes))
 
 
-def _codebook_lanes(x, ec, eb, distance, n, c, v, lanes):
-    f = kernels.encode_codebook_lanes(n, c, ec.shape[1], v, distance, lanes)
+def _codebook_lanes(x, ec, eb, distance, n, c, v, lanes, pairs=None):
+    """The codebook-lane encoder's packed codes: grouped, or two per byte in ``pairs`` rows when given."""
+    grouped = pairs is None
+    f = kernels.encode_codebook_lanes(n, c, ec.shape[1], v, distance, lanes, grouped=grouped, pairs=pairs)
     assert x86.schedule(f).same_as(f)  # written vectorized: the hand schedule leaves it as it is
     cents, offsets = kernels.codebook_lane_operands(np.ascontiguousarray(ec.transpose(0, 2, 1)), eb)
-    return _run(f, x, cents, offsets, out_shape=shuffle.packed_shape(n, c, lanes, True), out_dtype="uint8")
+    ex = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), TARGET)
+    out = tvm.runtime.tensor(np.full(shuffle.packed_shape(n, c, lanes, grouped), 255, np.uint8))  # padding too
+    ex["main"](*[tvm.runtime.tensor(a) for a in (x, cents, offsets)], out)
+    return out.numpy()
 
 
 # C < 16 (tail block only), C = 37 (two full blocks + a tail ending mid-group), C = 48 (no tail), C = 83
@@ -364,6 +369,25 @@ def test_codebook_lane_encoder_matches_reference(distance, shape):
     ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), distance)
     np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, lanes),
                                   pq.pack_codes_grouped(pq.encode(x, ec, eb, distance), lanes))
+
+
+# the nibble layout of the pshufb/tbl lookups (AVX2 hosts' dense layers): an odd C (the last byte's high
+# nibble is code 0), C = 257 (two uint16 blocks: one padding pair written as code 0), partial row blocks
+@pytest.mark.parametrize("shape,distance", [((77, 37, 3, 32), "l2"), ((40, 83, 4, 32), "l1"),
+                                            ((33, 5, 4, 64), "cosine"), ((20, 257, 1, 16), "l2")])
+def test_codebook_lane_encoder_writes_nibble_codes(shape, distance):
+    n, c, v, lanes = shape
+    rng = np.random.default_rng(sum(shape) + 2)
+    x = rng.standard_normal((n, c * v)).astype(np.float32)
+    ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), distance)
+    pairs = shuffle.padded_pairs(c)
+    np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, lanes, pairs),
+                                  pq.pack_codes(pq.encode(x, ec, eb, distance), lanes, pairs))
+
+
+def test_codebook_lane_encoder_rejects_too_few_pairs():
+    with pytest.raises(ValueError, match="C=37 codebooks need >= 19 pairs"):
+        kernels.encode_codebook_lanes(64, 37, 16, 4, "l2", 32, grouped=False, pairs=18)
 
 
 def test_codebook_lane_encoder_rejects_more_than_16_centroids():

@@ -47,6 +47,47 @@ def test_dense_layer_matches_emulator_bit_exact(lookup):
 
 
 @pytest.mark.parametrize("lookup", LOOKUPS)
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_one_element_subvectors_compile_and_match_emulator(kind, lookup):
+    """V=1 (16 levels per input scalar): the encoder's unit subvector loop disappears when scheduled, which
+    broke its hand schedule (ScheduleError) for convs and gathered dense layers."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(4)
+    if kind == "dense":
+        model, x = nn.Sequential(nn.Linear(20, 40)).eval(), rng.standard_normal((64, 20)).astype(np.float32)
+    else:
+        model, x = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1)).eval(), rng.standard_normal((8, 3, 8, 8)).astype(np.float32)
+    mod = tvm_lut.from_torch(model, torch.from_numpy(x[:2]))
+    p = relay.transform.LUTify(calibration=x, progress=False, lookup=lookup, v=1)
+    lut = p(mod)
+    assert p.layers[0]["method"] == "pq" and p.layers[0]["v"] == 1 and p.layers[0]["kernel"].startswith(lookup)
+    rows = x[:2] if kind == "dense" else pq.im2col(x[:2], (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    ref = p.pq_layers["0"].emulate(rows)
+    if kind == "conv":
+        ref = ref.reshape(2, 8, 8, 24).transpose(0, 3, 1, 2)
+    _assert_matches_emulator(_run(lut, x[:2]), ref)
+
+
+def test_dense_layer_on_an_avx2_cpu_matches_emulator_bit_exact():
+    """For any AVX2 CPU (``x86:x86-64-v3``) a dense layer takes the 32-lane ``pshufb`` lookup and the
+    codebook-lane encoder writing codes two per byte: an odd C (the last byte's high nibble is padding) and
+    40 rows (a partial row block) still give the emulator's outputs bit for bit."""
+    from tvm_lut.targets import runs_on_host
+
+    if not runs_on_host("x86:x86-64-v3"):
+        pytest.skip("this CPU has no AVX2")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(36, 48)).eval()
+    x = np.random.default_rng(3).standard_normal((256, 36)).astype(np.float32)
+    mod = tvm_lut.from_torch(model, torch.from_numpy(x[:40]))
+    p = relay.transform.LUTify(calibration=x, progress=False, lookup="shuffle", target="x86:x86-64-v3")
+    lut = p(mod)
+    assert p.layers[0]["kernel"] == "shuffle-avx2" and p.layers[0]["c"] == 9
+    vm = tvm.relax.VirtualMachine(tvm_lut.build(lut, target="x86:x86-64-v3"), tvm.cpu())
+    _assert_matches_emulator(vm["main"](tvm.runtime.tensor(x[:40])).numpy(), p.pq_layers["0"].emulate(x[:40]))
+
+
+@pytest.mark.parametrize("lookup", LOOKUPS)
 def test_conv_with_stride_padding_dilation_and_bn_matches_emulator(lookup):
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(20)

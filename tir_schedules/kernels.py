@@ -7,7 +7,7 @@ kernel                       computes                      numpy reference
 ===========================  ============================  =============================================
 ``im2col``                   NCHW -> (rows, D_pad) patches ``pq.im2col`` + ``pq.pad_columns``
 ``encode``                   argmin_k (b_k -/+ dist terms) ``pq.encode`` (``l2``, ``cosine``, ``l1``)
-``encode_codebook_lanes``    the same, grouped packed      ``pq.encode`` + ``pq.pack_codes_grouped``
+``encode_codebook_lanes``    the same, packed, dense rows  ``pq.encode`` + ``pq.pack_codes(_grouped)``
 ``accumulate``               sum_c int8 T[c, code, m]      ``pq.accumulate``
 ``butterfly_factor``         grouped r x s matmuls         ``butterfly.apply_factor``
 ===========================  ============================  =============================================
@@ -387,9 +387,12 @@ def codebook_lane_operands(cents: np.ndarray, offsets: np.ndarray) -> tuple[np.n
             np.ascontiguousarray(op.reshape(blocks, lanes, k).transpose(0, 2, 1)))
 
 
-def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_lanes: int) -> tirx.PrimFunc:
+def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_lanes: int, grouped: bool = True,
+                          pairs: int | None = None) -> tirx.PrimFunc:
     """A dense layer's encoder with 16 codebooks of one row as the vector lanes, writing grouped packed
-    codes (``pq.pack_codes_grouped``, ``shuffle``'s ``vpermb`` kernel). Already vectorized (no schedule).
+    codes (``pq.pack_codes_grouped``, ``shuffle``'s ``vpermb`` kernel) or, with ``grouped=False``, codes
+    two per byte (``pq.pack_codes`` with ``pairs`` byte rows, default ceil(C/2): the ``pshufb``/``tbl``
+    kernels' layout; the padding pairs are written as code 0). Already vectorized (no schedule).
 
     ``encode`` puts 16 *rows* in the lanes, which on a row-major (n, C*V) input costs a strided gather
     per subvector element (16 loads each). Here one row's C*V floats are read contiguously: V vector
@@ -413,6 +416,11 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
     l1 = distance == "l1"
     d, blocks, full = c * v, -(-c // lanes), c // lanes
     groups, nb = -(-c // 4), -(-n // pack_lanes)
+    code_pairs = -(-c // 2)
+    pairs = code_pairs if pairs is None else pairs
+    if not grouped and (pairs < code_pairs or pack_lanes % 2):
+        raise ValueError(f"nibble codes of C={c} codebooks need >= {code_pairs} pairs and an even row block, "
+                         f"got pairs={pairs}, pack_lanes={pack_lanes}")
     vec, ivec = f"float32x{lanes}", f"int32x{lanes}"
 
     def deinterleave(raw: list) -> list:
@@ -448,10 +456,33 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         """Byte of codebook j within its group of 4 is ``16 * (j % 4) + code`` (its vpermb table index)."""
         return tirx.Cast(f"uint8x{lanes}", codes + tirx.Ramp(0, 1, lanes) % 4 * 16)
 
-    tail_groups = groups - full * 4
+    def nibble_bytes(codes):
+        """The 8 bytes of 16 codebooks' codes two per byte: codebook 2p low nibble, 2p+1 high."""
+        var = tirx.Var("codes", ivec)  # bound once: the argmin tree's Let chain is read by both shuffles
+        even, odd = (tirx.Shuffle([var], [tirx.const(2 * p + h, "int32") for p in range(lanes // 2)]) for h in (0, 1))
+        shift = tirx.Broadcast(tirx.const(4, "int32"), lanes // 2)
+        return tirx.Let(var, codes, tirx.Cast(f"uint8x{lanes // 2}", even | (odd << shift)))
+
+    # a block's 16 codes as bytes, and where they go: grouped, four 4-byte groups at the row's slot; nibbles,
+    # one byte in each of 8 pair rows, at byte 2r (first half of the row block) or 2(r - L/2) + 1 (second)
+    to_bytes, width = (grouped_bytes, lanes) if grouped else (nibble_bytes, lanes // 2)
+    zero_bytes = (grouped_bytes(tirx.Broadcast(tirx.const(0, "int32"), lanes)) if grouped
+                  else tirx.Broadcast(tirx.const(0, "uint8"), width))  # code 0 (rows past n)
+    half = pack_lanes // 2
+
+    def store_codes(packed, code, rb, rr, b, count: int) -> None:
+        """Store the ``count`` groups (grouped) or pairs (nibbles) of ``code`` for row ``rr`` of row block
+        ``rb``, codebook block ``b``."""
+        for q in range(count):
+            if grouped:
+                T.buffer_store(packed, code[T.Ramp(q * 4, 1, 4)], [rb, b * 4 + q, T.Ramp(rr * 4, 1, 4)])
+            else:
+                T.buffer_store(packed, code[q], [rb, b * 8 + q, rr % half * 2 + rr // half])
+
+    tail_count = groups - full * 4 if grouped else code_pairs - full * 8  # stored for the partial block
+    per_block = 4 if grouped else 8
     group = max(1, CENTROID_L1_BYTES // (v * k * lanes * 4))  # codebook blocks whose centroids share L1
     n_full, rem = full // group, full % group
-    zero_codes = T.Cast("uint8x4", T.Ramp(0, 16, 4))  # code 0 of the four codebooks of a group
 
     @T.macro
     def encode_span(x, cents, offsets, packed, code, xn, rb, g0, gs):
@@ -467,11 +498,9 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
             cur = snapshot(xn)
             nxt = T.min(it + 1, pack_lanes * gs - 1)
             carry(xn, row_block(x, T.min(rb * pack_lanes + nxt // gs, n - 1), g0 + nxt % gs))
-            code[T.Ramp(0, 1, lanes)] = T.Select(  # rows past n: code 0 (a branch here timed the same)
-                rb * pack_lanes + it // gs < n, grouped_bytes(codes_from(cur, cents, offsets, g0 + it % gs)),
-                grouped_bytes(tirx.Broadcast(tirx.const(0, "int32"), lanes)))
-            for q in T.unroll(4):
-                packed[rb, (g0 + it % gs) * 4 + q, T.Ramp(it // gs * 4, 1, 4)] = code[T.Ramp(q * 4, 1, 4)]
+            code[T.Ramp(0, 1, width)] = T.Select(  # rows past n: code 0 (a branch here timed the same)
+                rb * pack_lanes + it // gs < n, to_bytes(codes_from(cur, cents, offsets, g0 + it % gs)), zero_bytes)
+            store_codes(packed, code, rb, it // gs, g0 + it % gs, per_block)
 
     @T.macro
     def encode_tail(x, cents, offsets, packed, code, rb, rr):
@@ -479,21 +508,19 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         to the row: the codebooks past C have zero centroids, and their codes are not stored)."""
         if rb * pack_lanes + rr < n:
             last = tirx.Broadcast(tirx.const(d - 1, "int32"), lanes)
-            code[T.Ramp(0, 1, lanes)] = grouped_bytes(codes_from(deinterleave(
+            code[T.Ramp(0, 1, width)] = to_bytes(codes_from(deinterleave(
                 [x[rb * pack_lanes + rr, tirx.Min(tirx.Ramp(full * (lanes * v) + lanes * i, 1, lanes), last)]
                  for i in range(v)]), cents, offsets, full))
-            for q in T.unroll(tail_groups):
-                packed[rb, full * 4 + q, T.Ramp(rr * 4, 1, 4)] = code[T.Ramp(q * 4, 1, 4)]
         else:
-            for q in T.unroll(tail_groups):
-                packed[rb, full * 4 + q, T.Ramp(rr * 4, 1, 4)] = zero_codes
+            code[T.Ramp(0, 1, width)] = zero_bytes
+        store_codes(packed, code, rb, rr, full, tail_count)
 
     @T.prim_func(private=True)
     def func(
         x: T.Buffer((n, d), "float32"),
         cents: T.Buffer((blocks, v, k, lanes), "float32"),
         offsets: T.Buffer((blocks, k, lanes), "float32"),
-        packed: T.Buffer((nb, groups, 4 * pack_lanes), "uint8"),
+        packed: T.Buffer((nb, groups, 4 * pack_lanes) if grouped else (nb, pairs, pack_lanes), "uint8"),
     ):
         # scratch that LLVM keeps in registers (constant indices only): as memory, the threads would share it.
         # At the root because inside the parallel loop TVM makes a "local" buffer a heap workspace per
@@ -509,9 +536,12 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
                     encode_span(x, cents, offsets, packed, code, xn, rb, gb * group, group)
             if rem > 0:
                 encode_span(x, cents, offsets, packed, code, xn, rb, n_full * group, rem)
-            if tail_groups > 0:
+            if tail_count > 0:
                 for rr in T.serial(pack_lanes):
                     encode_tail(x, cents, offsets, packed, code, rb, rr)
+            if not grouped and pairs > code_pairs:  # the lookup's padding pairs: code 0
+                for p in T.serial(pairs - code_pairs):
+                    packed[rb, code_pairs + p, T.Ramp(0, 1, pack_lanes)] = T.Broadcast(T.uint8(0), pack_lanes)
 
     return _opaque(func, "encode").with_attr("tirx.is_scheduled", True)
 

@@ -74,11 +74,17 @@ def schedule_encode(func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.compute_at(score, c)
     sch.set_scope(score, 0, "local")
     sch.transform_layout(score, ("write", 0), lambda r, cb, q: (cb, q, r))
-    s_lane, s_k, s_v = sch.get_loops(score)[-3:]
-    sch.reorder(s_v, s_k, s_lane)
+    if int(sch.get(score).iter_vars[-1].dom.extent) == 1:  # V=1: compute_at dropped the unit subvector loop
+        s_lane, s_k = sch.get_loops(score)[-2:]
+        sch.reorder(s_k, s_lane)
+        reduce_at = s_k
+    else:
+        s_lane, s_k, s_v = sch.get_loops(score)[-3:]
+        sch.reorder(s_v, s_k, s_lane)
+        reduce_at = s_v
     sch.parallel(tile)  # before decompose_reduction: afterwards the loop no longer qualifies
     sch.vectorize(s_lane)
-    init = sch.decompose_reduction(score, s_v)
+    init = sch.decompose_reduction(score, reduce_at)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(lane)
     _inline_or_fuse_patch(sch, c)
@@ -108,8 +114,13 @@ def _inline_or_fuse_patch(sch: tvm.s_tir.Schedule, codebook_loop, row_lanes: boo
     if not row_lanes:  # one row per iteration (odd row counts): a V-long local patch
         return
     sch.transform_layout(patch, ("write", 0), lambda r, col: (col, r))
-    row, col = sch.get_loops(patch)[-2:]
-    sch.reorder(col, row)
+    loops = sch.get_loops(patch)
+    depth = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(sch.get(codebook_loop)))
+    if len(loops) - depth == 3:  # (row, column) under the codebook loop
+        row, col = loops[-2:]
+        sch.reorder(col, row)
+    else:  # V=1: compute_at dropped the unit column loop
+        row = loops[-1]
     sch.vectorize(row)
 
 

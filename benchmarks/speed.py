@@ -463,7 +463,7 @@ def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[d
                 # the arithmetic bound of exact-argmin PQ on this core: the encoder's N*D*K distance
                 # multiply-adds at the FMA peak plus N*C*M lookups at the lookup ceiling, with the argmin,
                 # loads and stores free. TVM's tuned dense is held to its measured time, not its floor.
-                fmas_per_ms = 16 * peak["fma_per_cycle"] * mhz * 1e3
+                fmas_per_ms = peak.get("vector_bits", 512) // 32 * peak["fma_per_cycle"] * mhz * 1e3
                 floor_ms = (r["N"] * r["D"] * r["K"] / fmas_per_ms
                             + lookups / (ceiling * mhz * 1e3))
                 r["tvm_tuned_fma_frac"] = r["N"] * r["D"] * r["M"] / fmas_per_ms / r["tvm_tuned_ms"]
@@ -515,7 +515,7 @@ def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[d
                  "lookups at the ceiling, argmin, loads and stores counted as free; 'of FMA peak' = the tuned "
                  "exact dense's N*D*M multiply-adds against that peak.\n" if peak else
                  f"Ceiling = lanes x {SHUFFLE_CEILING_PER_CYCLE} shuffle/cycle at the nominal clock (no C compiler "
-                 "or no AVX-512 VBMI here: lookup_peak.py could not measure the core).\n"))
+                 "or neither AVX-512 nor AVX2 here: lookup_peak.py could not measure the core).\n"))
     return {"machine": {"cpu_mhz": mhz, "platform": platform.platform(), "lookup_peak": peak}, "runs": runs,
             "build": {"kernel": [{k: v for k, v in e.items() if k in ("N", "D", "M", "kernels", "tvm_tuning_s")}
                                  for e in plan["kernel"]],

@@ -634,8 +634,7 @@ class _LookupRewriter(PyExprMutator):
         rows_major = layer.kind != "conv2d"  # a dense layer's (rows, M); a conv's (M, rows) is NCHW already
         lanes = shuffle.block_rows(isa, rows, m if rows_major else None)
         # the grouped kernel transposes 4 outputs at a time in registers; the nibble kernel stores from a tile
-        wide = rows_major and not isa.grouped
-        pairs, mb = shuffle.padded_pairs(c), shuffle.DEFAULT_TILE_ROWS_MAJOR if wide else shuffle.DEFAULT_TILE
+        pairs, mb = shuffle.padded_pairs(c), shuffle.tile_for(isa, rows_major)
         cents, offsets = q.encoder_operands()
         if layer.kind == "conv2d" and q.distance != "l1":
             cv = layer.conv

@@ -312,6 +312,14 @@ def test_grouped_lookup_rejects_rows_per_block_not_a_multiple_of_16():
             shuffle.lookup(100, 8, 16, lanes, 4, shuffle.PERMUTE_INTRINSIC)
 
 
+def test_register_tile_fits_the_isa_registers():
+    """8 outputs per rows-major tile (16 accumulators) only where there are 32 vector registers."""
+    avx512bw, avx2 = shuffle.ISAS[1], shuffle.ISAS[2]
+    assert [shuffle.tile_for(avx512bw, rm) for rm in (True, False)] == [8, 4]
+    assert [shuffle.tile_for(avx2, rm) for rm in (True, False)] == [4, 4]
+    assert shuffle.tile_for(shuffle.ISAS[0], True) == 4  # grouped: transposes 4 outputs in registers
+
+
 def test_block_rows_fits_small_layers():
     isa = shuffle.ISAS[0]
     assert [shuffle.block_rows(isa, r) for r in (1, 16, 17, 32, 33, 4096)] == [16, 16, 32, 32, 64, 64]

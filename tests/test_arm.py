@@ -22,8 +22,6 @@ from tvm_lut.errors import ArtifactError
 from tvm_lut.farm import Farm, run_remote
 from tvm_lut.targets import arm_target, host_for, runs_on_host
 
-pytestmark = pytest.mark.xdist_group("test_arm")  # one test process: its module fixtures are set up once
-
 
 def test_arm_target_uses_neon_tbl():
     tgt = arm_target()

@@ -15,8 +15,6 @@ from tvm_lut.errors import OptionError
 
 from .conftest import randomize_bn
 
-pytestmark = pytest.mark.xdist_group("test_ezcrop")  # one test process: its module fixtures are set up once
-
 
 def test_scores_rank_high_frequency_channels_first():
     n, h = 3, 8

@@ -18,9 +18,8 @@ from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
 
 from .conftest import mnist_dir
 
-pytestmark = [pytest.mark.skipif(not os.path.isdir(mnist_dir()),
-                                 reason="MNIST not found at ../shared/data/mnist (skipped)"),
-              pytest.mark.xdist_group("test_mnist_accuracy")]  # one test process: the MNIST model is trained once
+pytestmark = pytest.mark.skipif(not os.path.isdir(mnist_dir()),
+                                reason="MNIST not found at ../shared/data/mnist (skipped)")
 
 
 @pytest.fixture(scope="module")

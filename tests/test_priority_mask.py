@@ -15,8 +15,6 @@ from relay_passes import Budget, LUTify, PriorityMask
 from tvm_lut import models, pipeline
 from tvm_lut.errors import CalibrationError, OptionError
 
-pytestmark = pytest.mark.xdist_group("test_priority_mask")  # one test process: its module fixtures are set up once
-
 
 @pytest.fixture(scope="module")
 def lenet():

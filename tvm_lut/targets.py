@@ -55,8 +55,8 @@ def cam_target() -> tvm.target.Target:
 
 # LLVM x86 feature names that are instruction sets (code using one stops with SIGILL on a CPU without it);
 # llvm_get_cpu_features' other names ("fast-...", "macrofusion", "64bit") are tuning hints or always there
-_ISA_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "bmi", "amx", "gfni", "vaes", "vpclmulqdq", "vbmi",
-                 "sha", "aes", "pclmul", "popcnt", "lzcnt", "movbe", "adx")
+_ISA_PREFIXES = ("sse", "ssse3", "avx", "fma", "f16c", "bmi", "amx", "gfni", "vaes", "vpclmulqdq", "sha", "aes",
+                 "pclmul", "popcnt", "lzcnt", "movbe", "adx")
 
 
 def x86_target(mcpu: str) -> tvm.target.Target:

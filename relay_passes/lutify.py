@@ -672,8 +672,7 @@ class _LookupRewriter(PyExprMutator):
         y = bb.emit(relax.call_tir(look, [packed, relax.const(shuffle.pack_tables(q.tables, mb, isa.grouped)),
                                          relax.const(q.scale.astype(np.float32)),
                                          relax.const(bias.astype(np.float32))],
-                                   relax.TensorType((rows, m) if rows_major else (m, rows) if images == 1
-                                                    else (images, m, rows // images), "float32")))
+                                   relax.TensorType(shuffle.output_shape(rows, m, rows_major, images), "float32")))
         steps = []
         if layer.kind == "conv2d":
             n_, _, oh, ow = layer.output_shape

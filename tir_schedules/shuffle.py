@@ -122,6 +122,12 @@ def tile_for(isa: ShuffleISA, rows_major: bool) -> int:
     return DEFAULT_TILE_ROWS_MAJOR if wide else DEFAULT_TILE
 
 
+def output_shape(n: int, m: int, rows_major: bool = False, images: int = 1) -> tuple[int, ...]:
+    """The lookup's output ``y``: ``(n, m)`` rows-major, ``(m, n)`` outputs-major, or ``(images, m, n / images)``
+    (a batched convolution's NCHW output, grouped kernel)."""
+    return (n, m) if rows_major else (m, n) if images == 1 else (images, m, n // images)
+
+
 def padded_pairs(c: int) -> int:
     """Codebook pairs stored per row block: ceil(C/2), rounded up to whole uint16 blocks."""
     pairs = -(-c // 2)
@@ -267,7 +273,7 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
     bias_total = 128 * 2 * pairs
     full_rows = n % lanes == 0
     u16 = f"uint16x{half}"
-    y_shape = (n, m) if rows_major else (m, n)
+    y_shape = output_shape(n, m, rows_major)
     full_tiles = m % mb == 0
 
     def ramp(base, width):
@@ -374,7 +380,7 @@ def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
         raise ValueError(f"grouped lookup: images={images} needs an outputs-major output and a multiple of 16 "
                          f"rows per image, got {n} rows{' and rows_major' if rows_major else ''}")
     hw = n // images  # output pixels per image
-    y_shape = (n, m) if rows_major else (m, n) if images == 1 else (images, m, hw)
+    y_shape = output_shape(n, m, rows_major, images)
     y_all = tuple(slice(0, e) for e in y_shape)  # the whole output (each block writes a strided part)
     full_rows, full_tiles = n % lanes == 0, m % mb == 0
 

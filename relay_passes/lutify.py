@@ -653,10 +653,12 @@ class _LookupRewriter(PyExprMutator):
                                                                      grouped=isa.grouped, pairs=pairs))
             cents, offsets = kernels.codebook_lane_operands(cents, offsets)
         else:
-            enc = self._kernel(("encode-packed", rows, c, k, v, q.distance, lanes, isa.grouped, conv),
+            # with 16 vector registers (AVX2) the 16x16 score buffer spills: scores fused into the argmin
+            fused = isa.registers < 32
+            enc = self._kernel(("encode-packed", rows, c, k, v, q.distance, lanes, isa.grouped, conv, fused),
                                f"lut_encode_{tag}",
                                lambda: kernels.encode(rows, c, k, v, q.distance, pack_lanes=lanes, pairs=pairs,
-                                                      conv=conv, grouped=isa.grouped))
+                                                      conv=conv, grouped=isa.grouped, fused_scores=fused))
         packed = bb.emit(relax.call_tir(enc, [src, relax.const(cents), relax.const(offsets)],
                                         relax.TensorType(shuffle.packed_shape(rows, c, lanes, isa.grouped), "uint8")))
         # a conv at batch B > 1: the grouped kernel writes (B, M, OH*OW), i.e. NCHW, with no transpose after it

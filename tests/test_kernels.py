@@ -477,9 +477,40 @@ def test_encoder_fused_with_im2col_matches_reference(scheduled, conv):
     ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), "l2")
     rows = pq.pad_columns(pq.im2col(x, khw, st, pad, dil), c * v)
     codes = pq.encode(rows, ec, eb, "l2")
-    for grouped, lanes in ((False, 64), (True, 64), (True, 16)) if scheduled else ((False, 64),):
-        f = kernels.encode(spec.rows, c, 16, v, "l2", pack_lanes=lanes, conv=spec, grouped=grouped)
+    # fused: the scores computed inside the argmin (the 16-register ISAs' encoder)
+    cases = (((False, 64, False), (True, 64, False), (True, 16, False), (False, 32, True), (True, 16, True))
+             if scheduled else ((False, 64, False), (False, 32, True)))
+    for grouped, lanes, fused in cases:
+        f = kernels.encode(spec.rows, c, 16, v, "l2", pack_lanes=lanes, conv=spec, grouped=grouped,
+                           fused_scores=fused)
         f = x86.schedule(f) if scheduled else f
         got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
                    out_shape=shuffle.packed_shape(spec.rows, c, lanes, grouped), out_dtype="uint8")
-        np.testing.assert_array_equal(got, pq.pack_codes_grouped(codes, lanes) if grouped else pq.pack_codes(codes, 64))
+        np.testing.assert_array_equal(got, pq.pack_codes_grouped(codes, lanes) if grouped else pq.pack_codes(codes, lanes))
+
+
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+@pytest.mark.parametrize("k", [16, 11])
+def test_fused_score_encoder_on_ties_and_near_ties(distance, k):
+    """The fused-score encoder (``encode(fused_scores=True)``: scores inside a depth-first argmin tree)
+    takes the lowest index on exact ties and agrees with the reference on near-ties, also for a K that is
+    not a power of two (an uneven tree)."""
+    n, c, v = 80, 20, 4
+    rng = np.random.default_rng(k)
+    cents = rng.standard_normal((c, k, v)).astype(np.float32)
+    dup = [(0, 1), (3, k - 1), (0, k - 2), (7, 8)] * 5
+    for cb, (i, j) in enumerate(dup):
+        cents[cb, j] = cents[cb, i]
+    a, b = rng.integers(0, k, (n, c)), rng.integers(0, k, (n, c))
+    mid = (cents[np.arange(c), a] + cents[np.arange(c), b]) * np.float32(0.5)
+    x = (mid.reshape(n, c * v) + rng.standard_normal((n, c * v)).astype(np.float32) * np.float32(1e-6)).astype(np.float32)
+    x[::3] = np.concatenate([cents[cb, i] for cb, (i, _) in enumerate(dup)])  # on duplicated centroids: ties
+    ec, eb = pq.encoder_operands(cents, distance)
+    ref = pq.encode(x, ec, eb, distance)
+    assert (ref[::3] == [i for i, _ in dup]).all()
+    f = x86.schedule(kernels.encode(n, c, k, v, distance, pack_lanes=32, fused_scores=True))
+    got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
+               out_shape=shuffle.packed_shape(n, c, 32), out_dtype="uint8")
+    np.testing.assert_array_equal(got, pq.pack_codes(ref, 32))
+    with pytest.raises(ValueError, match="fused_scores"):
+        kernels.encode(n, c, k, v, distance, fused_scores=True)

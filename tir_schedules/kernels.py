@@ -199,6 +199,32 @@ def _argmin_tree(values: list, indices: list, value_dtype: str, index_dtype: str
     return out
 
 
+def _argmin_postorder(values: list, indices: list, value_dtype: str, index_dtype: str) -> tvm.ir.PrimExpr:
+    """``_argmin_tree``'s result (the first minimum), with its Let bindings in depth-first order: each
+    value is bound just before the merge that reads it, so at most ``log2 K`` partial minima are live
+    at once instead of all K values (16 rows x 16 scores spill 16 AVX2 registers)."""
+    binds: list[tuple[tirx.Var, tvm.ir.PrimExpr]] = []
+
+    def bind(name: str, value, dtype: str) -> tirx.Var:
+        var = tirx.Var(name, dtype)
+        binds.append((var, value))
+        return var
+
+    def build(lo: int, hi: int):
+        if hi - lo == 1:
+            return bind(f"s{lo}", values[lo], value_dtype), indices[lo]
+        mid = lo + (hi - lo + 1) // 2
+        (va, ia), (vb, ib) = build(lo, mid), build(mid, hi)
+        later = vb < va
+        return (bind(f"m{lo}_{hi}", tirx.Select(later, vb, va), value_dtype),
+                bind(f"i{lo}_{hi}", tirx.Select(later, ib, ia), index_dtype))
+
+    out = build(0, len(values))[1]
+    for var, value in reversed(binds):
+        out = tirx.Let(var, value, out)
+    return out
+
+
 def argmin_tree(score: tirx.Buffer, i, j, k: int, first, stride: int) -> tvm.ir.PrimExpr:
     """``first + stride * argmin_q score[i, j, q]``, the first minimum (``_argmin_tree``); the schedule
     vectorizes it over rows."""
@@ -209,7 +235,7 @@ def argmin_tree(score: tirx.Buffer, i, j, k: int, first, stride: int) -> tvm.ir.
 
 def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None = None,
            pack_lanes: int | None = None, pairs: int | None = None, conv: ConvInput | None = None,
-           x_transposed: bool = False, grouped: bool = False) -> tirx.PrimFunc:
+           x_transposed: bool = False, grouped: bool = False, fused_scores: bool = False) -> tirx.PrimFunc:
     """codes[n, c] = argmin_k score[n, c, k], one kernel for the three distances.
 
     With ``row_stride=M`` the kernel writes, instead of the code, the offset of the selected table row
@@ -232,7 +258,15 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     ``cosine`` (unit centroids, zero offset); ``score = offset[c, k] + sum_v |x[n, cV+v] - p[c, k, v]|``
     for ``l1`` (zero offset; subtract, abs and add only: no multiplies). The distance is resolved when
     the kernel is built, so each variant compiles to its own straight-line code.
+
+    ``fused_scores`` (packed codes only) computes each score inside the argmin instead of in a score
+    buffer, the argmin's Let bindings in depth-first order (``_argmin_postorder``): a partial minimum is
+    formed as soon as its two scores exist. With 16 rows per vector the score buffer holds 16 x 16
+    floats, which on a 16-register ISA (AVX2: 32 ymm registers' worth) spill, a load and a store per
+    multiply-add. Same scores and tie rule: the codes are identical.
     """
+    if fused_scores and pack_lanes is None:
+        raise ValueError("fused_scores applies to the packed-code encoder (pack_lanes=...)")
     l1 = distance == "l1"
     stride = 1 if row_stride is None else int(row_stride)
     base = 0 if row_stride is None else k * stride  # offset of codebook c's first row is c * base
@@ -315,6 +349,13 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     groups = -(-c // 4)
     packed_shape = (nb, groups, 4 * lanes) if grouped else (nb, pairs, lanes)
 
+    def score_of(rows, cents, offsets, i, j, q):
+        """Score of centroid q of codebook j for row i, in the score block's operation order."""
+        acc = offsets[j, q]
+        for t in range(v):
+            acc = acc + T.fabs(rows[i, j * v + t] - cents[j, t, q]) if l1 else acc - rows[i, j * v + t] * cents[j, t, q]
+        return acc
+
     def code_at(codes, row, col):
         """Code of codebook ``col`` for row ``row`` (0 beyond the rows/codebooks)."""
         src = T.min(row, n - 1) if conv is None else conv.encoded_row(T.min(row, n - 1))
@@ -333,24 +374,32 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         offsets: T.Buffer((c, k), "float32"),
         packed: T.Buffer(packed_shape, "uint8"),
     ):
-        score = T.sblock_alloc_buffer((ne, c, k), "float32")
+        score = T.sblock_alloc_buffer((1, 1, 1) if fused_scores else (ne, c, k), "float32")
         rows = T.sblock_alloc_buffer((ne, c * v), "float32")
         xflat = T.sblock_alloc_buffer((flat,), "float32")
         input_rows(x, xflat, rows)
         codes = T.sblock_alloc_buffer((ne, c), "int32")
-        for i, j, q, t in T.grid(ne, c, k, v):
-            with T.sblock("score"):
-                vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
-                with T.init():
-                    score[vi, vj, vq] = offsets[vj, vq]
-                if l1:
-                    score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(rows[vi, vj * v + vt] - cents[vj, vt, vq])
-                else:
-                    score[vi, vj, vq] = score[vi, vj, vq] - rows[vi, vj * v + vt] * cents[vj, vt, vq]
-        for i, j in T.grid(ne, c):
-            with T.sblock("argmin"):
-                vi, vj = T.axis.remap("SS", [i, j])
-                codes[vi, vj] = argmin_tree(score, vi, vj, k, 0, 1)
+        if fused_scores:  # the scores inline into the argmin (``_argmin_postorder``): no score buffer
+            for i, j in T.grid(ne, c):
+                with T.sblock("argmin"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    codes[vi, vj] = _argmin_postorder(
+                        [score_of(rows, cents, offsets, vi, vj, q) for q in range(k)],
+                        [tirx.const(q, "int32") for q in range(k)], "float32", "int32")
+        else:
+            for i, j, q, t in T.grid(ne, c, k, v):
+                with T.sblock("score"):
+                    vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
+                    with T.init():
+                        score[vi, vj, vq] = offsets[vj, vq]
+                    if l1:
+                        score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(rows[vi, vj * v + vt] - cents[vj, vt, vq])
+                    else:
+                        score[vi, vj, vq] = score[vi, vj, vq] - rows[vi, vj * v + vt] * cents[vj, vt, vq]
+            for i, j in T.grid(ne, c):
+                with T.sblock("argmin"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    codes[vi, vj] = argmin_tree(score, vi, vj, k, 0, 1)
         if grouped:
             for b, g, j in T.grid(nb, groups, 4 * lanes):
                 with T.sblock("pack"):

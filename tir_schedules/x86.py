@@ -50,7 +50,7 @@ def schedule_accumulate(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def schedule_encode(func: tirx.PrimFunc) -> tirx.PrimFunc:
+def schedule_encode(func: tirx.PrimFunc, max_lanes: int = 16) -> tirx.PrimFunc:
     """Encoder: up to 16 rows share the vector lanes, so both the score update and the argmin are
     vector ops (a scalar argmin over K=16 cost 95% of the time before); tiles of rows run in parallel.
 
@@ -58,19 +58,28 @@ def schedule_encode(func: tirx.PrimFunc) -> tirx.PrimFunc:
     update walks the subvector elements with the rows as vector lanes, and the argmin is a tree of vector
     compare/selects (``kernels.argmin_tree``). A packed encoder keeps its codes (codebook, row), so each
     tile stores its 16 codes as one vector. Odd row counts fall back to vectorizing over K
-    (``_encode_k_vector``).
+    (``_encode_k_vector``). With the scores fused into the argmin (``kernels.encode(fused_scores=True)``)
+    there is no score block: the argmin alone is vectorized over the tile's rows. ``max_lanes`` caps the
+    rows per vector.
     """
     sch = tvm.s_tir.Schedule(func)
     arg = sch.get_sblock("argmin")
     n, c = sch.get_loops(arg)
-    lanes = _inner_factor(int(sch.get(n).extent), (16, 8, 4, 2))
+    lanes = _inner_factor(int(sch.get(n).extent), tuple(f for f in (16, 8, 4, 2) if f <= max_lanes))
     if lanes == 1:
         return _encode_k_vector(func)
-    score = sch.get_sblock("score")
     tile, lane = sch.split(n, [None, lanes])
     sch.reorder(tile, c, lane)
     if _has_block(sch, "pack"):  # internal codes: (codebook, row), so a tile's 16 codes store as one vector
         sch.transform_layout(arg, ("write", 0), lambda r, cb: (cb, r))
+    if not _has_block(sch, "score"):  # scores fused into the argmin (``kernels.encode(fused_scores=True)``)
+        sch.parallel(tile)
+        sch.vectorize(lane)
+        _inline_or_fuse_patch(sch, c)
+        _schedule_pad(sch)
+        _schedule_pack(sch)
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    score = sch.get_sblock("score")
     sch.compute_at(score, c)
     sch.set_scope(score, 0, "local")
     sch.transform_layout(score, ("write", 0), lambda r, cb, q: (cb, q, r))

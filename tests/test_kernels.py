@@ -1,6 +1,7 @@
 """TIR kernels, unscheduled and hand-scheduled for x86, against the numpy reference on random shapes."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -514,3 +515,9 @@ def test_fused_score_encoder_on_ties_and_near_ties(distance, k):
     np.testing.assert_array_equal(got, pq.pack_codes(ref, 32))
     with pytest.raises(ValueError, match="fused_scores"):
         kernels.encode(n, c, k, v, distance, fused_scores=True)
+    # rows per vector: 16 while a tile's V subvector elements fit 8 ymm registers, else 8
+    for sub, lanes in ((4, 16), (9, 8)):
+        f = kernels.encode(n, 4, k, sub, distance, pack_lanes=32, fused_scores=True)
+        assert int(f.attrs[kernels.ROW_LANES_ATTR]) == lanes
+        vectorized = set(re.findall(r"T\.vectorized\((\d+)\)", x86.schedule(f).script()))
+        assert vectorized == {str(lanes)}

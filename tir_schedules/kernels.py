@@ -26,6 +26,7 @@ from tvm import te, tirx
 from tvm.script import tirx as T
 
 KERNEL_ATTR = "tvm_lut.kernel"
+ROW_LANES_ATTR = "tvm_lut.max_row_lanes"  # an encoder's cap on rows per vector (``x86.schedule_encode``)
 
 
 def _opaque(func: tirx.PrimFunc, role: str) -> tirx.PrimFunc:
@@ -274,7 +275,9 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     buffer, the argmin's Let bindings in depth-first order (``_argmin_postorder``): a partial minimum is
     formed as soon as its two scores exist. With 16 rows per vector the score buffer holds 16 x 16
     floats, which on a 16-register ISA (AVX2: 32 ymm registers' worth) spill, a load and a store per
-    multiply-add. Same scores and tie rule: the codes are identical.
+    multiply-add. Same scores and tie rule: the codes are identical. The kernel caps the rows per vector
+    (``ROW_LANES_ATTR``) at 16 for V <= 4 and 8 above, so a tile's V subvector elements fit 8 ymm
+    registers (measured on a Zen 3, V=9: 8 rows 438 us against 16 rows 522 at 64 channels 32x32).
     """
     if fused_scores and pack_lanes is None:
         raise ValueError("fused_scores applies to the packed-code encoder (pack_lanes=...)")
@@ -292,6 +295,12 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     ne = conv.encoded_rows if conv is not None else n
     flat = conv.flat_size(c * v) if conv is not None else 1
 
+    # subvectors that straddle kernel taps (V=4 at 3x3): a column's channel and tap need divisions by the
+    # kernel size per codebook, so read the column offsets from a table; where V divides the taps or the
+    # taps divide V (V=9 or 3 at 3x3, 1x1 kernels) they fold to constants once the subvector loop unrolls
+    taps = conv.kernel_hw[0] * conv.kernel_hw[1] if conv is not None else 1
+    offset_table = conv is not None and taps % v != 0 and v % taps != 0
+
     def input_rows_macro():
         """The encoder's (ne, C*V) input rows: copied from x, or for a fused convolution read from the
         zero-padded copy ``xflat`` written first. One macro object per kernel: a macro expanded twice
@@ -299,11 +308,12 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
 
         @T.macro
         def input_rows(x, xflat, rows, col_offsets):
-            if conv is not None:
+            if offset_table:
                 for col in T.serial(c * v):
                     with T.sblock("col_offset"):
                         vcol = T.axis.remap("S", [col])
                         col_offsets[vcol] = conv.column_offset(vcol)
+            if conv is not None:
                 for z in T.serial(flat):
                     with T.sblock("pad_zero"):
                         vz = T.axis.remap("S", [z])
@@ -316,7 +326,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                 with T.sblock("patch"):
                     vi, vcol = T.axis.remap("SS", [i, col])
                     if conv is not None:
-                        rows[vi, vcol] = conv.flat_value(xflat, c * v, vi, vcol, col_offsets)
+                        rows[vi, vcol] = conv.flat_value(xflat, c * v, vi, vcol, col_offsets if offset_table else None)
                     elif x_transposed:
                         rows[vi, vcol] = x[vcol, vi]
                     else:
@@ -336,7 +346,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         score = T.sblock_alloc_buffer((n, c, k), "float32")
         rows = T.sblock_alloc_buffer((ne, c * v), "float32")
         xflat = T.sblock_alloc_buffer((flat,), "float32")
-        col_offsets = T.sblock_alloc_buffer((c * v if conv is not None else 1,), "int32")
+        col_offsets = T.sblock_alloc_buffer((c * v if offset_table else 1,), "int32")
         input_rows(x, xflat, rows, col_offsets)
         for i, j, q, t in T.grid(n, c, k, v):
             with T.sblock("score"):
@@ -354,6 +364,8 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
 
     def finish(f: tirx.PrimFunc) -> tirx.PrimFunc:
         f = _opaque(f, "encode")
+        if fused_scores:  # rows per vector such that a row tile's V subvector elements take <= 8 ymm registers
+            f = f.with_attr(ROW_LANES_ATTR, 16 if v <= 4 else 8)
         return f.with_attr("tvm_lut.fused_im2col", True) if conv is not None else f
 
     if pack_lanes is None:
@@ -393,7 +405,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         score = T.sblock_alloc_buffer((1, 1, 1) if fused_scores else (ne, c, k), "float32")
         rows = T.sblock_alloc_buffer((ne, c * v), "float32")
         xflat = T.sblock_alloc_buffer((flat,), "float32")
-        col_offsets = T.sblock_alloc_buffer((c * v if conv is not None else 1,), "int32")
+        col_offsets = T.sblock_alloc_buffer((c * v if offset_table else 1,), "int32")
         input_rows(x, xflat, rows, col_offsets)
         codes = T.sblock_alloc_buffer((ne, c), "int32")
         if fused_scores:  # the scores inline into the argmin (``_argmin_postorder``): no score buffer

@@ -13,7 +13,7 @@ import os
 import tvm
 from tvm import tirx
 
-from .kernels import KERNEL_ATTR
+from .kernels import KERNEL_ATTR, ROW_LANES_ATTR
 
 
 def host_target(num_cores: int | None = None) -> tvm.target.Target:
@@ -50,7 +50,7 @@ def schedule_accumulate(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def schedule_encode(func: tirx.PrimFunc, max_lanes: int = 16) -> tirx.PrimFunc:
+def schedule_encode(func: tirx.PrimFunc, max_lanes: int | None = None) -> tirx.PrimFunc:
     """Encoder: up to 16 rows share the vector lanes, so both the score update and the argmin are
     vector ops (a scalar argmin over K=16 cost 95% of the time before); tiles of rows run in parallel.
 
@@ -60,8 +60,10 @@ def schedule_encode(func: tirx.PrimFunc, max_lanes: int = 16) -> tirx.PrimFunc:
     tile stores its 16 codes as one vector. Odd row counts fall back to vectorizing over K
     (``_encode_k_vector``). With the scores fused into the argmin (``kernels.encode(fused_scores=True)``)
     there is no score block: the argmin alone is vectorized over the tile's rows. ``max_lanes`` caps the
-    rows per vector.
+    rows per vector (default: the kernel's ``kernels.ROW_LANES_ATTR``, else 16).
     """
+    if max_lanes is None:
+        max_lanes = int(func.attrs.get(ROW_LANES_ATTR, 16))
     sch = tvm.s_tir.Schedule(func)
     arg = sch.get_sblock("argmin")
     n, c = sch.get_loops(arg)

@@ -154,7 +154,8 @@ class ConvInput:
     def flat_value(self, xflat, columns: int, r, col, col_offsets=None):
         """Element (encoded row r, col) of the im2col matrix, read from the flat padded buffer; with
         ``col_offsets`` (a buffer of ``column_offset`` per column) the column's offset is read, not
-        computed: the divisions by the kernel size cost the encoder ~17 % (a conv at 3x3, AVX2)."""
+        computed: with V=4 at 3x3 the divisions by the kernel size cost the fused-score encoder ~18 % (Zen 3:
+        574 -> 470 us at 64 channels 32x32)."""
         hp, wp = self.padded_hw
         kh, kw = self.kernel_hw
         sh, sw = self.strides

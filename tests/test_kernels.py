@@ -440,14 +440,12 @@ def test_codebook_lane_encoder_on_two_threads():
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("distance", ["l2", "l1"])
-def test_codebook_lane_encoder_on_ties_and_near_ties(distance):
-    """Exact ties (duplicated centroids) take the lowest index; rows halfway between two centroids
-    (+1e-6) agree with the FMA-rounding reference, as for ``encode``."""
-    n, c, k, v = 512, 20, 16, 4
-    rng = np.random.default_rng(5)
+def _ties_and_near_ties(n: int, c: int, k: int, v: int, distance: str, dup: list, seed: int):
+    """Rows (n, C*V) halfway between two centroids (+1e-6), every third row on a centroid that codebook
+    ``cb`` duplicates (``dup[cb] = (i, j)``: centroid j = centroid i, an exact tie); the encoder operands and
+    the reference codes (ties resolved to the lowest index, checked)."""
+    rng = np.random.default_rng(seed)
     cents = rng.standard_normal((c, k, v)).astype(np.float32)
-    dup = [(0, 1), (3, 12), (0, 15), (7, 8)] * 5
     for cb, (i, j) in enumerate(dup):
         cents[cb, j] = cents[cb, i]
     a, b = rng.integers(0, k, (n, c)), rng.integers(0, k, (n, c))
@@ -457,6 +455,15 @@ def test_codebook_lane_encoder_on_ties_and_near_ties(distance):
     ec, eb = pq.encoder_operands(cents, distance)
     ref = pq.encode(x, ec, eb, distance)
     assert (ref[::3] == [i for i, _ in dup]).all()
+    return x, ec, eb, ref
+
+
+@pytest.mark.parametrize("distance", ["l2", "l1"])
+def test_codebook_lane_encoder_on_ties_and_near_ties(distance):
+    """Exact ties (duplicated centroids) take the lowest index; rows halfway between two centroids
+    (+1e-6) agree with the FMA-rounding reference, as for ``encode``."""
+    n, c, k, v = 512, 20, 16, 4
+    x, ec, eb, ref = _ties_and_near_ties(n, c, k, v, distance, [(0, 1), (3, 12), (0, 15), (7, 8)] * 5, seed=5)
     np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, 64), pq.pack_codes_grouped(ref, 64))
 
 
@@ -497,18 +504,7 @@ def test_fused_score_encoder_on_ties_and_near_ties(distance, k):
     takes the lowest index on exact ties and agrees with the reference on near-ties, also for a K that is
     not a power of two (an uneven tree)."""
     n, c, v = 80, 20, 4
-    rng = np.random.default_rng(k)
-    cents = rng.standard_normal((c, k, v)).astype(np.float32)
-    dup = [(0, 1), (3, k - 1), (0, k - 2), (7, 8)] * 5
-    for cb, (i, j) in enumerate(dup):
-        cents[cb, j] = cents[cb, i]
-    a, b = rng.integers(0, k, (n, c)), rng.integers(0, k, (n, c))
-    mid = (cents[np.arange(c), a] + cents[np.arange(c), b]) * np.float32(0.5)
-    x = (mid.reshape(n, c * v) + rng.standard_normal((n, c * v)).astype(np.float32) * np.float32(1e-6)).astype(np.float32)
-    x[::3] = np.concatenate([cents[cb, i] for cb, (i, _) in enumerate(dup)])  # on duplicated centroids: ties
-    ec, eb = pq.encoder_operands(cents, distance)
-    ref = pq.encode(x, ec, eb, distance)
-    assert (ref[::3] == [i for i, _ in dup]).all()
+    x, ec, eb, ref = _ties_and_near_ties(n, c, k, v, distance, [(0, 1), (3, k - 1), (0, k - 2), (7, 8)] * 5, seed=k)
     f = x86.schedule(kernels.encode(n, c, k, v, distance, pack_lanes=32, fused_scores=True))
     got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
                out_shape=shuffle.packed_shape(n, c, 32), out_dtype="uint8")

@@ -335,7 +335,25 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
 
         return input_rows
 
-    input_rows = input_rows_macro()
+    def score_macro():
+        """The score reduction over ``count`` rows, ``score[i, j, q] = offset[j, q] -/+ sum_t ...``, as a
+        block named "score" (one macro object per kernel, as ``input_rows_macro``)."""
+
+        @T.macro
+        def score_block(score, rows, cents, offsets, count):
+            for i, j, q, t in T.grid(count, c, k, v):
+                with T.sblock("score"):
+                    vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
+                    with T.init():
+                        score[vi, vj, vq] = offsets[vj, vq]
+                    if l1:
+                        score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(rows[vi, vj * v + vt] - cents[vj, vt, vq])
+                    else:
+                        score[vi, vj, vq] = score[vi, vj, vq] - rows[vi, vj * v + vt] * cents[vj, vt, vq]
+
+        return score_block
+
+    input_rows, score_block = input_rows_macro(), score_macro()
 
     @T.prim_func(private=True, s_tir=True)
     def func(
@@ -349,15 +367,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         xflat = T.sblock_alloc_buffer((flat,), "float32")
         col_offsets = T.sblock_alloc_buffer((c * v if offset_table else 1,), "int32")
         input_rows(x, xflat, rows, col_offsets)
-        for i, j, q, t in T.grid(n, c, k, v):
-            with T.sblock("score"):
-                vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
-                with T.init():
-                    score[vi, vj, vq] = offsets[vj, vq]
-                if l1:
-                    score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(rows[vi, vj * v + vt] - cents[vj, vt, vq])
-                else:
-                    score[vi, vj, vq] = score[vi, vj, vq] - rows[vi, vj * v + vt] * cents[vj, vt, vq]
+        score_block(score, rows, cents, offsets, n)
         for i, j in T.grid(n, c):
             with T.sblock("argmin"):
                 vi, vj = T.axis.remap("SS", [i, j])
@@ -394,7 +404,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         """Row of byte ``vj`` of nibble block ``vb``: the two halves of the block interleave."""
         return vb * lanes + (vj % 2) * half + vj // 2
 
-    input_rows = input_rows_macro()
+    input_rows, score_block = input_rows_macro(), score_macro()
 
     @T.prim_func(private=True, s_tir=True)
     def packed_func(
@@ -417,15 +427,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                         [score_of(rows, cents, offsets, vi, vj, q) for q in range(k)],
                         [tirx.const(q, "int32") for q in range(k)], "float32", "int32")
         else:
-            for i, j, q, t in T.grid(ne, c, k, v):
-                with T.sblock("score"):
-                    vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
-                    with T.init():
-                        score[vi, vj, vq] = offsets[vj, vq]
-                    if l1:
-                        score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(rows[vi, vj * v + vt] - cents[vj, vt, vq])
-                    else:
-                        score[vi, vj, vq] = score[vi, vj, vq] - rows[vi, vj * v + vt] * cents[vj, vt, vq]
+            score_block(score, rows, cents, offsets, ne)
             for i, j in T.grid(ne, c):
                 with T.sblock("argmin"):
                     vi, vj = T.axis.remap("SS", [i, j])

@@ -179,13 +179,19 @@ class ConvInput:
         return b * self.rows_per_image + (rem // ow) * self.padded_hw[1] + rem % ow
 
 
-def _argmin_tree(values: list, indices: list, value_dtype: str, index_dtype: str) -> tvm.ir.PrimExpr:
+def _argmin_tree(values: list, indices: list, value_dtype: str, index_dtype: str,
+                 depth_first: bool = False) -> tvm.ir.PrimExpr:
     """The index of the first minimum of ``values`` by a balanced tree of pairwise compares:
     ``ceil(log2 K)`` dependent steps instead of a K-long chain of min/compare (which bounded the encoder
     by latency, not throughput). Each pair keeps the earlier entry unless the later one is strictly
     smaller, so ties resolve to the lowest index exactly as a serial strict-``<`` scan does. Intermediate
     values are ``Let``-bound, so each value is computed once and no subtree is duplicated. Scalars or
-    vectors (one argmin per lane)."""
+    vectors (one argmin per lane).
+
+    The bindings go level by level (all K values first), or with ``depth_first`` each value just before
+    the merge that reads it, so at most ``log2 K`` partial minima are live at once instead of all K values
+    (for the fused-score encoder, whose values are the scores themselves: 16 rows x 16 scores spill 16
+    AVX2 registers). Both trees merge contiguous runs of entries, so both give the first minimum."""
     binds: list[tuple[tirx.Var, tvm.ir.PrimExpr]] = []
 
     def bind(name: str, value, dtype: str) -> tirx.Var:
@@ -193,46 +199,34 @@ def _argmin_tree(values: list, indices: list, value_dtype: str, index_dtype: str
         binds.append((var, value))
         return var
 
-    level = [(bind(f"s{q}", val, value_dtype), idx) for q, (val, idx) in enumerate(zip(values, indices))]
-    depth = 0
-    while len(level) > 1:
-        depth += 1
-        nxt = []
-        for a in range(0, len(level) - 1, 2):
-            (va, ia), (vb, ib) = level[a], level[a + 1]
-            later = vb < va  # not Let-bound: a bool vector Let trips TVM's analyzer; LLVM shares the compare
-            nxt.append((bind(f"m{depth}_{a}", tirx.Select(later, vb, va), value_dtype),
-                        bind(f"i{depth}_{a}", tirx.Select(later, ib, ia), index_dtype)))
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    out = level[0][1]
-    for var, value in reversed(binds):
-        out = tirx.Let(var, value, out)
-    return out
+    def leaf(q: int):
+        return bind(f"s{q}", values[q], value_dtype), indices[q]
 
+    def merge(first, second, name: str):
+        (va, ia), (vb, ib) = first, second
+        later = vb < va  # not Let-bound: a bool vector Let trips TVM's analyzer; LLVM shares the compare
+        return (bind(f"m{name}", tirx.Select(later, vb, va), value_dtype),
+                bind(f"i{name}", tirx.Select(later, ib, ia), index_dtype))
 
-def _argmin_postorder(values: list, indices: list, value_dtype: str, index_dtype: str) -> tvm.ir.PrimExpr:
-    """``_argmin_tree``'s result (the first minimum), with its Let bindings in depth-first order: each
-    value is bound just before the merge that reads it, so at most ``log2 K`` partial minima are live
-    at once instead of all K values (16 rows x 16 scores spill 16 AVX2 registers)."""
-    binds: list[tuple[tirx.Var, tvm.ir.PrimExpr]] = []
-
-    def bind(name: str, value, dtype: str) -> tirx.Var:
-        var = tirx.Var(name, dtype)
-        binds.append((var, value))
-        return var
-
-    def build(lo: int, hi: int):
+    def build(lo: int, hi: int):  # depth first: the entries lo .. hi-1
         if hi - lo == 1:
-            return bind(f"s{lo}", values[lo], value_dtype), indices[lo]
+            return leaf(lo)
         mid = lo + (hi - lo + 1) // 2
-        (va, ia), (vb, ib) = build(lo, mid), build(mid, hi)
-        later = vb < va
-        return (bind(f"m{lo}_{hi}", tirx.Select(later, vb, va), value_dtype),
-                bind(f"i{lo}_{hi}", tirx.Select(later, ib, ia), index_dtype))
+        return merge(build(lo, mid), build(mid, hi), f"{lo}_{hi}")
 
-    out = build(0, len(values))[1]
+    if depth_first:
+        root = build(0, len(values))
+    else:
+        level = [leaf(q) for q in range(len(values))]
+        depth = 0
+        while len(level) > 1:
+            depth += 1
+            nxt = [merge(level[a], level[a + 1], f"{depth}_{a}") for a in range(0, len(level) - 1, 2)]
+            if len(level) % 2:
+                nxt.append(level[-1])
+            level = nxt
+        root = level[0]
+    out = root[1]
     for var, value in reversed(binds):
         out = tirx.Let(var, value, out)
     return out
@@ -273,8 +267,8 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     the kernel is built, so each variant compiles to its own straight-line code.
 
     ``fused_scores`` (packed codes only) computes each score inside the argmin instead of in a score
-    buffer, the argmin's Let bindings in depth-first order (``_argmin_postorder``): a partial minimum is
-    formed as soon as its two scores exist. With 16 rows per vector the score buffer holds 16 x 16
+    buffer, the argmin's Let bindings in depth-first order (``_argmin_tree(depth_first=True)``): a partial
+    minimum is formed as soon as its two scores exist. With 16 rows per vector the score buffer holds 16 x 16
     floats, which on a 16-register ISA (AVX2: 32 ymm registers' worth) spill, a load and a store per
     multiply-add. Same scores and tie rule: the codes are identical. The kernel caps the rows per vector
     (``ROW_LANES_ATTR``) at 16 for V <= 4 and 8 above, so a tile's V subvector elements fit 8 ymm
@@ -419,13 +413,13 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         col_offsets = T.sblock_alloc_buffer((c * v if offset_table else 1,), "int32")
         input_rows(x, xflat, rows, col_offsets)
         codes = T.sblock_alloc_buffer((ne, c), "int32")
-        if fused_scores:  # the scores inline into the argmin (``_argmin_postorder``): no score buffer
+        if fused_scores:  # the scores inline into the argmin (a depth-first ``_argmin_tree``): no score buffer
             for i, j in T.grid(ne, c):
                 with T.sblock("argmin"):
                     vi, vj = T.axis.remap("SS", [i, j])
-                    codes[vi, vj] = _argmin_postorder(
+                    codes[vi, vj] = _argmin_tree(
                         [score_of(rows, cents, offsets, vi, vj, q) for q in range(k)],
-                        [tirx.const(q, "int32") for q in range(k)], "float32", "int32")
+                        [tirx.const(q, "int32") for q in range(k)], "float32", "int32", depth_first=True)
         else:
             score_block(score, rows, cents, offsets, ne)
             for i, j in T.grid(ne, c):

@@ -329,6 +329,10 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
 
         return input_rows
 
+    def score_step(acc, x, p):
+        """One subvector element's term of a score: ``acc + |x - p|`` (l1) or ``acc - x * p``."""
+        return acc + T.fabs(x - p) if l1 else acc - x * p
+
     def score_macro():
         """The score reduction over ``count`` rows, ``score[i, j, q] = offset[j, q] -/+ sum_t ...``, as a
         block named "score" (one macro object per kernel, as ``input_rows_macro``)."""
@@ -340,10 +344,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                     vi, vj, vq, vt = T.axis.remap("SSSR", [i, j, q, t])
                     with T.init():
                         score[vi, vj, vq] = offsets[vj, vq]
-                    if l1:
-                        score[vi, vj, vq] = score[vi, vj, vq] + T.fabs(rows[vi, vj * v + vt] - cents[vj, vt, vq])
-                    else:
-                        score[vi, vj, vq] = score[vi, vj, vq] - rows[vi, vj * v + vt] * cents[vj, vt, vq]
+                    score[vi, vj, vq] = score_step(score[vi, vj, vq], rows[vi, vj * v + vt], cents[vj, vt, vq])
 
         return score_block
 
@@ -386,7 +387,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
         """Score of centroid q of codebook j for row i, in the score block's operation order."""
         acc = offsets[j, q]
         for t in range(v):
-            acc = acc + T.fabs(rows[i, j * v + t] - cents[j, t, q]) if l1 else acc - rows[i, j * v + t] * cents[j, t, q]
+            acc = score_step(acc, rows[i, j * v + t], cents[j, t, q])
         return acc
 
     def code_at(codes, row, col):

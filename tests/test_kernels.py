@@ -467,6 +467,29 @@ def test_codebook_lane_encoder_on_ties_and_near_ties(distance):
     np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, 64), pq.pack_codes_grouped(ref, 64))
 
 
+def test_score_chains_bind_interleaved_and_depth_first():
+    """``ScoreChain`` values: ``interleave`` chains are bound step by step side by side (the fused-score
+    encoder's independent multiply-add chains), each group when its first entry is reached; the merges follow
+    depth first. A chain-after-chain binding (what the interleaving replaced) fails this test."""
+    step = lambda acc, t: acc + tvm.tirx.const(float(t), "float32")
+    chains = [kernels.ScoreChain(tvm.tirx.const(float(q), "float32"), step, 2) for q in range(6)]
+    expr = kernels._argmin_tree(chains, [tvm.tirx.const(q, "int32") for q in range(6)], "float32", "int32",
+                                depth_first=True, interleave=4)
+    names = []
+    while isinstance(expr, tvm.tirx.Let):
+        names.append(expr.var.name)
+        expr = expr.body
+    first = [f"s{q}_{t}" for t in range(3) for q in range(4)]
+    assert names[:12] == first
+    rest = [n for n in names[12:] if n.startswith("s")]
+    assert rest == [f"s{q}_{t}" for t in range(3) for q in (4, 5)]  # the last, short group of 2
+    # the second group is bound after the first group's merges, just before the merge that reads entry 4
+    assert names.index("s4_0") > names.index("m0_3")
+    assert names[-1].startswith("i") and names.count("m0_6") == 1
+    with pytest.raises(ValueError, match="depth first"):
+        kernels._argmin_tree(chains, [tvm.tirx.const(q, "int32") for q in range(6)], "float32", "int32")
+
+
 @pytest.mark.parametrize("scheduled", [False, True])
 @pytest.mark.parametrize("conv", [
     ((1, 16, 12, 12), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 9),

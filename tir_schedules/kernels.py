@@ -19,6 +19,7 @@ Kernels are tagged ``"op_pattern": 8`` (opaque: FuseOps leaves them alone; see c
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple
 
 import numpy as np
 import tvm
@@ -27,6 +28,10 @@ from tvm.script import tirx as T
 
 KERNEL_ATTR = "tvm_lut.kernel"
 ROW_LANES_ATTR = "tvm_lut.max_row_lanes"  # an encoder's cap on rows per vector (``x86.schedule_encode``)
+# scores the fused-score encoder accumulates side by side (``ScoreChain``): 4 independent multiply-add
+# chains in program order. Measured on a Zen 3 (V=9, one thread): 1 -> 4 took 64 channels 32x32 from
+# 438 to 368 us; 8 measured the same as 4 (its 8 accumulators and 9 subvector elements exceed 16 ymm)
+FUSED_SCORE_CHAINS = 4
 
 
 def _opaque(func: tirx.PrimFunc, role: str) -> tirx.PrimFunc:
@@ -179,8 +184,16 @@ class ConvInput:
         return b * self.rows_per_image + (rem // ow) * self.padded_hw[1] + rem % ow
 
 
+class ScoreChain(NamedTuple):
+    """A score as the accumulation it is: ``acc = init``, then ``acc = step(acc, t)`` for t < ``length``.
+    ``_argmin_tree`` binds each step, so that several chains can be interleaved step by step."""
+    init: tvm.ir.PrimExpr
+    step: Callable[[tvm.ir.PrimExpr, int], tvm.ir.PrimExpr]
+    length: int
+
+
 def _argmin_tree(values: list, indices: list, value_dtype: str, index_dtype: str,
-                 depth_first: bool = False) -> tvm.ir.PrimExpr:
+                 depth_first: bool = False, interleave: int = 1) -> tvm.ir.PrimExpr:
     """The index of the first minimum of ``values`` by a balanced tree of pairwise compares:
     ``ceil(log2 K)`` dependent steps instead of a K-long chain of min/compare (which bounded the encoder
     by latency, not throughput). Each pair keeps the earlier entry unless the later one is strictly
@@ -191,7 +204,14 @@ def _argmin_tree(values: list, indices: list, value_dtype: str, index_dtype: str
     The bindings go level by level (all K values first), or with ``depth_first`` each value just before
     the merge that reads it, so at most ``log2 K`` partial minima are live at once instead of all K values
     (for the fused-score encoder, whose values are the scores themselves: 16 rows x 16 scores spill 16
-    AVX2 registers). Both trees merge contiguous runs of entries, so both give the first minimum."""
+    AVX2 registers). Both trees merge contiguous runs of entries, so both give the first minimum.
+
+    Values may be ``ScoreChain``s (depth first): then the chains of ``interleave`` consecutive entries
+    are bound together, step by step (step t of each, then step t+1), when the first of them is reached.
+    A score's steps depend on each other (V multiply-adds, each waiting on the last), the interleaved
+    chains do not: written one chain after another, the out-of-order core's scheduler fills with
+    multiply-adds that wait on their predecessor, and the FMA ports idle. Each step is the same
+    operation as before, so the scores, and the codes, are unchanged."""
     binds: list[tuple[tirx.Var, tvm.ir.PrimExpr]] = []
 
     def bind(name: str, value, dtype: str) -> tirx.Var:
@@ -199,8 +219,20 @@ def _argmin_tree(values: list, indices: list, value_dtype: str, index_dtype: str
         binds.append((var, value))
         return var
 
+    chained: dict[int, tirx.Var] = {}  # ScoreChain entries bound so far: their final accumulator
+
     def leaf(q: int):
-        return bind(f"s{q}", values[q], value_dtype), indices[q]
+        if not isinstance(values[q], ScoreChain):
+            return bind(f"s{q}", values[q], value_dtype), indices[q]
+        if q not in chained:
+            run = [p for p in range(q, min(q + interleave, len(values)))]
+            acc = {p: bind(f"s{p}_0", values[p].init, value_dtype) for p in run}
+            for t in range(max(values[p].length for p in run)):
+                for p in run:
+                    if t < values[p].length:
+                        acc[p] = bind(f"s{p}_{t + 1}", values[p].step(acc[p], t), value_dtype)
+            chained.update(acc)
+        return chained[q], indices[q]
 
     def merge(first, second, name: str):
         (va, ia), (vb, ib) = first, second
@@ -214,6 +246,8 @@ def _argmin_tree(values: list, indices: list, value_dtype: str, index_dtype: str
         mid = lo + (hi - lo + 1) // 2
         return merge(build(lo, mid), build(mid, hi), f"{lo}_{hi}")
 
+    if any(isinstance(value, ScoreChain) for value in values) and not depth_first:
+        raise ValueError("ScoreChain values are bound depth first (depth_first=True)")
     if depth_first:
         root = build(0, len(values))
     else:
@@ -268,7 +302,8 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
 
     ``fused_scores`` (packed codes only) computes each score inside the argmin instead of in a score
     buffer, the argmin's Let bindings in depth-first order (``_argmin_tree(depth_first=True)``): a partial
-    minimum is formed as soon as its two scores exist. With 16 rows per vector the score buffer holds 16 x 16
+    minimum is formed as soon as its two scores exist, and ``FUSED_SCORE_CHAINS`` scores at a time
+    accumulate side by side (``ScoreChain``). With 16 rows per vector the score buffer holds 16 x 16
     floats, which on a 16-register ISA (AVX2: 32 ymm registers' worth) spill, a load and a store per
     multiply-add. Same scores and tie rule: the codes are identical. The kernel caps the rows per vector
     (``ROW_LANES_ATTR``) at 16 for V <= 4 and 8 above, so a tile's V subvector elements fit 8 ymm
@@ -383,12 +418,9 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     groups = -(-c // 4)
     packed_shape = (nb, groups, 4 * lanes) if grouped else (nb, pairs, lanes)
 
-    def score_of(rows, cents, offsets, i, j, q):
+    def score_chain(rows, cents, offsets, i, j, q) -> ScoreChain:
         """Score of centroid q of codebook j for row i, in the score block's operation order."""
-        acc = offsets[j, q]
-        for t in range(v):
-            acc = score_step(acc, rows[i, j * v + t], cents[j, t, q])
-        return acc
+        return ScoreChain(offsets[j, q], lambda acc, t: score_step(acc, rows[i, j * v + t], cents[j, t, q]), v)
 
     def code_at(codes, row, col):
         """Code of codebook ``col`` for row ``row`` (0 beyond the rows/codebooks)."""
@@ -419,8 +451,9 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                 with T.sblock("argmin"):
                     vi, vj = T.axis.remap("SS", [i, j])
                     codes[vi, vj] = _argmin_tree(
-                        [score_of(rows, cents, offsets, vi, vj, q) for q in range(k)],
-                        [tirx.const(q, "int32") for q in range(k)], "float32", "int32", depth_first=True)
+                        [score_chain(rows, cents, offsets, vi, vj, q) for q in range(k)],
+                        [tirx.const(q, "int32") for q in range(k)], "float32", "int32", depth_first=True,
+                        interleave=FUSED_SCORE_CHAINS)
         else:
             score_block(score, rows, cents, offsets, ne)
             for i, j in T.grid(ne, c):

@@ -647,11 +647,15 @@ class _LookupRewriter(PyExprMutator):
         if conv is None and isa.name != "neon":  # a dense row-major input: 16 codebooks of a row per vector
             # (the row-lanes encoder gathers 16 rows per subvector element; on a Zen 3 (AVX2) this one encoded
             # D=256 1.4-2.4x faster. AArch64 keeps the row-lanes encoder, the one checked under emulation there)
-            enc = self._kernel(("encode-codebook-lanes", rows, c, k, v, q.distance, lanes, isa.grouped, pairs),
+            # with 16 vector registers (AVX2): 8 codebooks per step (one ymm per score), float argmin indices
+            narrow = isa.registers < 32
+            cl = kernels.CODEBOOK_LANES_16_REGISTERS if narrow else kernels.CODEBOOK_LANES
+            enc = self._kernel(("encode-codebook-lanes", rows, c, k, v, q.distance, lanes, isa.grouped, pairs, cl),
                                f"lut_encode_{tag}",
                                lambda: kernels.encode_codebook_lanes(rows, c, k, v, q.distance, lanes,
-                                                                     grouped=isa.grouped, pairs=pairs))
-            cents, offsets = kernels.codebook_lane_operands(cents, offsets)
+                                                                     grouped=isa.grouped, pairs=pairs,
+                                                                     codebook_lanes=cl, float_indices=narrow))
+            cents, offsets = kernels.codebook_lane_operands(cents, offsets, lanes=cl)
         else:
             # with 16 vector registers (AVX2) the 16x16 score buffer spills: scores fused into the argmin
             fused = isa.registers < 32

@@ -354,12 +354,14 @@ def test_packed_encoder_matches_reference(distance, shape, grouped):
     np.testing.assert_array_equal(got, pq.pack_codes_grouped(codes, lanes) if grouped else pq.pack_codes(codes, lanes))
 
 
-def _codebook_lanes(x, ec, eb, distance, n, c, v, lanes, pairs=None):
+def _codebook_lanes(x, ec, eb, distance, n, c, v, lanes, pairs=None, codebook_lanes=16, float_indices=False):
     """The codebook-lane encoder's packed codes: grouped, or two per byte in ``pairs`` rows when given."""
     grouped = pairs is None
-    f = kernels.encode_codebook_lanes(n, c, ec.shape[1], v, distance, lanes, grouped=grouped, pairs=pairs)
+    f = kernels.encode_codebook_lanes(n, c, ec.shape[1], v, distance, lanes, grouped=grouped, pairs=pairs,
+                                      codebook_lanes=codebook_lanes, float_indices=float_indices)
     assert x86.schedule(f).same_as(f)  # written vectorized: the hand schedule leaves it as it is
-    cents, offsets = kernels.codebook_lane_operands(np.ascontiguousarray(ec.transpose(0, 2, 1)), eb)
+    cents, offsets = kernels.codebook_lane_operands(np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
+                                                    lanes=codebook_lanes)
     ex = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), TARGET)
     out = tvm.runtime.tensor(np.full(shuffle.packed_shape(n, c, lanes, grouped), 255, np.uint8))  # padding too
     ex["main"](*[tvm.runtime.tensor(a) for a in (x, cents, offsets)], out)
@@ -381,16 +383,20 @@ def test_codebook_lane_encoder_matches_reference(distance, shape):
 
 
 # the nibble layout of the pshufb/tbl lookups (AVX2 hosts' dense layers): an odd C (the last byte's high
-# nibble is code 0), C = 257 (two uint16 blocks: one padding pair written as code 0), partial row blocks
+# nibble is code 0), C = 257 (two uint16 blocks: one padding pair written as code 0), partial row blocks;
+# 16 codebook lanes, and 8 with float argmin indices (what LUTify builds for 16-register ISAs: C = 37 and
+# 83 then end in a tail block of 5 and 3 codebooks)
+@pytest.mark.parametrize("codebook_lanes,float_indices", [(16, False), (8, True), (8, False)])
 @pytest.mark.parametrize("shape,distance", [((77, 37, 3, 32), "l2"), ((40, 83, 4, 32), "l1"),
                                             ((33, 5, 4, 64), "cosine"), ((20, 257, 1, 16), "l2")])
-def test_codebook_lane_encoder_writes_nibble_codes(shape, distance):
+def test_codebook_lane_encoder_writes_nibble_codes(shape, distance, codebook_lanes, float_indices):
     n, c, v, lanes = shape
     rng = np.random.default_rng(sum(shape) + 2)
     x = rng.standard_normal((n, c * v)).astype(np.float32)
     ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), distance)
     pairs = shuffle.padded_pairs(c)
-    np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, lanes, pairs),
+    np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, lanes, pairs, codebook_lanes,
+                                                  float_indices),
                                   pq.pack_codes(pq.encode(x, ec, eb, distance), lanes, pairs))
 
 
@@ -402,6 +408,8 @@ def test_codebook_lane_encoder_rejects_too_few_pairs():
 def test_codebook_lane_encoder_rejects_more_than_16_centroids():
     with pytest.raises(ValueError, match="packed codes need K <= 16, got K=32"):
         kernels.encode_codebook_lanes(64, 16, 32, 4, "l2", 16)
+    with pytest.raises(ValueError, match="codebook_lanes must be 8 or 16, got 4"):
+        kernels.encode_codebook_lanes(64, 16, 16, 4, "l2", 16, codebook_lanes=4)
 
 
 _TWO_THREADS = """
@@ -465,6 +473,10 @@ def test_codebook_lane_encoder_on_ties_and_near_ties(distance):
     n, c, k, v = 512, 20, 16, 4
     x, ec, eb, ref = _ties_and_near_ties(n, c, k, v, distance, [(0, 1), (3, 12), (0, 15), (7, 8)] * 5, seed=5)
     np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, 64), pq.pack_codes_grouped(ref, 64))
+    # the 16-register ISAs' variant: 8 codebook lanes, the argmin index carried as a float, nibble codes
+    pairs = shuffle.padded_pairs(c)
+    np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, 32, pairs, 8, True),
+                                  pq.pack_codes(ref, 32, pairs))
 
 
 def test_score_chains_bind_interleaved_and_depth_first():

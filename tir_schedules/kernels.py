@@ -478,16 +478,21 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
 
 
 CODEBOOK_LANES = 16  # codebooks scored side by side in one 512-bit float vector
+# on 16-register ISAs (AVX2): one 256-bit vector. With 16 lanes each score and subvector element took two
+# ymm registers (and spilled); measured on a Zen 3 with float indices (below), N=1024, V=4, one thread:
+# D=256 221 -> 206 us, D=576 579 -> 451, D=1152 1014 -> 920
+CODEBOOK_LANES_16_REGISTERS = 8
 CENTROID_L1_BYTES = 16 * 1024  # centroids kept in L1 while a block of rows is encoded (of 32-48 KB)
 
 
-def codebook_lane_operands(cents: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``encode``'s operands, centroids (C, V, K) and offsets (C, K), in ``encode_codebook_lanes``' layout:
-    (ceil(C/16), V, K, 16) and (ceil(C/16), K, 16), codebook innermost, so that the values of one
-    (subvector element, centroid) for 16 codebooks are one contiguous vector. Codebooks past C are zero
-    (their codes are never stored)."""
+def codebook_lane_operands(cents: np.ndarray, offsets: np.ndarray,
+                           lanes: int = CODEBOOK_LANES) -> tuple[np.ndarray, np.ndarray]:
+    """``encode``'s operands, centroids (C, V, K) and offsets (C, K), in ``encode_codebook_lanes``' layout
+    for ``lanes`` codebook lanes L: (ceil(C/L), V, K, L) and (ceil(C/L), K, L), codebook innermost, so that
+    the values of one (subvector element, centroid) for L codebooks are one contiguous vector. Codebooks
+    past C are zero (their codes are never stored)."""
     c, v, k = cents.shape
-    blocks, lanes = -(-c // CODEBOOK_LANES), CODEBOOK_LANES
+    blocks = -(-c // lanes)
     cp = np.zeros((blocks * lanes, v, k), np.float32)
     cp[:c] = cents
     op = np.zeros((blocks * lanes, k), np.float32)
@@ -497,7 +502,8 @@ def codebook_lane_operands(cents: np.ndarray, offsets: np.ndarray) -> tuple[np.n
 
 
 def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_lanes: int, grouped: bool = True,
-                          pairs: int | None = None) -> tirx.PrimFunc:
+                          pairs: int | None = None, codebook_lanes: int = CODEBOOK_LANES,
+                          float_indices: bool = False) -> tirx.PrimFunc:
     """A dense layer's encoder with 16 codebooks of one row as the vector lanes, writing grouped packed
     codes (``pq.pack_codes_grouped``, ``shuffle``'s ``vpermb`` kernel) or, with ``grouped=False``, codes
     two per byte (``pq.pack_codes`` with ``pairs`` byte rows, default ceil(C/2): the ``pshufb``/``tbl``
@@ -518,10 +524,18 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
 
     The full blocks are software-pipelined (``encode_span``): each step loads and deinterleaves the next
     step's subvectors while the current ones are scored.
+
+    For ISAs with 16 vector registers (AVX2): ``codebook_lanes=8`` scores 8 codebooks per step, one ymm
+    register per score (operands: ``codebook_lane_operands(..., lanes=8)``), and ``float_indices`` carries
+    the argmin's index as a float. With int32 indices that end up stored as bytes, LLVM narrowed each index
+    select to bytes and packed each compare mask down to them: three more shuffles per merge of the tree.
+    A float select stays one ``vblendvps``; the codes are the same (0..15 are exact floats).
     """
     if k > 16:
         raise ValueError(f"packed codes need K <= 16, got K={k}")
-    lanes = CODEBOOK_LANES
+    if codebook_lanes not in (8, 16):
+        raise ValueError(f"codebook_lanes must be 8 or 16, got {codebook_lanes}")
+    lanes = codebook_lanes
     l1 = distance == "l1"
     d, blocks, full = c * v, -(-c // lanes), c // lanes
     groups, nb = -(-c // 4), -(-n // pack_lanes)
@@ -533,7 +547,8 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
     vec, ivec = f"float32x{lanes}", f"int32x{lanes}"
 
     def deinterleave(raw: list) -> list:
-        """V vectors of one row's 16*V floats -> V vectors, vector t = element t of the 16 codebooks."""
+        """V vectors of one row's L*V floats (L codebook lanes) -> V vectors, vector t = element t of the L
+        codebooks."""
         return [tirx.Shuffle(raw, [tirx.const(q * v + t, "int32") for q in range(lanes)]) for t in range(v)]
 
     def row_block(x, r, b) -> list:
@@ -559,6 +574,9 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
                 p = cents[b, t, q, tirx.Ramp(0, 1, lanes)]
                 score = score + T.fabs(xs[t] - p) if l1 else score - xs[t] * p
             scores.append(score)
+        if float_indices:
+            return tirx.Cast(ivec, _argmin_tree(scores, [tirx.Broadcast(tirx.const(float(q), "float32"), lanes)
+                                                         for q in range(k)], vec, vec))
         return _argmin_tree(scores, [tirx.Broadcast(tirx.const(q, "int32"), lanes) for q in range(k)], vec, ivec)
 
     def grouped_bytes(codes):
@@ -566,7 +584,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         return tirx.Cast(f"uint8x{lanes}", codes + tirx.Ramp(0, 1, lanes) % 4 * 16)
 
     def nibble_bytes(codes):
-        """The 8 bytes of 16 codebooks' codes two per byte: codebook 2p low nibble, 2p+1 high."""
+        """The L/2 bytes of L codebooks' codes two per byte: codebook 2p low nibble, 2p+1 high."""
         var = tirx.Var("codes", ivec)  # bound once: the argmin tree's Let chain is read by both shuffles
         even, odd = (tirx.Shuffle([var], [tirx.const(2 * p + h, "int32") for p in range(lanes // 2)]) for h in (0, 1))
         shift = tirx.Broadcast(tirx.const(4, "int32"), lanes // 2)
@@ -584,12 +602,12 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         ``rb``, codebook block ``b``."""
         for q in range(count):
             if grouped:
-                T.buffer_store(packed, code[T.Ramp(q * 4, 1, 4)], [rb, b * 4 + q, T.Ramp(rr * 4, 1, 4)])
+                T.buffer_store(packed, code[T.Ramp(q * 4, 1, 4)], [rb, b * per_block + q, T.Ramp(rr * 4, 1, 4)])
             else:
-                T.buffer_store(packed, code[q], [rb, b * 8 + q, rr % half * 2 + rr // half])
+                T.buffer_store(packed, code[q], [rb, b * per_block + q, rr % half * 2 + rr // half])
 
-    tail_count = groups - full * 4 if grouped else code_pairs - full * 8  # stored for the partial block
-    per_block = 4 if grouped else 8
+    per_block = lanes // 4 if grouped else lanes // 2  # groups or pairs of a block's codes
+    tail_count = (groups if grouped else code_pairs) - full * per_block  # stored for the partial block
     group = max(1, CENTROID_L1_BYTES // (v * k * lanes * 4))  # codebook blocks whose centroids share L1
     n_full, rem = full // group, full % group
 

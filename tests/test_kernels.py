@@ -510,6 +510,8 @@ def test_score_chains_bind_interleaved_and_depth_first():
     # stride 1 encodes virtual rows over the padded width: batch 2, dilation, asymmetric padding, a
     # 16-row tile spanning output rows and images' boundaries, D=45 padded to 48 columns
     ((2, 5, 9, 7), (3, 3), (1, 1), (0, 1, 2, 1), (2, 1), 4),
+    # 4x4 maps at V=9: the fused encoder's 8-row tiles (24 virtual rows per image, 32 otherwise), batch 2
+    ((2, 4, 4, 4), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 9),
 ])
 def test_encoder_fused_with_im2col_matches_reference(scheduled, conv):
     shape, khw, st, pad, dil, v = conv
@@ -530,6 +532,17 @@ def test_encoder_fused_with_im2col_matches_reference(scheduled, conv):
         got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
                    out_shape=shuffle.packed_shape(spec.rows, c, lanes, grouped), out_dtype="uint8")
         np.testing.assert_array_equal(got, pq.pack_codes_grouped(codes, lanes) if grouped else pq.pack_codes(codes, lanes))
+
+
+def test_fused_encoder_rounds_virtual_rows_to_its_row_tile():
+    """Virtual rows per image round up to the encoder's rows per vector: a 4x4 map (22 virtual rows) encodes
+    24 rows per image in the fused encoder's 8-row tiles (V > 4), 32 in 16-row tiles."""
+    spec = kernels.ConvInput((2, 4, 4, 4), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    assert spec.rows_per_image == 32
+    for v, fused, per_image in ((9, True, 24), (4, True, 32), (9, False, 32)):
+        f = kernels.encode(spec.rows, -(-spec.d // v), 16, v, "l2", pack_lanes=32, conv=spec, fused_scores=fused)
+        rows = next(b for b in f.body.block.alloc_buffers if b.name == "rows")
+        assert int(rows.shape[0]) == 2 * per_image, (v, fused)
 
 
 @pytest.mark.parametrize("distance", ["l2", "l1"])

@@ -82,6 +82,7 @@ class ConvInput:
     padding: tuple[int, int, int, int]
     dilation: tuple[int, int]
     virtual: bool = True  # allow virtual rows (stride 1): the packed encoder; its unpacked twin encodes real rows
+    row_tile: int = 16  # virtual rows per image round up to this: the encoder's rows per vector
 
     @property
     def out_hw(self) -> tuple[int, int]:
@@ -120,12 +121,13 @@ class ConvInput:
 
     @property
     def rows_per_image(self) -> int:
-        """Encoded rows per image: with virtual rows up to the last real pixel, rounded up to 16
-        (whole vector tiles that never span two images); otherwise OH*OW."""
+        """Encoded rows per image: with virtual rows up to the last real pixel, rounded up to ``row_tile``
+        (whole vector tiles that never span two images); otherwise OH*OW. A 4x4 map (padded width 6) has
+        22 such rows: 32 in 16-row tiles, 24 in 8-row tiles."""
         oh, ow = self.out_hw
         if not self.virtual_rows:
             return oh * ow
-        return -(-((oh - 1) * self.padded_hw[1] + ow) // 16) * 16
+        return -(-((oh - 1) * self.padded_hw[1] + ow) // self.row_tile) * self.row_tile
 
     @property
     def encoded_rows(self) -> int:
@@ -321,6 +323,9 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     x_shape = conv.shape if conv is not None else ((c * v, n) if x_transposed else (n, c * v))
     if conv is not None and pack_lanes is None:
         conv = replace(conv, virtual=False)  # raw (n, C) codes: encode the real rows only
+    row_lanes = 16 if v <= 4 else 8  # the fused-score encoder's rows per vector (ROW_LANES_ATTR)
+    if conv is not None and fused_scores:
+        conv = replace(conv, row_tile=row_lanes)  # virtual rows in whole tiles of that many rows
     # rows the encoder scores: a fused convolution may encode more (virtual rows, ``ConvInput``)
     ne = conv.encoded_rows if conv is not None else n
     flat = conv.flat_size(c * v) if conv is not None else 1
@@ -406,7 +411,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     def finish(f: tirx.PrimFunc) -> tirx.PrimFunc:
         f = _opaque(f, "encode")
         if fused_scores:  # rows per vector such that a row tile's V subvector elements take <= 8 ymm registers
-            f = f.with_attr(ROW_LANES_ATTR, 16 if v <= 4 else 8)
+            f = f.with_attr(ROW_LANES_ATTR, row_lanes)
         return f.with_attr("tvm_lut.fused_im2col", True) if conv is not None else f
 
     if pack_lanes is None:

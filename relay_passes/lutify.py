@@ -644,7 +644,7 @@ class _LookupRewriter(PyExprMutator):
         else:
             conv, src = None, self._rows(plan, x, c * v)
         cents = np.ascontiguousarray(cents.transpose(0, 2, 1))
-        if conv is None and isa.name != "neon":  # a dense row-major input: 16 codebooks of a row per vector
+        if conv is None and isa.name != "neon":  # a dense row-major input: 16 (AVX2: 8) codebooks of a row per vector
             # (the row-lanes encoder gathers 16 rows per subvector element; on a Zen 3 (AVX2) this one encoded
             # D=256 1.4-2.4x faster. AArch64 keeps the row-lanes encoder, the one checked under emulation there)
             # with 16 vector registers (AVX2): 8 codebooks per step (one ymm per score), float argmin indices

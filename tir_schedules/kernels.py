@@ -227,7 +227,7 @@ def _argmin_tree(values: list, indices: list, value_dtype: str, index_dtype: str
         if not isinstance(values[q], ScoreChain):
             return bind(f"s{q}", values[q], value_dtype), indices[q]
         if q not in chained:
-            run = [p for p in range(q, min(q + interleave, len(values)))]
+            run = list(range(q, min(q + interleave, len(values))))
             acc = {p: bind(f"s{p}_0", values[p].init, value_dtype) for p in run}
             for t in range(max(values[p].length for p in run)):
                 for p in run:
@@ -579,10 +579,10 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
                 p = cents[b, t, q, tirx.Ramp(0, 1, lanes)]
                 score = score + T.fabs(xs[t] - p) if l1 else score - xs[t] * p
             scores.append(score)
-        if float_indices:
-            return tirx.Cast(ivec, _argmin_tree(scores, [tirx.Broadcast(tirx.const(float(q), "float32"), lanes)
-                                                         for q in range(k)], vec, vec))
-        return _argmin_tree(scores, [tirx.Broadcast(tirx.const(q, "int32"), lanes) for q in range(k)], vec, ivec)
+        index = "float32" if float_indices else "int32"
+        codes = _argmin_tree(scores, [tirx.Broadcast(tirx.const(q, index), lanes) for q in range(k)], vec,
+                             f"{index}x{lanes}")
+        return tirx.Cast(ivec, codes) if float_indices else codes
 
     def grouped_bytes(codes):
         """Byte of codebook j within its group of 4 is ``16 * (j % 4) + code`` (its vpermb table index)."""

@@ -634,15 +634,22 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
                 rb * pack_lanes + it // gs < n, to_bytes(codes_from(cur, cents, offsets, g0 + it % gs)), zero_bytes)
             store_codes(packed, code, rb, it // gs, g0 + it % gs, per_block)
 
+    tail_cols = d - full * lanes * v  # the partial block's columns of a row
+
     @T.macro
-    def encode_tail(x, cents, offsets, packed, code, rb, rr):
-        """Row ``rb * pack_lanes + rr``'s codes for the last, partial codebook block (column reads clamped
-        to the row: the codebooks past C have zero centroids, and their codes are not stored)."""
+    def encode_tail(x, cents, offsets, packed, code, xt, rb, rr):
+        """Row ``rb * pack_lanes + rr``'s codes for the last, partial codebook block: its columns are copied
+        into the row block's zero-padded slot of ``xt``, read back as whole vectors and deinterleaved once
+        (the codebooks past C have zero centroids, and their codes are not stored). Read from ``x`` by
+        gathers with clamped column indices, each score repeating them, this block took LLVM most of the
+        encoder's compile time (C=100 with 16 lanes: 10.7 s against 7.0 s now)."""
         if rb * pack_lanes + rr < n:
-            last = tirx.Broadcast(tirx.const(d - 1, "int32"), lanes)
-            code[T.Ramp(0, 1, width)] = to_bytes(codes_from(deinterleave(
-                [x[rb * pack_lanes + rr, tirx.Min(tirx.Ramp(full * (lanes * v) + lanes * i, 1, lanes), last)]
-                 for i in range(v)]), cents, offsets, full))
+            for j in T.serial(tail_cols):
+                xt[rb, j] = x[rb * pack_lanes + rr, full * (lanes * v) + j]
+            for j in T.serial(lanes * v - tail_cols):
+                xt[rb, tail_cols + j] = T.float32(0)
+            xs = [T.bind(e) for e in deinterleave([xt[rb, tirx.Ramp(lanes * i, 1, lanes)] for i in range(v)])]
+            code[T.Ramp(0, 1, width)] = to_bytes(codes_from(xs, cents, offsets, full))
         else:
             code[T.Ramp(0, 1, width)] = zero_bytes
         store_codes(packed, code, rb, rr, full, tail_count)
@@ -659,6 +666,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         # iteration, which measured slower (per-block slots: 105 us against 98 at D=256)
         code = T.alloc_buffer((lanes,), "uint8", scope="local")
         xn = T.alloc_buffer((v * lanes,), "float32", scope="local")
+        xt = T.alloc_buffer((nb, lanes * v) if tail_count > 0 else (1, 1), "float32")  # a slot per row block
         for rb in T.parallel(nb):
             # codebook blocks in groups whose centroids fit in L1 (CENTROID_L1_BYTES), each group over the
             # block's rows: a row's groups are contiguous reads of x, and a group's centroids stay in L1
@@ -670,7 +678,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
                 encode_span(x, cents, offsets, packed, code, xn, rb, n_full * group, rem)
             if tail_count > 0:
                 for rr in T.serial(pack_lanes):
-                    encode_tail(x, cents, offsets, packed, code, rb, rr)
+                    encode_tail(x, cents, offsets, packed, code, xt, rb, rr)
             if not grouped and pairs > code_pairs:  # the lookup's padding pairs: code 0
                 for p in T.serial(pairs - code_pairs):
                     packed[rb, code_pairs + p, T.Ramp(0, 1, pack_lanes)] = T.Broadcast(T.uint8(0), pack_lanes)

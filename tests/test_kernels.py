@@ -233,6 +233,23 @@ def test_shuffle_lookup_bit_exact(scheduled, shape, rows_major):
     np.testing.assert_array_equal(bare.T, pq.accumulate(codes, tab).astype(np.float32))
 
 
+@pytest.mark.parametrize("shape", [(77, 5, 12, 32, 4), (1000, 33, 248, 64, 8), (40, 3, 8, 16, 4)])
+def test_shuffle_lookup_rows_major_transposes_in_registers(shape):
+    """Rows-major output with whole tiles of 4: the 4x4 in-register transposes (``quad``), rows past n
+    skipped; bit-exact. 16-row blocks (SSSE3, NEON) keep the tile buffer."""
+    n, c, m, lanes, mb = shape
+    lanes = min(lanes, NIBBLE_LANES)
+    rng = np.random.default_rng(sum(shape))
+    codes = rng.integers(0, 16, (n, c)).astype(np.int32)
+    tab = rng.integers(-127, 128, (c, 16, m)).astype(np.int8)
+    scale, bias = rng.random(m).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+    f = x86.schedule(shuffle.lookup(n, c, m, lanes, mb, rows_major=True))
+    assert ("quad" in f.script()) == (lanes >= 32)
+    got = _run(f, pq.pack_codes(codes, lanes, shuffle.padded_pairs(c)), shuffle.pack_tables(tab, mb), scale, bias,
+               out_shape=(n, m), out_dtype="float32")
+    np.testing.assert_array_equal(got, pq.dequantize(pq.accumulate(codes, tab), scale, bias))
+
+
 GROUPED = shuffle.isa_for(TARGET) is shuffle.ISAS[0]
 needs_grouped = pytest.mark.skipif(not GROUPED, reason="host has no AVX-512 VBMI + VNNI (grouped vpermb lookup)")
 

@@ -293,6 +293,27 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
     def odd(v):
         return tirx.shift_right(v, tirx.Broadcast(tirx.const(8, "uint16"), half))
 
+    # rows-major output by 4x4 transposes in registers (``transposed4``), as the grouped kernel does, where
+    # the output tiles are whole multiples of 4 and a block's halves are whole 16-row vectors (32 or 64
+    # lanes); else through a (lanes, mb) tile buffer, element by element
+    transpose4 = rows_major and full_tiles and mb % 4 == 0 and half % 16 == 0
+
+    @T.macro
+    def store_transposed(y, sums, quad, scale, bias, vb, vot, row0):
+        """Rows ``row0 .. row0+half-1`` of the block (``sums``: sum_lo, the even bytes, or sum_hi) in 16-row
+        pieces: as the grouped kernel, ``quad[g, 16t + 4q + e]`` = output ``4g + e`` of the piece's row
+        ``4q + t``, then each row's ``mb`` outputs are ``mb/4`` pieces of 4 and one store."""
+        for s in T.unroll(half // 16):
+            for g in T.unroll(mb // 4):
+                quad[g, T.ramp(0, 1, 64)] = transposed4(
+                    [dequant(T.Cast("float32x16", sums[g * 4 + i, T.ramp(s * 16, 1, 16)]), scale, bias,
+                             vot * mb + g * 4 + i, 16) for i in range(4)])
+            for q in T.unroll(4):
+                for t in T.unroll(4):
+                    if full_rows or vb * lanes + row0 + s * 16 + q * 4 + t < n:
+                        y[vb * lanes + row0 + s * 16 + q * 4 + t, T.ramp(vot * mb, 1, mb)] = T.Shuffle(
+                            [quad[g, T.ramp(t * 16 + q * 4, 1, 4)] for g in range(mb // 4)], list(range(mb)))
+
     @T.prim_func(private=True, s_tir=True)
     def func(
         packed: T.Buffer((nb, pairs, lanes), "uint8"),
@@ -334,7 +355,11 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
                             - T.shift_left(acc_hi[i, T.ramp(0, 1, half)], T.Broadcast(T.uint16(8), half)))
                         sum_hi[i, T.ramp(0, 1, half)] = sum_hi[i, T.ramp(0, 1, half)] + T.Cast(
                             f"int32x{half}", acc_hi[i, T.ramp(0, 1, half)])
-                if rows_major:
+                if transpose4:
+                    quad = T.sblock_alloc_buffer((mb // 4, 64), "float32", scope="local")
+                    store_transposed(y, sum_lo, quad, scale, bias, vb, vot, 0)
+                    store_transposed(y, sum_hi, quad, scale, bias, vb, vot, half)
+                elif rows_major:
                     tile = T.sblock_alloc_buffer((lanes, mb), "float32", scope="local")
                     for i in T.unroll(mb):
                         for r in T.vectorized(half):

@@ -386,8 +386,8 @@ def _codebook_lanes(x, ec, eb, distance, n, c, v, lanes, pairs=None, codebook_la
 
 
 # C < 16 (tail block only), C = 37 (two full blocks + a tail ending mid-group), C = 48 (no tail), C = 83
-# (five full blocks: one L1 group of four and a partial one, then a tail); rows not a multiple of the
-# block (zero-coded padding rows)
+# (five full blocks and a tail: one L1 group of four, then a group of one full block and the tail, which
+# reads its zero-padded copy); rows not a multiple of the block (zero-coded padding rows)
 @pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
 @pytest.mark.parametrize("shape", [(33, 5, 4, 64), (77, 37, 3, 32), (100, 48, 4, 16), (40, 83, 4, 16)])
 def test_codebook_lane_encoder_matches_reference(distance, shape):

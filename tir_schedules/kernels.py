@@ -523,12 +523,15 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
     as four 4-byte groups. Scores are computed as in ``encode`` (same operation order), so the codes are
     the same: bit-exact against ``pq.encode``.
 
-    Codebooks past the last multiple of 16 run as one tail block whose column reads are clamped to the
-    row (their centroids are zero and their codes dropped); rows past ``n`` in the last block of
-    ``pack_lanes`` rows get code 0, as ``pq.pack_codes_grouped`` writes them.
+    Codebooks past the last whole block form a partial block: its columns are copied, zero-padded, into a
+    per-row-block slot and read from there (its padding codebooks' centroids are zero and their codes are
+    not stored); rows past ``n`` in the last block of ``pack_lanes`` rows get code 0, as
+    ``pq.pack_codes_grouped`` writes them.
 
-    The full blocks are software-pipelined (``encode_span``): each step loads and deinterleaves the next
-    step's subvectors while the current ones are scored.
+    All blocks, the partial one included, go through one software-pipelined loop (``encode_span``): each
+    step loads and deinterleaves the next step's subvectors while the current ones are scored. One loop,
+    not one per group size plus one for the partial block: each copy of the scores and argmin tree costs
+    LLVM seconds (C=100, 8 lanes: 8.8-13 s with three copies, 3.3-5 s with one).
 
     For ISAs with 16 vector registers (AVX2): ``codebook_lanes=8`` scores 8 codebooks per step, one ymm
     register per score (operands: ``codebook_lane_operands(..., lanes=8)``), and ``float_indices`` carries
@@ -556,9 +559,15 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         codebooks."""
         return [tirx.Shuffle(raw, [tirx.const(q * v + t, "int32") for q in range(lanes)]) for t in range(v)]
 
+    tail_cols = d - full * lanes * v  # the partial block's columns of a row (0: no partial block)
+
     def row_block(x, r, b) -> list:
-        """Row r's subvectors of codebook block b, deinterleaved."""
+        """Row r's subvectors of full codebook block b, deinterleaved."""
         return deinterleave([x[r, tirx.Ramp(b * (lanes * v) + lanes * i, 1, lanes)] for i in range(v)])
+
+    def tail_block(xt, rb, rr) -> list:
+        """Row ``rr`` of row block ``rb``'s subvectors of the partial block, from its zero-padded copy."""
+        return deinterleave([xt[rb, rr, tirx.Ramp(lanes * i, 1, lanes)] for i in range(v)])
 
     def carry(xn, xs: list) -> None:
         """Store V vectors into the carried scratch ``xn`` (one statement each, constant offsets: LLVM keeps
@@ -602,55 +611,62 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
                   else tirx.Broadcast(tirx.const(0, "uint8"), width))  # code 0 (rows past n)
     half = pack_lanes // 2
 
-    def store_codes(packed, code, rb, rr, b, count: int) -> None:
-        """Store the ``count`` groups (grouped) or pairs (nibbles) of ``code`` for row ``rr`` of row block
-        ``rb``, codebook block ``b``."""
-        for q in range(count):
-            if grouped:
-                T.buffer_store(packed, code[T.Ramp(q * 4, 1, 4)], [rb, b * per_block + q, T.Ramp(rr * 4, 1, 4)])
-            else:
-                T.buffer_store(packed, code[q], [rb, b * per_block + q, rr % half * 2 + rr // half])
+    code_rows = groups if grouped else code_pairs  # groups or pairs holding real codebooks
+
+    def store_codes(packed, code, rb, rr, b) -> None:
+        """Store the groups (grouped) or pairs (nibbles) of block ``b``'s ``code`` for row ``rr`` of row block
+        ``rb``; those of the partial block past the last codebook are not stored."""
+        for q in range(per_block):
+            if tail_cols == 0 or q < code_rows - full * per_block:  # statically in range
+                _store_code(packed, code, rb, rr, b, q)
+            else:  # the partial block's last rows: only while they hold real codebooks
+                with T.If(b * per_block + q < code_rows):
+                    with T.Then():
+                        _store_code(packed, code, rb, rr, b, q)
+
+    def _store_code(packed, code, rb, rr, b, q) -> None:
+        if grouped:
+            T.buffer_store(packed, code[T.Ramp(q * 4, 1, 4)], [rb, b * per_block + q, T.Ramp(rr * 4, 1, 4)])
+        else:
+            T.buffer_store(packed, code[q], [rb, b * per_block + q, rr % half * 2 + rr // half])
 
     per_block = lanes // 4 if grouped else lanes // 2  # groups or pairs of a block's codes
-    tail_count = (groups if grouped else code_pairs) - full * per_block  # stored for the partial block
     group = max(1, CENTROID_L1_BYTES // (v * k * lanes * 4))  # codebook blocks whose centroids share L1
-    n_full, rem = full // group, full % group
+    n_groups = -(-blocks // group)
 
     @T.macro
-    def encode_span(x, cents, offsets, packed, code, xn, rb, g0, gs):
-        """The rows of row block ``rb`` for codebook blocks ``g0 .. g0+gs-1``, row by row, software-pipelined:
-        each step loads and deinterleaves the *next* (row, block)'s subvectors into ``xn`` before scoring
-        the current ones, so the loads and permutes are off the scores' critical path. Before, loads ->
-        permutes -> 4 dependent FMAs -> a 4-level argmin tree made a ~55-cycle chain per step, about a
-        step's 53 cycles of FMA-port work, and the out-of-order window (~130 vector uops a step) could not
-        overlap steps: one thread, N=1024, 120 -> 98 us at D=256, 309 -> 284 at D=576, 620 -> 532 at
-        D=1152. Rows past ``n`` are read clamped and get code 0."""
-        carry(xn, row_block(x, T.min(rb * pack_lanes, n - 1), g0))
-        for it in T.serial(pack_lanes * gs):
-            cur = snapshot(xn)
-            nxt = T.min(it + 1, pack_lanes * gs - 1)
-            carry(xn, row_block(x, T.min(rb * pack_lanes + nxt // gs, n - 1), g0 + nxt % gs))
-            code[T.Ramp(0, 1, width)] = T.Select(  # rows past n: code 0 (a branch here timed the same)
-                rb * pack_lanes + it // gs < n, to_bytes(codes_from(cur, cents, offsets, g0 + it % gs)), zero_bytes)
-            store_codes(packed, code, rb, it // gs, g0 + it % gs, per_block)
-
-    tail_cols = d - full * lanes * v  # the partial block's columns of a row
-
-    @T.macro
-    def encode_tail(x, cents, offsets, packed, code, xt, rb, rr):
-        """Row ``rb * pack_lanes + rr``'s codes for the last, partial codebook block: its columns are copied
-        into the row block's slot of ``xt`` (zero-padded once per row block, before its rows), read back as
-        whole vectors and deinterleaved once (the codebooks past C have zero centroids, and their codes are
-        not stored). Read from ``x`` by gathers with clamped column indices, each score repeating them, this
-        block took LLVM most of the encoder's compile time (C=100, 16 lanes: 9.4-9.6 s against 6.9-7.8 now)."""
-        if rb * pack_lanes + rr < n:
-            for j in T.serial(tail_cols):
-                xt[rb, j] = x[rb * pack_lanes + rr, full * (lanes * v) + j]
-            xs = [T.bind(e) for e in deinterleave([xt[rb, tirx.Ramp(lanes * i, 1, lanes)] for i in range(v)])]
-            code[T.Ramp(0, 1, width)] = to_bytes(codes_from(xs, cents, offsets, full))
+    def load_next(x, xt, xn, rb, rr, b):
+        """Carry row ``rr`` of row block ``rb``, codebook block ``b`` (the partial block from ``xt``) into ``xn``."""
+        if tail_cols == 0:
+            carry(xn, row_block(x, T.min(rb * pack_lanes + rr, n - 1), b))
+        elif full == 0:
+            carry(xn, tail_block(xt, rb, rr))
         else:
-            code[T.Ramp(0, 1, width)] = zero_bytes
-        store_codes(packed, code, rb, rr, full, tail_count)
+            if b < full:
+                carry(xn, row_block(x, T.min(rb * pack_lanes + rr, n - 1), b))
+            else:
+                carry(xn, tail_block(xt, rb, rr))
+
+    @T.macro
+    def encode_span(x, xt, cents, offsets, packed, code, xn, rb, g0, gs):
+        """The rows of row block ``rb`` for codebook blocks ``g0 .. g0+gs-1`` (the partial one included, read
+        from its zero-padded copy ``xt``), row by row, software-pipelined: each step loads and deinterleaves
+        the *next* (row, block)'s subvectors into ``xn`` before scoring the current ones, so the loads and
+        permutes are off the scores' critical path. Before, loads -> permutes -> 4 dependent FMAs -> a
+        4-level argmin tree made a ~55-cycle chain per step, about a step's 53 cycles of FMA-port work, and
+        the out-of-order window (~130 vector uops a step) could not overlap steps: one thread, N=1024,
+        120 -> 98 us at D=256, 309 -> 284 at D=576, 620 -> 532 at D=1152. Rows past ``n`` are read clamped
+        and get code 0. One span serves every group (``gs`` is a runtime value): each instance of the scores
+        and argmin costs LLVM seconds of compile time."""
+        load_next(x, xt, xn, rb, 0, g0)
+        for rr in T.serial(pack_lanes):
+            for j in T.serial(gs):
+                cur = snapshot(xn)
+                load_next(x, xt, xn, rb, T.Select(j + 1 < gs, rr, T.min(rr + 1, pack_lanes - 1)),
+                          g0 + T.Select(j + 1 < gs, j + 1, 0))
+                code[T.Ramp(0, 1, width)] = T.Select(  # rows past n: code 0 (a branch here timed the same)
+                    rb * pack_lanes + rr < n, to_bytes(codes_from(cur, cents, offsets, g0 + j)), zero_bytes)
+                store_codes(packed, code, rb, rr, g0 + j)
 
     @T.prim_func(private=True)
     def func(
@@ -664,21 +680,20 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         # iteration, which measured slower (per-block slots: 105 us against 98 at D=256)
         code = T.alloc_buffer((lanes,), "uint8", scope="local")
         xn = T.alloc_buffer((v * lanes,), "float32", scope="local")
-        xt = T.alloc_buffer((nb, lanes * v) if tail_count > 0 else (1, 1), "float32")  # a slot per row block
+        # the partial block's columns, zero-padded to a whole block: a slot per row block (threads)
+        xt = T.alloc_buffer((nb, pack_lanes, lanes * v) if tail_cols > 0 else (1, 1, 1), "float32")
         for rb in T.parallel(nb):
+            if tail_cols > 0:
+                for rr, j in T.grid(pack_lanes, lanes * v):
+                    xt[rb, rr, j] = T.float32(0)
+                for rr, j in T.grid(pack_lanes, tail_cols):
+                    xt[rb, rr, j] = x[T.min(rb * pack_lanes + rr, n - 1), full * (lanes * v) + j]
             # codebook blocks in groups whose centroids fit in L1 (CENTROID_L1_BYTES), each group over the
             # block's rows: a row's groups are contiguous reads of x, and a group's centroids stay in L1
             # across the rows (row-outermost re-read all C*V*K floats per row: 74 KB at D=1152, from L2)
-            if n_full > 0:
-                for gb in T.serial(n_full):
-                    encode_span(x, cents, offsets, packed, code, xn, rb, gb * group, group)
-            if rem > 0:
-                encode_span(x, cents, offsets, packed, code, xn, rb, n_full * group, rem)
-            if tail_count > 0:
-                for j in T.serial(lanes * v - tail_cols):  # the slot's padding, for all the block's rows
-                    xt[rb, tail_cols + j] = T.float32(0)
-                for rr in T.serial(pack_lanes):
-                    encode_tail(x, cents, offsets, packed, code, xt, rb, rr)
+            for gi in T.serial(n_groups):
+                encode_span(x, xt, cents, offsets, packed, code, xn, rb, gi * group,
+                            T.min(group, blocks - gi * group))
             if not grouped and pairs > code_pairs:  # the lookup's padding pairs: code 0
                 for p in T.serial(pairs - code_pairs):
                     packed[rb, code_pairs + p, T.Ramp(0, 1, pack_lanes)] = T.Broadcast(T.uint8(0), pack_lanes)

@@ -684,8 +684,8 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         xt = T.alloc_buffer((nb, pack_lanes, lanes * v) if tail_cols > 0 else (1, 1, 1), "float32")
         for rb in T.parallel(nb):
             if tail_cols > 0:
-                for rr, j in T.grid(pack_lanes, lanes * v):
-                    xt[rb, rr, j] = T.float32(0)
+                for rr, j in T.grid(pack_lanes, lanes * v - tail_cols):  # the padding columns
+                    xt[rb, rr, tail_cols + j] = T.float32(0)
                 for rr, j in T.grid(pack_lanes, tail_cols):
                     xt[rb, rr, j] = x[T.min(rb * pack_lanes + rr, n - 1), full * (lanes * v) + j]
             # codebook blocks in groups whose centroids fit in L1 (CENTROID_L1_BYTES), each group over the

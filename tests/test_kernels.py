@@ -402,10 +402,12 @@ def test_codebook_lane_encoder_matches_reference(distance, shape):
 # the nibble layout of the pshufb/tbl lookups (AVX2 hosts' dense layers): an odd C (the last byte's high
 # nibble is code 0), C = 257 (two uint16 blocks: one padding pair written as code 0), partial row blocks;
 # 16 codebook lanes, and 8 with float argmin indices (what LUTify builds for 16-register ISAs: C = 37 and
-# 83 then end in a tail block of 5 and 3 codebooks)
+# 83 then end in a tail block of 5 and 3 codebooks); C = 61 at V=4 and 16 lanes puts the tail block inside
+# the one whole L1 group of 4 blocks (elsewhere it is in the last, smaller group)
 @pytest.mark.parametrize("codebook_lanes,float_indices", [(16, False), (8, True), (8, False)])
 @pytest.mark.parametrize("shape,distance", [((77, 37, 3, 32), "l2"), ((40, 83, 4, 32), "l1"),
-                                            ((33, 5, 4, 64), "cosine"), ((20, 257, 1, 16), "l2")])
+                                            ((33, 5, 4, 64), "cosine"), ((20, 257, 1, 16), "l2"),
+                                            ((24, 61, 4, 32), "l2")])
 def test_codebook_lane_encoder_writes_nibble_codes(shape, distance, codebook_lanes, float_indices):
     n, c, v, lanes = shape
     rng = np.random.default_rng(sum(shape) + 2)

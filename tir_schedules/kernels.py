@@ -528,10 +528,12 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
     not stored); rows past ``n`` in the last block of ``pack_lanes`` rows get code 0, as
     ``pq.pack_codes_grouped`` writes them.
 
-    All blocks, the partial one included, go through one software-pipelined loop (``encode_span``): each
-    step loads and deinterleaves the next step's subvectors while the current ones are scored. One loop,
-    not one per group size plus one for the partial block: each copy of the scores and argmin tree costs
-    LLVM seconds (C=100, 8 lanes: 8.8-13 s with three copies, 3.3-5 s with one).
+    The blocks, the partial one included, go through a software-pipelined loop (``encode_span``): each
+    step loads and deinterleaves the next step's subvectors while the current ones are scored. The loop is
+    emitted once for the whole L1 groups and once more for a last, smaller group, each with its group size
+    a constant (a runtime size, one loop for all, measured 5-7 % slower); the partial block has no loop of
+    its own: each copy of the scores and argmin tree costs LLVM seconds (C=100, 8 lanes: 8.0-8.9 s with
+    three copies, 4.6-4.7 s with two).
 
     For ISAs with 16 vector registers (AVX2): ``codebook_lanes=8`` scores 8 codebooks per step, one ymm
     register per score (operands: ``codebook_lane_operands(..., lanes=8)``), and ``float_indices`` carries
@@ -632,7 +634,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
 
     per_block = lanes // 4 if grouped else lanes // 2  # groups or pairs of a block's codes
     group = max(1, CENTROID_L1_BYTES // (v * k * lanes * 4))  # codebook blocks whose centroids share L1
-    n_groups = -(-blocks // group)
+    whole_groups, last_group = blocks // group, blocks % group  # the partial block counts as a block
 
     @T.macro
     def load_next(x, xt, xn, rb, rr, b):
@@ -656,8 +658,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         4-level argmin tree made a ~55-cycle chain per step, about a step's 53 cycles of FMA-port work, and
         the out-of-order window (~130 vector uops a step) could not overlap steps: one thread, N=1024,
         120 -> 98 us at D=256, 309 -> 284 at D=576, 620 -> 532 at D=1152. Rows past ``n`` are read clamped
-        and get code 0. One span serves every group (``gs`` is a runtime value): each instance of the scores
-        and argmin costs LLVM seconds of compile time."""
+        and get code 0. ``gs`` is a Python int: a constant trip count."""
         load_next(x, xt, xn, rb, 0, g0)
         for rr in T.serial(pack_lanes):
             for j in T.serial(gs):
@@ -691,9 +692,11 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
             # codebook blocks in groups whose centroids fit in L1 (CENTROID_L1_BYTES), each group over the
             # block's rows: a row's groups are contiguous reads of x, and a group's centroids stay in L1
             # across the rows (row-outermost re-read all C*V*K floats per row: 74 KB at D=1152, from L2)
-            for gi in T.serial(n_groups):
-                encode_span(x, xt, cents, offsets, packed, code, xn, rb, gi * group,
-                            T.min(group, blocks - gi * group))
+            if whole_groups > 0:
+                for gi in T.serial(whole_groups):
+                    encode_span(x, xt, cents, offsets, packed, code, xn, rb, gi * group, group)
+            if last_group > 0:
+                encode_span(x, xt, cents, offsets, packed, code, xn, rb, whole_groups * group, last_group)
             if not grouped and pairs > code_pairs:  # the lookup's padding pairs: code 0
                 for p in T.serial(pairs - code_pairs):
                     packed[rb, code_pairs + p, T.Ramp(0, 1, pack_lanes)] = T.Broadcast(T.uint8(0), pack_lanes)

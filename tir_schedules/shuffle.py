@@ -237,6 +237,22 @@ def transposed4(vecs: list):
     return tirx.Shuffle(rows, [tirx.const(i, "int32") for i in range(64)])
 
 
+@T.macro
+def _store_transposed(y, quad, piece, src, scale, bias, vot, first_row, pieces: int, mb: int, n, full_rows: bool):
+    """Rows-major output of ``pieces`` 16-row pieces starting at row ``first_row``, by 4x4 in-register
+    transposes: ``piece(src, g, e, s, scale, bias, vot)`` is tile output ``4g + e`` of piece ``s`` (16
+    dequantised floats); ``quad[g, 16t + 4q + e]`` is then output ``4g + e`` of the piece's row ``4q + t``, and each row's
+    ``mb`` outputs are ``mb/4`` pieces of 4 and one store (rows past ``n`` skipped)."""
+    for s in T.unroll(pieces):
+        for g in T.unroll(mb // 4):
+            quad[g, T.ramp(0, 1, 64)] = transposed4([piece(src, g, e, s, scale, bias, vot) for e in range(4)])
+        for q in T.unroll(4):
+            for t in T.unroll(4):
+                if full_rows or first_row + s * 16 + q * 4 + t < n:
+                    y[first_row + s * 16 + q * 4 + t, T.ramp(vot * mb, 1, mb)] = T.Shuffle(
+                        [quad[g, T.ramp(t * 16 + q * 4, 1, 4)] for g in range(mb // 4)], list(range(mb)))
+
+
 def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str | None = None,
            epilogue: bool = True, rows_major: bool = False, images: int = 1) -> tirx.PrimFunc:
     """The shuffle accumulate for ``n`` rows, ``c`` codebooks (K=16), ``m`` outputs: packed codes
@@ -298,21 +314,10 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
     # lanes); else through a (lanes, mb) tile buffer, element by element
     transpose4 = rows_major and full_tiles and mb % 4 == 0 and half % 16 == 0
 
-    @T.macro
-    def store_transposed(y, sums, quad, scale, bias, vb, vot, row0):
-        """Rows ``row0 .. row0+half-1`` of the block (``sums``: sum_lo, the even bytes, or sum_hi) in 16-row
-        pieces: as the grouped kernel, ``quad[g, 16t + 4q + e]`` = output ``4g + e`` of the piece's row
-        ``4q + t``, then each row's ``mb`` outputs are ``mb/4`` pieces of 4 and one store."""
-        for s in T.unroll(half // 16):
-            for g in T.unroll(mb // 4):
-                quad[g, T.ramp(0, 1, 64)] = transposed4(
-                    [dequant(T.Cast("float32x16", sums[g * 4 + i, T.ramp(s * 16, 1, 16)]), scale, bias,
-                             vot * mb + g * 4 + i, 16) for i in range(4)])
-            for q in T.unroll(4):
-                for t in T.unroll(4):
-                    if full_rows or vb * lanes + row0 + s * 16 + q * 4 + t < n:
-                        y[vb * lanes + row0 + s * 16 + q * 4 + t, T.ramp(vot * mb, 1, mb)] = T.Shuffle(
-                            [quad[g, T.ramp(t * 16 + q * 4, 1, 4)] for g in range(mb // 4)], list(range(mb)))
+    def piece(sums, g, e, s, scale, bias, vot):
+        """Tile output ``4g + e`` of rows ``16s .. 16s+15`` of a half (``sums``: sum_lo or sum_hi), dequantised."""
+        return dequant(T.Cast("float32x16", sums[g * 4 + e, T.ramp(s * 16, 1, 16)]), scale, bias,
+                       vot * mb + g * 4 + e, 16)
 
     @T.prim_func(private=True, s_tir=True)
     def func(
@@ -357,8 +362,11 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
                             f"int32x{half}", acc_hi[i, T.ramp(0, 1, half)])
                 if transpose4:
                     quad = T.sblock_alloc_buffer((mb // 4, 64), "float32", scope="local")
-                    store_transposed(y, sum_lo, quad, scale, bias, vb, vot, 0)
-                    store_transposed(y, sum_hi, quad, scale, bias, vb, vot, half)
+                    # the even bytes' rows (sum_lo: the block's first half), then the odd bytes' (sum_hi)
+                    _store_transposed(y, quad, piece, sum_lo, scale, bias, vot, vb * lanes, half // 16, mb, n,
+                                      full_rows)
+                    _store_transposed(y, quad, piece, sum_hi, scale, bias, vot, vb * lanes + half, half // 16, mb,
+                                      n, full_rows)
                 elif rows_major:
                     tile = T.sblock_alloc_buffer((lanes, mb), "float32", scope="local")
                     for i in T.unroll(mb):
@@ -430,6 +438,11 @@ def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
     # rows-major output by 4x4 transposes in registers where the output tiles are whole multiples of 4
     transpose4 = rows_major and full_tiles and mb % 4 == 0
 
+    def piece(acc, g, e, s, scale, bias, vot):
+        """Tile output ``4g + e`` of the block's rows ``16s .. 16s+15``, dequantised."""
+        return dequant(T.Cast("float32x16", acc[g * 4 + e, s, T.ramp(0, 1, 16)]), scale, bias, vot * mb + g * 4 + e,
+                       16)
+
     @T.prim_func(private=True, s_tir=True)
     def func(
         packed: T.Buffer((nb, groups, GROUP * lanes), "uint8"),
@@ -454,20 +467,8 @@ def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
                             acc[i, s, T.ramp(0, 1, 16)] = add4(acc[i, s, T.ramp(0, 1, 16)],
                                                                looked_up(packed, tables, vb, vot * mb + i, g, s))
                 if transpose4:
-                    # 4x4 in-register transposes: quad[g, 16t + 4q + e] is output 4g + e of row 4q + t;
-                    # each row's mb outputs are then mb/4 pieces of 4 and one store
                     quad = T.sblock_alloc_buffer((mb // 4, 64), "float32", scope="local")
-                    for s in T.unroll(sub):
-                        for g in T.unroll(mb // 4):
-                            quad[g, T.ramp(0, 1, 64)] = transposed4(
-                                [dequant(T.Cast("float32x16", acc[g * 4 + i, s, T.ramp(0, 1, 16)]), scale, bias,
-                                         vot * mb + g * 4 + i, 16) for i in range(4)])
-                        for q in T.unroll(4):
-                            for t in T.unroll(4):
-                                if full_rows or vb * lanes + s * 16 + q * 4 + t < n:
-                                    y[vb * lanes + s * 16 + q * 4 + t, T.ramp(vot * mb, 1, mb)] = T.Shuffle(
-                                        [quad[g, T.ramp(t * 16 + q * 4, 1, 4)] for g in range(mb // 4)],
-                                        list(range(mb)))
+                    _store_transposed(y, quad, piece, acc, scale, bias, vot, vb * lanes, sub, mb, n, full_rows)
                 elif rows_major:
                     tile = T.sblock_alloc_buffer((lanes, mb), "float32", scope="local")
                     for i in T.unroll(mb):

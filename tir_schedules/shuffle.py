@@ -241,8 +241,8 @@ def transposed4(vecs: list):
 def _store_transposed(y, quad, piece, src, scale, bias, vot, first_row, pieces: int, mb: int, n, full_rows: bool):
     """Rows-major output of ``pieces`` 16-row pieces starting at row ``first_row``, by 4x4 in-register
     transposes: ``piece(src, g, e, s, scale, bias, vot)`` is tile output ``4g + e`` of piece ``s`` (16
-    dequantised floats); ``quad[g, 16t + 4q + e]`` is then output ``4g + e`` of the piece's row ``4q + t``, and each row's
-    ``mb`` outputs are ``mb/4`` pieces of 4 and one store (rows past ``n`` skipped)."""
+    dequantised floats); ``quad[g, 16t + 4q + e]`` is then output ``4g + e`` of the piece's row ``4q + t``,
+    and each row's ``mb`` outputs are ``mb/4`` pieces of 4 and one store (rows past ``n`` skipped)."""
     for s in T.unroll(pieces):
         for g in T.unroll(mb // 4):
             quad[g, T.ramp(0, 1, 64)] = transposed4([piece(src, g, e, s, scale, bias, vot) for e in range(4)])

@@ -509,8 +509,9 @@ def codebook_lane_operands(cents: np.ndarray, offsets: np.ndarray,
 def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_lanes: int, grouped: bool = True,
                           pairs: int | None = None, codebook_lanes: int = CODEBOOK_LANES,
                           float_indices: bool = False) -> tirx.PrimFunc:
-    """A dense layer's encoder with 16 codebooks of one row as the vector lanes, writing grouped packed
-    codes (``pq.pack_codes_grouped``, ``shuffle``'s ``vpermb`` kernel) or, with ``grouped=False``, codes
+    """A dense layer's encoder with ``codebook_lanes`` (16; 8 on AVX2) codebooks of one row as the vector
+    lanes, writing grouped packed codes (``pq.pack_codes_grouped``, ``shuffle``'s ``vpermb`` kernel) or,
+    with ``grouped=False``, codes
     two per byte (``pq.pack_codes`` with ``pairs`` byte rows, default ceil(C/2): the ``pshufb``/``tbl``
     kernels' layout; the padding pairs are written as code 0). Already vectorized (no schedule).
 
@@ -606,20 +607,22 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         shift = tirx.Broadcast(tirx.const(4, "int32"), lanes // 2)
         return tirx.Let(var, codes, tirx.Cast(f"uint8x{lanes // 2}", even | (odd << shift)))
 
-    # a block's 16 codes as bytes, and where they go: grouped, four 4-byte groups at the row's slot; nibbles,
-    # one byte in each of 8 pair rows, at byte 2r (first half of the row block) or 2(r - L/2) + 1 (second)
+    # a block's L codes as bytes, and where they go: grouped, L/4 4-byte groups at the row's slot; nibbles,
+    # one byte in each of L/2 pair rows, at byte 2r (first half of the row block) or 2(r - L/2) + 1 (second)
     to_bytes, width = (grouped_bytes, lanes) if grouped else (nibble_bytes, lanes // 2)
     zero_bytes = (grouped_bytes(tirx.Broadcast(tirx.const(0, "int32"), lanes)) if grouped
                   else tirx.Broadcast(tirx.const(0, "uint8"), width))  # code 0 (rows past n)
     half = pack_lanes // 2
 
     code_rows = groups if grouped else code_pairs  # groups or pairs holding real codebooks
+    per_block = lanes // 4 if grouped else lanes // 2  # groups or pairs of a block's codes
 
-    def store_codes(packed, code, rb, rr, b) -> None:
+    def store_codes(packed, code, rb, rr, b, partial: bool) -> None:
         """Store the groups (grouped) or pairs (nibbles) of block ``b``'s ``code`` for row ``rr`` of row block
-        ``rb``; those of the partial block past the last codebook are not stored."""
+        ``rb``; those of the partial block past the last codebook are not stored (``partial``: ``b`` may be
+        the partial block)."""
         for q in range(per_block):
-            if tail_cols == 0 or q < code_rows - full * per_block:  # statically in range
+            if not partial or q < code_rows - full * per_block:  # statically in range
                 _store_code(packed, code, rb, rr, b, q)
             else:  # the partial block's last rows: only while they hold real codebooks
                 with T.If(b * per_block + q < code_rows):
@@ -632,14 +635,14 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         else:
             T.buffer_store(packed, code[q], [rb, b * per_block + q, rr % half * 2 + rr // half])
 
-    per_block = lanes // 4 if grouped else lanes // 2  # groups or pairs of a block's codes
     group = max(1, CENTROID_L1_BYTES // (v * k * lanes * 4))  # codebook blocks whose centroids share L1
     whole_groups, last_group = blocks // group, blocks % group  # the partial block counts as a block
 
     @T.macro
-    def load_next(x, xt, xn, rb, rr, b):
-        """Carry row ``rr`` of row block ``rb``, codebook block ``b`` (the partial block from ``xt``) into ``xn``."""
-        if tail_cols == 0:
+    def load_next(x, xt, xn, rb, rr, b, partial: bool):
+        """Carry row ``rr`` of row block ``rb``, codebook block ``b`` into ``xn``; with ``partial`` (the span
+        holds the partial block) a branch reads that block from ``xt``."""
+        if not partial:
             carry(xn, row_block(x, T.min(rb * pack_lanes + rr, n - 1), b))
         elif full == 0:
             carry(xn, tail_block(xt, rb, rr))
@@ -650,7 +653,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
                 carry(xn, tail_block(xt, rb, rr))
 
     @T.macro
-    def encode_span(x, xt, cents, offsets, packed, code, xn, rb, g0, gs):
+    def encode_span(x, xt, cents, offsets, packed, code, xn, rb, g0, gs, partial):
         """The rows of row block ``rb`` for codebook blocks ``g0 .. g0+gs-1`` (the partial one included, read
         from its zero-padded copy ``xt``), row by row, software-pipelined: each step loads and deinterleaves
         the *next* (row, block)'s subvectors into ``xn`` before scoring the current ones, so the loads and
@@ -658,16 +661,17 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         4-level argmin tree made a ~55-cycle chain per step, about a step's 53 cycles of FMA-port work, and
         the out-of-order window (~130 vector uops a step) could not overlap steps: one thread, N=1024,
         120 -> 98 us at D=256, 309 -> 284 at D=576, 620 -> 532 at D=1152. Rows past ``n`` are read clamped
-        and get code 0. ``gs`` is a Python int: a constant trip count."""
-        load_next(x, xt, xn, rb, 0, g0)
+        and get code 0. ``gs`` is a Python int: a constant trip count; ``partial``: whether the blocks
+        include the partial one (only that span has its branch and store guards)."""
+        load_next(x, xt, xn, rb, 0, g0, partial)
         for rr in T.serial(pack_lanes):
             for j in T.serial(gs):
                 cur = snapshot(xn)
                 load_next(x, xt, xn, rb, T.Select(j + 1 < gs, rr, T.min(rr + 1, pack_lanes - 1)),
-                          g0 + T.Select(j + 1 < gs, j + 1, 0))
+                          g0 + T.Select(j + 1 < gs, j + 1, 0), partial)
                 code[T.Ramp(0, 1, width)] = T.Select(  # rows past n: code 0 (a branch here timed the same)
                     rb * pack_lanes + rr < n, to_bytes(codes_from(cur, cents, offsets, g0 + j)), zero_bytes)
-                store_codes(packed, code, rb, rr, g0 + j)
+                store_codes(packed, code, rb, rr, g0 + j, partial)
 
     @T.prim_func(private=True)
     def func(
@@ -694,9 +698,11 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
             # across the rows (row-outermost re-read all C*V*K floats per row: 74 KB at D=1152, from L2)
             if whole_groups > 0:
                 for gi in T.serial(whole_groups):
-                    encode_span(x, xt, cents, offsets, packed, code, xn, rb, gi * group, group)
+                    encode_span(x, xt, cents, offsets, packed, code, xn, rb, gi * group, group,
+                                tail_cols > 0 and last_group == 0)
             if last_group > 0:
-                encode_span(x, xt, cents, offsets, packed, code, xn, rb, whole_groups * group, last_group)
+                encode_span(x, xt, cents, offsets, packed, code, xn, rb, whole_groups * group, last_group,
+                            tail_cols > 0)
             if not grouped and pairs > code_pairs:  # the lookup's padding pairs: code 0
                 for p in T.serial(pairs - code_pairs):
                     packed[rb, code_pairs + p, T.Ramp(0, 1, pack_lanes)] = T.Broadcast(T.uint8(0), pack_lanes)

@@ -47,6 +47,7 @@ from tvm_lut import calibrate, cost, graph, pq
 from tvm_lut import lowrank as lr
 from tvm_lut.errors import CalibrationError, OptionError
 from tvm_lut.options import LayerOptions, coerce
+from tvm_lut.profile import KernelCall, LayerInput
 from tvm_lut.targets import host_for, is_cam, resolve_target
 
 log = logging.getLogger("tvm_lut")
@@ -171,6 +172,9 @@ class LUTify:
         self.layers: list[dict] = []  # per-layer decision records (also in the module attribute)
         self.pq_layers: dict[str, pq.PQLayer] = {}  # fitted codebooks/tables by layer name
         self._rewritten: tuple | None = None  # (source module, plans) of the last run, for retarget
+        # layer name -> the kernels its rewrite runs in the module of the last run (None: other ops too);
+        # ``profile.measure_layers`` times them in the model's own build instead of compiling them again
+        self.kernel_calls: dict[str, list[KernelCall] | None] = {}
 
     # -- planning ------------------------------------------------------------------------------
 
@@ -328,7 +332,9 @@ class LUTify:
         self.pq_layers = {p.layer.name: p.pq_layer for p in todo}
         rewrite = todo + structured
         self._rewritten = (mod, rewrite)
-        out = _rewrite(mod, rewrite, self.schedule, self.database, self.target, self.tuned) if rewrite else mod
+        self.kernel_calls = {}
+        out = (_rewrite(mod, rewrite, self.schedule, self.database, self.target, self.tuned, self.kernel_calls)
+               if rewrite else mod)
         return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))
 
     def retarget(self, target) -> tvm.IRModule:
@@ -531,6 +537,7 @@ class _LookupRewriter(PyExprMutator):
         self.drop = [v for p in plans for v in [p.layer.call_var, *p.layer.folded_vars]]
         self.schedule = schedule
         self.kernels: dict[tuple, relax.GlobalVar] = {}
+        self.calls: dict[str, list[KernelCall] | None] = {}  # layer name -> its kernels, as emitted
 
     def _kernel(self, key: tuple, name: str, make) -> relax.GlobalVar:
         return self._kernel_func(key, name, make)[0]
@@ -560,6 +567,7 @@ class _LookupRewriter(PyExprMutator):
             x = self.visit_expr(plan.layer.input_expr)
             out_var = plan.layer.output_var
             y = self._emit_lookup(plan, x, as_output=not isinstance(out_var, relax.DataflowVar))
+            self.calls[plan.layer.name] = _kernel_calls(self.builder_, x, y)
             self.set_var_remap(out_var, y)
             return
         if any(binding.var.same_as(v) for v in self.drop):
@@ -768,6 +776,49 @@ class _LookupRewriter(PyExprMutator):
         return self._epilogue(layer, h, [lambda y: conv(y, last, False)], layer.bias, as_output, rows_layout=False)
 
 
+def _kernel_calls(bb: relax.BlockBuilder, x: relax.Expr, y: relax.Expr) -> list[KernelCall] | None:
+    """The rewritten layer from ``x`` to ``y`` as the ``call_tir`` kernels it runs, in order, or None when it
+    runs anything else (a pad, a transpose, a bias add, a matmul...): then only the layer compiled alone
+    shows its cost. Reshapes are views in the VM and are skipped; an argument that is (a reshape of) ``x``
+    becomes a ``LayerInput`` of the shape the kernel sees."""
+    calls: list[KernelCall] = []
+    done: dict = {}
+
+    def walk(e: relax.Expr):
+        if e.same_as(x):
+            return LayerInput(tuple(int(d) for d in e.ty.shape))
+        if isinstance(e, tvm.ir.GenericConst):
+            return e.value
+        if not isinstance(e, relax.Var):
+            return None
+        if e in done:
+            return done[e]
+        value = bb.lookup_binding(e)
+        if not isinstance(value, relax.Call):
+            return None
+        op = getattr(value.op, "name", "")
+        if op == "relax.reshape":
+            got = walk(value.args[0])
+            if isinstance(got, LayerInput):
+                got = LayerInput(tuple(int(d) for d in e.ty.shape))
+            done[e] = got
+            return got
+        if op != "relax.call_tir" or len(value.args) != 2 or not isinstance(value.args[1], relax.Tuple):
+            return None
+        args = []
+        for a in value.args[1].fields:
+            got = walk(a)
+            if got is None:
+                return None
+            args.append(got)
+        calls.append(KernelCall(value.args[0].name_hint, tuple(args), tuple(int(d) for d in e.ty.shape),
+                                str(e.ty.dtype)))
+        done[e] = len(calls) - 1
+        return done[e]
+
+    return calls if isinstance(walk(y), int) else None
+
+
 def _dequantize(acc, scale, bias):
     """TE: float(acc[n, m]) * scale[m] + bias[m] (reference ``pq.dequantize``)."""
     from tvm import te
@@ -776,13 +827,15 @@ def _dequantize(acc, scale, bias):
 
 
 def _rewrite(mod: tvm.IRModule, plans: list[_Plan], schedule: bool, database: str | None = None, target=None,
-             tuned: list | None = None) -> tvm.IRModule:
+             tuned: list | None = None, calls: dict | None = None) -> tvm.IRModule:
     func = mod["main"]
     m = _LookupRewriter(mod, plans, schedule, database, target)
     new_main = m.visit_expr(func)
     m.builder_.update_func(m.builder_.get().get_global_var("main"), new_main)
     if tuned is not None:
         tuned.extend(m.tuned)
+    if calls is not None:
+        calls.update(m.calls)
     out = m.builder_.get()
     out = relax.transform.DeadCodeElimination(["main"])(out)
     return _drop_unused_params(out)

@@ -74,8 +74,12 @@ def format_report(report: dict, exact_counts: bool = False) -> str:
                f" + factors {num(t.get('factor_bytes', 0))} + exact layers {num(t['lut_weight_bytes'])})")
     slower = [r["name"] for r in report["layers"] if r.get("slower_than_exact")]
     if total_ms:
-        out.append(f"per-layer times: each layer compiled alone on its input shape and timed, exact vs rewritten "
-                   f"(share = of the sum over layers); slower than exact: {', '.join(slower) if slower else 'none'}")
+        from_model = [r["name"] for r in report["layers"] if r.get("latency", {}).get("rewrite_from") == "model"]
+        how = "exact layers compiled alone on their input shape and timed"
+        how += (f"; rewritten layers' kernels timed from the model's build ({len(from_model)}), the others "
+                "compiled alone" if from_model else ", and rewritten ones the same way")
+        out.append(f"per-layer times: {how} (share = of the sum over layers); slower than exact: "
+                   f"{', '.join(slower) if slower else 'none'}")
     acc = report.get("accuracy")
     if acc:
         out.append(f"accuracy on {acc['rows']} held-out rows: exact {acc['exact']:.2f}%  LUT {acc['lut']:.2f}%  "

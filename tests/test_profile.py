@@ -1,0 +1,88 @@
+"""Per-layer latency (``tvm_lut.profile``): rewritten layers timed from the model's own build."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from torch import nn
+
+import tvm_lut
+from tvm_lut import pq, profile
+from tvm_lut.profile import LayerInput
+
+
+def _lutify(model, x, example):
+    mod = tvm_lut.from_torch(model, torch.from_numpy(example))
+    p = tvm_lut.LUTify(calibration=x, progress=False)
+    lut = p(mod)
+    return p, lut, tvm_lut.build(lut)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_layer_kernels_from_the_model_build_reproduce_the_layer(kind):
+    """The kernels LUTify records for a layer (encoder, then lookup, with the layer's constants) are found
+    in the compiled model by name, and run alone on the layer's input they give the emulator's output bit
+    for bit: what ``measure_layers`` times is the layer the model runs."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    if kind == "dense":  # D=32: no padding column, so the rewrite is the two kernels and nothing else
+        model, x = nn.Sequential(nn.Linear(32, 48)).eval(), rng.standard_normal((256, 32)).astype(np.float32)
+        example = x[:24]
+    else:  # batch 1: the lookup writes NCHW, so only a reshape (a view) follows it
+        model, x = nn.Sequential(nn.Conv2d(4, 24, 3, padding=1)).eval(), rng.standard_normal((16, 4, 8, 8)).astype(np.float32)
+        example = x[:1]
+    p, _, ex = _lutify(model, x, example)
+    calls = p.kernel_calls["0"]
+    assert [c.name for c in calls] == ["lut_encode_0", "lut_lookup_0"]
+    assert isinstance(calls[0].args[0], LayerInput) and calls[1].args[0] == 0
+    got = profile.run_kernels(ex, calls, example)
+    if kind == "dense":
+        ref = p.pq_layers["0"].emulate(example)
+    else:
+        rows = pq.im2col(example, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+        ref = p.pq_layers["0"].emulate(rows).reshape(1, 8 * 8, 24).transpose(0, 2, 1).reshape(1, 24, 64)
+    np.testing.assert_array_equal(got.reshape(ref.shape), ref)
+    vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
+    np.testing.assert_array_equal(got.reshape(example.shape[0], -1),
+                                  vm["main"](tvm.runtime.tensor(example)).numpy().reshape(example.shape[0], -1))
+
+    profile.measure_layers(p._plans, "x86", executable=ex, kernel_calls=p.kernel_calls)
+    lat = p.layers[0]["latency"]
+    assert lat["rewrite_from"] == "model" and lat["rewrite_ms"] > 0 and lat["exact_ms"] > 0
+    assert p.layers[0]["slower_than_exact"] == (lat["rewrite_ms"] > lat["exact_ms"])
+
+
+def test_layers_with_other_ops_or_missing_kernels_are_compiled_alone():
+    """A rewrite that runs more than kernels (here the pad of D=30 to C*V=32 columns) records no kernel
+    calls, and a kernel the build does not hold under its name is not guessed at: both layers are timed
+    compiled alone, and the record says so."""
+    torch.manual_seed(0)
+    x = np.random.default_rng(1).standard_normal((256, 30)).astype(np.float32)
+    p, _, ex = _lutify(nn.Sequential(nn.Linear(30, 48)).eval(), x, x[:16])
+    assert p.layers[0]["method"] == "pq" and p.kernel_calls["0"] is None
+    profile.measure_layers(p._plans, "x86", executable=ex, kernel_calls=p.kernel_calls)
+    assert p.layers[0]["latency"]["rewrite_from"] == "layer" and p.layers[0]["latency"]["rewrite_ms"] > 0
+
+    y = np.random.default_rng(2).standard_normal((256, 32)).astype(np.float32)
+    q, _, ex = _lutify(nn.Sequential(nn.Linear(32, 48)).eval(), y, y[:16])
+    renamed = {"0": [dataclasses.replace(c, name=c.name + "_gone") for c in q.kernel_calls["0"]]}
+    assert profile.kernels_latency_ms(ex, renamed["0"], (16, 32)) is None
+    assert profile.run_kernels(ex, renamed["0"], y[:16]) is None
+    profile.measure_layers(q._plans, "x86", executable=ex, kernel_calls=renamed)
+    assert q.layers[0]["latency"]["rewrite_from"] == "layer"
+    profile.measure_layers(q._plans, "x86", executable=ex, kernel_calls=q.kernel_calls)
+    assert q.layers[0]["latency"]["rewrite_from"] == "model"
+
+
+def test_butterfly_and_lowrank_rewrites_record_no_kernel_chain():
+    """Butterfly (slice + bias after its factor kernels) and low rank (matmuls) run more than kernels."""
+    torch.manual_seed(0)
+    x = np.random.default_rng(3).standard_normal((128, 32)).astype(np.float32)
+    mod = tvm_lut.from_torch(nn.Sequential(nn.Linear(32, 48)).eval(), torch.from_numpy(x[:8]))
+    for method, options in (("butterfly", {"butterfly_budget": 0.5}), ("lowrank", {})):
+        p = tvm_lut.LUTify(calibration=x, progress=False, method=method, **options)
+        p(mod)
+        assert p.layers[0]["method"] == method and p.kernel_calls["0"] is None
+

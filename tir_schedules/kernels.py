@@ -307,9 +307,12 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     minimum is formed as soon as its two scores exist, and ``FUSED_SCORE_CHAINS`` scores at a time
     accumulate side by side (``ScoreChain``). With 16 rows per vector the score buffer holds 16 x 16
     floats, which on a 16-register ISA (AVX2: 32 ymm registers' worth) spill, a load and a store per
-    multiply-add. Same scores and tie rule: the codes are identical. The kernel caps the rows per vector
-    (``ROW_LANES_ATTR``) at 16 for V <= 4 and 8 above, so a tile's V subvector elements fit 8 ymm
-    registers (measured on a Zen 3, V=9: 8 rows 438 us against 16 rows 522 at 64 channels 32x32).
+    multiply-add. Same scores and tie rule: the codes are identical. The fused encoder takes 8 rows per
+    vector (``ROW_LANES_ATTR``), one ymm per value: with 16 rows each subvector element, score chain and
+    the running minimum and index take two, more than 16 registers from V=2 up. Measured on a Zen 3,
+    one thread, 16 -> 8 rows: V=9 522 -> 438 us at 64 channels 32x32; V=4 505 -> 478 there, 303 -> 251
+    at 128 channels 16x16, 493 -> 415 and 369 -> 316 for the demo's 5x5 convs at batch 16; V=2 710 -> 612;
+    V=3 unchanged (522-530 against 530-535). The score-buffer encoder (32-register ISAs) takes up to 16.
     """
     if fused_scores and pack_lanes is None:
         raise ValueError("fused_scores applies to the packed-code encoder (pack_lanes=...)")
@@ -323,7 +326,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     x_shape = conv.shape if conv is not None else ((c * v, n) if x_transposed else (n, c * v))
     if conv is not None and pack_lanes is None:
         conv = replace(conv, virtual=False)  # raw (n, C) codes: encode the real rows only
-    row_lanes = 16 if v <= 4 else 8  # the fused-score encoder's rows per vector (ROW_LANES_ATTR)
+    row_lanes = 8  # the fused-score encoder's rows per vector (ROW_LANES_ATTR): one ymm register per value
     if conv is not None and fused_scores:
         conv = replace(conv, row_tile=row_lanes)  # virtual rows in whole tiles of that many rows
     # rows the encoder scores: a fused convolution may encode more (virtual rows, ``ConvInput``)
@@ -410,7 +413,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
 
     def finish(f: tirx.PrimFunc) -> tirx.PrimFunc:
         f = _opaque(f, "encode")
-        if fused_scores:  # rows per vector such that a row tile's V subvector elements take <= 8 ymm registers
+        if fused_scores:  # 8 rows per vector: a tile's values fit 16 ymm registers
             f = f.with_attr(ROW_LANES_ATTR, row_lanes)
         return f.with_attr("tvm_lut.fused_im2col", True) if conv is not None else f
 

@@ -555,8 +555,7 @@ def test_encoder_fused_with_im2col_matches_reference(scheduled, conv):
 
 def test_fused_encoder_rounds_virtual_rows_to_its_row_tile():
     """Virtual rows per image round up to the encoder's rows per vector: a 4x4 map (22 virtual rows) encodes
-    24 rows per image in the fused encoder's 8-row tiles, 32 in the score-buffer encoder's 16-row tiles
-    (V <= 4)."""
+    24 rows per image in the fused L2 encoder's 8-row tiles, 32 in the score-buffer encoder's 16-row tiles."""
     spec = kernels.ConvInput((2, 4, 4, 4), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
     assert spec.rows_per_image == 32
     for v, fused, per_image in ((9, True, 24), (4, True, 24), (2, True, 24), (4, False, 32), (9, False, 32)):
@@ -579,8 +578,8 @@ def test_fused_score_encoder_on_ties_and_near_ties(distance, k):
     np.testing.assert_array_equal(got, pq.pack_codes(ref, 32))
     with pytest.raises(ValueError, match="fused_scores"):
         kernels.encode(n, c, k, v, distance, fused_scores=True)
-    # rows per vector: 8 (16 registers: one ymm per value, whatever V)
-    for sub, lanes in ((2, 8), (4, 8), (9, 8)):
+    # rows per vector: 8 (16 registers: one ymm per value, whatever V), but 16 for L1 while V <= 4
+    for sub, lanes in ((2, 16 if distance == "l1" else 8), (4, 16 if distance == "l1" else 8), (9, 8)):
         f = kernels.encode(n, 4, k, sub, distance, pack_lanes=32, fused_scores=True)
         assert int(f.attrs[kernels.ROW_LANES_ATTR]) == lanes
         vectorized = set(re.findall(r"T\.vectorized\((\d+)\)", x86.schedule(f).script()))

@@ -312,7 +312,10 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     the running minimum and index take two, more than 16 registers from V=2 up. Measured on a Zen 3,
     one thread, 16 -> 8 rows: V=9 522 -> 438 us at 64 channels 32x32; V=4 505 -> 478 there, 303 -> 251
     at 128 channels 16x16, 493 -> 415 and 369 -> 316 for the demo's 5x5 convs at batch 16; V=2 710 -> 612;
-    V=3 unchanged (522-530 against 530-535). The score-buffer encoder (32-register ISAs) takes up to 16.
+    V=3 unchanged (522-530 against 530-535). The L1 encoder (subtract, abs and add per element: PECAN-D,
+    rows from a separate im2col) keeps 16 rows for V <= 4: (1024, 576) rows, V=2 1139-1149 us with 16
+    against 1179-1191 with 8, V=4 966-978 against 957-960 (L2 on the same rows, V=4: 740-752 against
+    679-683). The score-buffer encoder (32-register ISAs) takes up to 16.
     """
     if fused_scores and pack_lanes is None:
         raise ValueError("fused_scores applies to the packed-code encoder (pack_lanes=...)")
@@ -326,7 +329,9 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     x_shape = conv.shape if conv is not None else ((c * v, n) if x_transposed else (n, c * v))
     if conv is not None and pack_lanes is None:
         conv = replace(conv, virtual=False)  # raw (n, C) codes: encode the real rows only
-    row_lanes = 8  # the fused-score encoder's rows per vector (ROW_LANES_ATTR): one ymm register per value
+    # the fused-score encoder's rows per vector (ROW_LANES_ATTR): 8, one ymm register per value; the L1
+    # encoder keeps 16 for V <= 4 (no spills measured there: see the docstring)
+    row_lanes = 16 if (l1 and v <= 4) else 8
     if conv is not None and fused_scores:
         conv = replace(conv, row_tile=row_lanes)  # virtual rows in whole tiles of that many rows
     # rows the encoder scores: a fused convolution may encode more (virtual rows, ``ConvInput``)
@@ -413,7 +418,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
 
     def finish(f: tirx.PrimFunc) -> tirx.PrimFunc:
         f = _opaque(f, "encode")
-        if fused_scores:  # 8 rows per vector: a tile's values fit 16 ymm registers
+        if fused_scores:  # rows per vector such that a tile's values fit 16 ymm registers
             f = f.with_attr(ROW_LANES_ATTR, row_lanes)
         return f.with_attr("tvm_lut.fused_im2col", True) if conv is not None else f
 

@@ -126,40 +126,31 @@ def _lut_layer_kernels(lut_mod):
 
 
 def _kernel_chain(mod, path: str) -> dict | None:
-    """The LUT layer's ``main`` as the chain of ``call_tir`` kernels it runs, for timing the kernels back to
-    back outside the VM: ``{"calls": [{"name", "args", "shape", "dtype"}], "npz"}`` where each argument is
-    ``["input", i]``, ``["const", key]`` (saved in ``path + ".npz"``) or ``["call", j]`` (call j's output).
-    None when ``main`` is anything but such a chain."""
-    import tvm
-    from tvm import relax
+    """The LUT layer's ``main`` as the chain of ``call_tir`` kernels it runs (``profile.kernel_calls_between``),
+    for timing the kernels back to back outside the VM: ``{"calls": [{"name", "args", "shape", "dtype"}],
+    "npz"}`` where each argument is ``["input", 0]``, ``["const", key]`` (saved in ``path + ".npz"``) or
+    ``["call", j]`` (call j's output). None when ``main`` is anything but such a chain."""
+    from tvm_lut import profile
 
     func = mod["main"]
-    inputs = {p: i for i, p in enumerate(func.params)}
-    calls, consts, produced = [], {}, {}
-    for block in func.body.blocks:
-        for bind in block.bindings:
-            v = bind.value
-            if isinstance(v, relax.Var) and v in produced:
-                produced[bind.var] = produced[v]
-                continue
-            if not (isinstance(v, relax.Call) and getattr(v.op, "name", "") == "relax.call_tir"):
-                return None
-            args = []
-            for a in v.args[1].fields:
-                if a in inputs:
-                    args.append(["input", inputs[a]])
-                elif isinstance(a, tvm.ir.GenericConst):
-                    consts[f"c{len(consts)}"] = a.value.numpy()
-                    args.append(["const", f"c{len(consts) - 1}"])
-                elif a in produced:
-                    args.append(["call", produced[a]])
-                else:
-                    return None
-            produced[bind.var] = len(calls)
-            calls.append({"name": v.args[0].name_hint, "args": args,
-                          "shape": [int(d) for d in bind.var.ty.shape], "dtype": str(bind.var.ty.dtype)})
+    bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    calls = profile.kernel_calls_between(bound.get, func.params[0], func.body.body)
+    if calls is None:
+        return None
+    consts: dict[str, np.ndarray] = {}
+
+    def arg(a):
+        if isinstance(a, profile.LayerInput):
+            return ["input", 0]
+        if isinstance(a, int):
+            return ["call", a]
+        consts[f"c{len(consts)}"] = a.numpy()
+        return ["const", f"c{len(consts) - 1}"]
+
+    out = [{"name": c.name, "args": [arg(a) for a in c.args], "shape": list(c.shape), "dtype": c.dtype}
+           for c in calls]
     np.savez(path + ".npz", **consts)
-    return {"calls": calls, "npz": path + ".npz"}
+    return {"calls": out, "npz": path + ".npz"}
 
 
 def build_kernels(shapes, trials: int, target) -> list[dict]:
@@ -322,18 +313,20 @@ def _chain_ms(art: dict) -> float | None:
     C++ harness like MADDNESS's calls its kernels), from the layer's own ``.so``; checked against the VM."""
     import tvm
 
+    from tvm_lut import profile
+
     chain = art.get("chain")
     if not chain:
         return None
     dev = tvm.cpu()
     lib, vm, inputs, params = _load(art)
     consts = np.load(chain["npz"])
-    outs, steps = [], []
-    for c in chain["calls"]:
-        args = [inputs[a[1]] if a[0] == "input" else outs[a[1]] if a[0] == "call"
-                else tvm.runtime.tensor(consts[a[1]], dev) for a in c["args"]]
-        outs.append(tvm.runtime.empty(c["shape"], c["dtype"], dev))
-        steps.append((lib.get_function(c["name"], query_imports=True), args + [outs[-1]]))
+    x = inputs[0].numpy()
+    calls = [profile.KernelCall(c["name"], tuple(profile.LayerInput(x.shape) if a[0] == "input" else a[1]
+                                                 if a[0] == "call" else tvm.runtime.tensor(consts[a[1]], dev)
+                                                 for a in c["args"]), tuple(c["shape"]), c["dtype"])
+             for c in chain["calls"]]
+    steps = [(m.get_function(name), args) for m, name, args in profile.kernel_steps(lib, calls, x)]
 
     def run():
         for f, args in steps:
@@ -341,7 +334,7 @@ def _chain_ms(art: dict) -> float | None:
 
     run()
     want = vm["main"](*inputs, *params).numpy()
-    if not np.array_equal(outs[-1].numpy(), want):
+    if not np.array_equal(steps[-1][1][-1].numpy(), want):
         raise RuntimeError(f"{art['so']}: its kernels called back to back do not reproduce the VM's output")
     return _median_ms(run)
 

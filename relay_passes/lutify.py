@@ -47,7 +47,7 @@ from tvm_lut import calibrate, cost, graph, pq
 from tvm_lut import lowrank as lr
 from tvm_lut.errors import CalibrationError, OptionError
 from tvm_lut.options import LayerOptions, coerce
-from tvm_lut.profile import KernelCall, LayerInput
+from tvm_lut.profile import KernelCall, kernel_calls_between
 from tvm_lut.targets import host_for, is_cam, resolve_target
 
 log = logging.getLogger("tvm_lut")
@@ -567,7 +567,7 @@ class _LookupRewriter(PyExprMutator):
             x = self.visit_expr(plan.layer.input_expr)
             out_var = plan.layer.output_var
             y = self._emit_lookup(plan, x, as_output=not isinstance(out_var, relax.DataflowVar))
-            self.calls[plan.layer.name] = _kernel_calls(self.builder_, x, y)
+            self.calls[plan.layer.name] = kernel_calls_between(self.builder_.lookup_binding, x, y)
             self.set_var_remap(out_var, y)
             return
         if any(binding.var.same_as(v) for v in self.drop):
@@ -774,49 +774,6 @@ class _LookupRewriter(PyExprMutator):
         else:
             h = bb.emit(conv(bb.emit(conv(x, f.first[:, :, None, None], False)), f.core, True))
         return self._epilogue(layer, h, [lambda y: conv(y, last, False)], layer.bias, as_output, rows_layout=False)
-
-
-def _kernel_calls(bb: relax.BlockBuilder, x: relax.Expr, y: relax.Expr) -> list[KernelCall] | None:
-    """The rewritten layer from ``x`` to ``y`` as the ``call_tir`` kernels it runs, in order, or None when it
-    runs anything else (a pad, a transpose, a bias add, a matmul...): then only the layer compiled alone
-    shows its cost. Reshapes are views in the VM and are skipped; an argument that is (a reshape of) ``x``
-    becomes a ``LayerInput`` of the shape the kernel sees."""
-    calls: list[KernelCall] = []
-    done: dict = {}
-
-    def walk(e: relax.Expr):
-        if e.same_as(x):
-            return LayerInput(tuple(int(d) for d in e.ty.shape))
-        if isinstance(e, tvm.ir.GenericConst):
-            return e.value
-        if not isinstance(e, relax.Var):
-            return None
-        if e in done:
-            return done[e]
-        value = bb.lookup_binding(e)
-        if not isinstance(value, relax.Call):
-            return None
-        op = getattr(value.op, "name", "")
-        if op == "relax.reshape":
-            got = walk(value.args[0])
-            if isinstance(got, LayerInput):
-                got = LayerInput(tuple(int(d) for d in e.ty.shape))
-            done[e] = got
-            return got
-        if op != "relax.call_tir" or len(value.args) != 2 or not isinstance(value.args[1], relax.Tuple):
-            return None
-        args = []
-        for a in value.args[1].fields:
-            got = walk(a)
-            if got is None:
-                return None
-            args.append(got)
-        calls.append(KernelCall(value.args[0].name_hint, tuple(args), tuple(int(d) for d in e.ty.shape),
-                                str(e.ty.dtype)))
-        done[e] = len(calls) - 1
-        return done[e]
-
-    return calls if isinstance(walk(y), int) else None
 
 
 def _dequantize(acc, scale, bias):

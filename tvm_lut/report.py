@@ -74,10 +74,13 @@ def format_report(report: dict, exact_counts: bool = False) -> str:
                f" + factors {num(t.get('factor_bytes', 0))} + exact layers {num(t['lut_weight_bytes'])})")
     slower = [r["name"] for r in report["layers"] if r.get("slower_than_exact")]
     if total_ms:
-        from_model = [r["name"] for r in report["layers"] if r.get("latency", {}).get("rewrite_from") == "model"]
+        sources = [r["latency"].get("rewrite_from") for r in report["layers"] if r.get("latency")]
+        from_model, alone = sources.count("model"), sources.count("layer")
         how = "exact layers compiled alone on their input shape and timed"
-        how += (f"; rewritten layers' kernels timed from the model's build ({len(from_model)}), the others "
-                "compiled alone" if from_model else ", and rewritten ones the same way")
+        if from_model:
+            how += f"; {from_model} rewritten layer(s) timed by their kernels in the model's build"
+        if alone:
+            how += f"; {alone} rewritten layer(s) compiled alone"
         out.append(f"per-layer times: {how} (share = of the sum over layers); slower than exact: "
                    f"{', '.join(slower) if slower else 'none'}")
     acc = report.get("accuracy")

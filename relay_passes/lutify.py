@@ -630,8 +630,8 @@ class _LookupRewriter(PyExprMutator):
 
     def _emit_shuffle(self, plan: _Plan, x, as_output: bool):
         """Packed-code encoder (fused with im2col for a conv) -> shuffle lookup with the scale and bias
-        in its epilogue, writing (M, rows) for a conv (NCHW at batch 1; with the grouped kernel also at batch
-        B > 1, as (B, M, OH*OW)) and (rows, M) for a dense layer.
+        in its epilogue, writing (M, rows) for a conv (NCHW at batch 1; at batch B > 1 (B, M, OH*OW) where no
+        stored vector spans two images) and (rows, M) for a dense layer.
 
         L1 (PECAN-D) convs keep the separate im2col kernel: the fused patch addressing divides by
         constants, which LLVM compiles to integer multiplies, and the L1 encoder must have none."""
@@ -673,9 +673,11 @@ class _LookupRewriter(PyExprMutator):
                                                       conv=conv, grouped=isa.grouped, fused_scores=fused))
         packed = bb.emit(relax.call_tir(enc, [src, relax.const(cents), relax.const(offsets)],
                                         relax.TensorType(shuffle.packed_shape(rows, c, lanes, isa.grouped), "uint8")))
-        # a conv at batch B > 1: the grouped kernel writes (B, M, OH*OW), i.e. NCHW, with no transpose after it
+        # a conv at batch B > 1: the lookup writes (B, M, OH*OW), i.e. NCHW, with no transpose after it
+        # (no vector the lookup stores may span two images: 16 rows in the grouped kernel, half a row block in
+        # the nibble kernel; else it writes (M, B*OH*OW) and a transpose follows)
         images = layer.output_shape[0] if layer.kind == "conv2d" else 1
-        if not (isa.grouped and images > 1 and (rows // images) % 16 == 0):
+        if not (images > 1 and (rows // images) % (16 if isa.grouped else lanes // 2) == 0):
             images = 1
         look, look_func = self._kernel_func(("shuffle", rows, c, m, lanes, isa.grouped, rows_major, images),
                                             f"lut_lookup_{tag}",

@@ -307,8 +307,30 @@ def test_batched_nchw_lookup_rejects_what_it_cannot_write():
         shuffle.lookup(40, 8, 16, 16, 4, shuffle.PERMUTE_INTRINSIC, images=2)  # 20 pixels per image
     with pytest.raises(ValueError, match="and rows_major"):
         shuffle.lookup(64, 8, 16, 16, 4, shuffle.PERMUTE_INTRINSIC, rows_major=True, images=2)
-    with pytest.raises(ValueError, match="only the grouped"):
-        shuffle.lookup(64, 8, 16, 64, 4, images=2)
+    with pytest.raises(ValueError, match="multiple of 16 rows per image, got 72 rows"):
+        shuffle.lookup(72, 8, 16, 32, 4, images=2)  # nibble kernel, 32-row blocks: 36 pixels per image
+    with pytest.raises(ValueError, match="and rows_major"):
+        shuffle.lookup(64, 8, 16, 32, 4, rows_major=True, images=2)
+
+
+@pytest.mark.parametrize("images,hw,c,m,lanes,scheduled", [
+    (2, 64, 36, 40, 32, True), (3, 16, 8, 16, 32, True), (4, 8, 9, 20, 16, False), (5, 48, 5, 6, 32, True)])
+def test_nibble_lookup_writes_batched_nchw(images, hw, c, m, lanes, scheduled):
+    """The nibble (``pshufb``/``tbl``) lookup with ``images=B``: y (B, M, HW) is the (M, B*HW) output with the
+    image axis moved first, bit for bit, including 32-row blocks that span images (16 rows per image), a
+    partial last block (5 x 48 rows), outputs in a partial register tile (M=6, 20) and 16-row blocks."""
+    n = images * hw
+    rng = np.random.default_rng(n + c + m)
+    codes = rng.integers(0, 16, (n, c)).astype(np.int32)
+    tab = rng.integers(-128, 128, (c, 16, m)).astype(np.int8)
+    scale, bias = rng.random(m).astype(np.float32), rng.standard_normal(m).astype(np.float32)
+    isa = next(i for i in shuffle.ISAS if i.lanes == lanes and not i.grouped)
+    f = shuffle.lookup(n, c, m, lanes, 4, isa.intrinsic, images=images)
+    assert int(shuffle.retile(f, 8).attrs["tvm_lut.images"]) == images  # tuning's tile variants keep it
+    got = _run(x86.schedule(f) if scheduled else f, pq.pack_codes(codes, lanes, shuffle.padded_pairs(c)),
+               shuffle.pack_tables(tab, 4), scale, bias, out_shape=(images, m, hw), out_dtype="float32")
+    ref = pq.dequantize(pq.accumulate(codes, tab), scale, bias)  # (n, m)
+    np.testing.assert_array_equal(got, ref.reshape(images, hw, m).transpose(0, 2, 1))
 
 
 def test_pack_codes_grouped_layout():

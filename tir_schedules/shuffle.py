@@ -21,8 +21,8 @@ the shuffle for the same ports). Each 16-bit word holds two rows: byte ``2i`` is
 summed in uint16 (255 * 256 < 2^16), then added to int32 with the bias ``128 * codebooks`` removed, then
 ``y = float(acc) * scale + bias`` (one fused multiply-add per output: the only multiply of the kernel).
 
-Output is ``y[M, N]`` (outputs-major: for a convolution at batch 1 that is already NCHW; the grouped
-kernel writes ``y[B, M, N/B]`` at batch B, see ``lookup``'s ``images``) or, with ``rows_major``,
+Output is ``y[M, N]`` (outputs-major: for a convolution at batch 1 that is already NCHW; at batch B
+``y[B, M, N/B]``, see ``lookup``'s ``images``) or, with ``rows_major``,
 ``y[N, M]`` (a dense layer's layout, stored from a small per-tile buffer).
 
 Numpy reference: ``tvm_lut.pq.pack_codes`` (the code layout) and ``tvm_lut.pq.accumulate`` (the sums).
@@ -269,17 +269,20 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
     ``intrinsic=PERMUTE_INTRINSIC`` builds the grouped kernel instead (module docstring): codes and tables
     in the grouped layouts (``packed_shape(..., grouped=True)``, ``pack_tables(..., grouped=True)``).
 
-    ``images=B`` (grouped kernel, outputs-major) writes ``y (B, m, n / B)`` instead of ``y (m, n)``: a
-    convolution's NCHW output at batch B, with no transpose after the kernel. The rows are ``B`` images of
-    ``n / B`` output pixels each, a multiple of 16 (a 16-row vector never spans two images).
+    ``images=B`` (outputs-major) writes ``y (B, m, n / B)`` instead of ``y (m, n)``: a convolution's NCHW
+    output at batch B, with no transpose after the kernel. The rows are ``B`` images of ``n / B`` output
+    pixels each, a multiple of the rows one vector stores (grouped kernel: 16; nibble kernel: half a row
+    block, ``lanes / 2``, the rows of one byte nibble's sums), so no stored vector spans two images.
     """
     if intrinsic == PERMUTE_INTRINSIC:
         return _grouped_lookup(n, c, m, lanes, mb, epilogue, rows_major, images)
-    if images != 1:
-        raise ValueError(f"images={images}: only the grouped (vpermb) lookup writes a batched NCHW output")
     isa = next(i for i in ISAS if i.lanes == lanes and not i.grouped)  # the default for that width (x86)
     intrinsic = intrinsic or isa.intrinsic
     half = lanes // 2
+    if images != 1 and (rows_major or n % images or (n // images) % half):
+        raise ValueError(f"nibble lookup: images={images} needs an outputs-major output and a multiple of {half} "
+                         f"rows per image, got {n} rows{' and rows_major' if rows_major else ''}")
+    hw = n // images  # output pixels per image
     pairs = padded_pairs(c)
     ncb = -(-pairs // (CODEBOOK_BLOCK // 2))
     per_block = pairs // ncb
@@ -289,8 +292,15 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
     bias_total = 128 * 2 * pairs
     full_rows = n % lanes == 0
     u16 = f"uint16x{half}"
-    y_shape = output_shape(n, m, rows_major)
+    y_shape = output_shape(n, m, rows_major, images)
+    y_all = tuple(slice(0, e) for e in y_shape)  # the whole output (each block writes a strided part)
     full_tiles = m % mb == 0
+
+    def y_at(o, row, width: int) -> list:
+        """Indices of output ``o`` for rows ``row .. row+width-1`` (one image) in the outputs-major ``y``."""
+        if images == 1:
+            return [o, row if width == 1 else tirx.Ramp(row, 1, width)]
+        return [row // hw, o, row % hw if width == 1 else tirx.Ramp(row % hw, 1, width)]
 
     def ramp(base, width):
         return tirx.Ramp(base, 1, width)
@@ -332,7 +342,7 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
                 vb, vot = T.axis.remap("SS", [b, ot])
                 T.reads(packed[vb, 0:pairs, 0:lanes], tables[vot * mb:vot * mb + mb, 0:pairs * 2, 0:16],
                         scale[0:m], bias[0:m])
-                T.writes(y[0:m, 0:n])
+                T.writes(y[y_all])
                 acc_lo = T.sblock_alloc_buffer((mb, half), "uint16", scope="local")
                 acc_hi = T.sblock_alloc_buffer((mb, half), "uint16", scope="local")
                 sum_lo = T.sblock_alloc_buffer((mb, half), "int32", scope="local")
@@ -378,25 +388,26 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
                 for i in T.unroll(mb):
                     if not rows_major and vot * mb + i < m:
                         if full_rows or vb * lanes + lanes <= n:
-                            y[vot * mb + i, T.ramp(vb * lanes, 1, half)] = dequant(
-                                T.Cast(f"float32x{half}", sum_lo[i, T.ramp(0, 1, half)]), scale, bias, vot * mb + i, half)
-                            y[vot * mb + i, T.ramp(vb * lanes + half, 1, half)] = dequant(
-                                T.Cast(f"float32x{half}", sum_hi[i, T.ramp(0, 1, half)]), scale, bias, vot * mb + i, half)
+                            T.buffer_store(y, dequant(T.Cast(f"float32x{half}", sum_lo[i, T.ramp(0, 1, half)]), scale,
+                                                      bias, vot * mb + i, half), y_at(vot * mb + i, vb * lanes, half))
+                            T.buffer_store(y, dequant(T.Cast(f"float32x{half}", sum_hi[i, T.ramp(0, 1, half)]), scale,
+                                                      bias, vot * mb + i, half),
+                                           y_at(vot * mb + i, vb * lanes + half, half))
                         else:
                             for r in range(half):
                                 if vb * lanes + r < n:
-                                    y[vot * mb + i, vb * lanes + r] = dequant(
-                                        T.Cast("float32", sum_lo[i, r]), scale, bias, vot * mb + i, 1)
+                                    T.buffer_store(y, dequant(T.Cast("float32", sum_lo[i, r]), scale, bias, vot * mb + i,
+                                                              1), y_at(vot * mb + i, vb * lanes + r, 1))
                                 if vb * lanes + half + r < n:
-                                    y[vot * mb + i, vb * lanes + half + r] = dequant(
-                                        T.Cast("float32", sum_hi[i, r]), scale, bias, vot * mb + i, 1)
+                                    T.buffer_store(y, dequant(T.Cast("float32", sum_hi[i, r]), scale, bias, vot * mb + i,
+                                                              1), y_at(vot * mb + i, vb * lanes + half + r, 1))
 
     # "estimated_flops": MetaSchedule's flop counter cannot walk vector expressions (Broadcast, Shuffle);
     # given here it is the number of table lookups plus the per-output FMA
     return (_opaque(func, "shuffle_lookup").with_attr("estimated_flops", n * c * m + 2 * n * m)
             .with_attr("tvm_lut.shape", [n, c, m, lanes]).with_attr("tvm_lut.mb", mb)
             .with_attr("tvm_lut.intrinsic", intrinsic).with_attr("tvm_lut.epilogue", int(epilogue))
-            .with_attr("tvm_lut.rows_major", int(rows_major)))
+            .with_attr("tvm_lut.rows_major", int(rows_major)).with_attr("tvm_lut.images", images))
 
 
 def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,

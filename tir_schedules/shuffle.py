@@ -202,6 +202,14 @@ def _dequant(val, scale, bias, o, width: int, epilogue: bool):
 
 
 @T.macro
+def _outputs_major_index(o, row, width: int, images: int, hw: int) -> list:
+    """Indices of output ``o`` for rows ``row .. row+width-1`` (one image) in an outputs-major ``y``: ``(m, n)``,
+    or ``(images, m, hw)`` at batch ``images`` with ``hw`` rows (output pixels) per image."""
+    if images == 1:
+        return [o, row if width == 1 else tirx.Ramp(row, 1, width)]
+    return [row // hw, o, row % hw if width == 1 else tirx.Ramp(row % hw, 1, width)]
+
+
 def _store_tile_rows(y, tile, vb, vot, n, m, lanes, mb, full_tiles):
     """Rows-major output: each of the block's rows stores its ``mb`` dequantised outputs from the local
     tile (one vector store per row when the output tiles are full)."""
@@ -297,10 +305,7 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
     full_tiles = m % mb == 0
 
     def y_at(o, row, width: int) -> list:
-        """Indices of output ``o`` for rows ``row .. row+width-1`` (one image) in the outputs-major ``y``."""
-        if images == 1:
-            return [o, row if width == 1 else tirx.Ramp(row, 1, width)]
-        return [row // hw, o, row % hw if width == 1 else tirx.Ramp(row % hw, 1, width)]
+        return _outputs_major_index(o, row, width, images, hw)
 
     def ramp(base, width):
         return tirx.Ramp(base, 1, width)
@@ -429,10 +434,7 @@ def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
     full_rows, full_tiles = n % lanes == 0, m % mb == 0
 
     def y_at(o, row, width: int) -> list:
-        """Indices of output ``o`` for rows ``row .. row+width-1`` (one image) in the outputs-major ``y``."""
-        if images == 1:
-            return [o, row if width == 1 else tirx.Ramp(row, 1, width)]
-        return [row // hw, o, row % hw if width == 1 else tirx.Ramp(row % hw, 1, width)]
+        return _outputs_major_index(o, row, width, images, hw)
 
     def looked_up(packed, tables, vb, o, g, s):
         """64 lookups: rows ``16s..16s+15`` of the block x the 4 codebooks of group ``g``, for output ``o``."""

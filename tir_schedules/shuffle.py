@@ -201,7 +201,6 @@ def _dequant(val, scale, bias, o, width: int, epilogue: bool):
     return val * tirx.Broadcast(scale[o], width) + tirx.Broadcast(bias[o], width)
 
 
-@T.macro
 def _outputs_major_index(o, row, width: int, images: int, hw: int) -> list:
     """Indices of output ``o`` for rows ``row .. row+width-1`` (one image) in an outputs-major ``y``: ``(m, n)``,
     or ``(images, m, hw)`` at batch ``images`` with ``hw`` rows (output pixels) per image."""
@@ -210,6 +209,7 @@ def _outputs_major_index(o, row, width: int, images: int, hw: int) -> list:
     return [row // hw, o, row % hw if width == 1 else tirx.Ramp(row % hw, 1, width)]
 
 
+@T.macro
 def _store_tile_rows(y, tile, vb, vot, n, m, lanes, mb, full_tiles):
     """Rows-major output: each of the block's rows stores its ``mb`` dequantised outputs from the local
     tile (one vector store per row when the output tiles are full)."""

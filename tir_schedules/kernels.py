@@ -310,9 +310,10 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     multiply-add. Same scores and tie rule: the codes are identical. The fused encoder takes 8 rows per
     vector (``ROW_LANES_ATTR``), one ymm per value: with 16 rows each subvector element, score chain and
     the running minimum and index take two, more than 16 registers from V=2 up. Measured on a Zen 3,
-    one thread, 16 -> 8 rows: V=9 522 -> 438 us at 64 channels 32x32; V=4 505 -> 478 there, 303 -> 251
-    at 128 channels 16x16, 493 -> 415 and 369 -> 316 for the demo's 5x5 convs at batch 16; V=2 710 -> 612;
-    V=3 unchanged (522-530 against 530-535). The L1 encoder (subtract, abs and add per element: PECAN-D,
+    one thread, 16 -> 8 rows: V=9 522 -> 438 us at 64 channels 32x32; medians of 5 alternations, V=4
+    509 -> 477 there, 303 -> 258 at 128 channels 16x16, 493 -> 415 and 399 -> 318 for the demo's 5x5 convs
+    at batch 16; V=2 726 -> 617;
+    V=3 unchanged (527 against 532). The L1 encoder (subtract, abs and add per element: PECAN-D,
     rows from a separate im2col) keeps 16 rows for V <= 4: (1024, 576) rows, V=2 1139-1149 us with 16
     against 1179-1191 with 8, V=4 966-978 against 957-960 (L2 on the same rows, V=4: 740-752 against
     679-683). The score-buffer encoder (32-register ISAs) takes up to 16.

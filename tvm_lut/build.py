@@ -110,11 +110,16 @@ class BatchRunner:
         ``target_s``: fast models get many calls, a slow untuned build is not run for minutes.
         """
         args = [tvm.runtime.tensor(np.zeros(shape, dtype), self.device) for _, shape, dtype in self.inputs]
-        once = self.vm.time_evaluator("main", self.device, number=1, repeat=1)(*args, *self.params).mean
-        number = int(min(max(target_s / max(once, 1e-6), 1), 1000))
-        timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
-        res = timer(*args, *self.params)
-        return float(np.median(res.results) * 1e3)
+        return median_ms(self.vm, "main", self.device, [*args, *self.params], repeat, target_s)
+
+
+def median_ms(module, name: str, device, args: list, repeat: int = 3, target_s: float = 0.2) -> float:
+    """Median wall time of ``module[name](*args)`` in milliseconds (TVM's ``time_evaluator``). One warm-up
+    call sets the number of calls per repeat so that each repeat takes about ``target_s``."""
+    once = module.time_evaluator(name, device, number=1, repeat=1)(*args).mean
+    number = int(min(max(target_s / max(once, 1e-6), 1), 1000))
+    res = module.time_evaluator(name, device, number=number, repeat=repeat)(*args)
+    return float(np.median(res.results) * 1e3)
 
 
 def default_threads() -> int:

@@ -33,7 +33,7 @@ import tvm
 from tvm import relax
 
 from . import graph
-from .build import BatchRunner, resolve_target
+from .build import BatchRunner, median_ms, resolve_target
 
 log = logging.getLogger("tvm_lut")
 
@@ -158,13 +158,7 @@ def kernels_latency_ms(executable, calls: list[KernelCall], input_shape: tuple, 
     steps = kernel_steps(executable.mod, calls, x)
     if steps is None:
         return None
-    dev, total = tvm.cpu(), 0.0
-    for lib, name, args in steps:
-        once = lib.time_evaluator(name, dev, number=1, repeat=1)(*args).mean
-        number = int(min(max(target_s / max(once, 1e-6), 1), 1000))
-        res = lib.time_evaluator(name, dev, number=number, repeat=repeat)(*args)
-        total += float(np.median(res.results))
-    return total * 1e3
+    return sum(median_ms(lib, name, tvm.cpu(), args, repeat, target_s) for lib, name, args in steps)
 
 
 def single_layer_module(layer: graph.Layer) -> tvm.IRModule:

@@ -16,6 +16,11 @@ in inline assembly (no memory traffic) is compiled with the host C compiler (``c
 * ``fma_per_cycle``: ``vfmadd231ps`` into independent accumulators, 512-bit (16 float multiply-adds each)
   or 256-bit on an AVX2-only core (8 each; ``vector_bits`` says which): the ceiling of an exact dense
   layer, and of the encoder's distance arithmetic.
+* ``fma_broadcast_per_cycle``: the same FMAs, each with its own float read from memory and broadcast to
+  every lane (AVX2: a ``vbroadcastss`` load per FMA; AVX-512: the FMA's embedded ``{1to16}`` broadcast):
+  the inner step of the row-lane encoders (``kernels.encode``: 8 or 16 rows in the lanes, one centroid
+  value broadcast per multiply-add), whose ceiling this is rather than ``fma_per_cycle``. On the Zen 3
+  this was measured on, 1.4 of the 2 FMAs per cycle (each FMA and its broadcast alone reach 2 and 1.4 per cycle).
 
 The AVX-512 program is tried first, then the AVX2 one (measured on a Zen 3: 3.14 GHz, 1.98 ymm
 ``vpshufb`` and 2.04 ymm FMAs per cycle). Returns None where there is no C compiler or the CPU has
@@ -61,8 +66,15 @@ int main(void){
   n = N; t0 = now();
   __asm__ volatile(ZERO "1:\n\t" FMA "dec %0\n\tjnz 1b" : "+r"(n) :: CLOB);
   double fma = (double)FMAS * N / ((now() - t0) * ghz * 1e9);
-  printf("{\"clock_ghz\": %.3f, \"vpshufb_per_cycle\": %.3f, \"fma_per_cycle\": %.3f, \"vector_bits\": %d, "
-         "\"vpermb_vpdpbusd_per_cycle\": ", ghz, shuf, fma, BITS);
+  static float centroids[64] __attribute__((aligned(64)));
+  for (int i = 0; i < 64; i++) centroids[i] = 0.5f;
+  float *cp = centroids;
+  n = N; t0 = now();
+  __asm__ volatile(ZERO "1:\n\t" FMA_BCAST "dec %0\n\tjnz 1b" : "+r"(n) : "S"(cp) : CLOB);
+  double fma_bcast = (double)FMAS * N / ((now() - t0) * ghz * 1e9);
+  printf("{\"clock_ghz\": %.3f, \"vpshufb_per_cycle\": %.3f, \"fma_per_cycle\": %.3f, "
+         "\"fma_broadcast_per_cycle\": %.3f, \"vector_bits\": %d, \"vpermb_vpdpbusd_per_cycle\": ",
+         ghz, shuf, fma, fma_bcast, BITS);
   if (perm < 0) printf("null}\n"); else printf("%.3f}\n", perm);
   return 0;
 }
@@ -75,7 +87,15 @@ def _defines(bits: int) -> str:
     shuf = "".join(f"vpshufb %%{r}0, %%{r}{i}, %%{r}{i}\\n\\t" for i in range(1, 13))
     accs = range(16) if bits == 512 else range(3, 15)  # ymm0-15 only: 12 accumulators
     fma = "".join(f"vfmadd231ps %%{r}1, %%{r}2, %%{r}{(16 if bits == 512 else 0) + i}\\n\\t" for i in accs)
-    out = f'#define BITS {bits}\n#define FMAS {len(accs)}\n#define ZERO "vpxor %%xmm0,%%xmm0,%%xmm0\\n\\t"\n#define SHUF "{shuf}"\n#define FMA "{fma}"\n'
+    # one float per FMA from memory, broadcast: AVX2 loads it into one of three rotating temporaries
+    # (ymm0, ymm1, ymm15: no false dependency between consecutive FMAs); AVX-512 embeds the broadcast
+    if bits == 512:
+        fma_bcast = "".join(f"vfmadd231ps {4 * i}(%%rsi)%{{1to16%}}, %%zmm2, %%zmm{16 + i}\\n\\t" for i in accs)
+    else:
+        fma_bcast = "".join(f"vbroadcastss {4 * i}(%%rsi), %%ymm{(0, 1, 15)[i % 3]}\\n\\t"
+                            f"vfmadd231ps %%ymm{(0, 1, 15)[i % 3]}, %%ymm2, %%ymm{i}\\n\\t" for i in accs)
+    out = (f'#define BITS {bits}\n#define FMAS {len(accs)}\n#define ZERO "vpxor %%xmm0,%%xmm0,%%xmm0\\n\\t"\n'
+           f'#define SHUF "{shuf}"\n#define FMA "{fma}"\n#define FMA_BCAST "{fma_bcast}"\n')
     if bits == 512:
         perm = "".join(f"vpermb %%zmm{1 + i % 4}, %%zmm0, %%zmm{5 + i % 8}\\n\\tvpdpbusd %%zmm{5 + i % 8}, %%zmm13, %%zmm{16 + i}\\n\\t"
                        for i in range(16))

@@ -81,3 +81,28 @@ def test_kernel_chain_reproduces_the_deployed_layer_and_rejects_a_wrong_one(tmp_
     np.savez(art["chain"]["npz"], **consts)
     with pytest.raises(RuntimeError, match="do not reproduce"):
         speed._chain_ms(art)
+
+
+def test_lookup_peak_measures_fma_with_and_without_a_broadcast_per_multiply_add():
+    """``benchmarks/lookup_peak.py`` on this core (x86 with a C compiler): every ceiling present and positive, and
+    a broadcast per multiply-add (the row-lane encoders' inner step) no faster than multiply-adds alone (with
+    room for this machine's run-to-run noise between the two loops)."""
+    import platform
+    import shutil
+
+    if platform.machine() not in ("x86_64", "AMD64") or not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("lookup_peak measures x86 cores with a C compiler")
+    try:
+        with open("/proc/cpuinfo") as f:
+            avx2 = " avx2" in f.read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to say whether this core has AVX2")
+    if not avx2:
+        pytest.skip("lookup_peak measures AVX2 or AVX-512 cores; this one has neither")
+    lookup_peak = pytest.importorskip("lookup_peak")
+    peak = lookup_peak.measure()
+    assert peak is not None, "an AVX2 core, but lookup_peak's timing loops did not build or run"
+    for key in ("clock_ghz", "vpshufb_per_cycle", "fma_per_cycle", "fma_broadcast_per_cycle"):
+        assert peak[key] > 0, (key, peak)
+    assert peak["vector_bits"] in (256, 512)
+    assert peak["fma_broadcast_per_cycle"] <= 1.5 * peak["fma_per_cycle"], peak

@@ -441,6 +441,24 @@ def test_codebook_lane_encoder_writes_nibble_codes(shape, distance, codebook_lan
                                   pq.pack_codes(pq.encode(x, ec, eb, distance), lanes, pairs))
 
 
+def test_codebook_lane_operands_follow_the_encoders_lane_order():
+    """The 8-lane V=4 encoder deinterleaves by in-lane unpacks, which leave each block's codebooks in the
+    order (0, 2, 4, 6, 1, 3, 5, 7); its centroids and offsets must come in that order, other widths and V in
+    codebook order (the nibble tests above check the codes end to end)."""
+    assert kernels.lane_order(8, 4) == (0, 2, 4, 6, 1, 3, 5, 7)
+    assert kernels.lane_order(16, 4) is None and kernels.lane_order(8, 3) is None
+    c, v, k = 11, 4, 16  # a whole block of 8 and a partial one of 3 (zero-padded)
+    cents = np.arange(c * v * k, dtype=np.float32).reshape(c, v, k)
+    offsets = np.arange(c * k, dtype=np.float32).reshape(c, k) + 1000
+    cp, op = kernels.codebook_lane_operands(cents, offsets, lanes=8)
+    assert cp.shape == (2, v, k, 8) and op.shape == (2, k, 8)
+    for block in range(2):
+        for lane, q in enumerate((0, 2, 4, 6, 1, 3, 5, 7)):
+            cb = block * 8 + q
+            np.testing.assert_array_equal(cp[block, :, :, lane], cents[cb] if cb < c else 0)
+            np.testing.assert_array_equal(op[block, :, lane], offsets[cb] if cb < c else 0)
+
+
 def test_codebook_lane_encoder_rejects_too_few_pairs():
     with pytest.raises(ValueError, match="C=37 codebooks need >= 19 pairs"):
         kernels.encode_codebook_lanes(64, 37, 16, 4, "l2", 32, grouped=False, pairs=18)

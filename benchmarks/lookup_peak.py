@@ -19,8 +19,9 @@ in inline assembly (no memory traffic) is compiled with the host C compiler (``c
 * ``fma_broadcast_per_cycle``: the same FMAs, each with its own float read from memory and broadcast to
   every lane (AVX2: a ``vbroadcastss`` load per FMA; AVX-512: the FMA's embedded ``{1to16}`` broadcast):
   the inner step of the row-lane encoders (``kernels.encode``: 8 or 16 rows in the lanes, one centroid
-  value broadcast per multiply-add), whose ceiling this is rather than ``fma_per_cycle``. On the Zen 3
-  this was measured on, 1.4 of the 2 FMAs per cycle (each FMA and its broadcast alone reach 2 and 1.4 per cycle).
+  value broadcast per multiply-add), whose ceiling this is rather than ``fma_per_cycle``. On the Zen 3 VM
+  this was written on it depends on the machine's state: 1.22-1.32 with FMAs alone at 1.74-1.76 in most
+  runs, 2.00 for both in a quieter one.
 
 The AVX-512 program is tried first, then the AVX2 one (measured on a Zen 3: 3.14 GHz, 1.98 ymm
 ``vpshufb`` and 2.04 ymm FMAs per cycle). Returns None where there is no C compiler or the CPU has

@@ -31,9 +31,9 @@ ROW_LANES_ATTR = "tvm_lut.max_row_lanes"  # an encoder's cap on rows per vector 
 # scores the fused-score encoder accumulates side by side (``ScoreChain``): 4 independent multiply-add
 # chains in program order. Measured on a Zen 3 (V=9, one thread): 1 -> 4 took 64 channels 32x32 from
 # 438 to 368 us; 8 measured the same as 4 (its 8 accumulators and 9 subvector elements exceed 16 ymm),
-# 5-7 slower (2026-12-05, alternating: 4 394-399 us, 5 435-438, 6 433-445, 7 447-455, 8 402-414). What bounds
-# it there is one centroid broadcast per multiply-add: ``benchmarks/lookup_peak.py``'s
-# ``fma_broadcast_per_cycle`` (1.2-1.4 FMAs per cycle on that core, against 1.7-2.0 without the broadcasts)
+# 5-7 slower (2026-12-05, alternating: 4 394-399 us, 5 435-438, 6 433-445, 7 447-455, 8 402-414). Its
+# centroid broadcasts (one load per multiply-add) cost more there: ``benchmarks/lookup_peak.py``'s
+# ``fma_broadcast_per_cycle``, 1.2-1.3 FMAs per cycle against 1.75 without them in most runs on that VM
 FUSED_SCORE_CHAINS = 4
 
 

@@ -502,10 +502,10 @@ CODEBOOK_LANES_16_REGISTERS = 8
 CENTROID_L1_BYTES = 16 * 1024  # centroids kept in L1 while a block of rows is encoded (of 32-48 KB)
 
 # x86 ``unpcklps/unpckhps/unpcklpd/unpckhpd``: which 4 of two vectors' 8 elements of each 128-bit lane they take
-_UNPACK_LO_PS, _UNPACK_HI_PS, _UNPACK_LO_PD, _UNPACK_HI_PD = (0, 4, 1, 5), (2, 6, 3, 7), (0, 1, 4, 5), (2, 3, 6, 7)
+UNPCKLPS, UNPCKHPS, UNPCKLPD, UNPCKHPD = (0, 4, 1, 5), (2, 6, 3, 7), (0, 1, 4, 5), (2, 3, 6, 7)
 
 
-def _in_lane(pattern: tuple[int, ...], lanes: int) -> list[int]:
+def in_lane(pattern: tuple[int, ...], lanes: int) -> list[int]:
     """Shuffle indices into two concatenated ``lanes``-element vectors that apply ``pattern`` (0-3: the first
     vector's elements of a 128-bit lane, 4-7: the second's) to each 128-bit lane."""
     return [q * 4 + p if p < 4 else lanes + q * 4 + p - 4 for q in range(lanes // 4) for p in pattern]
@@ -517,10 +517,10 @@ def _transpose4_in_lanes(raw: list, lanes: int, shuffle: Callable) -> list:
     elements, vector ``t`` holds element ``t`` of every codebook, in the order ``lane_order`` gives (not
     codebook order: that would need lane-crossing permutes). ``shuffle(vectors, indices)`` builds the
     shuffle: ``tirx.Shuffle`` in the kernel, numpy indexing in ``lane_order``."""
-    a, b = shuffle(raw[:2], _in_lane(_UNPACK_LO_PS, lanes)), shuffle(raw[:2], _in_lane(_UNPACK_HI_PS, lanes))
-    c, d = shuffle(raw[2:], _in_lane(_UNPACK_LO_PS, lanes)), shuffle(raw[2:], _in_lane(_UNPACK_HI_PS, lanes))
-    return [shuffle([a, c], _in_lane(_UNPACK_LO_PD, lanes)), shuffle([a, c], _in_lane(_UNPACK_HI_PD, lanes)),
-            shuffle([b, d], _in_lane(_UNPACK_LO_PD, lanes)), shuffle([b, d], _in_lane(_UNPACK_HI_PD, lanes))]
+    a, b = shuffle(raw[:2], in_lane(UNPCKLPS, lanes)), shuffle(raw[:2], in_lane(UNPCKHPS, lanes))
+    c, d = shuffle(raw[2:], in_lane(UNPCKLPS, lanes)), shuffle(raw[2:], in_lane(UNPCKHPS, lanes))
+    return [shuffle([a, c], in_lane(UNPCKLPD, lanes)), shuffle([a, c], in_lane(UNPCKHPD, lanes)),
+            shuffle([b, d], in_lane(UNPCKLPD, lanes)), shuffle([b, d], in_lane(UNPCKHPD, lanes))]
 
 
 def lane_order(lanes: int, v: int) -> tuple[int, ...] | None:

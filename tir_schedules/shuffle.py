@@ -54,7 +54,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .kernels import _opaque
+from .kernels import UNPCKHPD, UNPCKHPS, UNPCKLPD, UNPCKLPS, _opaque, in_lane
 
 DEFAULT_TILE = 4  # outputs per register tile of the hand schedule (measured best of 2/4/8/16 at C=32)
 DEFAULT_TILE_ROWS_MAJOR = 8  # nibble kernel, rows-major: mb floats per row store; wider tiles store less often
@@ -224,13 +224,12 @@ def _store_tile_rows(y, tile, vb, vot, n, m, lanes, mb, full_tiles):
 
 
 def _lanes128(pattern) -> list:
-    """Shuffle indices applying ``pattern`` (4 indices into the pair's 128-bit lanes, 0-3: first vector,
-    4-7: second) to each of the four 128-bit lanes of two 16-float vectors (x86 ``unpck*``)."""
-    return [tirx.const(q * 4 + p if p < 4 else 16 + q * 4 + p - 4, "int32") for q in range(4) for p in pattern]
+    """``kernels.in_lane`` for two 16-float vectors (four 128-bit lanes), as TIR constants."""
+    return [tirx.const(i, "int32") for i in in_lane(pattern, 16)]
 
 
-_UNPACK_LO_PS, _UNPACK_HI_PS = _lanes128((0, 4, 1, 5)), _lanes128((2, 6, 3, 7))
-_UNPACK_LO_PD, _UNPACK_HI_PD = _lanes128((0, 1, 4, 5)), _lanes128((2, 3, 6, 7))
+_UNPACK_LO_PS, _UNPACK_HI_PS = _lanes128(UNPCKLPS), _lanes128(UNPCKHPS)
+_UNPACK_LO_PD, _UNPACK_HI_PD = _lanes128(UNPCKLPD), _lanes128(UNPCKHPD)
 
 
 def transposed4(vecs: list):

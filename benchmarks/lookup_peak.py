@@ -20,7 +20,7 @@ in inline assembly (no memory traffic) is compiled with the host C compiler (``c
   every lane (AVX2: a ``vbroadcastss`` load per FMA; AVX-512: the FMA's embedded ``{1to16}`` broadcast):
   the inner step of the row-lane encoders (``kernels.encode``: 8 or 16 rows in the lanes, one centroid
   value broadcast per multiply-add), whose ceiling this is rather than ``fma_per_cycle``. On the Zen 3 VM
-  this was written on it depends on the machine's state: 1.22-1.32 with FMAs alone at 1.74-1.76 in most
+  this was written on it depends on the machine's state: 1.21-1.32 with FMAs alone at 1.74-1.76 in most
   runs, 2.00 for both in a quieter one.
 
 The AVX-512 program is tried first, then the AVX2 one (measured on a Zen 3: 3.14 GHz, 1.98 ymm

@@ -657,7 +657,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         codes = tirx.Cast(ivec, codes) if float_indices else codes
         if order is None:
             return codes
-        var = tirx.Var("lane_codes", ivec)  # back to codebook order (LLVM folds this into the byte packing)
+        var = tirx.Var("lane_codes", ivec)  # back to codebook order for the byte packing (one shuffle)
         return tirx.Let(var, codes, tirx.Shuffle([var], [tirx.const(order.index(q), "int32") for q in range(lanes)]))
 
     def grouped_bytes(codes):

@@ -523,6 +523,25 @@ def _transpose4_in_lanes(raw: list, lanes: int, shuffle: Callable) -> list:
             shuffle([b, d], in_lane(UNPCKLPD, lanes)), shuffle([b, d], in_lane(UNPCKHPD, lanes))]
 
 
+def _transpose_quads(load: Callable[[int, int], tvm.ir.PrimExpr], v: int, shuffle: Callable) -> list:
+    """The 8-lane deinterleave for V > 4: one row's 8 codebooks x V floats (``load(offset, width)`` reads
+    them) -> V vectors, vector t = element t of the 8 codebooks, in codebook order.
+
+    Elements t0 .. t0+3 (t0 = 0, 4, ..., the last quad ending at element V-1) of codebooks i and i+4 are
+    two 4-float loads joined into one vector (``vinsertf128`` from memory); ``_transpose4_in_lanes`` of four
+    such vectors leaves element t0+j of codebooks 0-3 in 128-bit lane 0 and of codebooks 4-7 in lane 1:
+    codebook order. Every load stays inside the block. At V=9 the generic 9-vector shuffle took LLVM ~390
+    moves, blends and permutes a step (579 instructions beside the 144 multiply-adds' step); this takes 12
+    inserts and 19 in-lane shuffles (373)."""
+    out: list = [None] * v
+    for t0 in sorted({*range(0, v - 3, 4), v - 4}):
+        pairs = [shuffle([load(i * v + t0, 4), load((i + 4) * v + t0, 4)], range(8)) for i in range(4)]
+        for j, vector in enumerate(_transpose4_in_lanes(pairs, 8, shuffle)):
+            if out[t0 + j] is None:
+                out[t0 + j] = vector
+    return out
+
+
 def lane_order(lanes: int, v: int) -> tuple[int, ...] | None:
     """The codebook in each vector lane of ``encode_codebook_lanes``, or None for codebook order.
 
@@ -595,7 +614,10 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
     deinterleave is two levels of in-lane unpacks, which leave the codebooks in ``lane_order``: 220
     instructions a step instead of 257 at D=256. Measured on a Zen 3, N=1024, one thread, both built in
     one process and alternated 5 times, median us: D=256 201 -> 189, D=400 324 -> 306, D=576 449 -> 423,
-    D=1152 892 -> 837.
+    D=1152 892 -> 837. At V > 4 (8 lanes) it is ``_transpose_quads`` (joined 4-float loads, in-lane
+    unpacks, codebook order) instead of LLVM's lowering of one 9-vector shuffle: N=1024, D=576, both built in
+    one process and alternated 3-5 times, median us: V=9 443 -> 380 (and 648 -> 540 in a slower state of
+    the machine), V=8 462 -> 342, V=6 438 -> 379, V=5 (D=580) 438 -> 408, V=12 455 -> 387.
     """
     if k > 16:
         raise ValueError(f"packed codes need K <= 16, got K={k}")
@@ -614,23 +636,28 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
 
     order = lane_order(lanes, v)  # None: lane q holds codebook q of the block
 
-    def deinterleave(raw: list) -> list:
-        """V vectors of one row's L*V floats (L codebook lanes) -> V vectors, vector t = element t of the L
-        codebooks (in ``lane_order``)."""
+    def shuffle_of(vectors: list, indices) -> tirx.Shuffle:
+        return tirx.Shuffle(vectors, [tirx.const(i, "int32") for i in indices])
+
+    def deinterleave(load: Callable[[int, int], tvm.ir.PrimExpr]) -> list:
+        """One row's L*V floats of a block (L codebook lanes; ``load(offset, width)`` reads ``width`` of them
+        from ``offset``) -> V vectors, vector t = element t of the L codebooks (in ``lane_order``)."""
         if order is not None:
-            return _transpose4_in_lanes(raw, lanes, lambda vs, idx: tirx.Shuffle(vs, [tirx.const(i, "int32")
-                                                                                     for i in idx]))
-        return [tirx.Shuffle(raw, [tirx.const(q * v + t, "int32") for q in range(lanes)]) for t in range(v)]
+            return _transpose4_in_lanes([load(lanes * i, lanes) for i in range(v)], lanes, shuffle_of)
+        if lanes == CODEBOOK_LANES_16_REGISTERS and v > 4:
+            return _transpose_quads(load, v, shuffle_of)
+        raw = [load(lanes * i, lanes) for i in range(v)]
+        return [shuffle_of(raw, [q * v + t for q in range(lanes)]) for t in range(v)]
 
     tail_cols = d - full * lanes * v  # the partial block's columns of a row (0: no partial block)
 
     def row_block(x, r, b) -> list:
         """Row r's subvectors of full codebook block b, deinterleaved."""
-        return deinterleave([x[r, tirx.Ramp(b * (lanes * v) + lanes * i, 1, lanes)] for i in range(v)])
+        return deinterleave(lambda offset, width: x[r, tirx.Ramp(b * (lanes * v) + offset, 1, width)])
 
     def tail_block(xt, rb, rr) -> list:
         """Row ``rr`` of row block ``rb``'s subvectors of the partial block, from its zero-padded copy."""
-        return deinterleave([xt[rb, rr, tirx.Ramp(lanes * i, 1, lanes)] for i in range(v)])
+        return deinterleave(lambda offset, width: xt[rb, rr, tirx.Ramp(offset, 1, width)])
 
     def carry(xn, xs: list) -> None:
         """Store V vectors into the carried scratch ``xn`` (one statement each, constant offsets: LLVM keeps

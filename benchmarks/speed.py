@@ -6,7 +6,10 @@ and ONNX Runtime, side by side in one run on this machine.
 Phase 1 (this process) builds every variant once and exports it (``benchmarks/results/cache/speed``):
 
 * kernel level, one linear layer ``x (N, D) @ W (D, M)`` (K=16, V=4 so C=D/4), on the issue's shapes
-  (N=1024, D in {256, 576, 1152}, M in {64, 128, 256}) and MADDNESS's (N=1024, D=128, M=256, C=32):
+  (N=1024, D in {256, 576, 1152}, M in {64, 128, 256}) and MADDNESS's (N=1024, D=128, M=256, C=32);
+  D=576 and 1152 also at V=9 (C=D/9): they are the im2col widths of 3x3 convs over 64 and 128 channels,
+  which LUT-NN, and LUTify by default, split one input channel's 3x3 patch per subspace. The exact
+  baselines of a shape are built once for both V:
   the LUT layer as deployed (packed-code encoder + shuffle lookup + transpose to (N, M)), the LUT
   kernels alone (encoder + lookup, hand schedule and tuned), the deployed layer's kernels called back to
   back on preallocated buffers (how MADDNESS's harness times its kernels: RESEARCH.md §6 is compared at
@@ -43,9 +46,9 @@ from maddness_layouts import MADDNESS_US  # noqa: E402
 
 CACHE = os.path.join(HERE, "results", "cache", "speed")
 
-KERNEL_SHAPES = [(1024, 256, 64), (1024, 256, 128), (1024, 256, 256), (1024, 576, 64), (1024, 576, 128),
-                 (1024, 576, 256), (1024, 1152, 64), (1024, 1152, 128), (1024, 1152, 256), (1024, 128, 256)]
-QUICK_KERNEL_SHAPES = [(1024, 256, 128), (1024, 128, 256)]
+KERNEL_SHAPES = [(1024, d, m, 4) for d in (256, 576, 1152) for m in (64, 128, 256)] + [(1024, 128, 256, 4)] + [
+    (1024, d, m, 9) for d in (576, 1152) for m in (64, 128, 256)]  # (N, D, M, V)
+QUICK_KERNEL_SHAPES = [(1024, 256, 128, 4), (1024, 128, 256, 4)]
 MADDNESS_SHAPE = (1024, 128, 256, 32)  # N, D, M, C of RESEARCH.md §6's peer measurement (MADDNESS_US)
 SHUFFLE_CEILING_PER_CYCLE = 1  # fallback where lookup_peak cannot measure the core: 1 shuffle/cycle, nominal clock
 
@@ -153,6 +156,20 @@ def _kernel_chain(mod, path: str) -> dict | None:
     return {"calls": out, "npz": path + ".npz"}
 
 
+def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    """``--shapes``: comma-separated ``N:D:M`` (V=4) or ``N:D:M:V``."""
+    shapes = []
+    for item in text.split(","):
+        try:
+            fields = [int(f) for f in item.split(":")]
+        except ValueError:
+            fields = []
+        if len(fields) not in (3, 4) or min(fields) < 1:
+            raise SystemExit(f"--shapes: {item!r} is not N:D:M or N:D:M:V (positive integers)")
+        shapes.append((*fields, 4) if len(fields) == 3 else tuple(fields))
+    return shapes
+
+
 def build_kernels(shapes, trials: int, target) -> list[dict]:
     import torch
     from torch import nn
@@ -162,16 +179,17 @@ def build_kernels(shapes, trials: int, target) -> list[dict]:
     from tvm_lut.build import compile_with_params
 
     out = []
-    rng = np.random.default_rng(0)
-    for n, d, m in shapes:
+    exact: dict[tuple[int, int, int], dict] = {}  # (N, D, M) -> its exact builds, shared by every V
+    for n, d, m, v in shapes:
         tag = f"linear_n{n}_d{d}_m{m}"
-        _log(f"kernel {tag}: building")
+        _log(f"kernel {tag} V={v}: building")
+        torch.manual_seed(0)
         layer = nn.Linear(d, m).eval()
-        x = rng.standard_normal((n, d)).astype(np.float32)
+        x = np.random.default_rng(d * 1000 + m).standard_normal((n, d)).astype(np.float32)
         mod = tvm_lut.from_torch(layer, torch.from_numpy(x))
-        entry = {"N": n, "D": d, "M": m, "V": 4, "C": d // 4, "K": 16, "torch": {"d": d, "m": m, "n": n}}
+        entry = {"N": n, "D": d, "M": m, "V": v, "C": -(-d // v), "K": 16, "torch": {"d": d, "m": m, "n": n}}
         # the two kernels alone: hand schedule vs tuned (same trial budget as the exact dense)
-        ks = _lut_layer_kernels(tvm_lut.LUTify(calibration=x, all_layers=True, v=4, progress=False, target=target,
+        ks = _lut_layer_kernels(tvm_lut.LUTify(calibration=x, all_layers=True, v=v, progress=False, target=target,
                                                schedule=False)(mod))
         db = os.path.join(CACHE, "db_lut")
         entry["kernels"] = {}
@@ -194,21 +212,22 @@ def build_kernels(shapes, trials: int, target) -> list[dict]:
                 rec["trials"] = trials * len(variants)
             entry["kernels"][role] = rec
         # the LUT layer as deployed: tuned kernels where the database has them
-        p = tvm_lut.LUTify(calibration=x, all_layers=True, v=4, progress=False, target=target,
+        p = tvm_lut.LUTify(calibration=x, all_layers=True, v=v, progress=False, target=target,
                            database=db if trials else None)
         lut = p(mod)
         entry["lut_kernel"] = p.layers[0]["kernel"]
         ex, params = compile_with_params(lut, target)
-        entry["lut_layer"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_lut"))
-        entry["lut_layer"]["chain"] = _kernel_chain(lut, os.path.join(CACHE, tag + "_lut_chain"))
-        # exact dense: untuned and tuned
-        ex, params = compile_with_params(mod, target)
-        entry["tvm_untuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_exact"))
-        if trials:
-            t0 = time.time()
-            ex, params, _ = tune_model(mod, target, os.path.join(CACHE, "db_exact_" + tag), trials)
-            entry["tvm_tuning_s"] = time.time() - t0
-            entry["tvm_tuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_exact_tuned"))
+        entry["lut_layer"] = _export(ex, params, [x], os.path.join(CACHE, f"{tag}_v{v}_lut"))
+        entry["lut_layer"]["chain"] = _kernel_chain(lut, os.path.join(CACHE, f"{tag}_v{v}_lut_chain"))
+        if (n, d, m) not in exact:  # exact dense: untuned and tuned
+            ex, params = compile_with_params(mod, target)
+            exact[n, d, m] = {"tvm_untuned": _export(ex, params, [x], os.path.join(CACHE, tag + "_exact"))}
+            if trials:
+                t0 = time.time()
+                ex, params, _ = tune_model(mod, target, os.path.join(CACHE, "db_exact_" + tag), trials)
+                exact[n, d, m]["tvm_tuning_s"] = time.time() - t0
+                exact[n, d, m]["tvm_tuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_exact_tuned"))
+        entry.update(exact[n, d, m])
         out.append(entry)
     return out
 
@@ -431,13 +450,13 @@ def _ceiling(kernel: str, peak: dict | None) -> float:
 
 def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[dict, str]:
     mhz = peak["clock_ghz"] * 1e3 if peak else _cpu_mhz()
-    kern_info = {(e["N"], e["D"], e["M"]): e for e in plan["kernel"]}
+    kern_info = {(e["N"], e["D"], e["M"], e["V"]): e for e in plan["kernel"]}
     clock = "measured" if peak else "nominal"
     md = [f"# Speed, {platform.processor() or platform.machine()} ({mhz:.0f} MHz {clock}), one run\n"]
     for run in runs:
         t = run["threads"]
         for r in run["kernel"]:
-            info = kern_info[(r["N"], r["D"], r["M"])]
+            info = kern_info[(r["N"], r["D"], r["M"], r["V"])]
             ks = info["kernels"]
             lookups = r["N"] * r["C"] * r["M"]
             look = ks.get("shuffle_lookup", {})
@@ -465,7 +484,7 @@ def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[d
             r["kernels_vs_torch"] = r["torch_ms"] / r["kernels_ms"] if r.get("kernels_ms") else None
         md.append(f"\n## Kernel: one linear layer, {t} thread(s) (ms; ratios > 1: LUT faster)\n")
         md.append(_table(run["kernel"], [
-            ("N", "N"), ("D", "D"), ("M", "M"), ("C", "C"), ("lut_layer_ms", "LUT layer"),
+            ("N", "N"), ("D", "D"), ("M", "M"), ("V", "V"), ("C", "C"), ("lut_layer_ms", "LUT layer"),
             ("kernels_ms", "LUT kernels"), ("chain_ms", "kernels back to back"), ("encode_us", "encode µs"),
             ("lookup_hand_us", "lookup hand µs"),
             ("lookup_tuned_us", "lookup tuned µs"), ("tvm_untuned_ms", "TVM exact"),
@@ -510,7 +529,7 @@ def summarize(plan: dict, runs: list[dict], peak: dict | None = None) -> tuple[d
                  f"Ceiling = lanes x {SHUFFLE_CEILING_PER_CYCLE} shuffle/cycle at the nominal clock (no C compiler "
                  "or neither AVX-512 nor AVX2 here: lookup_peak.py could not measure the core).\n"))
     return {"machine": {"cpu_mhz": mhz, "platform": platform.platform(), "lookup_peak": peak}, "runs": runs,
-            "build": {"kernel": [{k: v for k, v in e.items() if k in ("N", "D", "M", "kernels", "tvm_tuning_s")}
+            "build": {"kernel": [{k: v for k, v in e.items() if k in ("N", "D", "M", "V", "kernels", "tvm_tuning_s")}
                                  for e in plan["kernel"]],
                       "e2e": [{k: v for k, v in e.items() if k in ("model", "batch", "tvm_tuning_s", "tvm_tasks", "lut_rest_tuning_s", "lut_rest_tasks")}
                               for e in plan["e2e"]]}}, "\n".join(md)
@@ -548,7 +567,8 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--models", default=None, help="comma-separated prefixes of the end-to-end models (ResNet-18,...)")
     ap.add_argument("--batches", default="1,32", help="end-to-end batch sizes")
-    ap.add_argument("--shapes", default=None, metavar="N:D:M,...", help="kernel shapes instead of the default list")
+    ap.add_argument("--shapes", default=None, metavar="N:D:M[:V],...",
+                    help="kernel shapes instead of the default list (V: subvector length, default 4)")
     ap.add_argument("--only", default="kernel,e2e")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "speed"))
     ap.add_argument("--measure-only", action="store_true",
@@ -577,7 +597,7 @@ def main() -> None:
     if "kernel" in only:
         shapes = QUICK_KERNEL_SHAPES if args.quick else KERNEL_SHAPES
         if args.shapes:
-            shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes.split(",")]
+            shapes = parse_shapes(args.shapes)
         plan["kernel"] = build_kernels(shapes, args.trials, target)
     if "e2e" in only:
         names = ["ResNet-20 (CIFAR)", "LeNet-5 (MNIST)"] if args.quick else list(E2E)

@@ -17,7 +17,7 @@ PEAK = {"clock_ghz": 2.0, "vpshufb_per_cycle": 2.0, "vpermb_vpdpbusd_per_cycle":
 
 def _run(tvm_tuned_ms: float, d: int = 256, m: int = 128, chain_ms: float | None = None) -> tuple[dict, dict]:
     n, k, v = 1024, 16, 4
-    plan = {"kernel": [{"N": n, "D": d, "M": m, "kernels": {"encode": {"hand_us": 50.0},
+    plan = {"kernel": [{"N": n, "D": d, "M": m, "V": v, "kernels": {"encode": {"hand_us": 50.0},
                                                               "shuffle_lookup": {"hand_us": 40.0, "tuned_us": 30.0}}}],
             "e2e": []}
     run = {"threads": 1, "e2e": [], "kernel": [{"N": n, "D": d, "M": m, "V": v, "C": d // v, "K": k,
@@ -47,6 +47,16 @@ def test_bound_scales_with_the_exact_time_and_is_absent_without_a_tuned_build():
     assert _run(0.8)[0]["vs_tvm_tuned_bound"] == pytest.approx(2 * _run(0.4)[0]["vs_tvm_tuned_bound"])
     r, _ = _run(None)
     assert r["vs_tvm_tuned"] is None and "vs_tvm_tuned_bound" not in r
+
+
+def test_kernel_shapes_take_a_subvector_length_and_bad_ones_are_refused():
+    assert speed.parse_shapes("1024:576:128,1024:576:128:9") == [(1024, 576, 128, 4), (1024, 576, 128, 9)]
+    for bad in ("1024:576", "1024:576:128:9:1", "1024:x:128", "1024:576:0"):
+        with pytest.raises(SystemExit, match="is not N:D:M or N:D:M:V"):
+            speed.parse_shapes(bad)
+    # the default list: the shapes at V=4, MADDNESS's, and the 3x3-conv widths at LUT-NN's V=9
+    assert {(d, v) for _, d, _, v in speed.KERNEL_SHAPES} == {(256, 4), (576, 4), (1152, 4), (128, 4), (576, 9),
+                                                              (1152, 9)}
 
 
 def test_maddness_shape_row_is_compared_with_maddness():

@@ -199,9 +199,9 @@ def build_kernels(shapes, trials: int, target) -> list[dict]:
                 t0 = time.time()
                 variants = ([shuffle.retile(f, mb) for mb in tuning.SHUFFLE_TILES]
                             if role == "shuffle_lookup" else [f])
-                for v in variants:
-                    if tuning.best_from_database(v, target, db) is None:
-                        tuning.tune_kernel(v, target, db, trials)
+                for variant in variants:
+                    if tuning.best_from_database(variant, target, db) is None:
+                        tuning.tune_kernel(variant, target, db, trials)
                 best = tuning.best_tuned(f, target, db)
                 rec["tuned_us"] = tuning.measure_us(best, target) if best is not None else None
                 # LUTify(database=...) below deploys the tuned kernel only where it measured faster

@@ -441,37 +441,45 @@ def test_codebook_lane_encoder_writes_nibble_codes(shape, distance, codebook_lan
                                   pq.pack_codes(pq.encode(x, ec, eb, distance), lanes, pairs))
 
 
-# the 8-lane encoder's deinterleave for V > 4 (``_transpose_quads``: joined 4-float loads, in-lane unpacks):
-# V=9 with a whole block and a partial one of 5 codebooks (read from its zero-padded copy) and rows past a
-# row block; V=5 (quads at 0 and 1) tail-only; V=8 (two whole quads) no tail; V=12 under L1 and cosine
-@pytest.mark.parametrize("shape,distance", [((45, 13, 9, 32), "l2"), ((20, 7, 5, 32), "l2"),
-                                            ((33, 16, 8, 32), "l1"), ((24, 11, 12, 16), "cosine")])
-def test_codebook_lane_encoder_deinterleaves_long_subvectors(shape, distance):
+# the encoder's deinterleave for V > 4 (``_transpose_quads``: joined 4-float loads, in-lane unpacks), 8 lanes
+# (AVX2) with nibble codes: V=9 with a whole block and a partial one of 5 codebooks (read from its zero-padded
+# copy) and rows past a row block; V=5 (quads at 0 and 1) tail-only; V=8 (two whole quads) no tail; V=12
+# under cosine; 16 lanes (AVX-512) with grouped codes: V=9 with a partial block, V=6 under L1
+@pytest.mark.parametrize("shape,distance,codebook_lanes", [
+    ((45, 13, 9, 32), "l2", 8), ((20, 7, 5, 32), "l2", 8), ((33, 16, 8, 32), "l1", 8),
+    ((24, 11, 12, 16), "cosine", 8), ((70, 21, 9, 64), "l2", 16), ((33, 16, 6, 16), "l1", 16)])
+def test_codebook_lane_encoder_deinterleaves_long_subvectors(shape, distance, codebook_lanes):
     n, c, v, lanes = shape
     rng = np.random.default_rng(sum(shape) + 5)
     x = rng.standard_normal((n, c * v)).astype(np.float32)
     ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), distance)
-    pairs = shuffle.padded_pairs(c)
-    np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, lanes, pairs, 8, True),
-                                  pq.pack_codes(pq.encode(x, ec, eb, distance), lanes, pairs))
+    codes = pq.encode(x, ec, eb, distance)
+    if codebook_lanes == 16:
+        np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, lanes),
+                                      pq.pack_codes_grouped(codes, lanes))
+    else:
+        pairs = shuffle.padded_pairs(c)
+        np.testing.assert_array_equal(_codebook_lanes(x, ec, eb, distance, n, c, v, lanes, pairs, 8, True),
+                                      pq.pack_codes(codes, lanes, pairs))
 
 
+@pytest.mark.parametrize("lanes", [8, 16])
 @pytest.mark.parametrize("v", [5, 6, 7, 8, 9, 12, 13])
-def test_long_subvector_deinterleave_reads_each_element_once_in_codebook_order(v):
-    """``_transpose_quads`` on the floats' own positions: vector t must hold element t of codebooks 0-7,
-    and no 4-float load may leave the block's 8*V floats."""
-    flat = np.arange(8 * v)
+def test_long_subvector_deinterleave_reads_each_element_once_in_codebook_order(v, lanes):
+    """``_transpose_quads`` on the floats' own positions: vector t must hold element t of every codebook
+    of the block, in codebook order, and no 4-float load may leave the block's lanes*V floats."""
+    flat = np.arange(lanes * v)
     reads = []
 
     def load(offset, width):
         reads.append((offset, width))
         return flat[offset:offset + width]
 
-    out = kernels._transpose_quads(load, v, lambda vs, idx: np.concatenate(vs)[list(idx)])
+    out = kernels._transpose_quads(load, v, lanes, lambda vs, idx: np.concatenate(vs)[list(idx)])
     assert len(out) == v
     for t, vector in enumerate(out):
-        np.testing.assert_array_equal(vector, np.arange(8) * v + t)
-    assert all(0 <= o and o + w <= 8 * v for o, w in reads)
+        np.testing.assert_array_equal(vector, np.arange(lanes) * v + t)
+    assert all(0 <= o and o + w <= lanes * v for o, w in reads)
 
 
 def test_codebook_lane_operands_follow_the_encoders_lane_order():

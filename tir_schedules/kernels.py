@@ -523,20 +523,24 @@ def _transpose4_in_lanes(raw: list, lanes: int, shuffle: Callable) -> list:
             shuffle([b, d], in_lane(UNPCKLPD, lanes)), shuffle([b, d], in_lane(UNPCKHPD, lanes))]
 
 
-def _transpose_quads(load: Callable[[int, int], tvm.ir.PrimExpr], v: int, shuffle: Callable) -> list:
-    """The 8-lane deinterleave for V > 4: one row's 8 codebooks x V floats (``load(offset, width)`` reads
-    them) -> V vectors, vector t = element t of the 8 codebooks, in codebook order.
+def _transpose_quads(load: Callable[[int, int], tvm.ir.PrimExpr], v: int, lanes: int, shuffle: Callable) -> list:
+    """The codebook-lane deinterleave for V > 4: one row's ``lanes`` codebooks x V floats (``load(offset,
+    width)`` reads them) -> V vectors, vector t = element t of the codebooks, in codebook order.
 
-    Elements t0 .. t0+3 (t0 = 0, 4, ..., the last quad ending at element V-1) of codebooks i and i+4 are
-    two 4-float loads joined into one vector (``vinsertf128`` from memory); ``_transpose4_in_lanes`` of four
-    such vectors leaves element t0+j of codebooks 0-3 in 128-bit lane 0 and of codebooks 4-7 in lane 1:
-    codebook order. Every load stays inside the block. At V=9 the generic 9-vector shuffle took LLVM ~390
-    moves, blends and permutes a step (579 instructions beside the 144 multiply-adds' step); this takes 12
-    inserts and 19 in-lane shuffles (373)."""
+    Elements t0 .. t0+3 (t0 = 0, 4, ..., the last quad ending at element V-1) of codebooks i, i+4, ... (one
+    per 128-bit lane) are 4-float loads joined into one vector (``vinsertf128``/``vinsertf32x4`` from
+    memory); ``_transpose4_in_lanes`` of four such vectors leaves element t0+j of codebooks 4g .. 4g+3 in
+    128-bit lane g: codebook order. Every load stays inside the block.
+
+    LLVM lowered the generic V-vector shuffle this replaces to lane-crossing permutes plus spills. At V=9
+    (D=576), instructions in the encoder's step (144 multiply-adds): 8 lanes on AVX2 579 -> 373 (no
+    ``vpermps``, 12 inserts and 19 in-lane shuffles); 16 lanes compiled for ``icelake-server`` 477 -> 347
+    (45 ``vpermt2ps`` -> 0, ~140 register moves and spills -> ~50; counted in the assembly, not timed:
+    no AVX-512 machine was at hand)."""
     out: list = [None] * v
     for t0 in sorted({*range(0, v - 3, 4), v - 4}):
-        pairs = [shuffle([load(i * v + t0, 4), load((i + 4) * v + t0, 4)], range(8)) for i in range(4)]
-        for j, vector in enumerate(_transpose4_in_lanes(pairs, 8, shuffle)):
+        joined = [shuffle([load((i + 4 * g) * v + t0, 4) for g in range(lanes // 4)], range(lanes)) for i in range(4)]
+        for j, vector in enumerate(_transpose4_in_lanes(joined, lanes, shuffle)):
             if out[t0 + j] is None:
                 out[t0 + j] = vector
     return out
@@ -614,9 +618,9 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
     deinterleave is two levels of in-lane unpacks, which leave the codebooks in ``lane_order``: 220
     instructions a step instead of 257 at D=256. Measured on a Zen 3, N=1024, one thread, both built in
     one process and alternated 5 times, median us: D=256 201 -> 189, D=400 324 -> 306, D=576 449 -> 423,
-    D=1152 892 -> 837. At V > 4 (8 lanes) it is ``_transpose_quads`` (joined 4-float loads, in-lane
-    unpacks, codebook order) instead of LLVM's lowering of one 9-vector shuffle: N=1024, D=576, both built in
-    one process and alternated 3-5 times, median us: V=9 443 -> 380 (and 648 -> 540 in a slower state of
+    D=1152 892 -> 837. At V > 4 (8 or 16 lanes) the deinterleave is ``_transpose_quads`` (joined 4-float
+    loads, in-lane unpacks, codebook order) instead of LLVM's lowering of one V-vector shuffle. 8 lanes,
+    N=1024, D=576, both built in one process and alternated 3-5 times, median us: V=9 443 -> 380 (and 648 -> 540 in a slower state of
     the machine), V=8 462 -> 342, V=6 438 -> 379, V=5 (D=580) 438 -> 408, V=12 455 -> 387.
     """
     if k > 16:
@@ -644,8 +648,8 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         from ``offset``) -> V vectors, vector t = element t of the L codebooks (in ``lane_order``)."""
         if order is not None:
             return _transpose4_in_lanes([load(lanes * i, lanes) for i in range(v)], lanes, shuffle_of)
-        if lanes == CODEBOOK_LANES_16_REGISTERS and v > 4:
-            return _transpose_quads(load, v, shuffle_of)
+        if v > 4:
+            return _transpose_quads(load, v, lanes, shuffle_of)
         raw = [load(lanes * i, lanes) for i in range(v)]
         return [shuffle_of(raw, [q * v + t for q in range(lanes)]) for t in range(v)]
 

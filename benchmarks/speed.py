@@ -3,7 +3,8 @@ and ONNX Runtime, side by side in one run on this machine.
 
     python benchmarks/speed.py [--quick] [--trials 64] [--threads 1,2] [--only kernel,e2e]
 
-Phase 1 (this process) builds every variant once and exports it (``benchmarks/results/cache/speed``):
+Phase 1 (this process) builds every variant once and exports it (``benchmarks/results/cache/speed/<out
+name>``, emptied first: every tuning database starts empty):
 
 * kernel level, one linear layer ``x (N, D) @ W (D, M)`` (K=16, V=4 so C=D/4), on the issue's shapes
   (N=1024, D in {256, 576, 1152}, M in {64, 128, 256}) and MADDNESS's (N=1024, D=128, M=256, C=32);
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -170,7 +172,7 @@ def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
     return shapes
 
 
-def build_kernels(shapes, trials: int, target) -> list[dict]:
+def build_kernels(shapes, trials: int, target, cache: str) -> list[dict]:
     import torch
     from torch import nn
 
@@ -191,7 +193,7 @@ def build_kernels(shapes, trials: int, target) -> list[dict]:
         # the two kernels alone: hand schedule vs tuned (same trial budget as the exact dense)
         ks = _lut_layer_kernels(tvm_lut.LUTify(calibration=x, all_layers=True, v=v, progress=False, target=target,
                                                schedule=False)(mod))
-        db = os.path.join(CACHE, "db_lut")
+        db = os.path.join(cache, "db_lut")
         entry["kernels"] = {}
         for role, f in ks.items():
             rec = {"hand_us": tuning.measure_us(x86.schedule(f), target)}
@@ -217,16 +219,16 @@ def build_kernels(shapes, trials: int, target) -> list[dict]:
         lut = p(mod)
         entry["lut_kernel"] = p.layers[0]["kernel"]
         ex, params = compile_with_params(lut, target)
-        entry["lut_layer"] = _export(ex, params, [x], os.path.join(CACHE, f"{tag}_v{v}_lut"))
-        entry["lut_layer"]["chain"] = _kernel_chain(lut, os.path.join(CACHE, f"{tag}_v{v}_lut_chain"))
+        entry["lut_layer"] = _export(ex, params, [x], os.path.join(cache, f"{tag}_v{v}_lut"))
+        entry["lut_layer"]["chain"] = _kernel_chain(lut, os.path.join(cache, f"{tag}_v{v}_lut_chain"))
         if (n, d, m) not in exact:  # exact dense: untuned and tuned
             ex, params = compile_with_params(mod, target)
-            exact[n, d, m] = {"tvm_untuned": _export(ex, params, [x], os.path.join(CACHE, tag + "_exact"))}
+            exact[n, d, m] = {"tvm_untuned": _export(ex, params, [x], os.path.join(cache, tag + "_exact"))}
             if trials:
                 t0 = time.time()
-                ex, params, _ = tune_model(mod, target, os.path.join(CACHE, "db_exact_" + tag), trials)
+                ex, params, _ = tune_model(mod, target, os.path.join(cache, "db_exact_" + tag), trials)
                 exact[n, d, m]["tvm_tuning_s"] = time.time() - t0
-                exact[n, d, m]["tvm_tuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_exact_tuned"))
+                exact[n, d, m]["tvm_tuned"] = _export(ex, params, [x], os.path.join(cache, tag + "_exact_tuned"))
         entry.update(exact[n, d, m])
         out.append(entry)
     return out
@@ -248,7 +250,7 @@ def _make_model(cls_name: str, kwargs: dict):
     return getattr(models, cls_name)(**kwargs).eval()
 
 
-def build_e2e(names, batches, e2e_trials: int, target) -> list[dict]:
+def build_e2e(names, batches, e2e_trials: int, target, cache: str) -> list[dict]:
     import torch
 
     import tvm_lut
@@ -272,24 +274,24 @@ def build_e2e(names, batches, e2e_trials: int, target) -> list[dict]:
                      "lut_layers": sum(r["method"] == "pq" for r in p.layers), "layers": len(p.layers),
                      "kernels": sorted({r.get("kernel", "") for r in p.layers if r["method"] == "pq"})}
             ex, params = compile_with_params(lut, target)
-            entry["lut"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_lut"))
+            entry["lut"] = _export(ex, params, [x], os.path.join(cache, tag + "_lut"))
             ex, params = compile_with_params(mod, target)
-            entry["tvm_untuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_exact"))
+            entry["tvm_untuned"] = _export(ex, params, [x], os.path.join(cache, tag + "_exact"))
             if e2e_trials:
                 t0 = time.time()
-                ex, params, n_tasks = tune_model(mod, target, os.path.join(CACHE, "db_exact_" + tag), e2e_trials)
+                ex, params, n_tasks = tune_model(mod, target, os.path.join(cache, "db_exact_" + tag), e2e_trials)
                 entry["tvm_tuning_s"], entry["tvm_tasks"] = time.time() - t0, n_tasks
-                entry["tvm_tuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_exact_tuned"))
+                entry["tvm_tuned"] = _export(ex, params, [x], os.path.join(cache, tag + "_exact_tuned"))
                 t0 = time.time()
-                ex, params, n_tasks = tune_model(lut, target, os.path.join(CACHE, "db_lutrest_" + tag), e2e_trials)
+                ex, params, n_tasks = tune_model(lut, target, os.path.join(cache, "db_lutrest_" + tag), e2e_trials)
                 entry["lut_rest_tuning_s"], entry["lut_rest_tasks"] = time.time() - t0, n_tasks
-                entry["lut_tuned"] = _export(ex, params, [x], os.path.join(CACHE, tag + "_lut_tuned"))
-            onnx_path = os.path.join(CACHE, tag + ".onnx")
+                entry["lut_tuned"] = _export(ex, params, [x], os.path.join(cache, tag + "_lut_tuned"))
+            onnx_path = os.path.join(cache, tag + ".onnx")
             torch.onnx.export(model, (torch.from_numpy(x),), onnx_path, input_names=["x"], output_names=["y"],
                               dynamo=False)
             entry["onnx"] = onnx_path
-            np.save(os.path.join(CACHE, tag + "_x.npy"), x)
-            entry["x"] = os.path.join(CACHE, tag + "_x.npy")
+            np.save(os.path.join(cache, tag + "_x.npy"), x)
+            entry["x"] = os.path.join(cache, tag + "_x.npy")
             out.append(entry)
     return out
 
@@ -585,12 +587,21 @@ def main() -> None:
     from tir_schedules import tuning, x86
 
     tuning.stub_tensor_intrins()
-    os.makedirs(CACHE, exist_ok=True)
+    # this run's builds and tuning databases: one directory per --out name, emptied before a build, so that
+    # every kernel and model is tuned from an empty database with exactly the trial budget given (reused
+    # databases gave TVM's exact builds earlier runs' records too) and --measure-only finds this run's builds
+    cache = os.path.join(CACHE, os.path.basename(args.out))
+    plan_path = os.path.join(cache, "plan.json")
+    if args.measure_only and not os.path.exists(plan_path):
+        raise SystemExit(f"--measure-only: no build for --out {args.out} ({plan_path} is missing); "
+                         "run once without --measure-only")
+    if not args.measure_only:
+        shutil.rmtree(cache, ignore_errors=True)
+        os.makedirs(cache)
     target = x86.host_target()
     only = set(args.only.split(","))
     t0 = time.time()
     plan = {"kernel": [], "e2e": []}
-    plan_path = os.path.join(CACHE, f"plan_{os.path.basename(args.out)}.json")
     if args.measure_only:
         plan = json.load(open(plan_path))
         only = set()
@@ -598,13 +609,13 @@ def main() -> None:
         shapes = QUICK_KERNEL_SHAPES if args.quick else KERNEL_SHAPES
         if args.shapes:
             shapes = parse_shapes(args.shapes)
-        plan["kernel"] = build_kernels(shapes, args.trials, target)
+        plan["kernel"] = build_kernels(shapes, args.trials, target, cache)
     if "e2e" in only:
         names = ["ResNet-20 (CIFAR)", "LeNet-5 (MNIST)"] if args.quick else list(E2E)
         if args.models:
             names = [n for n in E2E if any(n.startswith(p) for p in args.models.split(","))]
         batches = [1] if args.quick else [int(b) for b in args.batches.split(",")]
-        plan["e2e"] = build_e2e(names, batches, args.e2e_trials, target)
+        plan["e2e"] = build_e2e(names, batches, args.e2e_trials, target, cache)
     build_s = time.time() - t0
     if not args.measure_only:
         json.dump(plan, open(plan_path, "w"))

@@ -116,3 +116,15 @@ def test_lookup_peak_measures_fma_with_and_without_a_broadcast_per_multiply_add(
         assert peak[key] > 0, (key, peak)
     assert peak["vector_bits"] in (256, 512)
     assert peak["fma_broadcast_per_cycle"] <= 1.5 * peak["fma_per_cycle"], peak
+
+
+def test_measure_only_without_a_build_names_the_missing_plan_and_creates_nothing(tmp_path):
+    import subprocess
+
+    name = f"no_such_run_{os.getpid()}"
+    script = os.path.join(os.path.dirname(speed.__file__), "speed.py")
+    proc = subprocess.run([sys.executable, script, "--measure-only", "--out", str(tmp_path / name)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert f"no build for --out {tmp_path / name}" in proc.stderr and "plan.json is missing" in proc.stderr
+    assert not os.path.exists(os.path.join(speed.CACHE, name))

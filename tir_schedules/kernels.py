@@ -689,7 +689,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
         if order is None:
             return codes
         var = tirx.Var("lane_codes", ivec)  # back to codebook order for the byte packing (one shuffle)
-        return tirx.Let(var, codes, tirx.Shuffle([var], [tirx.const(order.index(q), "int32") for q in range(lanes)]))
+        return tirx.Let(var, codes, shuffle_of([var], [order.index(q) for q in range(lanes)]))
 
     def grouped_bytes(codes):
         """Byte of codebook j within its group of 4 is ``16 * (j % 4) + code`` (its vpermb table index)."""
@@ -698,7 +698,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
     def nibble_bytes(codes):
         """The L/2 bytes of L codebooks' codes two per byte: codebook 2p low nibble, 2p+1 high."""
         var = tirx.Var("codes", ivec)  # bound once: the argmin tree's Let chain is read by both shuffles
-        even, odd = (tirx.Shuffle([var], [tirx.const(2 * p + h, "int32") for p in range(lanes // 2)]) for h in (0, 1))
+        even, odd = (shuffle_of([var], [2 * p + h for p in range(lanes // 2)]) for h in (0, 1))
         shift = tirx.Broadcast(tirx.const(4, "int32"), lanes // 2)
         return tirx.Let(var, codes, tirx.Cast(f"uint8x{lanes // 2}", even | (odd << shift)))
 

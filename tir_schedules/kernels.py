@@ -620,8 +620,9 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
     one process and alternated 5 times, median us: D=256 201 -> 189, D=400 324 -> 306, D=576 449 -> 423,
     D=1152 892 -> 837. At V > 4 (8 or 16 lanes) the deinterleave is ``_transpose_quads`` (joined 4-float
     loads, in-lane unpacks, codebook order) instead of LLVM's lowering of one V-vector shuffle. 8 lanes,
-    N=1024, D=576, both built in one process and alternated 3-5 times, median us: V=9 443 -> 380 (and 648 -> 540 in a slower state of
-    the machine), V=8 462 -> 342, V=6 438 -> 379, V=5 (D=580) 438 -> 408, V=12 455 -> 387.
+    N=1024, D=576, both built in one process and alternated 3-5 times, median us: V=9 443 -> 380 (and
+    648 -> 540 in a slower state of the machine), V=8 462 -> 342, V=6 438 -> 379, V=5 (D=580) 438 -> 408,
+    V=12 455 -> 387.
     """
     if k > 16:
         raise ValueError(f"packed codes need K <= 16, got K={k}")

@@ -68,6 +68,36 @@ def test_gather_accumulate_space_tunes(tmp_path):
     assert tuning.best_from_database(func, TARGET, db) is not None
 
 
+def test_two_tunings_in_one_process_leave_the_process_logging_alone(tmp_path, capsys):
+    """Two tunings in one process, with an unnamed handler on MetaSchedule's non-propagating logger (what
+    pytest >= 9.1 attaches to every such logger, and what a user's logging setup may) and a user's file
+    handler on the root logger: both tunings run, the user's handler is neither closed nor replaced,
+    and the trials' log lines go to the database's log file, not to the terminal. ``ms.tune_tir``'s
+    ``dictConfig`` failed the first of these (``'NoneType' object has no attribute 'format'``) and closed
+    the user's handler."""
+    import logging
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    foreign, user = logging.NullHandler(), logging.FileHandler(str(tmp_path / "user.log"))
+    ms_logger.addHandler(foreign)
+    logging.getLogger().addHandler(user)
+    try:
+        for i, m in enumerate((16, 32)):
+            db = str(tmp_path / f"db{i}")
+            assert tuning.tune_kernel(kernels.accumulate(64, 8, 16, m), TARGET, db, trials=2) > 0
+            assert os.path.getsize(os.path.join(db, "logs", "tuning.log")) > 0
+        assert foreign in ms_logger.handlers and user in logging.getLogger().handlers
+        assert user.stream is not None and not user.stream.closed
+        logging.getLogger("tvm_lut").warning("still logging")
+        user.flush()
+        assert "still logging" in open(tmp_path / "user.log").read()
+    finally:
+        ms_logger.removeHandler(foreign)
+        logging.getLogger().removeHandler(user)
+        user.close()
+    assert "Trial" not in capsys.readouterr().out  # MetaSchedule's per-trial table stays in the log file
+
+
 def test_cli_tune_then_compile_with_db(tmp_path, small_cnn, small_inputs, monkeypatch, capsys):
     monkeypatch.setattr(tuning, "SHUFFLE_TILES", (4,))  # one register tile: keeps the test short
     path = tmp_path / "model.onnx"

@@ -249,6 +249,29 @@ def valid_records(func: tirx.PrimFunc, db_dir: str) -> int:
                 if r.run_secs and all(float(s) < 1e9 for s in r.run_secs)})
 
 
+class _task_logger:
+    """A MetaSchedule task's logger for one tuning call: ``tvm_lut.tuning``, writing every trial's lines
+    to ``DB/logs/tuning.log`` (as ``tune_tir``'s own loggers would) and nothing to the terminal; the file
+    handler is closed on exit. No process-wide logging configuration is read or changed."""
+
+    def __init__(self, db_dir: str):
+        self.path = os.path.join(db_dir, "logs", "tuning.log")
+
+    def __enter__(self) -> logging.Logger:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.logger = logging.getLogger("tvm_lut.tuning")
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.propagate = False
+        self.handler = logging.FileHandler(self.path, mode="a")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        self.logger.addHandler(self.handler)
+        return self.logger
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self.handler)
+        self.handler.close()
+
+
 def tune_kernel(func: tirx.PrimFunc, target, db_dir: str, trials: int, seed: int = 0,
                 farm: Farm | None = None) -> int:
     """Tune one unscheduled kernel into the database at ``db_dir`` (appends to what is there), up to
@@ -281,17 +304,25 @@ def tune_kernel(func: tirx.PrimFunc, target, db_dir: str, trials: int, seed: int
     from tvm_lut.targets import is_arm
 
     export = export_aarch64 if is_arm(target) else None
-    ms.tune_tir(
-        _workload(func), target, db_dir, max_trials_global=todo, num_trials_per_iter=min(8, todo),
-        builder=ms.builder.LocalBuilder(max_workers=workers, timeout_sec=60, initializer=stub_tensor_intrins,
-                                        f_export=export),
-        runner=runner,
-        database=ms.database.JSONDatabase(work_dir=db_dir),
-        cost_model=ms.cost_model.XGBModel(num_warmup_samples=0, extractor="per-store-feature"),
-        strategy=ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=8,
-                                                       genetic_num_iters=1),
-        space=ms.space_generator.ScheduleFn(SPACES[role], sch_rules=[], postprocs=[], mutator_probs={}),
-        num_tuning_cores=workers, seed=seed)
+    strategy = ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=8, genetic_num_iters=1)
+    space = ms.space_generator.ScheduleFn(SPACES[role], sch_rules=[], postprocs=[], mutator_probs={})
+    with _task_logger(db_dir) as logger:
+        # ``ms.tune_tir`` would name its task loggers through ``logging.config.dictConfig``, which reads the
+        # name of every handler on the non-propagating "tvm.s_tir.meta_schedule" logger (an unnamed one,
+        # such as pytest >= 9.1 attaches to every non-propagating logger, crashes its second call) and
+        # closes every handler of the process, the user's too. The same task, built here with a logger of
+        # our own, tunes without touching the process's logging.
+        task = ms.TuneContext(mod=_workload(func), target=tvm.target.Target(target) if not isinstance(
+            target, tvm.target.Target) else target, space_generator=space, search_strategy=strategy,
+            task_name="main", rand_state=ms.utils.fork_seed(seed, n=1)[0], num_threads=workers, logger=logger).clone()
+        ms.tune_tasks(
+            tasks=[task], task_weights=[1.0], work_dir=db_dir, max_trials_global=todo,
+            num_trials_per_iter=min(8, todo),
+            builder=ms.builder.LocalBuilder(max_workers=workers, timeout_sec=60, initializer=stub_tensor_intrins,
+                                            f_export=export),
+            runner=runner,
+            database=ms.database.JSONDatabase(work_dir=db_dir),
+            cost_model=ms.cost_model.XGBModel(num_warmup_samples=0, extractor="per-store-feature"))
     return valid_records(func, db_dir) - before
 
 

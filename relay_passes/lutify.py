@@ -70,6 +70,40 @@ class _Plan:
         return self.record["method"]
 
 
+def lookup_kernel(target, lookup: str, k: int, rows: int, kind: str, distance: str, name: str = "") -> str:
+    """The table-readout kernel a PQ layer gets: ``"cam"``, ``"gather"`` or ``"shuffle-<isa>"``.
+
+    ``lookup`` is LUTify's option (``auto``/``shuffle``/``gather``), ``rows`` the layer's rows per call
+    (batch x output pixels), ``kind`` ``"conv2d"`` or ``"dense"``. The decision depends on the target's
+    instruction sets (``shuffle.isa_for``): tests derive their expectations from this function, so they
+    hold on every ISA level.
+    """
+    if is_cam(target):
+        return "cam"  # encode and readout on the CAM simulator (tvm_lut.cam)
+    if lookup == "gather":
+        return "gather"
+    isa = shuffle.isa_for(resolve_target(target))
+    if lookup == "shuffle":
+        if isa is None or k != 16:
+            raise OptionError(f"lookup='shuffle' for layer {name!r} needs K=16 (got K={k}) and a target "
+                              f"with byte shuffles (SSSE3/AVX2/AVX-512BW, or NEON tbl); got {target!r}")
+        return f"shuffle-{isa.name}"
+    # the shuffle kernel computes a whole row block (isa.lanes rows) per pass: too few rows waste it.
+    # A conv still gains from it with one 16-row encoder tile: the encoder reads the input in place
+    # (no im2col kernel) and the lookup streams its tables once instead of gathering table rows
+    # (measured: 512->512 3x3 on a 4x4 map, 0.161 vs 0.251 ms with hot tables, more when cold). A
+    # dense layer keeps the gather below half a block (batch 1 Linear 512->256: 0.004 vs 0.020 ms).
+    if isa is None or k != 16:
+        return "gather"
+    if rows < (min(16, isa.lanes // 2) if kind == "conv2d" else isa.lanes // 2):
+        return "gather"
+    if distance == "l1":
+        # PECAN-D stays multiplier-free end to end only on the gather path: the shuffle kernel's
+        # output addressing compiles to an imul per tile (tests/test_multiplier_free.py)
+        return "gather"
+    return f"shuffle-{isa.name}"
+
+
 @tvm.transform.module_pass(opt_level=0, name="LUTify")
 class LUTify:
     """Replace conv2d/dense layers by PQ table lookups (LUT-NN / TabConv style).
@@ -362,31 +396,8 @@ class LUTify:
 
     def _lookup_kernel(self, p: _Plan) -> str:
         """``"shuffle-<isa>"`` or ``"gather"`` for a PQ layer (see ``lookup``)."""
-        if is_cam(self.target):
-            return "cam"  # encode and readout on the CAM simulator (tvm_lut.cam)
-        if self.lookup == "gather":
-            return "gather"
-        isa = shuffle.isa_for(resolve_target(self.target))
-        k = p.pq_layer.k
-        if self.lookup == "shuffle":
-            if isa is None or k != 16:
-                raise OptionError(f"lookup='shuffle' for layer {p.layer.name!r} needs K=16 (got K={k}) and a target "
-                                  f"with byte shuffles (SSSE3/AVX2/AVX-512BW, or NEON tbl); got {self.target!r}")
-            return f"shuffle-{isa.name}"
-        # the shuffle kernel computes a whole row block (isa.lanes rows) per pass: too few rows waste it.
-        # A conv still gains from it with one 16-row encoder tile: the encoder reads the input in place
-        # (no im2col kernel) and the lookup streams its tables once instead of gathering table rows
-        # (measured: 512->512 3x3 on a 4x4 map, 0.161 vs 0.251 ms with hot tables, more when cold). A
-        # dense layer keeps the gather below half a block (batch 1 Linear 512->256: 0.004 vs 0.020 ms).
-        if isa is None or k != 16:
-            return "gather"
-        if p.layer.rows < (min(16, isa.lanes // 2) if p.layer.kind == "conv2d" else isa.lanes // 2):
-            return "gather"
-        if p.pq_layer.distance == "l1":
-            # PECAN-D stays multiplier-free end to end only on the gather path: the shuffle kernel's
-            # output addressing compiles to an imul per tile (tests/test_multiplier_free.py)
-            return "gather"
-        return f"shuffle-{isa.name}"
+        return lookup_kernel(self.target, self.lookup, p.pq_layer.k, p.layer.rows, p.layer.kind,
+                             p.pq_layer.distance, p.layer.name)
 
     def _fit(self, p: _Plan, rows: np.ndarray | None, targets: np.ndarray | None = None) -> None:
         r, name = p.record, p.layer.name

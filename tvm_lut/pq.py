@@ -262,11 +262,13 @@ def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return t.astype(np.float32)
 
 
-def encode_scores(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray, distance: str) -> np.ndarray:
+def encode_scores(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray, distance: str,
+                  fused: bool = True) -> np.ndarray:
     """Per (row, subspace, centroid) score, accumulated over v in order like the kernel -> (N, C, K).
 
     L1 is sub, abs, add (exact IEEE operations, nothing to contract); the dot-product scores are one
-    fused multiply-add per element (``fma32``), as the compiled encoder computes them."""
+    fused multiply-add per element (``fma32``), as the compiled encoder computes them. ``fused=False``
+    rounds the product and the sum each, as code for a CPU without FMA (``x86:x86-64-v2``) computes them."""
     c_count, k, v = enc_centroids.shape
     xs = x.astype(np.float32).reshape(x.shape[0], c_count, 1, v)
     score = np.broadcast_to(offsets, (x.shape[0], c_count, k)).astype(np.float32)
@@ -274,13 +276,15 @@ def encode_scores(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray,
         if distance == "l1":
             score = score + np.abs(xs[..., i] - enc_centroids[None, :, :, i])
         else:
-            score = fma32(-xs[..., i], enc_centroids[None, :, :, i], score)
+            score = fma32(-xs[..., i], enc_centroids[None, :, :, i], score) if fused else \
+                score + (-xs[..., i]) * enc_centroids[None, :, :, i]
     return score
 
 
-def encode(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray, distance: str) -> np.ndarray:
+def encode(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray, distance: str,
+           fused: bool = True) -> np.ndarray:
     """Nearest-centroid codes (N, C) int32 for padded rows x (N, C*V); ties go to the lowest index."""
-    return encode_scores(x, enc_centroids, offsets, distance).argmin(-1).astype(np.int32)
+    return encode_scores(x, enc_centroids, offsets, distance, fused).argmin(-1).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,9 +324,13 @@ def accumulate(codes: np.ndarray, tables_q: np.ndarray) -> np.ndarray:
     return acc
 
 
-def dequantize(acc: np.ndarray, scale: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+def dequantize(acc: np.ndarray, scale: np.ndarray, bias: np.ndarray | None, fused: bool = True) -> np.ndarray:
     """``float(acc) * scale + bias`` rounded once to float32, as the compiled epilogue's fused
-    multiply-add computes it (the float64 product of an int32 and a float32 is exact)."""
+    multiply-add computes it (the float64 product of an int32 and a float32 is exact); ``fused=False``
+    rounds the product first, as code for a CPU without FMA does."""
+    if not fused:
+        y = acc.astype(np.float32) * scale.astype(np.float32)
+        return y if bias is None else y + bias.astype(np.float32)
     y = acc.astype(np.float64) * scale.astype(np.float64)
     if bias is not None:
         y = y + bias.astype(np.float64)
@@ -392,12 +400,13 @@ class PQLayer:
     def encoder_operands(self) -> tuple[np.ndarray, np.ndarray]:
         return encoder_operands(self.centroids, self.distance)
 
-    def emulate(self, x: np.ndarray) -> np.ndarray:
-        """Reference output for rows x (N, D): encode -> accumulate -> scale (+ bias), as compiled."""
+    def emulate(self, x: np.ndarray, fused: bool = True) -> np.ndarray:
+        """Reference output for rows x (N, D): encode -> accumulate -> scale (+ bias), as compiled
+        (``fused=False``: for a target without fused multiply-add, e.g. ``x86:x86-64-v2``)."""
         xp = pad_columns(x.astype(np.float32), self.num_codebooks * self.v)
         cents, offsets = self.encoder_operands()
-        acc = accumulate(encode(xp, cents, offsets, self.distance), self.tables)
-        return dequantize(acc, self.scale, self.bias)
+        acc = accumulate(encode(xp, cents, offsets, self.distance, fused), self.tables)
+        return dequantize(acc, self.scale, self.bias, fused)
 
 
 def _one_hot(codes: np.ndarray, k: int):

@@ -184,6 +184,14 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
         shapes[inp.name] = dims
     # Give initializers unique identifiers before import, then restore source names on the Relax vars.
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    # Models of IR version < 4 (the ONNX zoo's mnist-8 among them) list every initializer as a graph input
+    # too. TVM's importer then makes each one a function parameter twice (once as an input, once as a
+    # weight) while the "params" attribute holds it once, and the compiled main expects more arguments
+    # than the model has. An initializer is the weight's value here (we compile for those values), so it
+    # leaves the input list.
+    real_inputs = [inp for inp in model.graph.input if inp.name not in init_names]
+    del model.graph.input[:]
+    model.graph.input.extend(real_inputs)
     source = _onnx_layer_names(model.graph)
     safe = {}
     for i, init in enumerate(model.graph.initializer):
@@ -195,9 +203,6 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
             for j, name in enumerate(node.input):
                 if name == old:
                     node.input[j] = tmp
-        for inp in model.graph.input:
-            if inp.name == old:
-                inp.name = tmp
     from tvm.relax.frontend.onnx import from_onnx as _import
 
     try:

@@ -32,6 +32,37 @@ def _as_array(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def check_labels(labels, rows: int, classes: int | None, where: str) -> np.ndarray:
+    """Class labels as int64 ``(rows,)``, or a ``CalibrationError`` that names ``where`` (the file) and the
+    bad values: labels must be whole numbers, one per sample, in ``[0, classes)`` (``classes``: the
+    model's number of outputs, None when its output shape is not static)."""
+    arr = _as_array(labels)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise CalibrationError(f"{where}: 'labels' must be one class index per sample, got shape {arr.shape}")
+    if len(arr) != rows:
+        raise CalibrationError(f"{where}: 'labels' has {len(arr)} entries but the inputs have {rows} samples")
+    if arr.dtype.kind in "fc":
+        whole = np.isfinite(arr.real) & (arr.real == np.round(arr.real)) & (arr.imag == 0 if arr.dtype.kind == "c" else True)
+        if not whole.all():
+            bad = np.unique(arr[~whole])[:5]
+            raise CalibrationError(f"{where}: 'labels' must be integer class indices; got {arr.dtype} values such as "
+                                   f"{', '.join(repr(float(b.real)) for b in bad)} ({int((~whole).sum())} entries)")
+        arr = arr.real.astype(np.int64)
+    elif arr.dtype.kind not in "iu":
+        raise CalibrationError(f"{where}: 'labels' must be integer class indices, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    top = f"[0, {classes})" if classes else "[0, ...)"
+    out = (arr < 0) | (arr >= classes if classes else False)
+    if out.any():
+        bad = np.unique(arr[out])
+        shown = ", ".join(str(int(b)) for b in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        model = f": the model has {classes} outputs" if classes else ""
+        raise CalibrationError(f"{where}: 'labels' {shown} ({int(out.sum())} of {rows} entries) are outside {top}{model}")
+    return arr
+
+
 def normalize_inputs(data, signature: list[tuple[str, tuple, str]], what: str = "calibration") -> dict[str, np.ndarray]:
     """Bring user data into {model input name: array of samples}, checking names, shapes and values.
 

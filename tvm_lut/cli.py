@@ -77,6 +77,7 @@ def cmd_compile(args) -> int:
         kwargs["codebooks"] = load_codebooks(args.codebooks)
     manifest = pipeline.compile_to_dir(args.out, mod, calib, target=args.target, holdout=args.holdout,
                                        seed=args.seed, source=os.path.basename(args.model), cam_params=cam_params,
+                                       calibration_name=args.calib,
                                        measure_latency=not args.no_latency, progress=not args.quiet, **kwargs)
     from .report import format_report
 
@@ -158,6 +159,12 @@ def cmd_run(args) -> int:
         from .artifact import Model
 
         outputs = Model(args.artifact).run(data)
+    n = len(next(iter(outputs.values())))
+    first = next(iter(outputs.values()))
+    if labels is not None:  # checked before anything is written
+        from .calibrate import check_labels
+
+        labels = check_labels(labels, n, int(first.reshape(n, -1).shape[1]), args.input)
     out = args.output
     tmp = out + ".tmp.npz"
     try:
@@ -166,11 +173,9 @@ def cmd_run(args) -> int:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    n = len(next(iter(outputs.values())))
     msg = f"ran {n} samples through {args.artifact} -> {out} ({', '.join(outputs)})"
     if labels is not None:
-        first = next(iter(outputs.values()))
-        acc = float((first.reshape(n, -1).argmax(-1) == labels.reshape(-1)[:n]).mean() * 100)
+        acc = float((first.reshape(n, -1).argmax(-1) == labels).mean() * 100)
         msg += f"; top-1 accuracy against 'labels': {acc:.2f}%"
     print(msg)
     return 0

@@ -17,7 +17,7 @@ from relay_passes import LUTify
 
 from . import artifact, graph
 from .build import BatchRunner, compile_with_params, default_threads
-from .calibrate import compile_or_explain, normalize_inputs
+from .calibrate import check_labels, compile_or_explain, normalize_inputs
 from .errors import CalibrationError
 from .frontend import OUTPUT_NAMES_ATTR
 from .targets import host_for, instruction_sets, is_cam, is_x86, name_of, resolve_target, runs_on_host
@@ -25,21 +25,35 @@ from .targets import host_for, instruction_sets, is_cam, is_x86, name_of, resolv
 log = logging.getLogger("tvm_lut")
 
 
-def split_calibration(data, signature, holdout: float, seed: int = 0):
+def num_outputs(mod: tvm.IRModule) -> int | None:
+    """The last dim of the model's (first) output: its number of classes for a classifier; None when
+    that dim is not static."""
+    ty = mod["main"].ret_ty
+    if hasattr(ty, "fields"):
+        ty = ty.fields[0] if len(ty.fields) else None
+    shape = getattr(ty, "shape", None)
+    if shape is None or not hasattr(shape, "values") or not len(shape.values):
+        return None
+    last = shape.values[-1]
+    return int(last) if isinstance(last, tvm.tirx.IntImm) else None
+
+
+def split_calibration(data, signature, holdout: float, seed: int = 0, classes: int | None = None,
+                      where: str = "calibration data"):
     """(calibration inputs, held-out inputs or None, held-out labels or None) from user data.
 
-    With labels, the calibration part keeps its own ``labels`` entry (for a priority-mask budget)."""
+    With labels (checked by ``calibrate.check_labels`` against ``classes``; errors name ``where``), the
+    calibration part keeps its own ``labels`` entry (for a priority-mask budget)."""
     labels = None
     if hasattr(data, "files") or isinstance(data, dict):
         keys = data.files if hasattr(data, "files") else list(data)
         if "labels" in keys:
-            labels = np.asarray(data["labels"])
+            labels = data["labels"]
     inputs = normalize_inputs(data, signature)
     n = len(next(iter(inputs.values())))
     if labels is None:
         return inputs, None, None
-    if len(labels) != n:
-        raise CalibrationError(f"'labels' has {len(labels)} entries but the inputs have {n} samples")
+    labels = check_labels(labels, n, classes, where)
     n_hold = int(round(n * holdout))
     if n_hold < 1 or n - n_hold < 1:
         raise CalibrationError(f"cannot hold back {holdout:.0%} of {n} samples for accuracy: need more data "
@@ -112,6 +126,7 @@ def compile_and_measure(
     progress: bool = True,
     evaluation: tuple | None = None,
     cam_params: dict | None = None,
+    calibration_name: str = "calibration data",
     **lutify_options,
 ) -> tuple[object, list, dict]:
     """LUTify ``mod`` on ``calibration`` and build it; returns (executable, params, manifest).
@@ -125,9 +140,11 @@ def compile_and_measure(
     for name, shape, _ in signature:
         if any(isinstance(d, str) for d in shape):
             raise CalibrationError(f"model input {name!r} has a dynamic shape {shape}: give a fixed shape")
-    calib, held, labels = split_calibration(calibration, signature, holdout, seed)
+    classes = num_outputs(mod)
+    calib, held, labels = split_calibration(calibration, signature, holdout, seed, classes, calibration_name)
     if evaluation is not None:
-        held, labels = normalize_inputs(evaluation[0], signature, what="evaluation"), np.asarray(evaluation[1])
+        held = normalize_inputs(evaluation[0], signature, what="evaluation")
+        labels = check_labels(evaluation[1], len(next(iter(held.values()))), classes, "evaluation data")
     host = host_for(tgt)
     # the exact model first: a model TVM cannot build at all gets that said plainly (ModelError)
     exact_ex, exact_params = compile_or_explain(lambda: compile_with_params(mod, host))

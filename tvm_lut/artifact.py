@@ -25,6 +25,7 @@ import uuid
 import numpy as np
 
 from .errors import ArtifactError
+from .native_log import quiet_native
 
 FORMAT = "tvm-lut-artifact/1"
 FILES = ("model.so", "params.bin", "manifest.json")
@@ -67,7 +68,8 @@ def save(out: str, executable, params: list[tuple[str, np.ndarray]], manifest: d
     tmp = staging_dir(out)
     try:
         so = os.path.join(tmp, "model.so")
-        export_library(executable, so, target)
+        with quiet_native():  # TVM lists the executable's memory scopes on export: not for the user
+            export_library(executable, so, target)
         pbin = os.path.join(tmp, "params.bin")
         tvm.runtime.save_param_dict_to_file({n: tvm.runtime.tensor(np.ascontiguousarray(v)) for n, v in params}, pbin)
         manifest = dict(manifest)
@@ -145,7 +147,8 @@ class Model:
             from . import cam  # noqa: F401  (registers the simulator functions the .so calls by name)
         try:
             params = tvm.runtime.load_param_dict_from_file(os.path.join(path, "params.bin"))
-            lib = tvm.runtime.load_module(os.path.join(path, "model.so"))
+            with quiet_native():  # ... and again on load
+                lib = tvm.runtime.load_module(os.path.join(path, "model.so"))
         except Exception as exc:
             raise ArtifactError(f"{path}: cannot load the artifact ({exc})") from exc
         missing = [n for n in self.manifest["params"] if n not in params]

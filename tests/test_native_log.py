@@ -1,0 +1,38 @@
+"""TVM's native memory-scope listings stay out of the terminal; other native output still reaches it."""
+
+import os
+
+import numpy as np
+import onnx
+
+from tvm_lut import cli
+from tvm_lut.native_log import drop_scope_listings, quiet_native
+
+LISTING = ("[21:25:44] /project/src/runtime/vm/executable.cc:276: Warning: Scope Saving:\n"
+           "  global\n\n")
+
+
+def test_scope_listings_are_dropped_and_other_lines_kept():
+    text = "before\n" + LISTING + "[21:25:45] src/x.cc:3: Warning: a real one\n" + LISTING.replace("Saving", "Loaded")
+    assert drop_scope_listings(text) == "before\n[21:25:45] src/x.cc:3: Warning: a real one\n"
+
+
+def test_quiet_native_replays_what_is_not_a_listing(capfd):
+    with quiet_native():
+        os.write(2, LISTING.encode() + b"native error: kept\n")
+    assert capfd.readouterr().err == "native error: kept\n"
+
+
+def test_compile_and_run_print_no_scope_listing(tmp_path, capfd):
+    from tests.test_onnx_patterns import shared_and_constant  # a model whose executable has a memory-scope listing
+
+    path = tmp_path / "m.onnx"
+    onnx.save(shared_and_constant(8), str(path))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((32, 1, 8, 8)).astype(np.float32))
+    np.savez(tmp_path / "x.npz", x=rng.standard_normal((2, 1, 8, 8)).astype(np.float32))
+    out = str(tmp_path / "out")
+    assert cli.main(["compile", str(path), "--calib", str(tmp_path / "c.npz"), "-o", out, "-q", "--no-latency"]) == 0
+    assert cli.main(["run", out, "--input", str(tmp_path / "x.npz"), "--output", str(tmp_path / "y.npz")]) == 0
+    captured = capfd.readouterr()
+    assert "Scope Saving" not in captured.err and "Scope Loaded" not in captured.err

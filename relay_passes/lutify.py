@@ -143,8 +143,9 @@ class LUTify:
         says which it got (``kernel``).
     database : a MetaSchedule database directory (``tvm-lut tune --db``): lookup kernels tuned there are
         used instead of their hand schedules (``tuned`` lists them); others keep the hand schedule.
-    budget : ``"max-drop=2.0"`` or ``"min-removed=0.6"``: run ``PriorityMask`` first to choose which
-        layers stay exact (``labels``, or a ``labels`` entry in ``calibration``, for max-drop). Without
+    budget : ``"max-drop=2.0"``, ``"max-disagree=1"`` or ``"min-removed=0.6"``: run ``PriorityMask`` first to
+        choose which layers stay exact (``labels``, or a ``labels`` entry in ``calibration``, for max-drop;
+        max-disagree measures top-1 agreement with the exact model and needs none). Without
         it, a mask left on the module by an earlier ``PriorityMask`` pass is obeyed.
     """
 

@@ -21,6 +21,9 @@ of layers to convert:
      correctness changes), stays within P points; found by binary search over the prefix length.
    * ``min-removed=F``: the shortest prefix removing at least a fraction F of the model's multiplies
      (an error names the reachable maximum when F is out of reach); its validation drop is reported.
+   * ``max-disagree=P`` (no labels needed): as ``max-drop``, with the exact model's own top-1 on the
+     validation part as the labels, so the "drop" is the share of samples whose top-1 the LUT model
+     changes: at least ``100 - P`` % top-1 agreement with the exact model (less one standard error).
 
 The decision and the scores go into the module attribute ``"tvm_lut.priority_mask"`` (JSON), which
 ``LUTify`` obeys (masked layers stay exact, the others are converted even when narrow); per-layer scores
@@ -50,7 +53,8 @@ log = logging.getLogger("tvm_lut")
 
 @dataclass(frozen=True)
 class Budget:
-    """``max-drop`` (accuracy points) or ``min-removed`` (fraction of multiplies, 0..1)."""
+    """``max-drop`` (accuracy points), ``max-disagree`` (points of top-1 agreement with the exact model)
+    or ``min-removed`` (fraction of multiplies, 0..1)."""
 
     kind: str
     value: float
@@ -59,13 +63,13 @@ class Budget:
     def parse(cls, spec) -> "Budget":
         if isinstance(spec, Budget):
             return spec
-        m = re.fullmatch(r"\s*(max-drop|min-removed)\s*=\s*([0-9.eE+-]+)\s*", str(spec))
+        m = re.fullmatch(r"\s*(max-drop|max-disagree|min-removed)\s*=\s*([0-9.eE+-]+)\s*", str(spec))
         if not m:
-            raise OptionError(f"budget {spec!r}: expected max-drop=POINTS (e.g. max-drop=2.0) or "
-                              "min-removed=FRACTION (e.g. min-removed=0.6)")
+            raise OptionError(f"budget {spec!r}: expected max-drop=POINTS (e.g. max-drop=2.0), "
+                              "max-disagree=POINTS (e.g. max-disagree=1) or min-removed=FRACTION (e.g. min-removed=0.6)")
         kind, value = m.group(1), float(m.group(2))
-        if kind == "max-drop" and not (0 <= value <= 100):
-            raise OptionError(f"budget {spec!r}: max-drop is in accuracy points, 0..100")
+        if kind in ("max-drop", "max-disagree") and not (0 <= value <= 100):
+            raise OptionError(f"budget {spec!r}: {kind} is in points, 0..100")
         if kind == "min-removed" and not (0 < value <= 1):
             raise OptionError(f"budget {spec!r}: min-removed is a fraction of multiplies in (0, 1]")
         return cls(kind, value)
@@ -181,9 +185,11 @@ class PriorityMask:
             scores[name] = {"similarity": cos, "rel_error": float(np.linalg.norm(lut - exact) / denom),
                             "mul_removed": int(gain[name]), "mul_removed_frac": gain[name] / total_mul}
         base_pred = None
-        if val_y is not None:
+        if val_y is not None or self.budget.kind == "max-disagree":
             ex, params = compile_with_params(mod, tgt)
             base_pred = _top1(BatchRunner(ex, [v for _, v in params], signature), val_in)
+            if self.budget.kind == "max-disagree":  # the exact model's top-1 is the reference
+                val_y = base_pred
             base_acc = float((base_pred == val_y).mean() * 100)
         cache: dict[tuple, tuple[float, int]] = {}
 
@@ -215,16 +221,17 @@ class PriorityMask:
         removed = np.cumsum([0] + [gain[nm] for nm in order]) / total_mul  # removed[i]: first i layers
         return {"plans": plans, "records": records, "scores": scores, "order": order, "removed": removed,
                 "gain": gain, "evaluate": evaluate, "cache": cache, "labelled": val_y is not None,
-                "base_acc": base_acc if val_y is not None else None, "val_n": len(val_idx), "fit_n": len(fit_idx)}
+                "base_acc": base_acc if val_y is not None else None, "val_n": len(val_idx), "fit_n": len(fit_idx),
+                "reference": "exact-top1" if self.budget.kind == "max-disagree" else "labels"}
 
     def _choose(self, state: dict, budget: Budget) -> dict:
         """The prefix of the ranking to convert under ``budget`` (see the module docstring)."""
         order, removed, evaluate, val_n = state["order"], state["removed"], state["evaluate"], state["val_n"]
         plans, gain = state["plans"], state["gain"]
         scores = {nm: dict(sc) for nm, sc in state["scores"].items()}
-        if budget.kind == "max-drop" and not state["labelled"]:
+        if budget.kind in ("max-drop", "max-disagree") and not state["labelled"]:
             raise CalibrationError(f"budget {budget} needs labels: add a 'labels' array to the calibration data")
-        if budget.kind == "min-removed":
+        if budget.kind == "min-removed":  # (max-drop and max-disagree: the same search on their labels)
             reach = [i for i in range(len(order) + 1) if removed[i] >= budget.value - 1e-12]
             if not reach:
                 raise OptionError(f"budget {budget} cannot be met: converting every candidate layer removes "
@@ -255,6 +262,8 @@ class PriorityMask:
             drop, flips = evaluate(tuple(order[:chosen])) if chosen else (0.0, 0)
             result.update(val_exact_acc=state["base_acc"], val_drop=drop,
                           val_drop_margin=100.0 * math.sqrt(flips) / val_n)
+            if state["reference"] == "exact-top1":
+                result["val_reference"] = "exact model's top-1"
         result["compiles"] = len(state["cache"]) + state["labelled"]
         decision = {}
         for name in state["records"]:

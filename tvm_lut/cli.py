@@ -39,6 +39,17 @@ def _parse_shapes(specs: list[str]) -> dict[str, list[int]]:
     return out
 
 
+def _baselines_for(path: str) -> dict:
+    """The source model to time beside the builds: the ONNX file itself, or the ``.pt2`` program's module."""
+    if path.endswith(".onnx"):
+        return {"onnx": path}
+    if path.endswith(".pt2"):
+        import torch
+
+        return {"torch": torch.export.load(path).module()}
+    return {}
+
+
 def cmd_compile(args) -> int:
     from . import frontend, options, pipeline
     from .build import resolve_target
@@ -59,13 +70,14 @@ def cmd_compile(args) -> int:
                   sequential=args.sequential, max_calibration_rows=args.max_calib_rows, method=args.method,
                   rank=int(args.rank) if args.rank.isdigit() else args.rank, butterfly_budget=args.butterfly_budget)
     options.LayerOptions(rank=kwargs["rank"], budget=args.butterfly_budget)  # fail fast on a malformed value
-    if args.budget:
+    budget, budget_policy = pipeline.default_budget(args.budget, "labels" in calib, args.method, args.all_layers)
+    if budget is not None:
         from relay_passes import Budget
 
-        kwargs["budget"] = str(Budget.parse(args.budget))  # fail fast on a malformed budget
+        kwargs["budget"] = str(Budget.parse(budget))  # fail fast on a malformed budget
         if kwargs["budget"].startswith("max-drop") and "labels" not in calib:
             raise CalibrationError(f"--budget {args.budget} needs a 'labels' array in {args.calib} "
-                                   "(or use --budget min-removed=FRACTION)")
+                                   "(or use --budget max-disagree=POINTS or min-removed=FRACTION)")
     kwargs["lookup"] = args.lookup
     if args.db:
         if not os.path.isfile(os.path.join(args.db, "database_workload.json")):
@@ -77,7 +89,8 @@ def cmd_compile(args) -> int:
         kwargs["codebooks"] = load_codebooks(args.codebooks)
     manifest = pipeline.compile_to_dir(args.out, mod, calib, target=args.target, holdout=args.holdout,
                                        seed=args.seed, source=os.path.basename(args.model), cam_params=cam_params,
-                                       calibration_name=args.calib,
+                                       calibration_name=args.calib, budget_policy=budget_policy,
+                                       baselines=_baselines_for(args.model),
                                        measure_latency=not args.no_latency, progress=not args.quiet, **kwargs)
     from .report import format_report
 
@@ -249,9 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="butterfly parameter budget: a fraction of each dense layer (default 0.2) or a count")
     c.add_argument("--all-layers", action="store_true", help="also convert layers where lookup does not pay (M<=K)")
     c.add_argument("--sequential", action="store_true", help="calibrate layer by layer on converted upstream layers")
-    c.add_argument("--budget", default=None, metavar="max-drop=P|min-removed=F",
+    c.add_argument("--budget", default=None, metavar="max-drop=P|max-disagree=P|min-removed=F|none",
                    help="priority mask: keep the most sensitive layers exact so the accuracy drop stays within P "
-                        "points (needs 'labels' in --calib) or at least a fraction F of multiplies is removed")
+                        "points (needs 'labels' in --calib), the top-1 disagreement with the exact model within P "
+                        "points, or at least a fraction F of multiplies is removed. Default: max-drop=1 with labels, "
+                        "else max-disagree=1 (none with --all-layers or a method other than pq); 'none': no mask")
     c.add_argument("--codebooks", default=None, metavar="FILE.npz",
                    help="learned centroids by layer name (tvm_lut.lutnn.save_codebooks)")
     c.add_argument("--batch", type=int, default=1, help="batch size for a symbolic leading input dim (ONNX, dynamic .pt2)")

@@ -38,9 +38,35 @@ def num_outputs(mod: tvm.IRModule) -> int | None:
     return int(last) if isinstance(last, tvm.tirx.IntImm) else None
 
 
+DEFAULT_BUDGET = {"labels": "max-drop=1", "no labels": "max-disagree=1"}
+
+
+def default_budget(asked: str | None, has_labels: bool, method: str = "pq", all_layers: bool = False
+                   ) -> tuple[str | None, str]:
+    """The priority-mask budget ``tvm-lut compile`` uses, and why: what was asked (``none``: no mask,
+    every layer LUTify converts by itself), else no mask when the user asked for every layer
+    (``--all-layers``) or for a method the mask does not choose (it chooses PQ layers), else
+    ``max-drop=1`` with labels and ``max-disagree=1`` (top-1 agreement with the exact model) without:
+    a compile never ships a model that lost its accuracy without a budget saying how much it may."""
+    if asked is not None:
+        if str(asked).strip().lower() == "none":
+            return None, "--budget none: no priority mask"
+        return str(asked), "asked"
+    if all_layers:
+        return None, "--all-layers: every layer converted, no priority mask"
+    if method != "pq":
+        return None, f"--method {method}: the priority mask chooses PQ layers only"
+    if has_labels:
+        return DEFAULT_BUDGET["labels"], "default (the calibration data has labels); --budget none converts every layer"
+    return DEFAULT_BUDGET["no labels"], ("default (no labels: top-1 agreement with the exact model); "
+                                         "--budget none converts every layer")
+
+
 def split_calibration(data, signature, holdout: float, seed: int = 0, classes: int | None = None,
                       where: str = "calibration data"):
     """(calibration inputs, held-out inputs or None, held-out labels or None) from user data.
+
+    Without labels, rows are still held out (when there are enough) for top-1 agreement.
 
     With labels (checked by ``calibrate.check_labels`` against ``classes``; errors name ``where``), the
     calibration part keeps its own ``labels`` entry (for a priority-mask budget)."""
@@ -52,7 +78,14 @@ def split_calibration(data, signature, holdout: float, seed: int = 0, classes: i
     inputs = normalize_inputs(data, signature)
     n = len(next(iter(inputs.values())))
     if labels is None:
-        return inputs, None, None
+        # no labels: still hold rows back (when there are enough) to measure top-1 agreement with the
+        # exact model on rows the calibration never saw
+        n_hold = int(round(n * holdout))
+        if n_hold < 2 or n - n_hold < 8:
+            return inputs, None, None
+        perm = np.random.default_rng(seed).permutation(n)
+        hold, cal = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+        return {k: v[cal] for k, v in inputs.items()}, {k: v[hold] for k, v in inputs.items()}, None
     labels = check_labels(labels, n, classes, where)
     n_hold = int(round(n * holdout))
     if n_hold < 1 or n - n_hold < 1:
@@ -107,9 +140,13 @@ def layer_params(r: dict) -> int:
     return r["exact_params"]
 
 
-def _accuracy(runner: BatchRunner, inputs, labels) -> tuple[float, np.ndarray]:
+def _top1(runner: BatchRunner, inputs) -> np.ndarray:
     logits = runner.run(inputs)[0]
-    pred = logits.reshape(len(logits), -1).argmax(-1)
+    return logits.reshape(len(logits), -1).argmax(-1)
+
+
+def _accuracy(runner: BatchRunner, inputs, labels) -> tuple[float, np.ndarray]:
+    pred = _top1(runner, inputs)
     return float((pred == labels.reshape(-1)).mean() * 100.0), pred
 
 
@@ -127,13 +164,18 @@ def compile_and_measure(
     evaluation: tuple | None = None,
     cam_params: dict | None = None,
     calibration_name: str = "calibration data",
+    budget_policy: str | None = None,
+    baselines: dict | None = None,
     **lutify_options,
 ) -> tuple[object, list, dict]:
     """LUTify ``mod`` on ``calibration`` and build it; returns (executable, params, manifest).
 
     ``evaluation=(inputs, labels)`` measures accuracy on that data instead of a held-out part of the
     calibration data. ``cam_params`` ({name: value}) overrides the CAM simulator's device parameters in
-    the report of a ``cam`` build.
+    the report of a ``cam`` build. ``calibration_name`` (the file) is what errors about the data name;
+    ``budget_policy`` says in the report why ``budget`` is what it is (``default_budget``).
+    ``baselines={"onnx": path or ModelProto, "torch": module}``: the source model, timed beside the builds
+    (``tvm_lut.baselines``: ONNX Runtime fp32 and int8, PyTorch) when latency is measured.
     """
     tgt = resolve_target(target)
     signature = graph.input_signature(mod["main"])
@@ -172,13 +214,20 @@ def compile_and_measure(
         report["tuning"] = {"database": pass_.database, "tuned_kernels": list(pass_.tuned)}
     if pass_.priority:
         report["priority_mask"] = {k: v for k, v in pass_.priority.items() if k not in ("scores", "decision")}
-    if held is not None:
+    if budget_policy is not None:
+        report["budget"] = {"budget": lutify_options.get("budget"), "why": budget_policy}
+    if held is not None and labels is not None:
         acc_e, pred_e = _accuracy(exact_run, held, labels)
         acc_l, pred_l = _accuracy(lut_run, held, labels)
         report["accuracy"] = {"exact": acc_e, "lut": acc_l, "drop": acc_e - acc_l, "rows": int(len(labels)),
                               "agreement": float((pred_e == pred_l).mean() * 100.0)}
         if not on_host:
             report["accuracy"]["measured_on"] = f"host build of the same tables ({name_of(host)})"
+    elif held is not None:  # no labels: how often the LUT model's top-1 is the exact model's
+        pred_e, pred_l = _top1(exact_run, held), _top1(lut_run, held)
+        report["agreement"] = {"rows": int(len(pred_e)), "agreement": float((pred_e == pred_l).mean() * 100.0)}
+        if not on_host:
+            report["agreement"]["measured_on"] = f"host build of the same tables ({name_of(host)})"
     if is_cam(tgt):
         from . import cam
 
@@ -198,6 +247,13 @@ def compile_and_measure(
                              "threads": default_threads(), "note": "per batch; LUT kernels hand-scheduled "
                              + ("or tuned (see tuning); " if pass_.tuned else "; ")
                              + "exact layers and other ops: TVM default CPU lowering, untuned"}
+        if baselines is not None:  # what users compare against, in this process, same batch and threads
+            from . import baselines as bl
+
+            report["baselines"] = bl.measure(
+                batch=lut_run.batch, threads=default_threads(),
+                calibration={k: v for k, v in calib.items() if k != "labels"},
+                onnx_model=baselines.get("onnx"), torch_module=baselines.get("torch"), held=held, labels=labels)
     outputs = output_names or _output_names(lut_mod)
     manifest = {
         "source": source,

@@ -83,17 +83,10 @@ def format_report(report: dict, exact_counts: bool = False) -> str:
             how += f"; {alone} rewritten layer(s) compiled alone"
         out.append(f"per-layer times: {how} (share = of the sum over layers); slower than exact: "
                    f"{', '.join(slower) if slower else 'none'}")
-    acc = report.get("accuracy")
-    if acc:
-        out.append(f"accuracy on {acc['rows']} held-out rows: exact {acc['exact']:.2f}%  LUT {acc['lut']:.2f}%  "
-                   f"(drop {acc['drop']:+.2f} points, top-1 agreement {acc['agreement']:.1f}%)"
-                   + (f"; measured on the {acc['measured_on']}" if acc.get("measured_on") else ""))
-    else:
-        out.append("accuracy: not measured (the calibration file has no 'labels' array)")
+    out += kept_lines(report)
     lat = report.get("latency")
     if lat:
-        out.append(f"latency per batch of {lat['batch']}, {lat['threads']} threads: exact {lat['exact_ms']:.3f} ms  "
-                   f"LUT {lat['lut_ms']:.3f} ms  (x{lat['speedup']:.2f}; {lat['note']})")
+        out += latency_lines(lat, report.get("baselines"))
     if report.get("latency_note"):
         out.append(f"latency: {report['latency_note']}")
     if report.get("cam"):
@@ -114,6 +107,62 @@ def format_report(report: dict, exact_counts: bool = False) -> str:
     return "\n".join(out)
 
 
+def latency_lines(lat: dict, base: dict | None) -> list[str]:
+    """The latency headline: the LUT build against ONNX Runtime fp32 and int8 and PyTorch (same process,
+    batch and threads); TVM's untuned exact build is a column, never the headline."""
+    head = f"latency per batch of {lat['batch']}, {lat['threads']} threads: LUT {lat['lut_ms']:.3f} ms"
+    rows = []
+    base = base or {}
+    for key, name in (("onnxruntime_fp32_ms", "ONNX Runtime fp32"), ("onnxruntime_int8_ms", "ONNX Runtime int8"),
+                      ("pytorch_ms", "PyTorch")):
+        if base.get(key):
+            rows.append(f"{base[key] / lat['lut_ms']:.2f}x {name} ({base[key]:.3f} ms)")
+    out = [head + (": " + ", ".join(rows) if rows else "")]
+    if "onnxruntime_int8_accuracy" in base:
+        out.append(f"  ONNX Runtime accuracy on the same held-out rows: fp32 {base['onnxruntime_fp32_accuracy']:.2f}%, "
+                   f"int8 {base['onnxruntime_int8_accuracy']:.2f}%")
+    out.append(f"  TVM exact build (default lowering, untuned): {lat['exact_ms']:.3f} ms (x{lat['speedup']:.2f}); "
+               f"{lat['note']}")
+    for note in base.get("notes", []):
+        out.append(f"  {note}")
+    if not base:
+        out.append("  no baseline given: ONNX Runtime and PyTorch are timed for models compiled from an .onnx "
+                   "file (tvm-lut compile) or from torch (the demo)")
+    return out
+
+
+POOR_DROP = 1.0  # points of accuracy (or of top-1 agreement) lost beyond which the summary says what to try
+
+
+def kept_lines(report: dict) -> list[str]:
+    """What the compiled model kept: accuracy (with labels) or top-1 agreement with the exact model on
+    held-out rows, the budget that was applied and why, and, when much was lost, what to try next."""
+    out = []
+    acc, agr, budget = report.get("accuracy"), report.get("agreement"), report.get("budget")
+    if acc:
+        out.append(f"accuracy on {acc['rows']} held-out rows: exact {acc['exact']:.2f}%  LUT {acc['lut']:.2f}%  "
+                   f"(drop {acc['drop']:+.2f} points, top-1 agreement {acc['agreement']:.1f}%)"
+                   + (f"; measured on the {acc['measured_on']}" if acc.get("measured_on") else ""))
+        lost = acc["drop"]
+    elif agr:
+        out.append(f"top-1 agreement with the exact model on {agr['rows']} held-out calibration rows: "
+                   f"{agr['agreement']:.1f}% (accuracy not measured: the calibration file has no 'labels' array)"
+                   + (f"; measured on the {agr['measured_on']}" if agr.get("measured_on") else ""))
+        lost = 100.0 - agr["agreement"]
+    else:
+        out.append("accuracy: not measured (the calibration file has no 'labels' array and too few rows to hold "
+                   "any back)")
+        lost = None
+    if budget:
+        out.append(f"budget: {budget['budget'] or 'none'} ({budget['why']})")
+    if lost is not None and lost > POOR_DROP:
+        what = "accuracy" if acc else "top-1 agreement"
+        out.append(f"WARNING: the LUT model lost {lost:.1f} points of {what}. To keep more: a budget "
+                   "(--budget max-drop=1, or max-disagree=1 without labels), a shorter subvector (--v 4 or --v 2), "
+                   "learned centroids (tvm_lut.lutnn, then --codebooks), or --sequential calibration")
+    return out
+
+
 def _priority_table(report: dict, pm: dict) -> str:
     """The priority-mask decision: per-layer sensitivity scores and the budget outcome."""
     head = ("layer", "rank", "similarity", "rel err", "drop alone", "mul removed", "decision")
@@ -131,7 +180,10 @@ def _priority_table(report: dict, pm: dict) -> str:
              f"layers converted, {pm['mul_removed_frac']:.1%} of multiplies removed; measured on "
              f"{pm['validation_samples']} validation samples held out of the {pm['fit_samples'] + pm['validation_samples']}"
              " used for the mask"]
-    if "val_drop" in pm:
+    if "val_drop" in pm and pm.get("val_reference"):  # max-disagree: measured against the exact model
+        lines.append(f"  validation: top-1 agreement with the exact model {100 - pm['val_drop']:.2f}% "
+                     f"(-{pm['val_drop_margin']:.2f} one standard error, which the budget includes)")
+    elif "val_drop" in pm:
         lines.append(f"  validation: exact {pm['val_exact_acc']:.2f}%, drop {pm['val_drop']:+.2f} points "
                      f"(+{pm['val_drop_margin']:.2f} one standard error, which the budget includes)")
     lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]

@@ -175,7 +175,7 @@ def test_bad_options_and_target(tmp_path, capsys, onnx_case):
            "unknown target 'tpu'; supported: x86", out)
     _fails(capsys, ["compile", model, "--calib", calib, "-o", out, "--layer", "fc1:k=999"], "K=999 out of range", out)
     small = _calib(tmp_path, x[:10])
-    _fails(capsys, ["compile", model, "--calib", small, "-o", out, "--k", "32"],
+    _fails(capsys, ["compile", model, "--calib", small, "-o", out, "--k", "32", "--budget", "none", "--holdout", "0"],
            "layer 'fc1': K=32 centroids need at least 32 calibration vectors, got 10", out)
 
 

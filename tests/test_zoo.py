@@ -31,9 +31,9 @@ def _readme_rows() -> dict[str, tuple[str, str, str]]:
 
 
 def _cases():
-    for name, (_, fast) in zoo.MEMBERS.items():
+    for name, (_, default_routes) in zoo.MEMBERS.items():
         for route in zoo.ROUTES:
-            marks = [] if fast and route != "onnx-dynamo-18" else [pytest.mark.slow]
+            marks = [] if route in default_routes else [pytest.mark.slow]
             yield pytest.param(name, route, marks=marks, id=f"{name}-{route}")
 
 

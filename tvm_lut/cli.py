@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned centroids by layer name (tvm_lut.lutnn.save_codebooks)")
     c.add_argument("--batch", type=int, default=1, help="batch size for a symbolic leading input dim (ONNX, dynamic .pt2)")
     c.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x32x32", help="fix an input shape")
-    c.add_argument("--holdout", type=float, default=0.2, help="fraction of labelled calibration rows kept for accuracy")
+    c.add_argument("--holdout", type=float, default=0.2, help="fraction of calibration rows held back: accuracy with labels, top-1 agreement with the exact model without")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--max-calib-rows", type=int, default=16384, help="rows per layer used for k-means")
     c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")

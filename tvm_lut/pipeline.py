@@ -63,10 +63,11 @@ def default_budget(asked: str | None, has_labels: bool, method: str = "pq", all_
 
 
 def split_calibration(data, signature, holdout: float, seed: int = 0, classes: int | None = None,
-                      where: str = "calibration data"):
+                      where: str = "calibration data", hold_unlabelled: bool = True):
     """(calibration inputs, held-out inputs or None, held-out labels or None) from user data.
 
-    Without labels, rows are still held out (when there are enough) for top-1 agreement.
+    Without labels, rows are still held out (when there are enough, and ``hold_unlabelled``) for top-1
+    agreement.
 
     With labels (checked by ``calibrate.check_labels`` against ``classes``; errors name ``where``), the
     calibration part keeps its own ``labels`` entry (for a priority-mask budget)."""
@@ -80,7 +81,7 @@ def split_calibration(data, signature, holdout: float, seed: int = 0, classes: i
     if labels is None:
         # no labels: still hold rows back (when there are enough) to measure top-1 agreement with the
         # exact model on rows the calibration never saw
-        n_hold = int(round(n * holdout))
+        n_hold = int(round(n * holdout)) if hold_unlabelled else 0
         if n_hold < 2 or n - n_hold < 8:
             return inputs, None, None
         perm = np.random.default_rng(seed).permutation(n)
@@ -183,7 +184,9 @@ def compile_and_measure(
         if any(isinstance(d, str) for d in shape):
             raise CalibrationError(f"model input {name!r} has a dynamic shape {shape}: give a fixed shape")
     classes = num_outputs(mod)
-    calib, held, labels = split_calibration(calibration, signature, holdout, seed, classes, calibration_name)
+    # with separate evaluation data, unlabelled calibration rows are all used for calibration
+    calib, held, labels = split_calibration(calibration, signature, holdout, seed, classes, calibration_name,
+                                            hold_unlabelled=evaluation is None)
     if evaluation is not None:
         held = normalize_inputs(evaluation[0], signature, what="evaluation")
         labels = check_labels(evaluation[1], len(next(iter(held.values()))), classes, "evaluation data")

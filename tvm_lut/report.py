@@ -157,9 +157,12 @@ def kept_lines(report: dict) -> list[str]:
         out.append(f"budget: {budget['budget'] or 'none'} ({budget['why']})")
     if lost is not None and lost > POOR_DROP:
         what = "accuracy" if acc else "top-1 agreement"
-        out.append(f"WARNING: the LUT model lost {lost:.1f} points of {what}. To keep more: a budget "
-                   "(--budget max-drop=1, or max-disagree=1 without labels), a shorter subvector (--v 4 or --v 2), "
-                   "learned centroids (tvm_lut.lutnn, then --codebooks), or --sequential calibration")
+        applied = budget and budget.get("budget")
+        tighter = (f"a tighter budget than {applied} (e.g. --budget {applied.split('=')[0]}=0.5)" if applied else
+                   "a budget (--budget max-drop=1, or max-disagree=1 without labels)")
+        out.append(f"WARNING: the LUT model lost {lost:.1f} points of {what}. To keep more: {tighter}, a shorter "
+                   "subvector (--v 4 or --v 2), learned centroids (tvm_lut.lutnn, then --codebooks), or "
+                   "--sequential calibration")
     return out
 
 

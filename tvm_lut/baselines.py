@@ -51,9 +51,10 @@ def _session(path: str, threads: int):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def quantize_int8(onnx_path: str, calibration: dict[str, np.ndarray], out_dir: str) -> str:
+def quantize_int8(onnx_path: str, calibration: dict[str, np.ndarray], out_dir: str, batch: int = 1) -> str:
     """ONNX Runtime's static int8 model of ``onnx_path`` (QDQ, per-channel weights, uint8 activations),
-    calibrated on ``calibration`` (input name -> samples); returns its path in ``out_dir``."""
+    calibrated on ``calibration`` (input name -> samples, fed ``batch`` rows at a time: a model exported
+    with a fixed batch takes no other); returns its path in ``out_dir``."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
 
@@ -74,16 +75,17 @@ def quantize_int8(onnx_path: str, calibration: dict[str, np.ndarray], out_dir: s
         pre = src
     names = list(calibration)
     rows = min(len(v) for v in calibration.values())
+    chunks = max(rows // batch, 1)
 
     class _Reader(CalibrationDataReader):
         def __init__(self):
             self.i = 0
 
         def get_next(self):
-            if self.i >= rows:
+            if self.i >= chunks:
                 return None
-            self.i += 1
-            return {n: calibration[n][self.i - 1:self.i] for n in names}
+            s, self.i = self.i * batch, self.i + 1
+            return {n: _rows(calibration[n][s:s + batch], batch) for n in names}
 
     q = os.path.join(out_dir, "int8.onnx")
     common = dict(quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
@@ -95,6 +97,11 @@ def quantize_int8(onnx_path: str, calibration: dict[str, np.ndarray], out_dir: s
         # after the conv, as in the ONNX zoo's mnist-8): quantize without that adjustment
         quantize_static(pre, q, _Reader(), extra_options={"QDQDisableWeightAdjustForInt32Bias": True}, **common)
     return q
+
+
+def _rows(x: np.ndarray, batch: int) -> np.ndarray:
+    """``x`` with exactly ``batch`` rows (the last repeated when there are fewer)."""
+    return x if len(x) == batch else np.concatenate([x, np.repeat(x[-1:], batch - len(x), 0)])
 
 
 def _batch_inputs(sess, inputs: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
@@ -144,8 +151,8 @@ def measure(*, batch: int, threads: int, calibration: dict[str, np.ndarray], onn
                 feed = _batch_inputs(fp32, calibration, batch)
                 out["onnxruntime_fp32_ms"] = median_call_ms(lambda: fp32.run(None, feed))
                 try:
-                    cal = {k: v[:CALIBRATION_ROWS] for k, v in calibration.items()}
-                    int8 = _session(quantize_int8(str(path), cal, tmp), threads)
+                    cal = {k: v[:max(CALIBRATION_ROWS, batch)] for k, v in calibration.items()}
+                    int8 = _session(quantize_int8(str(path), cal, tmp, batch), threads)
                 except Exception as exc:  # a model the quantizer cannot handle: say so, keep the rest
                     out["notes"].append(f"ONNX Runtime int8: quantize_static failed ({type(exc).__name__}: {exc})")
                 else:

@@ -30,10 +30,21 @@ def _readme_rows() -> dict[str, tuple[str, str, str]]:
     return rows
 
 
+# known gaps, found by this corpus and not yet fixed: strict, so a fix makes them fail until removed here
+KNOWN_GAPS = {
+    ("wav2vec2", "torch"): "the weight-normed positional conv1d (weight computed from g and v) is missing from the "
+                           "records: find_layers lists a conv1d only when its weight evaluates offline",
+    ("swin", "torch"): "2 of the 14 linear ops of the exported program are missing from the records (not yet "
+                       "diagnosed)",
+}
+
+
 def _cases():
     for name, (_, default_routes) in zoo.MEMBERS.items():
         for route in zoo.ROUTES:
             marks = [] if route in default_routes else [pytest.mark.slow]
+            if (name, route) in KNOWN_GAPS:
+                marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[(name, route)]))
             yield pytest.param(name, route, marks=marks, id=f"{name}-{route}")
 
 

@@ -26,6 +26,19 @@ INSTALL_HINT = "ONNX Runtime is not installed: pip install onnxruntime (or pip i
 CALIBRATION_ROWS = 64  # rows the int8 quantizer calibrates on (of the LUT model's calibration rows)
 
 
+def host_cpu() -> dict:
+    """The CPU these figures were measured on: its model name and the x86 instruction sets LLVM sees."""
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
+    except OSError:
+        pass
+    from .targets import instruction_sets
+
+    return {"model": model, "instruction_sets": instruction_sets("x86")}
+
+
 def median_call_ms(fn: Callable[[], object], repeat: int = 3, target_s: float = 0.2) -> float:
     """Median wall time of ``fn()`` in ms: one warm-up call sizes each repeat to about ``target_s``."""
     t = time.perf_counter()
@@ -134,7 +147,7 @@ def measure(*, batch: int, threads: int, calibration: dict[str, np.ndarray], onn
     ``onnx_model``: a path or ``onnx.ModelProto`` of the source model; ``torch_module``: the source torch
     module; ``calibration``: input name -> samples (the LUT model's calibration rows); ``held``/``labels``:
     held-out rows for the int8 model's accuracy."""
-    out: dict = {"batch": batch, "threads": threads, "notes": []}
+    out: dict = {"batch": batch, "threads": threads, "cpu": host_cpu(), "notes": []}
     if onnx_model is not None:
         try:
             import onnxruntime  # noqa: F401

@@ -31,12 +31,7 @@ def _readme_rows() -> dict[str, tuple[str, str, str]]:
 
 
 # known gaps, found by this corpus and not yet fixed: strict, so a fix makes them fail until removed here
-KNOWN_GAPS = {
-    ("wav2vec2", "torch"): "the weight-normed positional conv1d (weight computed from g and v) is missing from the "
-                           "records: find_layers lists a conv1d only when its weight evaluates offline",
-    ("swin", "torch"): "the attention output projections (attention.o_proj of both blocks) are missing from the "
-                       "records; the other 12 of the exported program's 14 weight ops are found",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def _cases():

@@ -72,12 +72,21 @@ def _static_shape(ty) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
+_CONST_ELEMENTWISE = {
+    "relax.abs": np.abs, "relax.negative": np.negative, "relax.sqrt": np.sqrt,
+    "relax.rsqrt": lambda a: 1 / np.sqrt(a), "relax.exp": np.exp,
+    "relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
+    "relax.divide": np.divide, "relax.power": np.power, "relax.maximum": np.maximum, "relax.minimum": np.minimum,
+}
+
+
 class _Resolver:
     """Evaluates, in numpy, the expressions that only depend on weights and constants."""
 
     def __init__(self, func: relax.Function, bindings: dict):
         self.params = {p: v for p, v in zip(func.params[num_inputs(func) :], param_values(func).values())}
         self.bindings = bindings
+        self._memo: dict = {}
 
     def source_param(self, expr) -> relax.Var | None:
         while True:
@@ -90,6 +99,13 @@ class _Resolver:
             return None
 
     def value(self, expr) -> np.ndarray | None:
+        if expr in self._memo:
+            return self._memo[expr]
+        out = self._value(expr)
+        self._memo[expr] = out
+        return out
+
+    def _value(self, expr) -> np.ndarray | None:
         if isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.ty, relax.TensorType):
             return expr.value.numpy()
         if expr in self.params:
@@ -109,7 +125,36 @@ class _Resolver:
             elif name == "relax.astype":
                 arg = arg.astype(str(value.attrs.dtype))
             return np.ascontiguousarray(arg).reshape(shape)
+        if name in _CONST_ELEMENTWISE or name in ("relax.sum", "relax.mean", "relax.broadcast_to"):
+            return self._evaluate(value, name)
         return None
+
+    def _evaluate(self, call, name: str) -> np.ndarray | None:
+        """Weight arithmetic that exporters leave in the graph (weight norm's ``g * v / ||v||``, a weight
+        broadcast to a batched matmul), evaluated in numpy when every operand is constant."""
+        shape = _static_shape(call.ty)
+        if shape is None:
+            return None
+        args = []
+        for a in call.args:
+            if isinstance(a, relax.ShapeExpr):
+                continue
+            v = self.value(a)
+            if v is None:
+                return None
+            args.append(v)
+        if name in _CONST_ELEMENTWISE:
+            out = _CONST_ELEMENTWISE[name](*args)
+        elif name == "relax.broadcast_to":
+            out = np.broadcast_to(args[0], shape)
+        else:
+            axis = call.attrs.axis
+            axis = None if axis is None else tuple(int(a) for a in axis)
+            reduce = np.sum if name == "relax.sum" else np.mean
+            out = reduce(args[0], axis=axis, keepdims=bool(call.attrs.keepdims))
+        dtype = str(call.ty.dtype)
+        out = np.asarray(out).astype(dtype, copy=False)
+        return np.ascontiguousarray(out).reshape(shape) if out.shape == shape else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,14 +307,22 @@ def _fold_epilogue(layer: Layer, bindings, consumers, resolver: _Resolver, w: np
     return w.astype(np.float32), b.astype(np.float32)
 
 
+def _layer_name(param: str) -> str:
+    """A layer's name from its weight parameter's: ``conv1.weight`` -> ``conv1``; a parametrized weight
+    (torch's weight norm: ``conv.parametrizations.weight.original1``) -> ``conv``."""
+    for suffix in (".parametrizations.weight.original0", ".parametrizations.weight.original1", ".weight"):
+        if param.endswith(suffix):
+            return param[: -len(suffix)]
+    return param
+
+
 def _other_weight_layer(call, var, kind: str, resolver, index: int) -> Layer | None:
     """A conv1d/conv3d/transposed conv with a constant weight: listed so that the report says why it stays
     exact, instead of leaving it out silently."""
     if resolver.value(call.args[1]) is None:
         return None
     src = resolver.source_param(call.args[1])
-    name = (src.name[: -len(".weight")] if src.name.endswith(".weight") else src.name) if src is not None \
-        else f"{kind}_{index}"
+    name = _layer_name(src.name) if src is not None else f"{kind}_{index}"
     x = call.args[0]
     layer = Layer(name=name, kind=kind, call_var=var, output_var=var, input_expr=x,
                   weight_param=None if src is None else src.name,
@@ -304,7 +357,7 @@ def find_layers(mod: tvm.IRModule, func_name: str = "main") -> list[Layer]:
             continue  # activation x activation matmul (attention etc.): not a layer
         src = resolver.source_param(wexpr)
         if src is not None:
-            base = src.name[: -len(".weight")] if src.name.endswith(".weight") else src.name
+            base = _layer_name(src.name)
         else:
             base = f"{kind}_{len(layers)}"
         count = seen.get(base, 0)
@@ -337,6 +390,8 @@ def find_layers(mod: tvm.IRModule, func_name: str = "main") -> list[Layer]:
                 layer.unsupported = f"layout {a.data_layout}/{a.kernel_layout} (only NCHW/OIHW)"
             mat = w.reshape(w.shape[0], -1).T  # (C*KH*KW, M), rows ordered (c, kh, kw)
         else:
+            while 2 < w.ndim <= int(x.ty.ndim) and w.shape[0] > 0 and (w == w[:1]).all():
+                w = w[0]  # a 2-D weight broadcast over a batched matmul's leading axes
             if w.ndim != 2:
                 layer.unsupported = f"batched weight of shape {w.shape}"
                 layers.append(layer)

@@ -84,7 +84,33 @@ def from_exported_program(ep) -> tvm.IRModule:
     sig = ep.graph_signature
     names = dict(sig.inputs_to_parameters)
     names.update(getattr(sig, "inputs_to_buffers", {}) or {})
-    return rename_params(mod, names)
+    return bounded_takes(rename_params(mod, names))
+
+
+@relax.expr_functor.mutator
+class _BoundedTakes(relax.PyExprMutator):
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.take" and str(call.attrs.mode) == "fast":
+            return relax.op.take(call.args[0], call.args[1], call.attrs.axis, mode="clip")
+        return call
+
+
+def bounded_takes(mod: tvm.IRModule) -> tvm.IRModule:
+    """Index lookups (embeddings, ``Gather``) clamp their indices instead of trusting them.
+
+    Both importers emit ``take`` in TVM's "fast" mode, which reads out of bounds on a bad index (a token id
+    past the vocabulary: a segfault, not an error) and makes every compile print TOPI's "Fast mode
+    segfaults when there are out-of-bounds indices" warning. "clip" costs a compare per index."""
+    out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    changed = False
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            new = _BoundedTakes(mod).visit_expr(func)
+            if not new.same_as(func):
+                out[gv] = new
+                changed = True
+    return out if changed else mod
 
 
 def fix_batch(mod: tvm.IRModule, batch: int) -> tvm.IRModule:
@@ -211,7 +237,7 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
             mod = _import(model, shape_dict=shapes, keep_params_in_input=True, sanitize_input_names=False)
     except tvm.error.OpNotImplemented as exc:
         raise ModelError(f"{path}: {exc}") from exc
-    mod = rename_params(mod, safe)
+    mod = bounded_takes(rename_params(mod, safe))
     return mod.with_attr(OUTPUT_NAMES_ATTR, [o.name for o in graph.output])
 
 

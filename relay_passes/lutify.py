@@ -538,15 +538,36 @@ def _ident(name: str) -> str:
     return re.sub(r"\W", "_", name).strip("_") or "layer"
 
 
+_KERNELS: dict[tuple, tirx.PrimFunc] = {}  # hand-scheduled kernels built in this process, by shape and target
+
+
+def _built_kernel(key: tuple, make, schedule: bool) -> tirx.PrimFunc:
+    """A kernel built (TVMScript parse + hand schedule: ~0.2 s each) once per process: the priority mask
+    rewrites the same layers once per evaluated prefix, and each rewrite used to rebuild every kernel."""
+    func = _KERNELS.get(key)
+    if func is None:
+        func = make()
+        if schedule:
+            func = x86.schedule(func)
+        if len(_KERNELS) >= 4096:
+            _KERNELS.clear()
+        _KERNELS[key] = func
+    return func
+
+
 @mutator
 class _LookupRewriter(PyExprMutator):
-    def __init__(self, mod, plans: list[_Plan], schedule: bool, database: str | None = None, target=None):
+    def __init__(self, mod, plans: list[_Plan], schedule: bool, database: str | None = None, target=None,
+                 switch: relax.Var | None = None):
         super().__init__(mod)
+        self.switch = switch  # switchable: both paths kept, ``switch[i]`` picks plan i's lookup output
+        self.pending: dict = {}  # switchable: exact output var -> (lookup output, plan index)
+        self.index = {p.layer.call_var: i for i, p in enumerate(plans)}
         self.database = database
         self.target = target
         self.tuned: list[str] = []
         self.by_call = {p.layer.call_var: p for p in plans}
-        self.drop = [v for p in plans for v in [p.layer.call_var, *p.layer.folded_vars]]
+        self.drop = [] if switch is not None else [v for p in plans for v in [p.layer.call_var, *p.layer.folded_vars]]
         self.schedule = schedule
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.calls: dict[str, list[KernelCall] | None] = {}  # layer name -> its kernels, as emitted
@@ -559,23 +580,30 @@ class _LookupRewriter(PyExprMutator):
         (or left unscheduled for MetaSchedule with ``schedule=False``)."""
         got = self.kernels.get(key)
         if got is None:
-            func = make()
+            func = None
             tuned = None
+            if self.database:
+                func = make()
             if self.database and tuning.tunable(func):
                 tuned = tuning.apply_database(func, self.target, self.database)
                 if tuned is not None:
                     self.tuned.append(name)
             if tuned is not None:
                 func = tuned
-            elif self.schedule:
-                func = x86.schedule(func)
+            else:
+                func = _built_kernel((key, name, self.schedule, str(self.target)), make, self.schedule)
             got = (self.builder_.add_func(func, name), func)
             self.kernels[key] = got
         return got
 
     def visit_var_binding_(self, binding):
         plan = self.by_call.get(binding.var)
-        if plan is not None:
+        if plan is not None and self.switch is not None:
+            x = self.visit_expr(plan.layer.input_expr)
+            y = self._emit_lookup(plan, x, as_output=False)
+            self.calls[plan.layer.name] = kernel_calls_between(self.builder_.lookup_binding, x, y)
+            self.pending[plan.layer.output_var] = (y, self.index[binding.var])
+        elif plan is not None:
             x = self.visit_expr(plan.layer.input_expr)
             out_var = plan.layer.output_var
             y = self._emit_lookup(plan, x, as_output=not isinstance(out_var, relax.DataflowVar))
@@ -585,6 +613,13 @@ class _LookupRewriter(PyExprMutator):
         if any(binding.var.same_as(v) for v in self.drop):
             return
         super().visit_var_binding_(binding)
+        if binding.var in self.pending:
+            y, i = self.pending.pop(binding.var)
+            bb = self.builder_
+            flag = bb.emit(relax.op.take(self.switch, relax.const(i, "int64"), axis=0))
+            pick = relax.op.where(flag, y, self.visit_expr(binding.var))
+            pick = bb.emit(pick) if isinstance(binding.var, relax.DataflowVar) else bb.emit_output(pick)
+            self.set_var_remap(binding.var, pick)
 
     def _emit_lookup(self, plan: _Plan, x, as_output: bool):
         if plan.method == "butterfly":
@@ -797,10 +832,31 @@ def _dequantize(acc, scale, bias):
     return te.compute(acc.shape, lambda i, j: acc[i, j].astype("float32") * scale[j] + bias[j], name="dequantize")
 
 
-def _rewrite(mod: tvm.IRModule, plans: list[_Plan], schedule: bool, database: str | None = None, target=None,
-             tuned: list | None = None, calls: dict | None = None) -> tvm.IRModule:
+SWITCH_PARAM = "tvm_lut.switch"
+
+
+def switchable(mod: tvm.IRModule, plans: list[_Plan]) -> tvm.IRModule:
+    """``mod`` with every plan's lookup *and* exact path, and a last weight parameter ``tvm_lut.switch``
+    (bool, one per plan, in ``plans`` order; all False: the exact model) that picks each layer's output.
+
+    Set at run time, the switch evaluates any subset of converted layers with one compile: what the
+    priority mask needs for each layer alone and each prefix of its ranking. A selected layer's output is
+    the lookup kernels' output bit for bit (``where`` selects, it does not blend)."""
     func = mod["main"]
-    m = _LookupRewriter(mod, plans, schedule, database, target)
+    switch = relax.Var(SWITCH_PARAM, relax.TensorType((len(plans),), "bool"))
+    values = list(func.attrs["params"]) if func.attrs is not None and "params" in func.attrs else None
+    func = relax.Function(list(func.params) + [switch], func.body, func.ret_ty, func.is_pure, func.attrs)
+    if values is not None:
+        func = func.with_attr("params", values + [tvm.runtime.tensor(np.zeros(len(plans), bool))])
+    base = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+    base["main"] = func
+    return _rewrite(base, plans, True, switch=switch)
+
+
+def _rewrite(mod: tvm.IRModule, plans: list[_Plan], schedule: bool, database: str | None = None, target=None,
+             tuned: list | None = None, calls: dict | None = None, switch: relax.Var | None = None) -> tvm.IRModule:
+    func = mod["main"]
+    m = _LookupRewriter(mod, plans, schedule, database, target, switch)
     new_main = m.visit_expr(func)
     m.builder_.update_func(m.builder_.get().get_global_var("main"), new_main)
     if tuned is not None:

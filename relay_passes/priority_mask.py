@@ -9,7 +9,9 @@ of layers to convert:
    fitting, on which everything below is measured.
 2. Per layer: the **similarity** of the LUT layer's output to the exact layer's output on the layer's
    own validation inputs (cosine similarity, and the relative error ``||y_lut - y|| / ||y||``), and,
-   when labels are given, the **accuracy drop when that layer alone is converted** (one compile each).
+   when labels are given, the **accuracy drop when that layer alone is converted**. Every such
+   evaluation runs one build (``lutify.switchable``) holding each candidate's lookup and exact paths,
+   with a run-time switch per layer: one compile for the whole analysis, not one per evaluation.
    Its **gain** is the multiplies it removes (exact minus lookup count, ``tvm_lut.cost``); layers whose
    lookup would not remove multiplies are never candidates.
 3. Layers are ranked by sensitivity per multiply removed (accuracy drop alone, clamped at zero, plus
@@ -45,7 +47,7 @@ from tvm_lut import calibrate, graph
 from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
 from tvm_lut.errors import CalibrationError, OptionError
 
-from .lutify import MASK_ATTR, LUTify, _rewrite
+from .lutify import MASK_ATTR, LUTify, switchable
 
 log = logging.getLogger("tvm_lut")
 
@@ -184,26 +186,36 @@ class PriorityMask:
             cos = float((exact * lut).sum() / (denom * (np.linalg.norm(lut) or 1.0)))
             scores[name] = {"similarity": cos, "rel_error": float(np.linalg.norm(lut - exact) / denom),
                             "mul_removed": int(gain[name]), "mul_removed_frac": gain[name] / total_mul}
+        candidates = [nm for nm in plans if gain[nm] > 0]
         base_pred = None
+        cache: dict[tuple, tuple[float, int]] = {}
         if val_y is not None or self.budget.kind == "max-disagree":
-            ex, params = compile_with_params(mod, tgt)
-            base_pred = _top1(BatchRunner(ex, [v for _, v in params], signature), val_in)
+            # one compile: every candidate's lookup and exact paths, picked per run by the switch parameter
+            slot = {nm: i for i, nm in enumerate(candidates)}
+            ex, params = compile_with_params(switchable(mod, [plans[nm] for nm in candidates]) if candidates
+                                             else mod, tgt)
+            runner = BatchRunner(ex, [v for _, v in params], signature)
+
+            def predict(names: tuple[str, ...]) -> np.ndarray:
+                if candidates:
+                    on = np.zeros(len(candidates), bool)
+                    on[[slot[nm] for nm in names]] = True
+                    runner.params[-1] = tvm.runtime.tensor(on, runner.device)
+                return _top1(runner, val_in)
+
+            base_pred = predict(())
             if self.budget.kind == "max-disagree":  # the exact model's top-1 is the reference
                 val_y = base_pred
             base_acc = float((base_pred == val_y).mean() * 100)
-        cache: dict[tuple, tuple[float, int]] = {}
 
         def evaluate(names: tuple[str, ...]) -> tuple[float, int]:
             """(validation accuracy drop in points, flips) with exactly ``names`` converted."""
             if names not in cache:
-                lut_mod = _rewrite(mod, [plans[nm] for nm in names], True)
-                ex_l, params_l = compile_with_params(lut_mod, tgt)
-                pred = _top1(BatchRunner(ex_l, [v for _, v in params_l], signature), val_in)
+                pred = predict(names)
                 ok_b, ok_l = base_pred == val_y, pred == val_y
                 cache[names] = (base_acc - float(ok_l.mean() * 100), int((ok_b != ok_l).sum()))
             return cache[names]
 
-        candidates = [nm for nm in plans if gain[nm] > 0]
         if val_y is not None:
             for name in tqdm(candidates, desc="layer sensitivity", unit="layer",
                              disable=None if self.progress else True, leave=False):
@@ -264,7 +276,8 @@ class PriorityMask:
                           val_drop_margin=100.0 * math.sqrt(flips) / val_n)
             if state["reference"] == "exact-top1":
                 result["val_reference"] = "exact model's top-1"
-        result["compiles"] = len(state["cache"]) + state["labelled"]
+        result["compiles"] = int(state["labelled"])  # one switchable build serves every evaluation
+        result["evaluations"] = len(state["cache"]) + state["labelled"]
         decision = {}
         for name in state["records"]:
             if name in convert:

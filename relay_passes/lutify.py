@@ -616,7 +616,7 @@ class _LookupRewriter(PyExprMutator):
         if binding.var in self.pending:
             y, i = self.pending.pop(binding.var)
             bb = self.builder_
-            flag = bb.emit(relax.op.take(self.switch, relax.const(i, "int64"), axis=0))
+            flag = bb.emit(relax.op.take(self.switch, relax.const(i, "int64"), axis=0, mode="clip"))
             pick = relax.op.where(flag, y, self.visit_expr(binding.var))
             pick = bb.emit(pick) if isinstance(binding.var, relax.DataflowVar) else bb.emit_output(pick)
             self.set_var_remap(binding.var, pick)

@@ -69,3 +69,62 @@ def test_unlabelled_default_keeps_top1_agreement(files, tmp_path, capsys):
     assert "accuracy" not in rep or rep["accuracy"] is None
     assert rep["agreement"]["rows"] == 32 and "top-1 agreement with the exact model on 32 held-out" in text
     assert "budget: max-disagree=1" in text
+
+
+@pytest.fixture(scope="module")
+def keras_squeezenet(tmp_path_factory):
+    """The issue's case: a SqueezeNet exported the way Keras exports one (NHWC input transposed to NCHW inside
+    the graph, opset 13), random weights standardised so that its top-1 varies over ten classes, and labels
+    its exact build gets right. Converting every layer ruins it (as the Keras model went 75.0 % -> 27.7 %)."""
+    from tests import zoo
+
+    d = tmp_path_factory.mktemp("keras")
+    torch.manual_seed(0)
+    net = zoo.import_torchvision().models.squeezenet1_1(weights=None, num_classes=10).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+            torch.nn.init.normal_(m.bias, std=0.1)
+
+    class NHWC(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.register_buffer("mu", torch.zeros(10))
+            self.register_buffer("sd", torch.ones(10))
+
+        def forward(self, x):
+            return (self.net(x.permute(0, 3, 1, 2)) - self.mu) / self.sd
+
+    model = NHWC().eval()
+    x = torch.randn(300, 32, 32, 3)
+    with torch.no_grad():
+        y = net(x.permute(0, 3, 1, 2))
+        model.mu.copy_(y.mean(0))
+        model.sd.copy_(y.std(0) + 1e-3)
+        labels = model(x).argmax(-1).numpy()
+    assert len(np.unique(labels)) >= 5
+    path = d / "squeezenet_nhwc.onnx"
+    torch.onnx.export(model, (x[:1],), str(path), input_names=["input_1"], output_names=["dense"], dynamo=False,
+                      opset_version=13)
+    np.savez(d / "calib.npz", input_1=x[:200].numpy(), labels=labels[:200])
+    np.savez(d / "test.npz", input_1=x[200:].numpy())
+    return str(path), d, labels[200:]
+
+
+def test_keras_nhwc_squeezenet_is_not_shipped_ruined(keras_squeezenet, tmp_path, capsys):
+    model, d, test_labels = keras_squeezenet
+    every, text_all = _compile(capsys, model, d / "calib.npz", tmp_path / "all", "--budget", "none")
+    assert every["accuracy"]["drop"] > 20 and "WARNING: the LUT model lost" in text_all  # what no flags must refuse
+    rep, text = _compile(capsys, model, d / "calib.npz", tmp_path / "default")
+    pm = rep["priority_mask"]
+    assert rep["budget"]["budget"] == "max-drop=1" and pm["val_drop"] + pm["val_drop_margin"] <= 1.0
+    assert rep["accuracy"]["drop"] <= 1.0
+    if not pm["converted"]:  # nothing fitted the budget: said, with what to try
+        assert "NOTE: no layer could be converted within max-drop=1" in text and "--codebooks" in text
+    # the shipped artifact on 100 rows neither the mask nor the report saw
+    assert cli.main(["run", str(tmp_path / "default"), "--input", str(d / "test.npz"),
+                     "--output", str(tmp_path / "y.npz")]) == 0
+    y = np.load(tmp_path / "y.npz")
+    top1 = y[y.files[0]].argmax(-1)
+    assert (top1 == test_labels).mean() >= 0.95, (top1 == test_labels).mean()

@@ -155,6 +155,12 @@ def kept_lines(report: dict) -> list[str]:
         lost = None
     if budget:
         out.append(f"budget: {budget['budget'] or 'none'} ({budget['why']})")
+    pm = report.get("priority_mask")
+    if pm and pm.get("candidates") and not pm.get("converted"):
+        out.append(f"NOTE: no layer could be converted within {pm['budget']}: converting even the first of the "
+                   f"{len(pm['candidates'])} candidates (the least sensitive per multiply removed) costs more than "
+                   "the budget, so this is the exact model. To convert layers: learned centroids (tvm_lut.lutnn, then --codebooks), a shorter "
+                   "subvector (--v 4 or --v 2), more centroids (--k 32), or a looser budget")
     if lost is not None and lost > POOR_DROP:
         what = "accuracy" if acc else "top-1 agreement"
         applied = budget and budget.get("budget")

@@ -131,21 +131,21 @@ def _lut_layer_kernels(lut_mod):
 
 
 def _kernel_chain(mod, path: str) -> dict | None:
-    """The LUT layer's ``main`` as the chain of ``call_tir`` kernels it runs (``profile.kernel_calls_between``),
+    """The LUT layer's ``main`` as the chain of ``call_tir`` kernels it runs (``rewrite.kernel_calls_between``),
     for timing the kernels back to back outside the VM: ``{"calls": [{"name", "args", "shape", "dtype"}],
     "npz"}`` where each argument is ``["input", 0]``, ``["const", key]`` (saved in ``path + ".npz"``) or
     ``["call", j]`` (call j's output). None when ``main`` is anything but such a chain."""
-    from tvm_lut import profile
+    from relay_passes import rewrite
 
     func = mod["main"]
     bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
-    calls = profile.kernel_calls_between(bound.get, func.params[0], func.body.body)
+    calls = rewrite.kernel_calls_between(bound.get, func.params[0], func.body.body)
     if calls is None:
         return None
     consts: dict[str, np.ndarray] = {}
 
     def arg(a):
-        if isinstance(a, profile.LayerInput):
+        if isinstance(a, rewrite.LayerInput):
             return ["input", 0]
         if isinstance(a, int):
             return ["call", a]
@@ -334,6 +334,7 @@ def _chain_ms(art: dict) -> float | None:
     C++ harness like MADDNESS's calls its kernels), from the layer's own ``.so``; checked against the VM."""
     import tvm
 
+    from relay_passes import rewrite
     from tvm_lut import profile
 
     chain = art.get("chain")
@@ -343,7 +344,7 @@ def _chain_ms(art: dict) -> float | None:
     lib, vm, inputs, params = _load(art)
     consts = np.load(chain["npz"])
     x = inputs[0].numpy()
-    calls = [profile.KernelCall(c["name"], tuple(profile.LayerInput(x.shape) if a[0] == "input" else a[1]
+    calls = [rewrite.KernelCall(c["name"], tuple(rewrite.LayerInput(x.shape) if a[0] == "input" else a[1]
                                                  if a[0] == "call" else tvm.runtime.tensor(consts[a[1]], dev)
                                                  for a in c["args"]), tuple(c["shape"]), c["dtype"])
              for c in chain["calls"]]

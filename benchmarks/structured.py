@@ -56,7 +56,7 @@ def compiled_eval(mod, test_x, test_y, batch: int, **lutify_kw) -> dict:
     ex, params = compile_with_params(out, tgt)
     sig = [("x", (batch, *test_x.shape[1:]), "float32")]
     logits = BatchRunner(ex, [v for _, v in params], sig).run({"x": test_x})[0]
-    profile.measure_layers(p._plans, tgt)
+    profile.measure_layers(p.plans, tgt)
     t = pipeline.totals(p.layers)
     slower = [r["name"] for r in p.layers if r.get("slower_than_exact")]
     return {"acc": models.accuracy(logits, test_y), "params": t["params"], "exact_params": t["exact_params"],

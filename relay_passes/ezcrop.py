@@ -123,7 +123,7 @@ class EZCrop:
         unknown = sorted((asked | self.exclude) - names)
         if unknown:
             raise OptionError(f"unknown layer name(s) {unknown}; the model's layers are: {sorted(names)}")
-        bindings, consumers = graph._uses(func)
+        bindings, consumers = graph.uses(func)
         by_call = {l.call_var: l for l in found}
         pairs, records = {}, {l.name: {"name": l.name, "kind": l.kind, "pruned": False} for l in found}
         for l in found:
@@ -266,6 +266,6 @@ def _prune(mod: tvm.IRModule, found: list, pairs: dict, keep_out: dict) -> tvm.I
     out["main"] = new
     out = relax.transform.Normalize()(out)
     out = relax.transform.DeadCodeElimination(["main"])(out)
-    from .lutify import _drop_unused_params
+    from .rewrite import drop_unused_params
 
-    return _drop_unused_params(out)
+    return drop_unused_params(out)

@@ -5,7 +5,7 @@ mask. This pass measures each convertible layer's sensitivity on calibration dat
 of layers to convert:
 
 1. The calibration data is split (seeded) into a *fit* part, on which every candidate layer's codebooks
-   and tables are learned (one ``LUTify`` fit, all layers), and a *validation* part, never used for
+   and tables are learned (one ``planning.Planner`` fit, all layers), and a *validation* part, never used for
    fitting, on which everything below is measured.
 2. Per layer: the **similarity** of the LUT layer's output to the exact layer's output on the layer's
    own validation inputs (cosine similarity, and the relative error ``||y_lut - y|| / ||y||``), and,
@@ -47,7 +47,8 @@ from tvm_lut import calibrate, graph
 from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
 from tvm_lut.errors import CalibrationError, OptionError
 
-from .lutify import MASK_ATTR, LUTify, switchable
+from .planning import Planner
+from .rewrite import MASK_ATTR, switchable
 
 log = logging.getLogger("tvm_lut")
 
@@ -106,7 +107,7 @@ class PriorityMask:
     labels : class labels of the calibration samples (instead of a ``labels`` entry).
     validation : fraction of the calibration samples held out for the measurements, at most
         ``max_validation`` (each accuracy measurement runs the compiled model on all of them).
-    lutify_options : passed to the ``LUTify`` fit (``k``, ``v``, ``distance``, ``layers``, ``codebooks``...).
+    lutify_options : passed to the ``planning.Planner`` fit (``k``, ``v``, ``distance``, ``layers``, ``codebooks``...).
     """
 
     def __init__(self, calibration, budget, *, labels=None, validation: float = 0.3, max_validation: int = 512,
@@ -164,12 +165,11 @@ class PriorityMask:
         val_y = None if labels is None else labels[val_idx]
 
         # 1. fit every candidate layer once
-        fitter = LUTify(calibration=fit_in, all_layers=True, seed=self.seed, target=tgt, progress=self.progress,
-                        **self.lutify_options)
-        fitter(mod)
-        plans = {p.layer.name: p for p in fitter._plans if p.record["method"] == "pq"}
-        records = {r["name"]: r for r in fitter.layers}
-        total_mul = sum(r["exact_ops"]["mul"] for r in fitter.layers if "exact_ops" in r)
+        fitted = Planner(fit_in, all_layers=True, seed=self.seed, target=tgt, progress=self.progress,
+                         **self.lutify_options).plan(mod)
+        plans = {p.layer.name: p for p in fitted if p.method == "pq"}
+        records = {p.layer.name: p.record for p in fitted}
+        total_mul = sum(r["exact_ops"]["mul"] for r in records.values() if "exact_ops" in r)
         gain = {name: records[name]["exact_ops"]["mul"] - records[name]["lut_ops"]["mul"] for name in plans}
 
         # 2. per-layer sensitivity on the validation part

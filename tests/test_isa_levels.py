@@ -5,7 +5,7 @@ with or without VBMI). A test that hard-codes one machine's decision passes ther
 each level is forced through the target (``x86:CPU``, an LLVM CPU name that has exactly that level's byte
 shuffle), so one machine exercises what every other would pick:
 
-* the kernel LUTify chooses for each layer is the one ``lutify.lookup_kernel`` decides for that target, and
+* the kernel LUTify chooses for each layer is the one ``rewrite.lookup_kernel`` decides for that target, and
   the widest shuffle of the level is taken where the layer has the rows for it;
 * where this CPU runs the level's code, the compiled model gives the emulator's outputs bit for bit (the
   emulator rounds as the level's code does: once per fused multiply-add, twice where the CPU has no FMA);
@@ -21,7 +21,7 @@ import tvm
 from torch import nn
 
 import tvm_lut
-from relay_passes.lutify import lookup_kernel
+from relay_passes.rewrite import lookup_kernel
 from tir_schedules import shuffle
 from tir_schedules.kernels import KERNEL_ATTR
 from tvm_lut.targets import resolve_target, runs_on_host

@@ -126,14 +126,14 @@ def test_switchable_build_is_the_rewritten_model_bit_for_bit(lenet):
     must be the separately rewritten model's, bit for bit (``where`` selects, it does not blend)."""
     import tvm
 
-    from relay_passes.lutify import _rewrite, switchable
+    from relay_passes.rewrite import rewrite, switchable
     from tvm_lut.build import BatchRunner, compile_with_params
     from tvm_lut.graph import input_signature
 
     mod, calib, d = lenet
     fitter = LUTify(calibration={"x": calib["x"][:300]}, all_layers=True, progress=False)
     fitter(mod)
-    plans = [p for p in fitter._plans if p.record["method"] == "pq"]
+    plans = [p for p in fitter.plans if p.record["method"] == "pq"]
     assert len(plans) >= 3
     sig = input_signature(mod["main"])
     x = {"x": d["test_images"][:64]}
@@ -144,6 +144,6 @@ def test_switchable_build_is_the_rewritten_model_bit_for_bit(lenet):
         on[list(chosen)] = True
         runner.params[-1] = tvm.runtime.tensor(on)
         got = runner.run(x)[0]
-        ex_r, params_r = compile_with_params(_rewrite(mod, [plans[i] for i in chosen], True), "x86")
+        ex_r, params_r = compile_with_params(rewrite(mod, [plans[i] for i in chosen], True), "x86")
         want = BatchRunner(ex_r, [v for _, v in params_r], sig).run(x)[0]
         np.testing.assert_array_equal(got, want, err_msg=str(chosen))

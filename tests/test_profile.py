@@ -10,8 +10,8 @@ from torch import nn
 
 import tvm_lut
 from tvm_lut import pq, profile
-from relay_passes.lutify import lookup_kernel
-from tvm_lut.profile import LayerInput
+from relay_passes.rewrite import lookup_kernel
+from relay_passes.rewrite import LayerInput
 
 
 def _lutify(model, x, example):
@@ -57,7 +57,7 @@ def test_layer_kernels_from_the_model_build_reproduce_the_layer(kind):
     np.testing.assert_array_equal(got.reshape(example.shape[0], -1),
                                   vm["main"](tvm.runtime.tensor(example)).numpy().reshape(example.shape[0], -1))
 
-    profile.measure_layers(p._plans, "x86", executable=ex, kernel_calls=p.kernel_calls)
+    profile.measure_layers(p.plans, "x86", executable=ex, kernel_calls=p.kernel_calls)
     lat = p.layers[0]["latency"]
     assert lat["rewrite_from"] == "model" and lat["rewrite_ms"] > 0 and lat["exact_ms"] > 0
     assert p.layers[0]["slower_than_exact"] == (lat["rewrite_ms"] > lat["exact_ms"])
@@ -71,7 +71,7 @@ def test_layers_with_other_ops_or_missing_kernels_are_compiled_alone():
     x = np.random.default_rng(1).standard_normal((256, 30)).astype(np.float32)
     p, _, ex = _lutify(nn.Sequential(nn.Linear(30, 48)).eval(), x, x[:16])
     assert p.layers[0]["method"] == "pq" and p.kernel_calls["0"] is None
-    profile.measure_layers(p._plans, "x86", executable=ex, kernel_calls=p.kernel_calls)
+    profile.measure_layers(p.plans, "x86", executable=ex, kernel_calls=p.kernel_calls)
     assert p.layers[0]["latency"]["rewrite_from"] == "layer" and p.layers[0]["latency"]["rewrite_ms"] > 0
 
     y = np.random.default_rng(2).standard_normal((256, 32)).astype(np.float32)
@@ -79,9 +79,9 @@ def test_layers_with_other_ops_or_missing_kernels_are_compiled_alone():
     renamed = {"0": [dataclasses.replace(c, name=c.name + "_gone") for c in q.kernel_calls["0"]]}
     assert profile.kernels_latency_ms(ex, renamed["0"], (16, 32)) is None
     assert profile.run_kernels(ex, renamed["0"], y[:16]) is None
-    profile.measure_layers(q._plans, "x86", executable=ex, kernel_calls=renamed)
+    profile.measure_layers(q.plans, "x86", executable=ex, kernel_calls=renamed)
     assert q.layers[0]["latency"]["rewrite_from"] == "layer"
-    profile.measure_layers(q._plans, "x86", executable=ex, kernel_calls=q.kernel_calls)
+    profile.measure_layers(q.plans, "x86", executable=ex, kernel_calls=q.kernel_calls)
     assert q.layers[0]["latency"]["rewrite_from"] == "model"
 
 

@@ -68,7 +68,7 @@ def main(tiny: bool = False, out: str | None = None) -> dict:  # noqa: ARG001 (s
     res["ezcrop_post"] = accuracy_of(pruned, vx, vy, batch)
 
     # 5. measured per layer: is each rewrite faster than the exact layer?
-    profile.measure_layers(fine._plans)
+    profile.measure_layers(fine.plans)
     res["slower_than_exact"] = [r["name"] for r in fine.layers if r.get("slower_than_exact")]
 
     print(f"exact {exact:.2f}%")

@@ -204,7 +204,7 @@ class Layer:
         return self.batch * self.rows_per_sample
 
 
-def _uses(func: relax.Function) -> tuple[dict, dict]:
+def uses(func: relax.Function) -> tuple[dict, dict]:
     """(var -> bound value, var -> list of consumer binding vars; the function result counts once)."""
     bindings, consumers = {}, {}
 
@@ -336,7 +336,7 @@ def find_layers(mod: tvm.IRModule, func_name: str = "main") -> list[Layer]:
     """All conv2d/dense layers of ``mod[func_name]`` in program order, named by their weight; other
     weighted layers (conv1d, conv3d, transposed convs) are listed as unsupported, with the reason."""
     func = mod[func_name]
-    bindings, consumers = _uses(func)
+    bindings, consumers = uses(func)
     resolver = _Resolver(func, bindings)
     layers: list[Layer] = []
     seen: dict[str, int] = {}

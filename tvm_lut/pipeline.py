@@ -244,7 +244,7 @@ def compile_and_measure(
         from . import profile
 
         # the rewritten layers' kernels are timed from the model's own build (run_ex is lut_ex here)
-        profile.measure_layers(pass_._plans, tgt, executable=run_ex, kernel_calls=pass_.kernel_calls)
+        profile.measure_layers(pass_.plans, tgt, executable=run_ex, kernel_calls=pass_.kernel_calls)
         e_ms, l_ms = exact_run.latency_ms(), lut_run.latency_ms()
         report["latency"] = {"exact_ms": e_ms, "lut_ms": l_ms, "speedup": e_ms / l_ms, "batch": lut_run.batch,
                              "threads": default_threads(), "note": "per batch; LUT kernels hand-scheduled "

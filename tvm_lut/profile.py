@@ -26,82 +26,17 @@ alone (``rewrite_from: "layer"``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import relax
 
+from relay_passes.rewrite import KernelCall, LayerInput, Plan, rewrite
+
 from . import graph
 from .build import BatchRunner, median_ms, resolve_target
 
 log = logging.getLogger("tvm_lut")
-
-
-@dataclass(frozen=True)
-class LayerInput:
-    """A kernel argument that is the layer's input (float32), seen with ``shape`` (a reshape is a view)."""
-
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class KernelCall:
-    """One ``call_tir`` of a rewritten layer: the kernel's name in the built library, its arguments in
-    order (``LayerInput``; an int: the output of that earlier call of the layer; else a constant's
-    ``tvm.runtime.Tensor``) and its output's shape and dtype (the destination, passed last)."""
-
-    name: str
-    args: tuple
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def kernel_calls_between(lookup, x: relax.Expr, y: relax.Expr) -> list[KernelCall] | None:
-    """The computation from ``x`` to ``y`` as the ``call_tir`` kernels it runs, in order, or None when it
-    runs anything else (a pad, a transpose, a bias add, a matmul...): then only the layer compiled alone
-    shows its cost. ``lookup(var)`` gives the value bound to a variable (``BlockBuilder.lookup_binding``
-    while building, a dict of a function's bindings after). Reshapes are views in the VM and are skipped;
-    an argument that is (a reshape of) ``x`` becomes a ``LayerInput`` of the shape the kernel sees."""
-    calls: list[KernelCall] = []
-    done: dict = {}
-
-    def walk(e: relax.Expr):
-        if e.same_as(x):
-            return LayerInput(tuple(int(d) for d in e.ty.shape))
-        if isinstance(e, tvm.ir.GenericConst):
-            return e.value
-        if not isinstance(e, relax.Var):
-            return None
-        if e in done:
-            return done[e]
-        value = lookup(e)
-        if isinstance(value, relax.Var):  # an alias
-            done[e] = walk(value)
-            return done[e]
-        if not isinstance(value, relax.Call):
-            return None
-        op = getattr(value.op, "name", "")
-        if op == "relax.reshape":
-            got = walk(value.args[0])
-            if isinstance(got, LayerInput):
-                got = LayerInput(tuple(int(d) for d in e.ty.shape))
-            done[e] = got
-            return got
-        if op != "relax.call_tir" or len(value.args) != 2 or not isinstance(value.args[1], relax.Tuple):
-            return None
-        args = []
-        for a in value.args[1].fields:
-            got = walk(a)
-            if got is None:
-                return None
-            args.append(got)
-        calls.append(KernelCall(value.args[0].name_hint, tuple(args), tuple(int(d) for d in e.ty.shape),
-                                str(e.ty.dtype)))
-        done[e] = len(calls) - 1
-        return done[e]
-
-    return calls if isinstance(walk(y), int) else None
 
 
 def _library_function(module, name: str):
@@ -186,12 +121,10 @@ def single_layer_module(layer: graph.Layer) -> tvm.IRModule:
 
 def measure_layers(plans: list, target="x86", schedule: bool = True, executable=None,
                    kernel_calls: dict[str, list[KernelCall] | None] | None = None) -> None:
-    """Time every layer of a LUTify run (``LUTify._plans``) exact and rewritten; fills the records.
+    """Time every layer of a LUTify run (``LUTify.plans``) exact and rewritten; fills the records.
 
     With ``executable`` (the LUTify'd model compiled for ``target``) and ``kernel_calls``
     (``LUTify.kernel_calls`` of that run), layers that run only kernels are timed from that build."""
-    from relay_passes.lutify import _Plan, _rewrite
-
     tgt = resolve_target(target)
     for plan in plans:
         layer, rec = plan.layer, plan.record
@@ -210,8 +143,8 @@ def measure_layers(plans: list, target="x86", schedule: bool = True, executable=
         source = "model"
         if rewrite_ms is None:
             (one,) = graph.find_layers(exact_mod)
-            twin = _Plan(one, rec, plan.pq_layer, plan.chain, plan.factors, plan.lowrank)
-            rewritten = _rewrite(exact_mod, [twin], schedule)
+            twin = Plan(one, rec, plan.pq_layer, plan.chain, plan.factors, plan.lowrank)
+            rewritten = rewrite(exact_mod, [twin], schedule)
             rewrite_ms, source = BatchRunner(tvm.compile(rewritten, tgt), [], sig).latency_ms(), "layer"
         rec["latency"].update(rewrite_ms=rewrite_ms, rewrite_from=source)
         rec["slower_than_exact"] = bool(rewrite_ms > exact_ms)

@@ -47,7 +47,9 @@ def build(n: int, d: int, m: int):
     layer = nn.Linear(d, m).eval()
     x = rng.standard_normal((n, d)).astype(np.float32)
     mod = tvm_lut.from_torch(layer, torch.from_numpy(x))
-    target = x86.host_target(1)
+    from tvm_lut.targets import host_target
+
+    target = host_target(1)
     p = tvm_lut.LUTify(calibration=x, all_layers=True, v=4, progress=False, target=target)
     deployed_ex, params = compile_with_params(p(mod), target)
     q = next(iter(p.pq_layers.values()))

@@ -585,7 +585,7 @@ def main() -> None:
     # the build phase times kernels (hand vs tuned) and MetaSchedule measures candidates: both with the
     # first thread count (default 1), set before TVM starts its thread pool
     os.environ["TVM_NUM_THREADS"] = args.threads.split(",")[0]
-    from tir_schedules import tuning, x86
+    from tir_schedules import tuning
 
     tuning.stub_tensor_intrins()
     # this run's builds and tuning databases: one directory per --out name, emptied before a build, so that
@@ -599,7 +599,9 @@ def main() -> None:
     if not args.measure_only:
         shutil.rmtree(cache, ignore_errors=True)
         os.makedirs(cache)
-    target = x86.host_target()
+    from tvm_lut.targets import host_target
+
+    target = host_target()
     only = set(args.only.split(","))
     t0 = time.time()
     plan = {"kernel": [], "e2e": []}

@@ -19,7 +19,8 @@ from tir_schedules import shuffle, x86
 from tvm_lut import arm_emulator, cli, pipeline
 from tvm_lut.artifact import Model
 from tvm_lut.errors import ArtifactError
-from tvm_lut.farm import Farm, run_remote
+from tvm_lut.artifact import run_remote
+from tvm_lut.farm import Farm
 from tvm_lut.targets import arm_target, host_for, runs_on_host
 
 

@@ -6,12 +6,13 @@ import time
 
 import pytest
 
-from tir_schedules import shuffle, tuning, x86
+from tir_schedules import shuffle, tuning
 from tvm_lut import cli
 from tvm_lut.errors import OptionError
 from tvm_lut.farm import Farm, check_bind_host, parse_address
+from tvm_lut.targets import host_target
 
-TARGET = x86.host_target()
+TARGET = host_target()
 
 
 @pytest.fixture()

@@ -9,8 +9,9 @@ import tvm
 
 from tir_schedules import kernels, x86
 from tvm_lut import pq
+from tvm_lut.targets import host_target
 
-TARGET = x86.host_target()
+TARGET = host_target()
 
 
 def _run(func, *arrays, out_shape, out_dtype):
@@ -515,7 +516,7 @@ def test_codebook_lane_encoder_rejects_more_than_16_centroids():
 _TWO_THREADS = """
 import numpy as np, tvm
 from tir_schedules import kernels
-from tir_schedules.x86 import host_target
+from tvm_lut.targets import host_target
 from tvm_lut import pq
 assert tvm.get_global_func("runtime.NumThreads")() == 2
 n, c, v, lanes = 4096, 64, 4, 16

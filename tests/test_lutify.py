@@ -122,7 +122,7 @@ def test_batched_conv_lookup_writes_nchw_without_a_transpose():
     """At batch 3 an 8x8 map is 3 images of 64 rows: the grouped lookup writes (3, M, 64), NCHW, and the
     model has no transpose after it; the output still matches the emulator bit for bit."""
     from tir_schedules import shuffle
-    from tir_schedules.x86 import host_target
+    from tvm_lut.targets import host_target
 
     if shuffle.isa_for(host_target()) is not shuffle.ISAS[0]:
         pytest.skip("host has no AVX-512 VBMI + VNNI (the grouped lookup writes the batched NCHW output)")

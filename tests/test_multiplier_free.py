@@ -15,6 +15,7 @@ import re
 import pytest
 import tvm
 
+from tvm_lut.targets import host_target
 from tir_schedules import kernels, x86
 
 MUL = re.compile(r"^\s+(v?p?mul\w*|i?mul[bwlq]?|v?f(n)?m(add|sub)\w*|v?pmadd\w*|v?dpbusd\w*|v?dpwssd\w*)\s", re.I)
@@ -23,7 +24,7 @@ FLOAT_MUL = re.compile(r"^\s+(v?mul[sp][sd]|v?f(n)?m(add|sub)\w*)\b", re.I)
 
 def _asm(func, name: str) -> list[str]:
     f = x86.schedule(func).with_attr("global_symbol", name)
-    lib = tvm.compile(tvm.IRModule({name: f}), target=x86.host_target())
+    lib = tvm.compile(tvm.IRModule({name: f}), target=host_target())
     return lib.mod.inspect_source("s").splitlines()
 
 
@@ -70,7 +71,7 @@ def test_shuffle_lookup_multiplies_only_to_dequantize():
     multiply at all; with it, the only float multiplies are the per-output FMAs ``acc * scale + bias``."""
     from tir_schedules import shuffle
 
-    lanes = shuffle.isa_for(x86.host_target(), grouped=False).lanes  # 64 needs AVX-512BW; 32 on AVX2 hosts
+    lanes = shuffle.isa_for(host_target(), grouped=False).lanes  # 64 needs AVX-512BW; 32 on AVX2 hosts
     bare = _asm(shuffle.lookup(100, 9, 20, lanes, 4, epilogue=False), "lut_lookup_bare")
     assert _loop_ranges(bare) and not [l for l in bare if FLOAT_MUL.match(l)]
     assert not [l for l in _multiplies_in_loops(bare) if not l.startswith("imul")], "vector multiply in a lookup loop"

@@ -13,10 +13,11 @@ import pytest
 import torch
 import tvm
 
-from tir_schedules import kernels, shuffle, tuning, x86
+from tir_schedules import kernels, shuffle, tuning
 from tvm_lut import cli, pq
+from tvm_lut.targets import host_target
 
-TARGET = x86.host_target()
+TARGET = host_target()
 
 
 def test_pitfall_fixes_stub_intrinsics_and_keep_codes_in_range():

@@ -37,7 +37,9 @@ ROW_LANES_ATTR = "tvm_lut.max_row_lanes"  # an encoder's cap on rows per vector 
 FUSED_SCORE_CHAINS = 4
 
 
-def _opaque(func: tirx.PrimFunc, role: str) -> tirx.PrimFunc:
+def opaque_kernel(func: tirx.PrimFunc, role: str) -> tirx.PrimFunc:
+    """``func`` marked as one of our kernels (``role``): opaque to Relax's operator fusion, its buffers
+    declared non-aliasing (LLVM may vectorise loads and stores across them)."""
     return func.with_attr("op_pattern", 8).with_attr(KERNEL_ATTR, role).with_attr("tirx.noalias", True)
 
 
@@ -72,7 +74,7 @@ def im2col(
         return tirx.if_then_else(inside, x[b, tirx.min(ci, c - 1), iy, ix], tirx.const(0.0, "float32"))
 
     cols = te.compute((n * oh * ow, d_pad), patch, name="im2col")
-    return _opaque(te.create_prim_func([x, cols]).without_attr("global_symbol"), "im2col")
+    return opaque_kernel(te.create_prim_func([x, cols]).without_attr("global_symbol"), "im2col")
 
 
 @dataclass(frozen=True)
@@ -421,7 +423,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
                 codes[vi, vj] = argmin_tree(score, vi, vj, k, vj * base, stride)
 
     def finish(f: tirx.PrimFunc) -> tirx.PrimFunc:
-        f = _opaque(f, "encode")
+        f = opaque_kernel(f, "encode")
         if fused_scores:  # rows per vector such that a tile's values fit 16 ymm registers
             f = f.with_attr(ROW_LANES_ATTR, row_lanes)
         return f.with_attr("tvm_lut.fused_im2col", True) if conv is not None else f
@@ -803,7 +805,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
                 for p in T.serial(pairs - code_pairs):
                     packed[rb, code_pairs + p, T.Ramp(0, 1, pack_lanes)] = T.Broadcast(T.uint8(0), pack_lanes)
 
-    return _opaque(func, "encode").with_attr("tirx.is_scheduled", True)
+    return opaque_kernel(func, "encode").with_attr("tirx.is_scheduled", True)
 
 
 def accumulate(n: int, c: int, k: int, m: int, row_offsets: bool = False) -> tirx.PrimFunc:
@@ -829,7 +831,7 @@ def accumulate(n: int, c: int, k: int, m: int, row_offsets: bool = False) -> tir
                     acc[vi, vo] = 0
                 acc[vi, vo] = acc[vi, vo] + T.Cast("int32", tables[vj, codes[vi, vj], vo])
 
-    return _opaque(func, "accumulate")
+    return opaque_kernel(func, "accumulate")
 
 
 def _accumulate_offsets(n: int, c: int, k: int, m: int) -> tirx.PrimFunc:
@@ -846,7 +848,7 @@ def _accumulate_offsets(n: int, c: int, k: int, m: int) -> tirx.PrimFunc:
                     acc[vi, vo] = 0
                 acc[vi, vo] = acc[vi, vo] + T.Cast("int32", tables[codes[vi, vj] + vo])
 
-    return _opaque(func, "accumulate")
+    return opaque_kernel(func, "accumulate")
 
 
 def butterfly_factor(n: int, nb: int, r: int, s: int, t: int) -> tirx.PrimFunc:
@@ -876,4 +878,4 @@ def butterfly_factor(n: int, nb: int, r: int, s: int, t: int) -> tirx.PrimFunc:
                 y[vn, vb * (r * t) + vi * t + vd] = (y[vn, vb * (r * t) + vi * t + vd]
                                                      + w[vb, vj, vi, vd] * x[vn, vb * (s * t) + vj * t + vd])
 
-    return _opaque(func, "butterfly")
+    return opaque_kernel(func, "butterfly")

@@ -54,7 +54,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .kernels import UNPCKHPD, UNPCKHPS, UNPCKLPD, UNPCKLPS, _opaque, in_lane
+from .kernels import UNPCKHPD, UNPCKHPS, UNPCKLPD, UNPCKLPS, opaque_kernel, in_lane
 
 DEFAULT_TILE = 4  # outputs per register tile of the hand schedule (measured best of 2/4/8/16 at C=32)
 DEFAULT_TILE_ROWS_MAJOR = 8  # nibble kernel, rows-major: mb floats per row store; wider tiles store less often
@@ -408,7 +408,7 @@ def lookup(n: int, c: int, m: int, lanes: int = 64, mb: int = 8, intrinsic: str 
 
     # "estimated_flops": MetaSchedule's flop counter cannot walk vector expressions (Broadcast, Shuffle);
     # given here it is the number of table lookups plus the per-output FMA
-    return (_opaque(func, "shuffle_lookup").with_attr("estimated_flops", n * c * m + 2 * n * m)
+    return (opaque_kernel(func, "shuffle_lookup").with_attr("estimated_flops", n * c * m + 2 * n * m)
             .with_attr("tvm_lut.shape", [n, c, m, lanes]).with_attr("tvm_lut.mb", mb)
             .with_attr("tvm_lut.intrinsic", intrinsic).with_attr("tvm_lut.epilogue", int(epilogue))
             .with_attr("tvm_lut.rows_major", int(rows_major)).with_attr("tvm_lut.images", images))
@@ -503,7 +503,7 @@ def _grouped_lookup(n: int, c: int, m: int, lanes: int, mb: int, epilogue: bool,
                                                                   vot * mb + i, 1),
                                                        y_at(vot * mb + i, vb * lanes + s * 16 + r, 1))
 
-    return (_opaque(func, "shuffle_lookup").with_attr("estimated_flops", n * c * m + 2 * n * m)
+    return (opaque_kernel(func, "shuffle_lookup").with_attr("estimated_flops", n * c * m + 2 * n * m)
             .with_attr("tvm_lut.shape", [n, c, m, lanes]).with_attr("tvm_lut.mb", mb)
             .with_attr("tvm_lut.intrinsic", PERMUTE_INTRINSIC).with_attr("tvm_lut.epilogue", int(epilogue))
             .with_attr("tvm_lut.rows_major", int(rows_major)).with_attr("tvm_lut.images", images))

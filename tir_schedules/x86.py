@@ -8,20 +8,10 @@ for bit with the numpy reference on the integer path.
 
 from __future__ import annotations
 
-import os
-
 import tvm
 from tvm import tirx
 
 from .kernels import KERNEL_ATTR, ROW_LANES_ATTR
-
-
-def host_target(num_cores: int | None = None) -> tvm.target.Target:
-    """The LLVM target of this machine: ``mcpu`` from the host and ``num-cores`` for MetaSchedule."""
-    cores = num_cores or len(os.sched_getaffinity(0))
-    return tvm.target.Target(
-        {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": cores}
-    )
 
 
 def _inner_factor(extent: int, candidates: tuple[int, ...] = (64, 32, 16, 8, 4, 2)) -> int:

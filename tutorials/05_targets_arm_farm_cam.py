@@ -69,7 +69,8 @@ def main(tiny: bool = False, out: str = "tutorial5_out") -> dict:
     if reason:
         print(f"skipping the aarch64 run: {reason}")
         return {"cam_identical": same, "arm_identical": None}
-    from tvm_lut.farm import Farm, run_remote
+    from tvm_lut.artifact import run_remote
+    from tvm_lut.farm import Farm
 
     os.environ.setdefault("TVM_LUT_FARM_DIR", os.path.join(out, "farm"))
     farm = Farm().start(x86=0, arm=1)

@@ -24,7 +24,7 @@ import uuid
 
 import numpy as np
 
-from .errors import ArtifactError
+from .errors import ArtifactError, TargetError
 from .native_log import quiet_native
 
 FORMAT = "tvm-lut-artifact/1"
@@ -168,3 +168,29 @@ class Model:
         data = normalize_inputs(arrays, self.runner.inputs, what="input")
         outs = self.runner.run(data)
         return dict(zip(self.manifest["outputs"], outs))
+
+
+def run_remote(artifact_dir: str, arrays: dict[str, np.ndarray], address: str, key: str) -> dict[str, np.ndarray]:
+    """Run an artifact on a farm server: upload ``model.so``, run it in the remote Relax VM batch by batch."""
+    import time
+
+    import tvm
+
+    from .build import BatchRunner
+    from .calibrate import normalize_inputs
+    from .farm import request
+
+    manifest = read_manifest(artifact_dir)
+    verify(artifact_dir, manifest)
+    if manifest.get("target_name") == "cam":
+        raise TargetError(f"{artifact_dir}: a cam build calls the CAM simulator of the host process; run it "
+                          "locally ('tvm-lut run' without --farm)")
+    params = tvm.runtime.load_param_dict_from_file(os.path.join(artifact_dir, "params.bin"))
+    inputs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
+    data = normalize_inputs(arrays, inputs, what="input")
+    sess = request(address, key)
+    remote_name = f"tvm_lut_{os.getpid()}_{int(time.time() * 1e3)}.so"
+    sess.upload(os.path.join(artifact_dir, "model.so"), remote_name)
+    runner = BatchRunner(sess.load_module(remote_name), [params[n].numpy() for n in manifest["params"]], inputs,
+                         device=sess.cpu())  # the VM and every tensor live on the remote device
+    return dict(zip(manifest["outputs"], runner.run(data)))

@@ -164,7 +164,8 @@ def cmd_run(args) -> int:
     data = _load_npz(args.input, "input")
     labels = data.pop("labels", None)
     if args.farm:
-        from .farm import parse_address, run_remote
+        from .artifact import run_remote
+        from .farm import parse_address
 
         parse_address(args.farm)
         outputs = run_remote(args.artifact, data, args.farm, args.key)

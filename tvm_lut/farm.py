@@ -13,7 +13,7 @@ the next one (where servers could register with someone else's tracker).
 Security: TVM RPC has no authentication; anyone who reaches a server can run code on it. The farm binds
 to 127.0.0.1 unless ``--host`` names another address *and* ``--allow-remote`` is given.
 
-Remote runs: ``run_remote`` uploads an artifact's ``model.so`` to a server of the key and runs it in the
+Remote runs: ``artifact.run_remote`` uploads an artifact's ``model.so`` to a server of the key and runs it in the
 remote ``relax.VirtualMachine``: how an ARM build is checked against x86 (``tvm-lut run --farm``).
 """
 
@@ -28,8 +28,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-
-import numpy as np
 
 from .errors import OptionError, TargetError
 
@@ -311,27 +309,3 @@ def request(address: str, key: str, timeout_s: float = 120.0):
     if free is None:
         raise TargetError(f"no server with key {key!r} is registered at {address}")
     return tracker.request(key, priority=1, session_timeout=timeout_s)
-
-
-def run_remote(artifact_dir: str, arrays: dict[str, np.ndarray], address: str, key: str) -> dict[str, np.ndarray]:
-    """Run an artifact on a farm server: upload ``model.so``, run it in the remote Relax VM batch by batch."""
-    import tvm
-
-    from .artifact import read_manifest, verify
-    from .build import BatchRunner
-    from .calibrate import normalize_inputs
-
-    manifest = read_manifest(artifact_dir)
-    verify(artifact_dir, manifest)
-    if manifest.get("target_name") == "cam":
-        raise TargetError(f"{artifact_dir}: a cam build calls the CAM simulator of the host process; run it "
-                          "locally ('tvm-lut run' without --farm)")
-    params = tvm.runtime.load_param_dict_from_file(os.path.join(artifact_dir, "params.bin"))
-    inputs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
-    data = normalize_inputs(arrays, inputs, what="input")
-    sess = request(address, key)
-    remote_name = f"tvm_lut_{os.getpid()}_{int(time.time() * 1e3)}.so"
-    sess.upload(os.path.join(artifact_dir, "model.so"), remote_name)
-    runner = BatchRunner(sess.load_module(remote_name), [params[n].numpy() for n in manifest["params"]], inputs,
-                         device=sess.cpu())  # the VM and every tensor live on the remote device
-    return dict(zip(manifest["outputs"], runner.run(data)))

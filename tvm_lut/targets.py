@@ -27,9 +27,20 @@ process with an illegal instruction.
 
 from __future__ import annotations
 
+import os
+
 import tvm
 
 from .errors import TargetError
+
+
+def host_target(num_cores: int | None = None) -> tvm.target.Target:
+    """The LLVM target of this machine: ``mcpu`` from the host and ``num-cores`` for MetaSchedule."""
+    cores = num_cores or len(os.sched_getaffinity(0))
+    return tvm.target.Target(
+        {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": cores}
+    )
+
 
 TARGETS = ("x86", "x86:CPU", "arm", "cam")
 CAM_KEY = "cam"
@@ -46,7 +57,6 @@ def arm_target(num_cores: int = 4, mcpu: str | None = None) -> tvm.target.Target
 
 def cam_target() -> tvm.target.Target:
     """The host target tagged with the ``cam`` key (``is_cam``): LUT layers are offloaded at build time."""
-    from tir_schedules.x86 import host_target
 
     spec = dict(host_target().export())
     spec["keys"] = [CAM_KEY, "cpu"]
@@ -63,7 +73,6 @@ def x86_target(mcpu: str) -> tvm.target.Target:
     """This host's target with another x86-64 CPU as ``mcpu`` (LLVM's names: ``znver4``, ``x86-64-v3``...)."""
     from tvm.target import codegen
 
-    from tir_schedules.x86 import host_target
 
     if not codegen.llvm_is_valid_cpu(mcpu, "x86_64-pc-linux-gnu"):
         raise TargetError(f"unknown x86 CPU {mcpu!r} in --target x86:{mcpu}; give an LLVM CPU name such as "
@@ -89,7 +98,6 @@ def instruction_sets(target) -> list[str]:
 
 def missing_instruction_sets(required) -> list[str]:
     """Which of ``required`` (names from ``instruction_sets``) this machine's CPU lacks."""
-    from tir_schedules.x86 import host_target
 
     have = set(instruction_sets(host_target()))
     return sorted(set(required) - have)
@@ -105,7 +113,6 @@ def resolve_target(target) -> tvm.target.Target:
         except Exception as exc:
             raise TargetError(f"invalid target dict {target!r}: {exc}") from None
     if target in ("x86", "llvm", "host", None):
-        from tir_schedules.x86 import host_target
 
         return host_target()
     if isinstance(target, str) and target.startswith("x86:"):
@@ -139,7 +146,6 @@ def host_for(target) -> tvm.target.Target:
     tgt = resolve_target(target)
     if runs_on_host(tgt) and not is_cam(tgt):
         return tgt
-    from tir_schedules.x86 import host_target
 
     return host_target()
 

@@ -120,3 +120,45 @@ def test_every_method_and_target_compiles_and_runs(tmp_path, pattern, flags, cap
     assert cli.main(["run", str(out), "--input", str(x), "--output", str(tmp_path / "y.npz")]) == 0
     y = np.load(tmp_path / "y.npz")
     assert y[y.files[0]].shape == (3, 10) and np.isfinite(y[y.files[0]]).all()
+
+
+def computed_reshape() -> onnx.ModelProto:
+    """A Reshape whose shape is computed from the input's (``Shape -> Gather -> Unsqueeze -> Concat``), as
+    exporters write ``x.view(x.size(0), -1)`` (MobileViT's and Swin's TorchScript exports): TVM's importer
+    rejects a Reshape whose shape is not known when it reads the graph."""
+    f32 = np.float32
+    inits = [nh.from_array((RNG.standard_normal((8, 4, 3, 3)) * 0.3).astype(f32), "conv.weight"),
+             nh.from_array((RNG.standard_normal((8 * 36, 10)) * 0.05).astype(f32), "fc.weight"),
+             nh.from_array(np.array(0, np.int64), "zero"), nh.from_array(np.array([0], np.int64), "axes"),
+             nh.from_array(np.array([-1], np.int64), "minus_one")]
+    nodes = [h.make_node("Conv", ["x", "conv.weight"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["c"], ["r"]),
+             h.make_node("Shape", ["r"], ["s"]),
+             h.make_node("Gather", ["s", "zero"], ["n"], axis=0),
+             h.make_node("Unsqueeze", ["n", "axes"], ["n1"]),
+             h.make_node("Concat", ["n1", "minus_one"], ["shape"], axis=0),
+             h.make_node("Reshape", ["r", "shape"], ["f"]),
+             h.make_node("MatMul", ["f", "fc.weight"], ["y"])]
+    return _model(nodes, [("x", ["N", 4, 6, 6])], [("y", ["N", 10])], inits, opset=13, ir=8)
+
+
+def test_a_reshape_computed_from_the_input_shape_imports_and_compiles(tmp_path, capfd):
+    import tvm
+
+    model = computed_reshape()
+    x = RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    ref = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    capfd.readouterr()
+    mod = tvm_lut.from_onnx(model, batch=2)
+    noise = capfd.readouterr()
+    assert "BlockBuilder destroyed" not in noise.err and "Error converting" not in noise.out  # the first try is quiet
+    assert sorted(lay.name for lay in tvm_lut.graph.find_layers(mod)) == ["conv", "fc"]  # source names kept
+    vm = tvm.relax.VirtualMachine(tvm_lut.build(mod), tvm.cpu())
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ref, rtol=1e-4, atol=1e-5)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((64, 4, 6, 6)).astype(np.float32))
+    assert cli.main(["compile", str(path), "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "out"),
+                     "--all-layers", "-q", "--no-latency"]) == 0
+    rep = json.load(open(tmp_path / "out" / "report.json"))
+    assert {r["name"]: r["method"] for r in rep["layers"]} == {"conv": "pq", "fc": "pq"}

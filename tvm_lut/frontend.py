@@ -8,7 +8,12 @@ torch layer ``features.3`` is called ``features.3`` in every option and report.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import io
+import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -17,9 +22,14 @@ from tvm import relax
 
 from .errors import ModelError
 from .graph import num_inputs as graph_num_inputs
+from .native_log import quiet_native
+
+_ABANDONED_BUILDER = re.compile(r"BlockBuilder destroyed with remaining blocks")
 
 #: Module attribute with the model's output names, where the source format has them (ONNX).
 OUTPUT_NAMES_ATTR = "tvm_lut.output_names"
+
+log = logging.getLogger("tvm_lut")
 
 
 def rename_params(mod: tvm.IRModule, names: dict[str, str], func_name: str = "main") -> tvm.IRModule:
@@ -174,12 +184,41 @@ def _onnx_layer_names(graph) -> dict[str, str]:
     return out
 
 
-def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batch: int = 1) -> tvm.IRModule:
+def _fold_shape_computations(model, shapes: dict[str, list[int]]):
+    """``model`` with its input shapes fixed and what only depends on them folded into constants
+    (``Shape -> Gather -> Concat -> Reshape`` chains that exporters write for ``x.view(b, n, -1)``), by
+    ONNX Runtime's basic, hardware-independent graph optimisations; TVM's importer needs a Reshape's shape
+    to be known when it reads the graph."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    for inp in m.graph.input:
+        if inp.name in shapes:
+            dims = inp.type.tensor_type.shape.dim
+            del dims[:]
+            for d in shapes[inp.name]:
+                dims.add().dim_value = int(d)
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = os.path.join(tmp, "folded.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return onnx.load(so.optimized_model_filepath)
+
+
+def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batch: int = 1,
+              _source: str | None = None) -> tvm.IRModule:
     """Import an ONNX model (a path or a ``ModelProto``).
 
     Symbolic dims of the inputs (``batch``, ``N``...) are fixed: a leading one to ``batch``, unless
     ``shape_dict`` gives the full shape. The compiled model is shape-specialised; ``tvm-lut run``
-    iterates over a dataset in chunks of that batch.
+    iterates over a dataset in chunks of that batch. A graph whose reshapes compute their shapes from the
+    input's (``Shape`` ops; TVM's importer rejects those) is imported after folding them for the fixed
+    shapes (``_fold_shape_computations``).
     """
     import onnx
 
@@ -191,7 +230,8 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
         except Exception as exc:
             raise ModelError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {exc})") from exc
     else:
-        path = "<ModelProto>"
+        path = _source or "<ModelProto>"
+    original = model
     graph = model.graph
     init_names = {i.name for i in graph.initializer}
     shapes = dict(shape_dict or {})
@@ -231,12 +271,26 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
                     node.input[j] = tmp
     from tvm.relax.frontend.onnx import from_onnx as _import
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    printed, failure = io.StringIO(), None
+    # the importer prints the failing operator's inputs, and an abandoned import leaves a BlockBuilder
+    # warning when it is freed: noise when the folded graph then imports (said in the error when it does not)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(printed), quiet_native(_ABANDONED_BUILDER):
+        warnings.simplefilter("ignore")
+        try:
             mod = _import(model, shape_dict=shapes, keep_params_in_input=True, sanitize_input_names=False)
-    except tvm.error.OpNotImplemented as exc:
-        raise ModelError(f"{path}: {exc}") from exc
+        except tvm.error.OpNotImplemented as exc:
+            raise ModelError(f"{path}: {exc}") from exc
+        except (TypeError, ValueError, RuntimeError) as exc:
+            failure = (type(exc).__name__, str(exc).strip())
+        gc.collect()  # the abandoned builder goes while its warning is still captured
+    if failure is not None:
+        kind, text = failure
+        if _source is not None:  # already folded: the importer's own limit
+            said = printed.getvalue().strip().splitlines()
+            raise ModelError(f"{path}: TVM's ONNX importer failed ({kind}: {text.splitlines()[0][:300] if text else ''})"
+                             + (f"; it said: {said[0][:300]}" if said else ""))
+        log.info("%s: TVM's importer rejected the graph (%s); folding its shape computations", path, kind)
+        return from_onnx(_fold_shape_computations(original, shapes), shapes, batch=batch, _source=path)
     mod = bounded_takes(rename_params(mod, safe))
     return mod.with_attr(OUTPUT_NAMES_ATTR, [o.name for o in graph.output])
 

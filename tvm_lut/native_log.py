@@ -20,11 +20,13 @@ from contextlib import contextmanager
 _SCOPE_LISTING = re.compile(r"executable\.cc:\d+: Warning: Scope (Saving|Loaded):")
 
 
-def drop_scope_listings(text: str) -> str:
+def drop_scope_listings(text: str, also: re.Pattern | None = None) -> str:
     """``text`` without TVM's memory-scope listings (a ``Scope Saving:``/``Scope Loaded:`` line and the
-    indented or empty lines that continue it)."""
+    indented or empty lines that continue it), and without single lines matching ``also``."""
     out, in_listing = [], False
     for line in text.splitlines(keepends=True):
+        if also is not None and also.search(line):
+            continue
         if _SCOPE_LISTING.search(line):
             in_listing = True
             continue
@@ -36,8 +38,9 @@ def drop_scope_listings(text: str) -> str:
 
 
 @contextmanager
-def quiet_native():
-    """Run the body with descriptor 2 captured; replay it without the scope listings afterwards."""
+def quiet_native(also: re.Pattern | None = None):
+    """Run the body with descriptor 2 captured; replay it without the scope listings (and lines matching
+    ``also``) afterwards."""
     fd = 2  # where native code writes, whatever Python's sys.stderr is
     try:
         sys.stderr.flush()
@@ -57,6 +60,6 @@ def quiet_native():
             os.dup2(saved, fd)
             os.close(saved)
             tmp.seek(0)
-            kept = drop_scope_listings(tmp.read().decode("utf-8", "replace"))
+            kept = drop_scope_listings(tmp.read().decode("utf-8", "replace"), also)
             if kept:
                 os.write(fd, kept.encode("utf-8"))

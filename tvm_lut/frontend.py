@@ -184,6 +184,20 @@ def _onnx_layer_names(graph) -> dict[str, str]:
     return out
 
 
+def _has_unknown_shapes(mod: tvm.IRModule) -> bool:
+    """Whether ``main`` binds a tensor whose shape is not a known list of dims."""
+    found = []
+
+    def visit(e):
+        ty = getattr(e, "ty", None)
+        if isinstance(e, relax.Var) and isinstance(ty, relax.TensorType) and not isinstance(ty.shape,
+                                                                                          relax.ShapeExpr):
+            found.append(e)
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return bool(found)
+
+
 def _fold_shape_computations(model, shapes: dict[str, list[int]]):
     """``model`` with its input shapes fixed and what only depends on them folded into constants
     (``Shape -> Gather -> Concat -> Reshape`` chains that exporters write for ``x.view(b, n, -1)``), by
@@ -283,6 +297,11 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
         except (TypeError, ValueError, RuntimeError) as exc:
             failure = (type(exc).__name__, str(exc).strip())
         gc.collect()  # the abandoned builder goes while its warning is still captured
+    if failure is None and _source is None and _has_unknown_shapes(mod):
+        # a shape computed by graph ops (ShuffleNet's channel shuffle) imports as a tensor of unknown
+        # shape, which nothing downstream can build or rewrite: fold the computations and import again
+        log.info("%s: tensors of unknown shape after import; folding its shape computations", path)
+        return from_onnx(_fold_shape_computations(original, shapes), shapes, batch=batch, _source=path)
     if failure is not None:
         kind, text = failure
         if _source is not None:  # already folded: the importer's own limit

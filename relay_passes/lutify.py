@@ -166,7 +166,7 @@ class LUTify:
         self.pq_layers = {p.layer.name: p.pq_layer for p in plans if p.method == "pq"}
         self._source = mod
         self.kernel_calls, self.tuned = {}, []
-        todo = [p for p in plans if p.method in ("pq", "butterfly", "lowrank")]
+        todo = [p for p in plans if p.method != "exact"]
         out = (rewrite(mod, todo, self.schedule, self.database, self.target, self.tuned, self.kernel_calls)
                if todo else mod)
         return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))
@@ -181,6 +181,6 @@ class LUTify:
         planner = Planner(None, **{**self.options, "target": tgt})
         todo = [p if p.method != "pq" else dataclasses.replace(p, record={**p.record,
                                                                           "kernel": planner.lookup_kernel(p)})
-                for p in self.plans if p.method in ("pq", "butterfly", "lowrank")]
+                for p in self.plans if p.method != "exact"]
         out = rewrite(self._source, todo, True, None, tgt) if todo else self._source
         return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))

@@ -186,9 +186,13 @@ def test_structured_options_are_checked():
     with pytest.raises(OptionError, match="needs method='pq'"):
         LUTify(method="lowrank", budget="max-drop=1")
     for bad, msg in [({"method": "lowrank", "rank": "many"}, "rank"), ({"method": "lowrank", "form": "cp"}, "form"),
-                     ({"method": "butterfly", "budget": -1}, "budget"), ({"method": "magic"}, "unknown method")]:
+                     ({"method": "butterfly", "budget": -1}, "budget")]:
         with pytest.raises(OptionError, match=msg):
             coerce("layer", bad)
+    with pytest.raises(OptionError, match="unknown method 'magic'; choose one of pq, butterfly, lowrank, exact"):
+        LUTify(layers={"layer": {"method": "magic"}})  # names are checked against the method registry
+    with pytest.raises(OptionError, match="unknown method 'magic'"):
+        LUTify(method="magic")
 
 
 def test_trained_factors_that_do_not_fit_the_layer_are_refused(small_cnn, small_inputs):

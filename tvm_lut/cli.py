@@ -256,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distance", default="l2", choices=["l2", "cosine", "l1"], help="encoder distance")
     c.add_argument("--layer", action="append", default=[], metavar="NAME:OPTS",
                    help="per-layer options, e.g. features.3:k=8,v=2 or fc:exact (repeatable)")
-    c.add_argument("--method", default="pq", choices=["pq", "butterfly", "lowrank", "exact"],
+    from relay_passes import registry  # the methods a user can name, built-in or registered
+
+    c.add_argument("--method", default="pq", choices=registry.names(),
                    help="rewrite for every layer (default pq); --layer NAME:method=... overrides per layer")
     c.add_argument("--rank", default="evbmf", help="low-rank rank rule: evbmf (default), energy=0.95 or an integer")
     c.add_argument("--butterfly-budget", type=float, default=0.2,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from .errors import OptionError
 from .pq import DISTANCES
 
-METHODS = ("pq", "butterfly", "lowrank", "exact")
+BUILT_IN_METHODS = ("pq", "butterfly", "lowrank", "exact")  # the planner checks names against the registry
 FIELDS = ("method", "k", "v", "distance", "budget", "rank", "form")
 
 
@@ -29,8 +29,9 @@ class LayerOptions:
     form: str | None = None  # lowrank: "pair" | "tucker2" (default: fewer multiplies)
 
     def __post_init__(self):
-        if self.method is not None and self.method not in METHODS:
-            raise OptionError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method is not None and not (isinstance(self.method, str) and self.method):
+            raise OptionError(f"method {self.method!r} must be a method name (pq, butterfly, lowrank, exact or "
+                              "one registered with relay_passes.registry)")
         if self.k is not None and not (2 <= self.k <= 256):
             raise OptionError(f"K={self.k} out of range: 2..256 centroids per codebook (int8 tables, int32 codes)")
         if self.v is not None and self.v < 1:
@@ -74,7 +75,7 @@ def coerce(name: str, value) -> LayerOptions:
             return LayerOptions(**vals)
         except OptionError as e:
             raise OptionError(f"layer {name!r}: {e}") from None
-    raise OptionError(f"layer {name!r}: options must be a method name ({', '.join(METHODS)}) or a dict, "
+    raise OptionError(f"layer {name!r}: options must be a method name ({', '.join(BUILT_IN_METHODS)}...) or a dict, "
                       f"got {value!r}")
 
 
@@ -86,7 +87,7 @@ def parse_cli(specs: list[str]) -> dict[str, LayerOptions]:
         if not sep or not name:
             raise OptionError(f"--layer {spec!r}: expected NAME:exact or NAME:k=16,v=4,distance=l2 "
                               "(or method=lowrank,rank=evbmf / method=butterfly,budget=0.2)")
-        if rest in METHODS:
+        if rest and "=" not in rest and "," not in rest:  # NAME:METHOD (checked against the registry by LUTify)
             out[name] = LayerOptions(method=rest)
             continue
         fields = {}

@@ -136,7 +136,7 @@ def layer_params(r: dict) -> int:
     bias = r["m"] if r.get("has_bias") else 0
     if r["method"] == "pq":
         return r["c"] * r["k"] * r["m"] + r["c"] * r["k"] * r["v"] + bias
-    if r["method"] in ("butterfly", "lowrank"):
+    if r["method"] != "exact" and "params" in r:  # butterfly / low-rank factors, or a method's own count
         return r["params"] + bias
     return r["exact_params"]
 

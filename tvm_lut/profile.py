@@ -25,13 +25,14 @@ alone (``rewrite_from: "layer"``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from relay_passes.rewrite import KernelCall, LayerInput, Plan, rewrite
+from relay_passes.rewrite import KernelCall, LayerInput, rewrite
 
 from . import graph
 from .build import BatchRunner, median_ms, resolve_target
@@ -143,7 +144,7 @@ def measure_layers(plans: list, target="x86", schedule: bool = True, executable=
         source = "model"
         if rewrite_ms is None:
             (one,) = graph.find_layers(exact_mod)
-            twin = Plan(one, rec, plan.pq_layer, plan.chain, plan.factors, plan.lowrank)
+            twin = dataclasses.replace(plan, layer=one)  # the same fitted rewrite on the one-layer module
             rewritten = rewrite(exact_mod, [twin], schedule)
             rewrite_ms, source = BatchRunner(tvm.compile(rewritten, tgt), [], sig).latency_ms(), "layer"
         rec["latency"].update(rewrite_ms=rewrite_ms, rewrite_from=source)

@@ -6,8 +6,20 @@ table), so each figure can be checked by hand.
 
 from __future__ import annotations
 
+from .errors import LUTError
 from .pipeline import layer_params
 from .profile import layer_time
+
+
+def _method_columns(r: dict) -> str:
+    """What the layer's rewrite method says of it (``RewriteMethod.columns``); empty for a method this
+    process does not have registered (a report read back from another one)."""
+    from relay_passes import registry
+
+    try:
+        return registry.get(r["method"]).columns(r)
+    except LUTError:
+        return ""
 
 
 def _fmt(n: float) -> str:
@@ -32,10 +44,8 @@ def format_report(report: dict, exact_counts: bool = False) -> str:
         t_ms = times[r["name"]]
         timing = f"{t_ms:.3f} ({t_ms / total_ms:.0%})" if t_ms is not None and total_ms else "-"
         note = r.get("reason", "")
-        if r["method"] == "butterfly":
-            note = f"chain {r['chain']}"
-        elif r["method"] == "lowrank":
-            note = f"{r['form']} ranks {r['ranks']}"
+        if r["method"] not in ("pq", "exact"):  # a method's own summary (butterfly: its chain; lowrank: ranks)
+            note = _method_columns(r) or note
         if r.get("slower_than_exact"):
             lat = r["latency"]
             note = f"SLOWER than exact ({lat['rewrite_ms']:.3f} vs {lat['exact_ms']:.3f} ms); " + note

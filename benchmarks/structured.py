@@ -42,7 +42,7 @@ sys.path.insert(0, HERE)
 import tvm_lut  # noqa: E402
 from accuracy import CACHE, RESULTS, loader, log, shared_data_present, trained  # noqa: E402
 from relay_passes import EZCrop, LUTify  # noqa: E402
-from tvm_lut import datasets, ezcrop, models, pipeline, profile  # noqa: E402
+from tvm_lut import channel_energy, datasets, models, pipeline, profile  # noqa: E402
 from tvm_lut import structured_nn as sn  # noqa: E402
 from tvm_lut.build import BatchRunner, compile_with_params, resolve_target  # noqa: E402
 
@@ -155,7 +155,7 @@ def ezcrop_case(finish, mod, model, calib, train, kw, vx, vy, batch, x1):
     p = EZCrop(calib, 0.5)
     pruned_mod = p(mod)
     before = compiled_eval(pruned_mod, vx, vy, batch, method="exact")["acc"]
-    twin = ezcrop.prune_torch(model, p.layers)
+    twin = channel_energy.prune_torch(model, p.layers)
     tuned, losses = sn.finetune(twin, train, **kw)
 
     def run_ez():

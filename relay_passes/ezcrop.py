@@ -4,7 +4,7 @@ Score (Lin et al., EZCrop): for each output channel of a conv layer, on calibrat
 ``S = log(1 + |fftshift(FFT2(F))|)`` of its feature map ``F`` (after the layer's activation, before
 any pooling); ``ratio = 1 - (sum of S in the centred square of half-width ceil(alpha * h/2), alpha=0.25)
 / (sum of S)``, averaged over the samples. Channels with much energy away from the centre carry detail;
-the lowest-ratio channels are pruned (``tvm_lut.ezcrop.channel_scores`` is the numpy reference).
+the lowest-ratio channels are pruned (``tvm_lut.channel_energy.channel_scores`` is the numpy reference).
 
 Removal is physical, as the module is rewritten: the pruned conv is re-emitted with only the kept
 output channels (its bias and batch norm folded into the kept weights: batch norm parameters of the
@@ -29,7 +29,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_lut import calibrate, ezcrop, graph
+from tvm_lut import calibrate, channel_energy, graph
 from tvm_lut.build import BatchRunner, bind_params, resolve_target
 from tvm_lut.errors import OptionError
 
@@ -159,7 +159,7 @@ class EZCrop:
         count = 0
         for outs, valid in runner.run_batches(inputs):
             for nm, fmap in zip(order, outs[1:]):
-                s = ezcrop.channel_scores(fmap[:valid], self.alpha) * valid
+                s = channel_energy.channel_scores(fmap[:valid], self.alpha) * valid
                 sums[nm] = s if sums[nm] is None else sums[nm] + s
             count += valid
         keep_out: dict[str, np.ndarray] = {}

@@ -36,18 +36,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 
 import tvm
 
-from tvm_lut import pq
-from tvm_lut.errors import OptionError
 from tvm_lut.targets import host_for, resolve_target
 
-from .planning import Planner
+from .planning import LUTifyOptions, Planner
 from .priority_mask import PriorityMask
 from .rewrite import LAYERS_ATTR, MASK_ATTR, KernelCall, Plan, rewrite
 
-__all__ = ["LAYERS_ATTR", "MASK_ATTR", "LUTify"]
+__all__ = ["LAYERS_ATTR", "MASK_ATTR", "LUTify", "LUTResult", "LUTifyOptions"]
 
 
 @tvm.transform.module_pass(opt_level=0, name="LUTify")
@@ -93,94 +92,119 @@ class LUTify:
         choose which layers stay exact (``labels``, or a ``labels`` entry in ``calibration``, for max-drop;
         max-disagree measures top-1 agreement with the exact model and needs none). Without
         it, a mask left on the module by an earlier ``PriorityMask`` pass is obeyed.
+    options : all of the above as one ``LUTifyOptions`` (validated when made); keyword arguments given
+        with it replace its fields.
+
+    A call returns the rewritten module; ``run(mod)`` returns a ``LUTResult`` (the module, every layer's
+    plan and record, the kernels each runs, the mask obeyed, the tuned kernels). The last call's result
+    is also ``last``, and ``layers``, ``plans``, ``pq_layers``, ``kernel_calls``, ``tuned`` and ``priority``
+    read from it.
     """
 
-    def __init__(
-        self,
-        calibration=None,
-        *,
-        k: int = pq.DEFAULT_K,
-        v: int | None = None,
-        distance: str = "l2",
-        layers: dict | None = None,
-        all_layers: bool = False,
-        codebooks: dict | None = None,
-        seed: int = 0,
-        max_calibration_rows: int = 16384,
-        target="x86",
-        schedule: bool = True,
-        sequential: bool = False,
-        budget=None,
-        labels=None,
-        fitted: dict | None = None,
-        method: str = "pq",
-        factors: dict | None = None,
-        rank="evbmf",
-        form: str | None = None,
-        butterfly_budget: float = 0.2,
-        lookup: str = "auto",
-        database: str | None = None,
-        progress: bool = True,
-    ):
-        if budget is not None and method != "pq":
-            raise OptionError(f"budget={budget!r} chooses which layers become PQ lookups; it needs method='pq' "
-                              f"(got method={method!r})")
-        self.options = dict(k=k, v=v, distance=distance, layers=layers, all_layers=all_layers, codebooks=codebooks,
-                            seed=seed, max_calibration_rows=max_calibration_rows, target=target, schedule=schedule,
-                            sequential=sequential, fitted=fitted, method=method, factors=factors, rank=rank,
-                            form=form, butterfly_budget=butterfly_budget, lookup=lookup, progress=progress)
-        Planner(calibration, **self.options)  # validates the options now, not at the first module
+    def __init__(self, calibration=None, *, options: LUTifyOptions | None = None, **kwargs):
+        # the card's spelling, LUTify(calibration, k=..., v=..., ...), builds the one validated options object
+        unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(LUTifyOptions)})
+        if unknown:
+            raise TypeError(f"LUTify() got unexpected keyword argument(s) {unknown}; its options are "
+                            f"{', '.join(f.name for f in dataclasses.fields(LUTifyOptions))}")
+        self.options = options if options is not None and not kwargs else (
+            dataclasses.replace(options, **kwargs) if options is not None else LUTifyOptions(**kwargs))
         self.calibration = calibration
-        self.target = target
-        self.schedule = schedule
-        self.budget = budget
-        self.labels = labels
-        self.database = database
-        # results of the last run (also in the module attribute ``tvm.lut.layers``)
-        self.priority: dict = {}  # the PriorityMask result this pass obeyed (empty without one)
-        self.plans: list[Plan] = []  # every layer's fitted plan, in program order
-        self.layers: list[dict] = []  # per-layer decision records
-        self.pq_layers: dict[str, pq.PQLayer] = {}  # fitted codebooks/tables by layer name
-        self.tuned: list[str] = []  # kernels taken from the tuning database
-        # layer name -> the kernels its rewrite runs in the module of the last run (None: other ops too);
-        # ``profile.measure_layers`` times them in the model's own build instead of compiling them again
-        self.kernel_calls: dict[str, list[KernelCall] | None] = {}
-        self._source: tvm.IRModule | None = None  # the module of the last run, for retarget
+        self.last: LUTResult | None = None  # what the last call produced (``run`` returns it instead)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        fitted = dict(self.options["fitted"] or {})
-        if self.budget is not None:
-            o = self.options
-            pm = PriorityMask(self.calibration, self.budget, labels=self.labels, seed=o["seed"],
-                              target=host_for(self.target), progress=o["progress"], k=o["k"], v=o["v"],
-                              distance=o["distance"], layers=o["layers"], codebooks=o["codebooks"],
-                              max_calibration_rows=o["max_calibration_rows"])
+        self.last = self.run(mod)
+        return self.last.module
+
+    def run(self, mod: tvm.IRModule) -> LUTResult:
+        """The pass, returning everything it produced: the module and, per layer, the fitted plan, the
+        decision record, the kernels its rewrite runs; the priority mask it obeyed; the tuned kernels."""
+        o = self.options
+        fitted = dict(o.fitted)
+        if o.budget is not None:
+            pm = PriorityMask(self.calibration, o.budget, labels=o.labels, seed=o.seed, target=host_for(o.target),
+                              progress=o.progress, k=o.k, v=o.v, distance=o.distance, layers=o.layers,
+                              codebooks=o.codebooks, max_calibration_rows=o.max_calibration_rows)
             mod = pm(mod)
             fitted.update(pm.pq_layers)
-        self.priority = json.loads(str(mod.attrs[MASK_ATTR])) if mod.attrs is not None and MASK_ATTR in mod.attrs \
-            else {}
-        planner = Planner(self.calibration, **{**self.options, "fitted": fitted}, priority=self.priority)
-        plans = planner.plan(mod)
-        self.plans = plans
-        self.layers = [p.record for p in plans]
-        self.pq_layers = {p.layer.name: p.pq_layer for p in plans if p.method == "pq"}
-        self._source = mod
-        self.kernel_calls, self.tuned = {}, []
+        priority = json.loads(str(mod.attrs[MASK_ATTR])) if mod.attrs is not None and MASK_ATTR in mod.attrs else {}
+        plans = Planner(self.calibration, dataclasses.replace(o, fitted=fitted), priority=priority).plan(mod)
+        calls: dict[str, list[KernelCall] | None] = {}
+        tuned: list[str] = []
         todo = [p for p in plans if p.method != "exact"]
-        out = (rewrite(mod, todo, self.schedule, self.database, self.target, self.tuned, self.kernel_calls)
-               if todo else mod)
-        return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))
+        out = rewrite(mod, todo, o.schedule, o.database, o.target, tuned, calls) if todo else mod
+        records = [p.record for p in plans]
+        return LUTResult(out.with_attr(LAYERS_ATTR, json.dumps(records)), mod, plans, priority, calls, tuned)
 
     def retarget(self, target) -> tvm.IRModule:
-        """The model this pass last produced (same codebooks, tables and codes), with its kernels chosen and
+        """The model the last call produced (same codebooks, tables and codes), with its kernels chosen and
         hand-scheduled for another target: a cross-compiled (``arm``) build's accuracy is measured on the
         host build of it. Layer records are left as they were for the pass's own target."""
-        if self._source is None:
+        if self.last is None:
             raise RuntimeError("LUTify.retarget: run the pass on a module first")
+        return self.last.retarget(target, self.options)
+
+    # what the last call produced, read from ``last`` (an empty run before the first call)
+    @property
+    def plans(self) -> list[Plan]:
+        return self.last.plans if self.last else []
+
+    @property
+    def layers(self) -> list[dict]:
+        return self.last.layers if self.last else []
+
+    @property
+    def pq_layers(self) -> dict:
+        return self.last.pq_layers if self.last else {}
+
+    @property
+    def kernel_calls(self) -> dict:
+        return self.last.kernel_calls if self.last else {}
+
+    @property
+    def tuned(self) -> list[str]:
+        return self.last.tuned if self.last else []
+
+    @property
+    def priority(self) -> dict:
+        return self.last.priority if self.last else {}
+
+    @property
+    def target(self):
+        return self.options.target
+
+    @property
+    def database(self):
+        return self.options.database
+
+
+@dataclass(frozen=True)
+class LUTResult:
+    """What one LUTify run produced."""
+
+    module: tvm.IRModule  # the rewritten module (records also in its ``tvm_lut.layers`` attribute)
+    source: tvm.IRModule  # the module it rewrote (after the priority mask's attribute), for retarget
+    plans: list  # every layer's fitted ``Plan``, in program order
+    priority: dict  # the PriorityMask result obeyed (empty without one)
+    kernel_calls: dict  # layer name -> the kernels its rewrite runs (None: other ops too); profile times them
+    tuned: list  # kernels taken from the tuning database
+
+    @property
+    def layers(self) -> list[dict]:
+        """Per-layer decision records (method or reason, op counts, bytes, kernel)."""
+        return [p.record for p in self.plans]
+
+    @property
+    def pq_layers(self) -> dict:
+        """Fitted codebooks/tables by layer name."""
+        return {p.layer.name: p.pq_layer for p in self.plans if p.method == "pq"}
+
+    def retarget(self, target, options: LUTifyOptions) -> tvm.IRModule:
+        """This model with its kernels chosen and scheduled for ``target`` (records unchanged)."""
         tgt = resolve_target(target)
-        planner = Planner(None, **{**self.options, "target": tgt})
+        planner = Planner(None, dataclasses.replace(options, target=tgt))
         todo = [p if p.method != "pq" else dataclasses.replace(p, record={**p.record,
                                                                           "kernel": planner.lookup_kernel(p)})
                 for p in self.plans if p.method != "exact"]
-        out = rewrite(self._source, todo, True, None, tgt) if todo else self._source
+        out = rewrite(self.source, todo, True, None, tgt) if todo else self.source
         return out.with_attr(LAYERS_ATTR, json.dumps(self.layers))

@@ -9,11 +9,14 @@ layer, the table-readout kernel it gets on the target. ``LUTify`` rewrites the m
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from tvm_lut import calibrate, graph, pq
+from tvm_lut import calibrate, distances, graph, pq
 from tvm_lut.errors import CalibrationError, OptionError
 from tvm_lut.options import LayerOptions, coerce
 
@@ -26,44 +29,88 @@ from .rewrite import Plan, account, lookup_kernel, rewrite
 log = logging.getLogger("tvm_lut")
 
 
-class Planner:
-    """Decide and fit every layer's rewrite; the options are ``LUTify``'s (see its docstring).
+@dataclass(frozen=True)
+class LUTifyOptions:
+    """Every option of a LUTify run, validated once when made (see ``LUTify``'s docstring for each).
 
-    ``mask`` is a priority-mask decision (layer name -> ``"pq"``/``"exact"``) with its scores in
-    ``priority``; ``fitted`` holds already fitted ``pq.PQLayer`` by name, used as they are."""
+    ``LUTify(k=8, v=4, ...)`` builds one; ``LUTify(options=LUTifyOptions(...))`` takes one as it is, and
+    ``dataclasses.replace(options, target="arm")`` derives another."""
 
-    def __init__(self, calibration=None, *, k: int = pq.DEFAULT_K, v: int | None = None, distance: str = "l2",
-                 layers: dict | None = None, all_layers: bool = False, codebooks: dict | None = None,
-                 seed: int = 0, max_calibration_rows: int = 16384, target="x86", schedule: bool = True,
-                 sequential: bool = False, fitted: dict | None = None, method: str = "pq",
-                 factors: dict | None = None, rank="evbmf", form: str | None = None, butterfly_budget: float = 0.2,
-                 lookup: str = "auto", progress: bool = True, priority: dict | None = None):
-        if lookup not in ("auto", "shuffle", "gather"):
-            raise OptionError(f"lookup={lookup!r}; choose 'auto', 'shuffle' or 'gather'")
-        self.calibration = calibration
-        self.defaults = LayerOptions(k=k, v=v, distance=distance, method=method, budget=butterfly_budget,
-                                     rank=tuple(rank) if isinstance(rank, list) else rank, form=form)
-        self.lookup = lookup
-        self.method = method
-        self.factors = dict(factors or {})
-        self.layer_options = {n: coerce(n, o) for n, o in (layers or {}).items()}
-        for n, o in [(None, self.defaults), *self.layer_options.items()]:
+    k: int = pq.DEFAULT_K
+    v: int | None = None
+    distance: str = "l2"
+    layers: dict = field(default_factory=dict)  # layer name -> LayerOptions (coerced from names or dicts)
+    all_layers: bool = False
+    codebooks: dict = field(default_factory=dict)
+    seed: int = 0
+    max_calibration_rows: int = 16384
+    target: object = "x86"
+    schedule: bool = True
+    sequential: bool = False
+    fitted: dict = field(default_factory=dict)
+    method: str = "pq"
+    factors: dict = field(default_factory=dict)
+    rank: object = "evbmf"
+    form: str | None = None
+    butterfly_budget: float = 0.2
+    lookup: str = "auto"
+    progress: bool = True
+    budget: object = None
+    labels: object = None
+    database: str | None = None
+
+    def __post_init__(self):
+        put = functools.partial(object.__setattr__, self)
+        put("layers", {n: coerce(n, o) for n, o in dict(self.layers or {}).items()})
+        for name in ("codebooks", "fitted", "factors"):
+            put(name, dict(getattr(self, name) or {}))
+        if isinstance(self.rank, list):
+            put("rank", tuple(self.rank))
+        if self.lookup not in ("auto", "shuffle", "gather"):
+            raise OptionError(f"lookup={self.lookup!r}; choose 'auto', 'shuffle' or 'gather'")
+        distances.get(self.distance)
+        LayerOptions(k=self.k, v=self.v, budget=self.butterfly_budget, rank=self.rank, form=self.form)
+        for n, o in [(None, LayerOptions(method=self.method)), *self.layers.items()]:
             if o.method is not None and o.method != "exact":
                 try:
                     registry.get(o.method)
                 except OptionError as e:
                     raise OptionError(f"layer {n!r}: {e}" if n else str(e)) from None
-        self.all_layers = all_layers
-        self.codebooks = dict(codebooks or {})
-        self.seed = seed
-        self.max_rows = max_calibration_rows
-        self.target = target
-        self.schedule = schedule
-        self.sequential = sequential
-        self.progress = progress
+        if self.budget is not None and self.method != "pq":
+            raise OptionError(f"budget={self.budget!r} chooses which layers become PQ lookups; it needs "
+                              f"method='pq' (got method={self.method!r})")
+
+
+class Planner:
+    """Decide and fit every layer's rewrite under ``options`` (a ``LUTifyOptions``).
+
+    ``priority`` is a priority-mask result (its ``decision``: layer name -> ``"pq"``/``"exact"``, and
+    per-layer ``scores``); ``options.fitted`` holds already fitted ``pq.PQLayer`` by name, used as they are."""
+
+    def __init__(self, calibration=None, options: LUTifyOptions | None = None, *, priority: dict | None = None,
+                 **kwargs):
+        o = options if options is not None else LUTifyOptions(**kwargs)
+        if options is not None and kwargs:
+            o = dataclasses.replace(options, **kwargs)
+        self.options = o
+        self.calibration = calibration
+        self.defaults = LayerOptions(k=o.k, v=o.v, distance=o.distance, method=o.method, budget=o.butterfly_budget,
+                                     rank=o.rank, form=o.form)
+        self.lookup = o.lookup
+        self.method = o.method
+        self.factors = o.factors
+        self.layer_options = o.layers
+        self.all_layers = o.all_layers
+        self.codebooks = o.codebooks
+        self.seed = o.seed
+        self.max_rows = o.max_calibration_rows
+        self.target = o.target
+        self.schedule = o.schedule
+        self.sequential = o.sequential
+        self.progress = o.progress
         self.priority = dict(priority or {})
         self._mask: dict[str, str] = dict(self.priority.get("decision", {}))
-        self.fitted: dict[str, pq.PQLayer] = dict(fitted or {})
+        self.fitted: dict[str, pq.PQLayer] = dict(o.fitted)
 
     def plan(self, mod) -> list[Plan]:
         """One fitted ``Plan`` per layer of ``mod["main"]``, in program order."""

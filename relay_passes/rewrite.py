@@ -21,7 +21,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from tir_schedules import kernels, shuffle, tuning, x86
 from tvm_lut import butterfly as bf
-from tvm_lut import cost, graph, pq
+from tvm_lut import cost, distances, graph, pq
 from tvm_lut import lowrank as lr
 from tvm_lut.errors import OptionError
 from tvm_lut.targets import is_cam, resolve_target
@@ -78,7 +78,7 @@ def lookup_kernel(target, lookup: str, k: int, rows: int, kind: str, distance: s
         return "gather"
     if rows < (min(16, isa.lanes // 2) if kind == "conv2d" else isa.lanes // 2):
         return "gather"
-    if distance == "l1":
+    if distances.get(distance).multiplier_free:
         # PECAN-D stays multiplier-free end to end only on the gather path: the shuffle kernel's
         # output addressing compiles to an imul per tile (tests/test_multiplier_free.py)
         return "gather"

@@ -135,7 +135,7 @@ def test_tune_on_the_arm_farm(arm_farm, tmp_path):
     isa = shuffle.ISAS[-1]
     func = shuffle.lookup(256, 8, 32, isa.lanes, 4, isa.intrinsic)
     db = str(tmp_path / "db")
-    assert tuning.tune_kernel(func, arm_target(), db, trials=4, farm=tuning.Farm(arm_farm.address, "arm64")) == 4
+    assert tuning.tune_kernel(func, arm_target(), db, trials=4, farm=tuning.RemoteDevices(arm_farm.address, "arm64")) == 4
     assert tuning.valid_records(func, db) >= 1
 
 

@@ -9,7 +9,7 @@ import torch
 
 import tvm_lut
 from relay_passes import EZCrop, LUTify
-from tvm_lut import ezcrop, graph, models
+from tvm_lut import channel_energy, graph, models
 from tvm_lut.build import BatchRunner, compile_with_params
 from tvm_lut.errors import OptionError
 
@@ -22,10 +22,10 @@ def test_scores_rank_high_frequency_channels_first():
     maps = np.zeros((n, 3, h, h))
     maps[:, 0] = 1.0 + 0.01 * yy  # smooth: energy at the centre of the shifted spectrum
     maps[:, 1] = (-1.0) ** (yy + xx)  # checkerboard: all energy at the highest frequency
-    s = ezcrop.channel_scores(maps)  # channel 2 is dead (all zeros)
+    s = channel_energy.channel_scores(maps)  # channel 2 is dead (all zeros)
     assert s[1] > s[0] > s[2] == 0.0
     with pytest.raises(ValueError, match="N, C, H, W"):
-        ezcrop.channel_scores(maps[0])
+        channel_energy.channel_scores(maps[0])
 
 
 def _run(mod, x):
@@ -48,7 +48,7 @@ def test_pruned_module_equals_the_torch_model_pruned_the_same_way(vgg):
     out = p(mod)
     recs = {r["name"]: r for r in p.layers}
     assert all(recs[n]["pruned"] and recs[n]["kept"] == recs[n]["channels"] // 2 for n in recs if n.startswith("features"))
-    pruned = ezcrop.prune_torch(model, p.layers)
+    pruned = channel_energy.prune_torch(model, p.layers)
     with torch.no_grad():
         ref = pruned(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(_run(out, x), ref, rtol=1e-4, atol=1e-4)
@@ -89,7 +89,7 @@ def test_residual_outputs_are_kept_whole():
     kept = [n for n, r in recs.items() if not r["pruned"] and r["kind"] == "conv2d"]
     assert pruned and kept
     assert all("several users" in recs[n]["reason"] or "not channel-wise" in recs[n]["reason"] for n in kept)
-    pruned_torch = ezcrop.prune_torch(model, p.layers)
+    pruned_torch = channel_energy.prune_torch(model, p.layers)
     with torch.no_grad():
         ref = pruned_torch(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(_run(out, x), ref, rtol=1e-4, atol=1e-4)

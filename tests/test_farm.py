@@ -44,7 +44,7 @@ def test_tuning_survives_a_killed_server_and_resumes(farm3, tmp_path):
     lanes = shuffle.isa_for(TARGET, grouped=False).lanes  # 64 (128 on an AVX2-only host) row blocks x 64 tiles
     func = shuffle.lookup(4096, 16, 256, lanes, 4)  # a roomy space
     db = str(tmp_path / "db")
-    spec = tuning.Farm(farm3.address, "x86")
+    spec = tuning.RemoteDevices(farm3.address, "x86")
     assert spec.servers() == 3
     victim = farm3.servers("x86")[0]
     seen: dict = {}

@@ -12,7 +12,7 @@ from torch import nn
 
 import tvm_lut
 from relay_passes import LUTify
-from tvm_lut import lutnn, pq
+from tvm_lut import distances, lutnn, pq
 from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
 from tvm_lut.errors import OptionError
 
@@ -123,14 +123,14 @@ def test_hand_written_soft_assign_equals_autograd(distance):
 
 @pytest.mark.parametrize("v", [1, 3, 4])
 def test_hand_written_l1_distance_equals_cdist(v):
-    """``_L1Distance`` (the L1 logits' backward for short subvectors) against ``torch.cdist(p=1)``'s own
+    """``distances.l1_autograd`` (the L1 logits' backward for short subvectors) against ``torch.cdist(p=1)``'s own
     gradients in float64, and against finite differences (``gradcheck``)."""
     torch.manual_seed(4)
     x0 = torch.randn(3, 40, v, dtype=torch.float64)
     p0 = torch.randn(3, 16, v, dtype=torch.float64)
     g = torch.randn(3, 40, 16, dtype=torch.float64)
     out = []
-    for fn in (lutnn._L1Distance.apply, lambda a, b: torch.cdist(a, b, p=1)):
+    for fn in (distances.l1_autograd().apply, lambda a, b: torch.cdist(a, b, p=1)):
         x, p = x0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
         d = fn(x, p)
         (d * g).sum().backward()
@@ -138,7 +138,7 @@ def test_hand_written_l1_distance_equals_cdist(v):
     for a, b in zip(*out):
         assert float(b.abs().sum()) > 0
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lutnn._L1Distance.apply, (x0[:, :5].clone().requires_grad_(True),
+    assert torch.autograd.gradcheck(distances.l1_autograd().apply, (x0[:, :5].clone().requires_grad_(True),
                                                               p0.clone().requires_grad_(True)))
 
 

@@ -26,6 +26,8 @@ import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T
 
+from tvm_lut import distances
+
 KERNEL_ATTR = "tvm_lut.kernel"
 ROW_LANES_ATTR = "tvm_lut.max_row_lanes"  # an encoder's cap on rows per vector (``x86.schedule_encode``)
 # scores the fused-score encoder accumulates side by side (``ScoreChain``): 4 independent multiply-add
@@ -325,7 +327,8 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
     """
     if fused_scores and pack_lanes is None:
         raise ValueError("fused_scores applies to the packed-code encoder (pack_lanes=...)")
-    l1 = distance == "l1"
+    dist = distances.get(distance)
+    l1 = dist.multiplier_free  # subtract, abs and add only
     stride = 1 if row_stride is None else int(row_stride)
     base = 0 if row_stride is None else k * stride  # offset of codebook c's first row is c * base
     if pack_lanes is not None and (row_stride is not None or k > 16):
@@ -385,7 +388,7 @@ def encode(n: int, c: int, k: int, v: int, distance: str, row_stride: int | None
 
     def score_step(acc, x, p):
         """One subvector element's term of a score: ``acc + |x - p|`` (l1) or ``acc - x * p``."""
-        return acc + T.fabs(x - p) if l1 else acc - x * p
+        return dist.score_step(acc, x, p, fabs=T.fabs)
 
     def score_macro():
         """The score reduction over ``count`` rows, ``score[i, j, q] = offset[j, q] -/+ sum_t ...``, as a
@@ -631,7 +634,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
     if codebook_lanes not in (8, 16):
         raise ValueError(f"codebook_lanes must be 8 or 16, got {codebook_lanes}")
     lanes = codebook_lanes
-    l1 = distance == "l1"
+    dist = distances.get(distance)
     d, blocks, full = c * v, -(-c // lanes), c // lanes
     groups, nb = -(-c // 4), -(-n // pack_lanes)
     code_pairs = -(-c // 2)
@@ -683,7 +686,7 @@ def encode_codebook_lanes(n: int, c: int, k: int, v: int, distance: str, pack_la
             score = offsets[b, q, tirx.Ramp(0, 1, lanes)]
             for t in range(v):
                 p = cents[b, t, q, tirx.Ramp(0, 1, lanes)]
-                score = score + T.fabs(xs[t] - p) if l1 else score - xs[t] * p
+                score = dist.score_step(score, xs[t], p, fabs=T.fabs)
             scores.append(score)
         index = "float32" if float_indices else "int32"
         codes = _argmin_tree(scores, [tirx.Broadcast(tirx.const(q, index), lanes) for q in range(k)], vec,

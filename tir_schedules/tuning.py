@@ -18,7 +18,7 @@ few trials may find nothing better. Each tuning run therefore also measures the 
 tuned kernel side by side and keeps both times in the database directory (``HAND_VS_TUNED``, keyed by the
 kernel's structure and target); ``apply_database`` deploys a tuned kernel only where it measured faster.
 
-Measurements run locally, or on a device farm (``Farm``: the servers registered under one key with a
+Measurements run locally, or on a device farm (``RemoteDevices``: the servers registered under one key with a
 TVM RPC tracker, ``tvm_lut.farm``) through MetaSchedule's ``RPCRunner``, one worker per server: when a
 server dies mid-run its trial fails, the others go on, and every completed record is already in the
 database. For an aarch64 farm the candidates are cross-compiled here and uploaded as shared libraries. Two TVM 0.27 pitfalls are handled here (cookbook §4a): builder workers would import every
@@ -79,7 +79,7 @@ def alloc_argument(device, args_info, alloc_repeat: int):
 
 
 @dataclass(frozen=True)
-class Farm:
+class RemoteDevices:
     """Where tuning measures: the servers registered under ``key`` with the tracker at ``address``."""
 
     address: str  # HOST:PORT of the RPC tracker
@@ -204,7 +204,7 @@ class TuneResult:
         return None if not self.tuned_us else self.hand_us / self.tuned_us
 
 
-def measure_us(func: tirx.PrimFunc, target, number: int = 20, farm: Farm | None = None) -> float:
+def measure_us(func: tirx.PrimFunc, target, number: int = 20, farm: RemoteDevices | None = None) -> float:
     """Best of 3 repeats of ``number`` runs of a (scheduled) kernel, in microseconds: here, or on a server
     of ``farm``."""
     lib = tvm.compile(_workload(func), target)
@@ -273,7 +273,7 @@ class _task_logger:
 
 
 def tune_kernel(func: tirx.PrimFunc, target, db_dir: str, trials: int, seed: int = 0,
-                farm: Farm | None = None) -> int:
+                farm: RemoteDevices | None = None) -> int:
     """Tune one unscheduled kernel into the database at ``db_dir`` (appends to what is there), up to
     ``trials`` valid records in all; returns how many valid records this call added (0: already tuned,
     or a design space with no unmeasured candidate left; fewer than asked: trials lost with a dead
@@ -349,7 +349,7 @@ def best_from_database(func: tirx.PrimFunc, target, db_dir: str) -> tuple[tirx.P
 
 
 def tune_module_kernels(mod: tvm.IRModule, target, db_dir: str, trials: int, progress: bool = True,
-                        seed: int = 0, farm: Farm | None = None) -> list[TuneResult]:
+                        seed: int = 0, farm: RemoteDevices | None = None) -> list[TuneResult]:
     """Tune every tunable kernel of a LUTified module (``LUTify(schedule=False)``) into ``db_dir``.
 
     Shuffle lookups are tuned once per register tile in ``SHUFFLE_TILES``, ``trials`` each. Returns one

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 import tvm_ffi
 
-from . import pq
+from . import distances, pq
 from .errors import OptionError
 
 #: Where each default comes from. Energies are 45 nm CMOS figures; treat results as estimates to compare
@@ -142,7 +142,7 @@ def layer_cost(rows: int, c: int, k: int, v: int, m: int, distance: str, params:
     searches = rows * c
     reads = rows * c
     adds = rows * c * m
-    cam_mul = 0 if distance == "l1" else searches * k * v  # a dot product per stored cell; PECAN-D has none
+    cam_mul = distances.get(distance).cam_multiplies(searches, k, v)  # a dot product per cell; PECAN-D has none
     search_cycles = rows * math.ceil(c / params.arrays) * params.cycles_per_search
     read_cycles = rows * c * math.ceil(m / params.read_bytes_per_cycle)
     e_search = searches * k * v * params.cell_bits * params.e_search_bit_fj * 1e-15

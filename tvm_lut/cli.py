@@ -11,6 +11,7 @@ import zipfile
 
 import numpy as np
 
+from . import distances
 from .errors import CalibrationError, LUTError, OptionError
 
 
@@ -122,7 +123,7 @@ def cmd_tune(args) -> int:
         if (args.key == "arm64") != is_arm(tgt):
             raise OptionError(f"--key {args.key} with --target {args.target}: arm64 servers run --target arm builds, "
                               "x86 servers x86 builds")
-        farm = tuning.Farm(args.farm, args.key)
+        farm = tuning.RemoteDevices(args.farm, args.key)
         if farm.servers() < 1:
             raise OptionError(f"--farm {args.farm}: no server with key {args.key!r} is registered there")
     else:
@@ -253,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", required=True, help="output artifact directory")
     c.add_argument("--k", type=int, default=16, help="centroids per codebook (default 16)")
     c.add_argument("--v", type=int, default=None, help="subvector length (default: 9 for 3x3 convs, else 4)")
-    c.add_argument("--distance", default="l2", choices=["l2", "cosine", "l1"], help="encoder distance")
+    c.add_argument("--distance", default="l2", choices=distances.names(), help="encoder distance")
     c.add_argument("--layer", action="append", default=[], metavar="NAME:OPTS",
                    help="per-layer options, e.g. features.3:k=8,v=2 or fc:exact (repeatable)")
     from relay_passes import registry  # the methods a user can name, built-in or registered
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", default="x86", help="target to tune for (default: x86, this host)")
     t.add_argument("--k", type=int, default=16)
     t.add_argument("--v", type=int, default=None)
-    t.add_argument("--distance", default="l2", choices=["l2", "cosine", "l1"])
+    t.add_argument("--distance", default="l2", choices=distances.names())
     t.add_argument("--layer", action="append", default=[], metavar="NAME:OPTS", help="per-layer options, as for compile")
     t.add_argument("--all-layers", action="store_true")
     t.add_argument("--lookup", default="auto", choices=["auto", "shuffle", "gather"])

@@ -28,6 +28,8 @@ folded layer, as a compiler would run it.
 
 from __future__ import annotations
 
+from . import distances
+
 
 def exact_ops(rows: int, d: int, m: int, has_bias: bool) -> dict[str, int]:
     return {
@@ -38,15 +40,7 @@ def exact_ops(rows: int, d: int, m: int, has_bias: bool) -> dict[str, int]:
 
 
 def lut_ops(rows: int, c: int, k: int, v: int, m: int, distance: str, has_bias: bool) -> dict[str, int]:
-    dp = c * v
-    if distance == "l2":
-        enc_mul, enc_add = k * dp, k * dp
-    elif distance == "cosine":
-        enc_mul, enc_add = k * dp, k * c * (v - 1)
-    elif distance == "l1":
-        enc_mul, enc_add = 0, k * c * (2 * v - 1)
-    else:
-        raise ValueError(f"unknown distance {distance!r}")
+    enc_mul, enc_add = distances.get(distance).encode_ops(c, k, v)
     return {
         "mul": rows * (enc_mul + m),
         "add": rows * (enc_add + (c - 1) * m + (m if has_bias else 0)),

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import pq
+from . import distances, pq
 from .errors import CalibrationError, OptionError
 from .options import LayerOptions
 
@@ -97,39 +97,6 @@ class _SoftAssign(torch.autograd.Function):
         return d_logits, d_cents
 
 
-class _L1Distance(torch.autograd.Function):
-    """``torch.cdist(x, p, p=1)`` for (C, n, V) rows and (C, K, V) centroids, with a backward written as
-    V passes of ``sign(x_v - p_v) * grad`` over the (C, n, K) gradient.
-
-    ``cdist``'s own L1 backward dominated an L1 training step at short subvectors; this one was 2.6x
-    faster at V=3 (C=48, n=32768) but slower at V=9, where V passes cost more than ``cdist``'s
-    kernel. ``_LUTLayer.logits`` therefore uses it up to ``L1_HAND_BACKWARD_MAX_V``."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: torch.Tensor):
-        ctx.save_for_backward(x, p)
-        return torch.cdist(x, p, p=1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, p = ctx.saved_tensors
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        dp = torch.empty_like(p) if ctx.needs_input_grad[1] else None
-        s = torch.empty_like(grad)
-        for i in range(x.shape[2]):
-            torch.sub(x[:, :, i:i + 1], p[:, None, :, i], out=s)  # (C, n, K)
-            s.sign_().mul_(grad)
-            if dx is not None:
-                dx[:, :, i] = s.sum(-1)
-            if dp is not None:
-                dp[:, :, i] = -s.sum(1)
-        return dx, dp
-
-
-#: Longest subvector for which `_L1Distance` (rather than `cdist`) computes the L1 logits: measured, see above.
-L1_HAND_BACKWARD_MAX_V = 4
-
-
 #: Scores per block of the eval-mode encoder (rows x C x K floats): bounds its memory on large batches.
 ENCODE_BLOCK = 1 << 22
 
@@ -141,8 +108,7 @@ class _LUTLayer(nn.Module):
 
     def __init__(self, exact: nn.Module, centroids: np.ndarray, distance: str, temperature: float):
         super().__init__()
-        if distance not in pq.DISTANCES:
-            raise OptionError(f"unknown distance {distance!r}; choose one of {', '.join(pq.DISTANCES)}")
+        distances.get(distance)  # an OptionError naming the known ones
         self.distance = distance
         self.weight = nn.Parameter(exact.weight.detach().clone())
         self.bias = None if exact.bias is None else nn.Parameter(exact.bias.detach().clone())
@@ -183,6 +149,7 @@ class _LUTLayer(nn.Module):
             n, c, v = sub.shape
             k = cents.shape[1]
             codes = torch.empty(n, c, dtype=torch.long)
+            absolute = distances.get(self.distance).absolute  # |x - p| added (l1) or x * p subtracted
             step = max(1, ENCODE_BLOCK // (c * k))  # rows per block of (rows, C, K) scores
             tmp = torch.empty(min(step, n), c, k)
             cols = [cents[None, :, :, i].contiguous() for i in range(v)]
@@ -192,7 +159,7 @@ class _LUTLayer(nn.Module):
                 score = offsets.unsqueeze(0).repeat(len(part), 1, 1)
                 for i in range(v):  # in place, same operations and order as before: one rounding each
                     xi = part[:, :, i, None].contiguous()
-                    if self.distance == "l1":
+                    if absolute:
                         score.add_(torch.sub(xi, cols[i], out=t).abs_())
                     else:
                         score.sub_(torch.mul(xi, cols[i], out=t))
@@ -207,16 +174,7 @@ class _LUTLayer(nn.Module):
         Subspace-major keeps every (C, n, K) tensor (logits, softmax, their gradients: what dominates the
         training time) contiguous with C as the batch of ``bmm``, so no large tensor is ever transposed.
         l2 drops ``||x||^2`` and folds ``2 / temperature`` into the centroids: one ``baddbmm``."""
-        p, t = self.centroids, self.temperature
-        if self.distance == "l2":
-            return torch.baddbmm((p * p).sum(-1).unsqueeze(1) / -t, sub_t, (p * (2 / t)).transpose(1, 2))
-        if self.distance == "cosine":
-            u = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            xn = sub_t / sub_t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            return torch.bmm(xn, (u / t).transpose(1, 2))
-        if p.shape[-1] <= L1_HAND_BACKWARD_MAX_V:
-            return _L1Distance.apply(sub_t, p) / -t
-        return torch.cdist(sub_t, p, p=1) / -t
+        return distances.get(self.distance).torch_logits(self.centroids, sub_t, self.temperature)
 
     def rows(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """Input -> (n, D) rows and what ``unrows`` needs to restore the output layout."""
@@ -318,13 +276,7 @@ def _initial_temperature(rows: np.ndarray, cents: np.ndarray, distance: str) -> 
     c, k, v = cents.shape
     sub = torch.from_numpy(pq.pad_columns(rows[:2048], c * v).reshape(-1, c, v))
     p = torch.from_numpy(cents)
-    if distance == "l1":
-        dist = torch.cdist(sub.transpose(0, 1), p, p=1).transpose(0, 1)
-    elif distance == "cosine":
-        u = p / p.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        dist = -torch.einsum("ncv,ckv->nck", sub / sub.norm(dim=-1, keepdim=True).clamp_min(1e-12), u)
-    else:
-        dist = ((sub[:, :, None, :] - p[None]) ** 2).sum(-1)
+    dist = distances.get(distance).torch_distance(sub, p)
     two = dist.topk(2, dim=-1, largest=False).values
     gap = float((two[..., 1] - two[..., 0]).mean())
     return gap if gap > 0 else 1.0

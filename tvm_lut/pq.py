@@ -29,7 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DISTANCES = ("l2", "cosine", "l1")
+from . import distances
+
+DISTANCES = distances.names()  # ("l2", "cosine", "l1"): see tvm_lut.distances
 
 #: Defaults from LUT-NN: 16 centroids (a 4-bit code), 9-long subvectors for 3x3 convs, 4 otherwise.
 DEFAULT_K = 16
@@ -185,8 +187,7 @@ def fit_codebooks(rows: np.ndarray, v: int, k: int, distance: str = "l2", seed: 
     stays a faithful reconstruction). ``l1`` refines the k-means solution with a few k-medians steps,
     which minimise the L1 distance the encoder uses.
     """
-    if distance not in DISTANCES:
-        raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+    dist = distances.get(distance)
     n, d_pad = rows.shape
     if d_pad % v:
         raise ValueError(f"row width {d_pad} is not a multiple of the subvector length V={v}")
@@ -197,26 +198,13 @@ def fit_codebooks(rows: np.ndarray, v: int, k: int, distance: str = "l2", seed: 
     if n > KMEANS_MAX_ROWS:
         rows = rows[np.sort(np.random.default_rng(seed).choice(n, KMEANS_MAX_ROWS, replace=False))]
     sub = rows.reshape(len(rows), c_count, v).transpose(1, 0, 2).astype(np.float64)  # (C, n, V)
-    data = sub
-    if distance == "cosine":
-        norms = np.linalg.norm(sub, axis=-1, keepdims=True)
-        data = sub / np.maximum(norms, 1e-12)
+    data, norms = dist.kmeans_data(sub)
     out = np.empty((c_count, k, v), dtype=np.float32)
     chunk = max(1, (1 << 22) // (len(rows) * k))  # subspaces per batch: (chunk, n, K) distances of ~32 MB
     for c0 in range(0, c_count, chunk):
         part = slice(c0, min(c0 + chunk, c_count))
         cent, labels = kmeans(data[part], k, seed + c0)
-        if distance == "cosine":
-            member_norm = np.stack([np.bincount(lab, weights=nm[:, 0], minlength=k)
-                                    for lab, nm in zip(labels, norms[part])])
-            counts = np.stack([np.bincount(lab, minlength=k) for lab in labels])
-            mean_norm = np.where(counts > 0, member_norm / np.maximum(counts, 1), 0.0)
-            cent = cent / np.maximum(np.linalg.norm(cent, axis=-1, keepdims=True), 1e-12) * mean_norm[..., None]
-        elif distance == "l1":
-            xs = sub[part]
-            for _ in range(5):
-                lab = np.abs(xs[:, :, None, :] - cent[:, None]).sum(-1).argmin(-1)  # (c, n)
-                cent = kmedians_step(xs, lab, cent)
+        cent = dist.refine(cent, labels, sub[part], None if norms is None else norms[part], k)
         out[part] = cent
     return out
 
@@ -229,18 +217,9 @@ def fit_codebooks(rows: np.ndarray, v: int, k: int, distance: str = "l2", seed: 
 def encoder_operands(centroids: np.ndarray, distance: str) -> tuple[np.ndarray, np.ndarray]:
     """Centroids as the encode kernel consumes them, and the per-centroid score offset (C, K).
 
-    l2: (P, 0.5*||P||^2); cosine: (P/||P||, 0); l1: (P, 0).
+    l2: (P, 0.5*||P||^2); cosine: (P/||P||, 0); l1: (P, 0) (``Distance.encoder_operands``).
     """
-    p = centroids.astype(np.float32)
-    zeros = np.zeros(p.shape[:2], np.float32)
-    if distance == "l2":
-        return p, (np.float32(0.5) * (p * p).sum(-1, dtype=np.float32)).astype(np.float32)
-    if distance == "cosine":
-        norms = np.sqrt((p * p).sum(-1, keepdims=True, dtype=np.float32))
-        return (p / np.maximum(norms, np.float32(1e-12))).astype(np.float32), zeros
-    if distance == "l1":
-        return p, zeros
-    raise ValueError(f"unknown distance {distance!r}; choose one of {', '.join(DISTANCES)}")
+    return distances.get(distance).encoder_operands(centroids)
 
 
 def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -270,11 +249,12 @@ def encode_scores(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray,
     fused multiply-add per element (``fma32``), as the compiled encoder computes them. ``fused=False``
     rounds the product and the sum each, as code for a CPU without FMA (``x86:x86-64-v2``) computes them."""
     c_count, k, v = enc_centroids.shape
+    dist = distances.get(distance)
     xs = x.astype(np.float32).reshape(x.shape[0], c_count, 1, v)
     score = np.broadcast_to(offsets, (x.shape[0], c_count, k)).astype(np.float32)
     for i in range(v):
-        if distance == "l1":
-            score = score + np.abs(xs[..., i] - enc_centroids[None, :, :, i])
+        if dist.absolute:
+            score = dist.score_step(score, xs[..., i], enc_centroids[None, :, :, i])
         else:
             score = fma32(-xs[..., i], enc_centroids[None, :, :, i], score) if fused else \
                 score + (-xs[..., i]) * enc_centroids[None, :, :, i]

@@ -18,7 +18,7 @@ import tvm
 from tvm import relax
 
 from tir_schedules import kernels, shuffle
-from tvm_lut import cost, graph, pq
+from tvm_lut import cost, distances, graph, pq
 from tvm_lut.errors import CalibrationError, OptionError
 
 from ..registry import RewriteMethod, register
@@ -161,7 +161,7 @@ def _emit_shuffle(em: LookupEmitter, plan: Plan, x, as_output: bool):
     # the grouped kernel transposes 4 outputs at a time in registers; the nibble kernel stores from a tile
     pairs, mb = shuffle.padded_pairs(c), shuffle.tile_for(isa, rows_major)
     cents, offsets = q.encoder_operands()
-    if layer.kind == "conv2d" and q.distance != "l1":
+    if layer.kind == "conv2d" and not distances.get(q.distance).multiplier_free:
         cv = layer.conv
         conv = kernels.ConvInput(tuple(layer.input_shape), tuple(cv["kernel_hw"]), tuple(cv["strides"]),
                                  tuple(cv["padding"]), tuple(cv["dilation"]))

@@ -21,12 +21,10 @@ subclasses ``RewriteMethod`` and calls ``register``; nothing else changes:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from tvm_lut.errors import OptionError
 
-if TYPE_CHECKING:  # types only: the rewrite service imports this module, not the other way round
-    from .rewrite import LookupEmitter, Plan
+# ``plan`` is a ``rewrite.Plan`` and ``emitter`` a ``rewrite.LookupEmitter``, named here without an import: the rewrite
+# service imports this module, never the other way round
 
 
 class KeepExact(OptionError):
@@ -42,20 +40,20 @@ class RewriteMethod:
     calibrated: bool = False  # fit() takes the layer's calibration rows
     description: str = ""
 
-    def configure(self, plan: Plan, options, planner) -> None:
+    def configure(self, plan, options, planner) -> None:
         """Record the method's options for ``plan`` (default: none)."""
 
-    def needs_rows(self, plan: Plan, planner) -> bool:
+    def needs_rows(self, plan, planner) -> bool:
         """Whether ``fit`` needs the layer's calibration rows (collected for all such layers in one run)."""
         return self.calibrated
 
-    def fit(self, plan: Plan, planner, rows=None, targets=None) -> None:
+    def fit(self, plan, planner, rows=None, targets=None) -> None:
         raise NotImplementedError(f"rewrite method {self.name!r} does not implement fit")
 
-    def account(self, plan: Plan) -> None:
+    def account(self, plan) -> None:
         raise NotImplementedError(f"rewrite method {self.name!r} does not implement account")
 
-    def emit(self, emitter: LookupEmitter, plan: Plan, x, as_output: bool):
+    def emit(self, emitter, plan, x, as_output: bool):
         raise NotImplementedError(f"rewrite method {self.name!r} does not implement emit")
 
     def columns(self, record: dict) -> str:

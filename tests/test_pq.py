@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tvm_lut import pq
+from tvm_lut import distances, pq
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_kmedians_step_equals_per_cluster_median(rng):
     labels = rng.integers(0, 15, (5, 301))  # centroid 15 is empty everywhere
     labels[2] = rng.integers(0, 3, 301)  # few, large clusters in one subspace
     cents = rng.standard_normal((5, 16, 3))
-    new = pq.kmedians_step(data, labels, cents)
+    new = distances.kmedians_step(data, labels, cents)
     for i in range(5):
         for j in range(16):
             members = data[i][labels[i] == j]

@@ -96,18 +96,8 @@ class Planner:
         self.calibration = calibration
         self.defaults = LayerOptions(k=o.k, v=o.v, distance=o.distance, method=o.method, budget=o.butterfly_budget,
                                      rank=o.rank, form=o.form)
-        self.lookup = o.lookup
-        self.method = o.method
-        self.factors = o.factors
-        self.layer_options = o.layers
-        self.all_layers = o.all_layers
-        self.codebooks = o.codebooks
-        self.seed = o.seed
-        self.max_rows = o.max_calibration_rows
-        self.target = o.target
-        self.schedule = o.schedule
-        self.sequential = o.sequential
-        self.progress = o.progress
+        # what the methods read (``RewriteMethod.fit``): the others are read from ``options``
+        self.factors, self.codebooks, self.seed, self.target = o.factors, o.codebooks, o.seed, o.target
         self.priority = dict(priority or {})
         self._mask: dict[str, str] = dict(self.priority.get("decision", {}))
         self.fitted: dict[str, pq.PQLayer] = dict(o.fitted)
@@ -116,7 +106,7 @@ class Planner:
         """One fitted ``Plan`` per layer of ``mod["main"]``, in program order."""
         found = graph.find_layers(mod)
         names = {l.name for l in found}
-        unknown = sorted(set(self.layer_options) - names) + sorted(set(self.codebooks) - names)
+        unknown = sorted(set(self.options.layers) - names) + sorted(set(self.codebooks) - names)
         if unknown:
             raise OptionError(f"unknown layer name(s) {unknown}; the model's layers are: {sorted(names)}")
         unknown_f = sorted(set(self.factors) - names)
@@ -134,13 +124,13 @@ class Planner:
                 raise CalibrationError("LUTify needs calibration data (or codebooks=) to learn codebooks for "
                                        + ", ".join(p.layer.name for p in need_calib))
             inputs = calibrate.normalize_inputs(self.calibration, graph.input_signature(mod["main"]))
-        if self.sequential:
+        if self.options.sequential:
             self._fit_sequential(mod, found, todo, inputs)
         else:
             rows = {}
             if need_calib:
                 rows = calibrate.collect(mod, [p.layer for p in need_calib], inputs, target=self.target,
-                                         max_rows=self.max_rows, seed=self.seed, progress=self.progress)
+                                         max_rows=self.options.max_calibration_rows, seed=self.seed, progress=self.options.progress)
             for p in todo:
                 self._fit(p, rows.get(p.layer.name))
         for p in plans:
@@ -160,11 +150,11 @@ class Planner:
     def lookup_kernel(self, p: Plan, target=None) -> str:
         """``"shuffle-<isa>"``, ``"gather"`` or ``"cam"`` for a PQ layer on ``target`` (default: the
         planner's); see ``lookup``."""
-        return lookup_kernel(self.target if target is None else target, self.lookup, p.pq_layer.k, p.layer.rows,
+        return lookup_kernel(self.target if target is None else target, self.options.lookup, p.pq_layer.k, p.layer.rows,
                              p.layer.kind, p.pq_layer.distance, p.layer.name)
 
     def _plan(self, layer: graph.Layer) -> Plan:
-        opts = self.layer_options.get(layer.name, LayerOptions())
+        opts = self.options.layers.get(layer.name, LayerOptions())
         rec = {
             "name": layer.name,
             "kind": layer.kind,
@@ -198,7 +188,7 @@ class Planner:
         mask = self._mask.get(layer.name)
         if self.priority and layer.name in self.priority.get("scores", {}):
             rec["priority"] = self.priority["scores"][layer.name]
-        method = opts.method or ("butterfly" if layer.name in self.factors else None) or self.method
+        method = opts.method or ("butterfly" if layer.name in self.factors else None) or self.options.method
         if method not in ("pq", "exact"):  # a method with options of its own (butterfly, lowrank, ...)
             for key in ("k", "v", "c", "distance"):
                 rec.pop(key, None)
@@ -213,7 +203,7 @@ class Planner:
             rec["reason"] = f"priority mask: {why}" if why else "priority mask"
         elif mask == "pq":
             rec["method"] = "pq"
-        elif layer.m <= k and not self.all_layers and opts.method != "pq" and not learned:
+        elif layer.m <= k and not self.options.all_layers and opts.method != "pq" and not learned:
             rec["reason"] = (f"narrow layer (M={layer.m} <= K={k}): encoding costs K*D={k * layer.d} "
                              f"multiplies per row vs D*M={layer.d * layer.m} exact; force with all_layers")
         else:
@@ -232,17 +222,17 @@ class Planner:
 
         learn = [p for p in todo if registry.get(p.method).needs_rows(p, self)]
         exact = calibrate.collect(mod, [p.layer for p in learn], inputs, target=self.target,
-                                  max_rows=self.max_rows, seed=self.seed, progress=False) if learn else {}
+                                  max_rows=self.options.max_calibration_rows, seed=self.seed, progress=False) if learn else {}
         done: list[Plan] = []
-        bar = tqdm(todo, desc="learning codebooks", unit="layer", disable=None if self.progress else True, leave=False)
+        bar = tqdm(todo, desc="learning codebooks", unit="layer", disable=None if self.options.progress else True, leave=False)
         for p in bar:
             rows = targets = None
             if registry.get(p.method).needs_rows(p, self):
-                cur = rewrite(mod, done, self.schedule) if done else mod
+                cur = rewrite(mod, done, self.options.schedule) if done else mod
                 # converted layers vanish from the graph; the others keep their program order
                 remaining = [l for l in found if not any(l is d.layer for d in done)]
                 now = graph.find_layers(cur)[remaining.index(p.layer)]
-                rows = calibrate.collect(cur, [now], inputs, target=self.target, max_rows=self.max_rows,
+                rows = calibrate.collect(cur, [now], inputs, target=self.target, max_rows=self.options.max_calibration_rows,
                                          seed=self.seed, progress=False, keys=[p.layer.name])[p.layer.name]
                 targets = exact[p.layer.name].astype(np.float64) @ p.layer.weight.astype(np.float64)
             self._fit(p, rows, targets)

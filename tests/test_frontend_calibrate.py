@@ -120,3 +120,20 @@ def test_normalize_inputs_accepts_batches_tensors_and_mappings(small_inputs):
 def test_normalize_inputs_rejects_bad_calibration(data, match):
     with pytest.raises(tvm_lut.CalibrationError, match=match):
         calibrate.normalize_inputs(data, [("x", (4, 3, 8, 8), "float32")])
+
+
+def test_checked_inputs_are_checked_once():
+    """``normalize_inputs`` checks names, shapes and NaN/Inf once: what it returns, given back with the same
+    signature, is returned as it is; a plain dict (or another signature) is checked again."""
+    from tvm_lut.calibrate import CheckedInputs, normalize_inputs
+    from tvm_lut.errors import CalibrationError
+
+    sig = [("x", (1, 3), "float32")]
+    x = np.ones((5, 3), np.float32)
+    checked = normalize_inputs({"x": x}, sig)
+    assert isinstance(checked, CheckedInputs) and normalize_inputs(checked, sig) is checked
+    assert normalize_inputs(checked, [("x", (1, 3), "float64")]) is not checked
+    bad = {"x": x.copy()}
+    bad["x"][2, 1] = np.nan
+    with pytest.raises(CalibrationError, match="1 NaN/Inf"):
+        normalize_inputs(bad, sig)

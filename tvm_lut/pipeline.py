@@ -17,7 +17,7 @@ from relay_passes import LUTify
 
 from . import artifact, graph
 from .build import BatchRunner, compile_with_params, default_threads
-from .calibrate import check_labels, compile_or_explain, normalize_inputs
+from .calibrate import CheckedInputs, check_labels, compile_or_explain, normalize_inputs
 from .errors import CalibrationError
 from .frontend import OUTPUT_NAMES_ATTR
 from .targets import host_for, instruction_sets, is_cam, is_x86, name_of, resolve_target, runs_on_host
@@ -86,7 +86,9 @@ def split_calibration(data, signature, holdout: float, seed: int = 0, classes: i
             return inputs, None, None
         perm = np.random.default_rng(seed).permutation(n)
         hold, cal = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
-        return {k: v[cal] for k, v in inputs.items()}, {k: v[hold] for k, v in inputs.items()}, None
+        # rows of checked arrays need no second check by the passes that take them
+        return (CheckedInputs({k: v[cal] for k, v in inputs.items()}, inputs.signature),
+                CheckedInputs({k: v[hold] for k, v in inputs.items()}, inputs.signature), None)
     labels = check_labels(labels, n, classes, where)
     n_hold = int(round(n * holdout))
     if n_hold < 1 or n - n_hold < 1:

@@ -40,7 +40,7 @@ def build(n: int, d: int, m: int):
     from tvm import relax
 
     import tvm_lut
-    from tir_schedules import kernels, shuffle, x86
+    from tir_schedules import kernels, shuffle, cpu
     from tvm_lut.build import compile_with_params
 
     rng = np.random.default_rng(0)
@@ -62,9 +62,9 @@ def build(n: int, d: int, m: int):
     xt = relax.Var("xt", relax.TensorType((c * v, n), "float32"))
     with bb.function("main", [xt]):
         with bb.dataflow():
-            enc = bb.add_func(x86.schedule(kernels.encode(n, c, k, v, q.distance, pack_lanes=lanes, pairs=pairs,
+            enc = bb.add_func(cpu.schedule(kernels.encode(n, c, k, v, q.distance, pack_lanes=lanes, pairs=pairs,
                                                           x_transposed=True, grouped=isa.grouped)), "lut_encode_colmajor")
-            look = bb.add_func(x86.schedule(shuffle.lookup(n, c, m, lanes, mb, isa.intrinsic)), "lut_lookup")
+            look = bb.add_func(cpu.schedule(shuffle.lookup(n, c, m, lanes, mb, isa.intrinsic)), "lut_lookup")
             packed = bb.emit(relax.call_tir(enc, [xt, relax.const(np.ascontiguousarray(cents.transpose(0, 2, 1))),
                                                   relax.const(offsets)],
                                             relax.TensorType(shuffle.packed_shape(n, c, lanes, isa.grouped), "uint8")))

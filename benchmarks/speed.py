@@ -177,7 +177,7 @@ def build_kernels(shapes, trials: int, target, cache: str) -> list[dict]:
     from torch import nn
 
     import tvm_lut
-    from tir_schedules import shuffle, tuning, x86
+    from tir_schedules import shuffle, tuning, cpu
     from tvm_lut.build import compile_with_params
 
     out = []
@@ -196,7 +196,7 @@ def build_kernels(shapes, trials: int, target, cache: str) -> list[dict]:
         db = os.path.join(cache, "db_lut")
         entry["kernels"] = {}
         for role, f in ks.items():
-            rec = {"hand_us": tuning.measure_us(x86.schedule(f), target)}
+            rec = {"hand_us": tuning.measure_us(cpu.schedule(f), target)}
             if role in tuning.SPACES and trials:
                 t0 = time.time()
                 variants = ([shuffle.retile(f, mb) for mb in tuning.SHUFFLE_TILES]

@@ -19,7 +19,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tir_schedules import kernels, shuffle, tuning, x86
+from tir_schedules import kernels, shuffle, tuning, cpu
 from tvm_lut import butterfly as bf
 from tvm_lut import cost, distances, graph, pq
 from tvm_lut import lowrank as lr
@@ -182,7 +182,7 @@ def _built_kernel(key: tuple, make, schedule: bool) -> tirx.PrimFunc:
     if func is None:
         func = make()
         if schedule:
-            func = x86.schedule(func)
+            func = cpu.schedule(func)
         if len(_KERNELS) >= 4096:
             _KERNELS.clear()
         _KERNELS[key] = func

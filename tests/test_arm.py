@@ -15,7 +15,7 @@ import torch
 import tvm
 
 import tvm_lut
-from tir_schedules import shuffle, x86
+from tir_schedules import shuffle, cpu
 from tvm_lut import arm_emulator, cli, pipeline
 from tvm_lut.artifact import Model
 from tvm_lut.errors import ArtifactError
@@ -29,7 +29,7 @@ def test_arm_target_uses_neon_tbl():
     isa = shuffle.isa_for(tgt)
     assert isa.name == "neon" and isa.lanes == 16 and not runs_on_host(tgt)
     assert runs_on_host(host_for(tgt))  # calibration and accuracy runs stay on this host
-    f = x86.schedule(shuffle.lookup(100, 9, 20, isa.lanes, 4, isa.intrinsic))
+    f = cpu.schedule(shuffle.lookup(100, 9, 20, isa.lanes, 4, isa.intrinsic))
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), tgt)
     asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
     assert asm.count("tbl\t") + asm.count("tbl ") >= 16  # one per codebook and output of a tile, at least
@@ -104,7 +104,7 @@ def test_neon_shuffle_lookup_bit_exact_on_aarch64(arm_farm, tmp_path):
     for n, c, m, mb in [(77, 5, 13, 4), (100, 33, 20, 8), (40, 301, 7, 2)]:
         for rows_major in (False, True):
             name = f"k_{n}_{c}_{m}_{int(rows_major)}"
-            f = x86.schedule(shuffle.lookup(n, c, m, isa.lanes, mb, isa.intrinsic, rows_major=rows_major))
+            f = cpu.schedule(shuffle.lookup(n, c, m, isa.lanes, mb, isa.intrinsic, rows_major=rows_major))
             funcs[name] = f.with_attr("global_symbol", name)
             cases.append((name, n, c, m, mb, rows_major))
     lib = tvm.compile(tvm.IRModule(funcs), arm_target())

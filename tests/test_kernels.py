@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tvm
 
-from tir_schedules import kernels, x86
+from tir_schedules import kernels, cpu
 from tvm_lut import pq
 from tvm_lut.targets import host_target
 
@@ -34,11 +34,11 @@ def test_accumulate_bit_exact(scheduled, shape):
     codes = rng.integers(0, k, (n, c)).astype(np.int32)
     tab = rng.integers(-127, 128, (c, k, m)).astype(np.int8)
     f = kernels.accumulate(n, c, k, m)
-    f = x86.schedule(f) if scheduled else f
+    f = cpu.schedule(f) if scheduled else f
     np.testing.assert_array_equal(_run(f, codes, tab, out_shape=(n, m), out_dtype="int32"), pq.accumulate(codes, tab))
     # the variant LUTify uses: row offsets into the flattened table
     g = kernels.accumulate(n, c, k, m, row_offsets=True)
-    g = x86.schedule(g) if scheduled else g
+    g = cpu.schedule(g) if scheduled else g
     got = _run(g, pq.row_offsets(codes, k, m), tab.reshape(-1), out_shape=(n, m), out_dtype="int32")
     np.testing.assert_array_equal(got, pq.accumulate(codes, tab))
 
@@ -63,12 +63,12 @@ def test_encode_matches_reference(scheduled, distance, shape):
     cents = rng.standard_normal((c, k, v)).astype(np.float32)
     ec, eb = pq.encoder_operands(cents, distance)
     f = kernels.encode(n, c, k, v, distance)
-    f = x86.schedule(f) if scheduled else f
+    f = cpu.schedule(f) if scheduled else f
     got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb, out_shape=(n, c), out_dtype="int32")
     ref = pq.encode(x, ec, eb, distance)
     m_out = 3 + n % 5  # the row-offset variant must select the same rows
     g = kernels.encode(n, c, k, v, distance, row_stride=m_out)
-    g = x86.schedule(g) if scheduled else g
+    g = cpu.schedule(g) if scheduled else g
     offs = _run(g, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb, out_shape=(n, c), out_dtype="int32")
     np.testing.assert_array_equal(offs, pq.row_offsets(got, k, m_out))
     np.testing.assert_array_equal(got, ref)  # bit-exact: the reference rounds each FMA once (pq.fma32)
@@ -88,7 +88,7 @@ def test_encode_bit_exact_on_near_ties(scheduled, distance):
     x = (mid.reshape(n, c * v) + rng.standard_normal((n, c * v)).astype(np.float32) * np.float32(1e-6)).astype(np.float32)
     ec, eb = pq.encoder_operands(cents, distance)
     f = kernels.encode(n, c, k, v, distance)
-    f = x86.schedule(f) if scheduled else f
+    f = cpu.schedule(f) if scheduled else f
     got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb, out_shape=(n, c), out_dtype="int32")
     np.testing.assert_array_equal(got, pq.encode(x, ec, eb, distance))
 
@@ -114,13 +114,13 @@ def test_encode_exact_ties_take_the_first_centroid(scheduled, distance, packed):
     assert (ref[1::2] == [i for i, _ in dup]).all()
     if packed:
         f = kernels.encode(n, c, k, v, distance, pack_lanes=16, grouped=True)
-        f = x86.schedule(f) if scheduled else f
+        f = cpu.schedule(f) if scheduled else f
         got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
                    out_shape=shuffle.packed_shape(n, c, 16, True), out_dtype="uint8")
         np.testing.assert_array_equal(got, pq.pack_codes_grouped(ref, 16))
     else:
         f = kernels.encode(n, c, k, v, distance)
-        f = x86.schedule(f) if scheduled else f
+        f = cpu.schedule(f) if scheduled else f
         got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb, out_shape=(n, c), out_dtype="int32")
         np.testing.assert_array_equal(got, ref)
 
@@ -136,12 +136,12 @@ def test_encoder_on_column_major_input(scheduled, distance):
     cents_t = np.ascontiguousarray(ec.transpose(0, 2, 1))
     ref = pq.encode(x, ec, eb, distance)
     f = kernels.encode(n, c, k, v, distance, x_transposed=True)
-    got = _run(x86.schedule(f) if scheduled else f, np.ascontiguousarray(x.T), cents_t, eb, out_shape=(n, c),
+    got = _run(cpu.schedule(f) if scheduled else f, np.ascontiguousarray(x.T), cents_t, eb, out_shape=(n, c),
                out_dtype="int32")
     np.testing.assert_array_equal(got, ref)
     pairs = shuffle.padded_pairs(c)
     g = kernels.encode(n, c, k, v, distance, pack_lanes=64, pairs=pairs, x_transposed=True)
-    packed = _run(x86.schedule(g) if scheduled else g, np.ascontiguousarray(x.T), cents_t, eb,
+    packed = _run(cpu.schedule(g) if scheduled else g, np.ascontiguousarray(x.T), cents_t, eb,
                   out_shape=(shuffle.num_row_blocks(n, 64), pairs, 64), out_dtype="uint8")
     np.testing.assert_array_equal(packed, pq.pack_codes(ref, 64, pairs))
     with pytest.raises(ValueError, match="x_transposed"):
@@ -174,7 +174,7 @@ def test_im2col_matches_reference(scheduled, case):
     shape, khw, strides, padding, dilation, d_pad = case
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     f = kernels.im2col(*shape, khw, strides, padding, dilation, d_pad)
-    f = x86.schedule(f) if scheduled else f
+    f = cpu.schedule(f) if scheduled else f
     ref = pq.pad_columns(pq.im2col(x, khw, strides, padding, dilation), d_pad)
     np.testing.assert_array_equal(_run(f, x, out_shape=ref.shape, out_dtype="float32"), ref)
 
@@ -182,7 +182,7 @@ def test_im2col_matches_reference(scheduled, case):
 def test_kernels_are_opaque_and_tagged():
     f = kernels.accumulate(4, 2, 16, 8)
     assert int(f.attrs["op_pattern"]) == 8 and str(f.attrs[kernels.KERNEL_ATTR]) == "accumulate"
-    assert bool(x86.schedule(f).attrs["tirx.is_scheduled"])
+    assert bool(cpu.schedule(f).attrs["tirx.is_scheduled"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def test_shuffle_lookup_bit_exact(scheduled, shape, rows_major):
     scale = rng.random(m).astype(np.float32)
     bias = rng.standard_normal(m).astype(np.float32)
     f = shuffle.lookup(n, c, m, lanes, mb, rows_major=rows_major)
-    f = x86.schedule(f) if scheduled else f
+    f = cpu.schedule(f) if scheduled else f
     got = _run(f, pq.pack_codes(codes, lanes, shuffle.padded_pairs(c)), shuffle.pack_tables(tab, mb), scale, bias,
                out_shape=(n, m) if rows_major else (m, n), out_dtype="float32")
     np.testing.assert_array_equal(got if rows_major else got.T, pq.dequantize(pq.accumulate(codes, tab), scale, bias))
@@ -244,7 +244,7 @@ def test_shuffle_lookup_rows_major_transposes_in_registers(shape):
     codes = rng.integers(0, 16, (n, c)).astype(np.int32)
     tab = rng.integers(-127, 128, (c, 16, m)).astype(np.int8)
     scale, bias = rng.random(m).astype(np.float32), rng.standard_normal(m).astype(np.float32)
-    f = x86.schedule(shuffle.lookup(n, c, m, lanes, mb, rows_major=True))
+    f = cpu.schedule(shuffle.lookup(n, c, m, lanes, mb, rows_major=True))
     assert ("quad" in f.script()) == (lanes >= 32)
     got = _run(f, pq.pack_codes(codes, lanes, shuffle.padded_pairs(c)), shuffle.pack_tables(tab, mb), scale, bias,
                out_shape=(n, m), out_dtype="float32")
@@ -273,7 +273,7 @@ def test_grouped_lookup_bit_exact(scheduled, shape, rows_major):
     tab[0, 0, 0], tab[-1, -1, -1] = -128, 127
     scale, bias = rng.random(m).astype(np.float32), rng.standard_normal(m).astype(np.float32)
     f = shuffle.lookup(n, c, m, lanes, mb, shuffle.PERMUTE_INTRINSIC, rows_major=rows_major)
-    f = x86.schedule(f) if scheduled else f
+    f = cpu.schedule(f) if scheduled else f
     got = _run(f, pq.pack_codes_grouped(codes, lanes), shuffle.pack_tables(tab, mb, grouped=True), scale, bias,
                out_shape=(n, m) if rows_major else (m, n), out_dtype="float32")
     np.testing.assert_array_equal(got if rows_major else got.T, pq.dequantize(pq.accumulate(codes, tab), scale, bias))
@@ -297,7 +297,7 @@ def test_grouped_lookup_writes_batched_nchw(images, hw, c, m, lanes, scheduled):
     scale, bias = rng.random(m).astype(np.float32), rng.standard_normal(m).astype(np.float32)
     f = shuffle.lookup(n, c, m, lanes, 4, shuffle.PERMUTE_INTRINSIC, images=images)
     assert int(shuffle.retile(f, 8).attrs["tvm_lut.images"]) == images  # tuning's tile variants keep it
-    got = _run(x86.schedule(f) if scheduled else f, pq.pack_codes_grouped(codes, lanes),
+    got = _run(cpu.schedule(f) if scheduled else f, pq.pack_codes_grouped(codes, lanes),
                shuffle.pack_tables(tab, 4, grouped=True), scale, bias, out_shape=(images, m, hw), out_dtype="float32")
     ref = pq.dequantize(pq.accumulate(codes, tab), scale, bias)  # (n, m)
     np.testing.assert_array_equal(got, ref.reshape(images, hw, m).transpose(0, 2, 1))
@@ -328,7 +328,7 @@ def test_nibble_lookup_writes_batched_nchw(images, hw, c, m, lanes, scheduled):
     isa = next(i for i in shuffle.ISAS if i.lanes == lanes and not i.grouped)
     f = shuffle.lookup(n, c, m, lanes, 4, isa.intrinsic, images=images)
     assert int(shuffle.retile(f, 8).attrs["tvm_lut.images"]) == images  # tuning's tile variants keep it
-    got = _run(x86.schedule(f) if scheduled else f, pq.pack_codes(codes, lanes, shuffle.padded_pairs(c)),
+    got = _run(cpu.schedule(f) if scheduled else f, pq.pack_codes(codes, lanes, shuffle.padded_pairs(c)),
                shuffle.pack_tables(tab, 4), scale, bias, out_shape=(images, m, hw), out_dtype="float32")
     ref = pq.dequantize(pq.accumulate(codes, tab), scale, bias)  # (n, m)
     np.testing.assert_array_equal(got, ref.reshape(images, hw, m).transpose(0, 2, 1))
@@ -387,7 +387,7 @@ def test_packed_encoder_matches_reference(distance, shape, grouped):
     rng = np.random.default_rng(sum(shape))
     x = rng.standard_normal((n, c * v)).astype(np.float32)
     ec, eb = pq.encoder_operands(rng.standard_normal((c, 16, v)).astype(np.float32), distance)
-    f = x86.schedule(kernels.encode(n, c, 16, v, distance, pack_lanes=lanes, grouped=grouped))
+    f = cpu.schedule(kernels.encode(n, c, 16, v, distance, pack_lanes=lanes, grouped=grouped))
     got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
                out_shape=shuffle.packed_shape(n, c, lanes, grouped), out_dtype="uint8")
     codes = pq.encode(x, ec, eb, distance)
@@ -399,7 +399,7 @@ def _codebook_lanes(x, ec, eb, distance, n, c, v, lanes, pairs=None, codebook_la
     grouped = pairs is None
     f = kernels.encode_codebook_lanes(n, c, ec.shape[1], v, distance, lanes, grouped=grouped, pairs=pairs,
                                       codebook_lanes=codebook_lanes, float_indices=float_indices)
-    assert x86.schedule(f).same_as(f)  # written vectorized: the hand schedule leaves it as it is
+    assert cpu.schedule(f).same_as(f)  # written vectorized: the hand schedule leaves it as it is
     cents, offsets = kernels.codebook_lane_operands(np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
                                                     lanes=codebook_lanes)
     ex = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), TARGET)
@@ -629,7 +629,7 @@ def test_encoder_fused_with_im2col_matches_reference(scheduled, conv):
     for grouped, lanes, fused in cases:
         f = kernels.encode(spec.rows, c, 16, v, "l2", pack_lanes=lanes, conv=spec, grouped=grouped,
                            fused_scores=fused)
-        f = x86.schedule(f) if scheduled else f
+        f = cpu.schedule(f) if scheduled else f
         got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
                    out_shape=shuffle.packed_shape(spec.rows, c, lanes, grouped), out_dtype="uint8")
         np.testing.assert_array_equal(got, pq.pack_codes_grouped(codes, lanes) if grouped else pq.pack_codes(codes, lanes))
@@ -654,7 +654,7 @@ def test_fused_score_encoder_on_ties_and_near_ties(distance, k):
     not a power of two (an uneven tree)."""
     n, c, v = 80, 20, 4
     x, ec, eb, ref = _ties_and_near_ties(n, c, k, v, distance, [(0, 1), (3, k - 1), (0, k - 2), (7, 8)] * 5, seed=k)
-    f = x86.schedule(kernels.encode(n, c, k, v, distance, pack_lanes=32, fused_scores=True))
+    f = cpu.schedule(kernels.encode(n, c, k, v, distance, pack_lanes=32, fused_scores=True))
     got = _run(f, x, np.ascontiguousarray(ec.transpose(0, 2, 1)), eb,
                out_shape=shuffle.packed_shape(n, c, 32), out_dtype="uint8")
     np.testing.assert_array_equal(got, pq.pack_codes(ref, 32))
@@ -664,5 +664,5 @@ def test_fused_score_encoder_on_ties_and_near_ties(distance, k):
     for sub, lanes in ((2, 16 if distance == "l1" else 8), (4, 16 if distance == "l1" else 8), (9, 8)):
         f = kernels.encode(n, 4, k, sub, distance, pack_lanes=32, fused_scores=True)
         assert int(f.attrs[kernels.ROW_LANES_ATTR]) == lanes
-        vectorized = set(re.findall(r"T\.vectorized\((\d+)\)", x86.schedule(f).script()))
+        vectorized = set(re.findall(r"T\.vectorized\((\d+)\)", cpu.schedule(f).script()))
         assert vectorized == {str(lanes)}

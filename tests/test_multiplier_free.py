@@ -16,14 +16,14 @@ import pytest
 import tvm
 
 from tvm_lut.targets import host_target
-from tir_schedules import kernels, x86
+from tir_schedules import kernels, cpu
 
 MUL = re.compile(r"^\s+(v?p?mul\w*|i?mul[bwlq]?|v?f(n)?m(add|sub)\w*|v?pmadd\w*|v?dpbusd\w*|v?dpwssd\w*)\s", re.I)
 FLOAT_MUL = re.compile(r"^\s+(v?mul[sp][sd]|v?f(n)?m(add|sub)\w*)\b", re.I)
 
 
 def _asm(func, name: str) -> list[str]:
-    f = x86.schedule(func).with_attr("global_symbol", name)
+    f = cpu.schedule(func).with_attr("global_symbol", name)
     lib = tvm.compile(tvm.IRModule({name: f}), target=host_target())
     return lib.mod.inspect_source("s").splitlines()
 

@@ -9,7 +9,7 @@ import torch
 
 import tvm_lut
 from relay_passes import LUTify
-from tir_schedules import kernels, x86
+from tir_schedules import kernels, cpu
 from tvm_lut import butterfly as bf
 from tvm_lut import lowrank as lr
 from tvm_lut import structured_nn as sn
@@ -95,7 +95,7 @@ def test_butterfly_factor_kernel_matches_numpy(scheduled, factor):
     x = rng.standard_normal((n, f.q)).astype(np.float32)
     w = rng.standard_normal(f.shape).astype(np.float32)
     func = kernels.butterfly_factor(n, f.blocks, f.r, f.s, f.t)
-    func = x86.schedule(func) if scheduled else func
+    func = cpu.schedule(func) if scheduled else func
     got = _run(func, x, np.ascontiguousarray(w.transpose(0, 2, 1, 3)), out_shape=(n, f.p), out_dtype="float32")
     np.testing.assert_allclose(got, bf.apply_factor(x.astype(np.float64), f, w.astype(np.float64)),
                                rtol=1e-4, atol=1e-4)

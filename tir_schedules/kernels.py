@@ -29,7 +29,7 @@ from tvm.script import tirx as T
 from tvm_lut import distances
 
 KERNEL_ATTR = "tvm_lut.kernel"
-ROW_LANES_ATTR = "tvm_lut.max_row_lanes"  # an encoder's cap on rows per vector (``x86.schedule_encode``)
+ROW_LANES_ATTR = "tvm_lut.max_row_lanes"  # an encoder's cap on rows per vector (``cpu.schedule_encode``)
 # scores the fused-score encoder accumulates side by side (``ScoreChain``): 4 independent multiply-add
 # chains in program order. Measured on a Zen 3 (V=9, one thread): 1 -> 4 took 64 channels 32x32 from
 # 438 to 368 us; 8 measured the same as 4 (its 8 accumulators and 9 subvector elements exceed 16 ymm),

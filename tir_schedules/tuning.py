@@ -13,7 +13,7 @@ that later compiles reuse (``LUTify(database=DIR)``, ``tvm-lut compile --db DIR`
 extend. Tuning resumes: a kernel that already has ``trials`` valid records is skipped, one with fewer gets
 only the missing trials (MetaSchedule's evolutionary search starts from the best records already there).
 
-Tuning does not always beat the hand schedule (``x86.schedule``): the design spaces do not contain it, and a
+Tuning does not always beat the hand schedule (``cpu.schedule``): the design spaces do not contain it, and a
 few trials may find nothing better. Each tuning run therefore also measures the hand schedule and the best
 tuned kernel side by side and keeps both times in the database directory (``HAND_VS_TUNED``, keyed by the
 kernel's structure and target); ``apply_database`` deploys a tuned kernel only where it measured faster.
@@ -355,7 +355,7 @@ def tune_module_kernels(mod: tvm.IRModule, target, db_dir: str, trials: int, pro
     Shuffle lookups are tuned once per register tile in ``SHUFFLE_TILES``, ``trials`` each. Returns one
     result per kernel: hand-schedule time vs the best tuned time, both measured here in one process.
     """
-    from . import shuffle, x86
+    from . import shuffle, cpu
 
     out = []
     funcs = [(gv.name_hint, f) for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and tunable(f)]
@@ -366,7 +366,7 @@ def tune_module_kernels(mod: tvm.IRModule, target, db_dir: str, trials: int, pro
             where = f" on {farm.key} servers at {farm.address}" if farm else ""
             print(f"[{i + 1}/{len(funcs)}] tuning {name} ({role}), up to {trials} trials per variant{where}",
                   file=sys.stderr, flush=True)
-        hand_us = measure_us(x86.schedule(func), target, farm=farm)
+        hand_us = measure_us(cpu.schedule(func), target, farm=farm)
         variants = [func]
         if role == "shuffle_lookup":
             variants = [shuffle.retile(func, mb) for mb in SHUFFLE_TILES]

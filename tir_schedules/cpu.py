@@ -1,6 +1,6 @@
-"""Hand schedules for the PQ kernels on x86 CPUs (LLVM), and the host target they assume.
+"""Hand schedules for the PQ kernels on LLVM CPU targets: x86 (each ISA level) and aarch64 (NEON).
 
-Set ``mcpu`` to the host CPU (``host_target``): the generic x86-64 target leaves the int8 widening in
+Set ``mcpu`` to the host CPU (``tvm_lut.targets.host_target``): the generic x86-64 target leaves the int8 widening in
 the accumulate kernel scalar, 3-4x slower (cookbook P3). Each schedule keeps the kernel's arithmetic
 exactly as written (same reduction order per output), so scheduled and unscheduled kernels agree bit
 for bit with the numpy reference on the integer path.

@@ -65,3 +65,34 @@ def test_import_contracts_hold():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "0 broken" in done.stdout
+
+
+def test_options_are_one_object_and_results_are_returned():
+    """LUTify's options are one validated ``LUTifyOptions``; ``run`` returns what the pass produced and the
+    pass object changes only ``last``; ``retarget`` derives a module without touching the options."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    import tvm_lut
+    from relay_passes.lutify import LUTify, LUTifyOptions, LUTResult
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 10)).eval()
+    mod = tvm_lut.from_torch(model, torch.randn(1, 3, 4, 4))
+    calib = np.random.default_rng(0).standard_normal((64, 3, 4, 4)).astype(np.float32)
+    opts = LUTifyOptions(v=4, all_layers=True, progress=False)
+    p = LUTify(calib, options=opts)
+    before = dict(vars(p))
+    res = p.run(mod)
+    assert isinstance(res, LUTResult) and [r["method"] for r in res.layers] == ["pq", "pq"]
+    assert vars(p) == before  # run() leaves the pass as it was
+    out = p(mod)
+    assert p.last is not None and p.layers == p.last.layers and out.same_as(p.last.module)
+    arm = p.retarget("arm")
+    assert p.options == opts and p.target == "x86" and arm is not out
+    assert LUTify(calib, options=opts, k=8).options == dataclasses.replace(opts, k=8)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        LUTify(calib, kay=8)

@@ -103,11 +103,34 @@ def test_unsupported_weighted_layers_are_listed_exact_with_the_reason(tmp_path, 
     assert "conv1d layers are not rewritten" in capsys.readouterr().out
 
 
-def test_a_model_tvm_cannot_build_gets_a_clear_error(tmp_path, capsys):
+def test_a_slice_with_computed_bounds_builds(tmp_path, capsys):
+    """The TorchScript export writes ``chunk`` as Slices whose bounds are computed from the input's shape:
+    imported as they are, tensors of unknown shape that TVM could not build ("TVM cannot build this model
+    as imported"). ``from_onnx`` folds those computations for the fixed shapes, and the model compiles."""
     torch.manual_seed(0)
     x = np.random.default_rng(0).standard_normal((40, 8, 12)).astype(np.float32)
     path, calib = _files(tmp_path, _Attention(), x)
     out = tmp_path / "out"
-    assert cli.main(["compile", path, "--calib", calib, "--budget", "max-drop=2.0", "-o", str(out), "-q"]) == 2
-    assert "TVM cannot build this model as imported" in capsys.readouterr().err
+    assert cli.main(["compile", path, "--calib", calib, "--budget", "max-drop=2.0", "-o", str(out), "-q",
+                     "--no-latency"]) == 0
+    rep = json.load(open(out / "report.json"))
+    assert sorted(r["name"] for r in rep["layers"]) == ["out", "qkv"]
+
+
+def test_a_model_tvm_cannot_build_gets_a_clear_error(tmp_path, capsys, monkeypatch):
+    """Whatever TVM fails to build (an internal check deep in its lowering) becomes an error that says so,
+    with the exit status of bad input, and nothing is written."""
+    from tvm_lut import pipeline
+
+    def fails(*_a, **_k):
+        raise RuntimeError("InternalError: Check failed: (data_ty->shape.has_value()) is false")
+
+    monkeypatch.setattr(pipeline, "compile_with_params", fails)
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((40, 8, 12)).astype(np.float32)
+    path, calib = _files(tmp_path, _Attention(), x)
+    out = tmp_path / "out"
+    assert cli.main(["compile", path, "--calib", calib, "--budget", "none", "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "TVM cannot build this model as imported" in err and "data_ty->shape" in err
     assert not out.exists()

@@ -225,7 +225,7 @@ def _fold_shape_computations(model, shapes: dict[str, list[int]]):
 
 
 def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batch: int = 1,
-              _source: str | None = None) -> tvm.IRModule:
+              _source: str | None = None, _names: dict[str, str] | None = None) -> tvm.IRModule:
     """Import an ONNX model (a path or a ``ModelProto``).
 
     Symbolic dims of the inputs (``batch``, ``N``...) are fixed: a leading one to ``batch``, unless
@@ -272,7 +272,9 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
     real_inputs = [inp for inp in model.graph.input if inp.name not in init_names]
     del model.graph.input[:]
     model.graph.input.extend(real_inputs)
-    source = _onnx_layer_names(model.graph)
+    # weights keep their source names; a folded graph's nodes were renamed by ONNX Runtime's fusions
+    # (``/qkv/MatMul/MatMulAddFusion``), so its names come from the graph as exported
+    source = {**_onnx_layer_names(model.graph), **(_names or {})}
     safe = {}
     for i, init in enumerate(model.graph.initializer):
         tmp = f"tvmlut_w{i}"
@@ -301,7 +303,8 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
         # a shape computed by graph ops (ShuffleNet's channel shuffle) imports as a tensor of unknown
         # shape, which nothing downstream can build or rewrite: fold the computations and import again
         log.info("%s: tensors of unknown shape after import; folding its shape computations", path)
-        return from_onnx(_fold_shape_computations(original, shapes), shapes, batch=batch, _source=path)
+        return from_onnx(_fold_shape_computations(original, shapes), shapes, batch=batch, _source=path,
+                         _names=_onnx_layer_names(original.graph))
     if failure is not None:
         kind, text = failure
         if _source is not None:  # already folded: the importer's own limit
@@ -309,7 +312,8 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
             raise ModelError(f"{path}: TVM's ONNX importer failed ({kind}: {text.splitlines()[0][:300] if text else ''})"
                              + (f"; it said: {said[0][:300]}" if said else ""))
         log.info("%s: TVM's importer rejected the graph (%s); folding its shape computations", path, kind)
-        return from_onnx(_fold_shape_computations(original, shapes), shapes, batch=batch, _source=path)
+        return from_onnx(_fold_shape_computations(original, shapes), shapes, batch=batch, _source=path,
+                         _names=_onnx_layer_names(original.graph))
     mod = bounded_takes(rename_params(mod, safe))
     return mod.with_attr(OUTPUT_NAMES_ATTR, [o.name for o in graph.output])
 

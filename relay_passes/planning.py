@@ -130,7 +130,8 @@ class Planner:
             rows = {}
             if need_calib:
                 rows = calibrate.collect(mod, [p.layer for p in need_calib], inputs, target=self.target,
-                                         max_rows=self.options.max_calibration_rows, seed=self.seed, progress=self.options.progress)
+                                         max_rows=self.options.max_calibration_rows, seed=self.seed,
+                                         progress=self.options.progress)
             for p in todo:
                 self._fit(p, rows.get(p.layer.name))
         for p in plans:
@@ -222,9 +223,11 @@ class Planner:
 
         learn = [p for p in todo if registry.get(p.method).needs_rows(p, self)]
         exact = calibrate.collect(mod, [p.layer for p in learn], inputs, target=self.target,
-                                  max_rows=self.options.max_calibration_rows, seed=self.seed, progress=False) if learn else {}
+                                  max_rows=self.options.max_calibration_rows, seed=self.seed,
+                                  progress=False) if learn else {}
         done: list[Plan] = []
-        bar = tqdm(todo, desc="learning codebooks", unit="layer", disable=None if self.options.progress else True, leave=False)
+        bar = tqdm(todo, desc="learning codebooks", unit="layer", disable=None if self.options.progress else True,
+                   leave=False)
         for p in bar:
             rows = targets = None
             if registry.get(p.method).needs_rows(p, self):
@@ -232,7 +235,8 @@ class Planner:
                 # converted layers vanish from the graph; the others keep their program order
                 remaining = [l for l in found if not any(l is d.layer for d in done)]
                 now = graph.find_layers(cur)[remaining.index(p.layer)]
-                rows = calibrate.collect(cur, [now], inputs, target=self.target, max_rows=self.options.max_calibration_rows,
+                rows = calibrate.collect(cur, [now], inputs, target=self.target,
+                                         max_rows=self.options.max_calibration_rows,
                                          seed=self.seed, progress=False, keys=[p.layer.name])[p.layer.name]
                 targets = exact[p.layer.name].astype(np.float64) @ p.layer.weight.astype(np.float64)
             self._fit(p, rows, targets)

@@ -177,7 +177,9 @@ _KERNELS: dict[tuple, tirx.PrimFunc] = {}  # hand-scheduled kernels built in thi
 
 def _built_kernel(key: tuple, make, schedule: bool) -> tirx.PrimFunc:
     """A kernel built (TVMScript parse + hand schedule: ~0.2 s each) once per process: the priority mask
-    rewrites the same layers once per evaluated prefix, and each rewrite used to rebuild every kernel."""
+    rewrites the same layers once per evaluated prefix, and each rewrite used to rebuild every kernel.
+    ``key`` must determine the kernel: every value ``make`` reads (shapes, distance, the ISA level of a
+    shuffle kernel) is in the key a method gives ``LookupEmitter.kernel``."""
     func = _KERNELS.get(key)
     if func is None:
         func = make()

@@ -309,7 +309,8 @@ def from_onnx(model, shape_dict: dict[str, Sequence[int]] | None = None, *, batc
         kind, text = failure
         if _source is not None:  # already folded: the importer's own limit
             said = printed.getvalue().strip().splitlines()
-            raise ModelError(f"{path}: TVM's ONNX importer failed ({kind}: {text.splitlines()[0][:300] if text else ''})"
+            first = text.splitlines()[0][:300] if text else ""
+            raise ModelError(f"{path}: TVM's ONNX importer failed ({kind}: {first})"
                              + (f"; it said: {said[0][:300]}" if said else ""))
         log.info("%s: TVM's importer rejected the graph (%s); folding its shape computations", path, kind)
         return from_onnx(_fold_shape_computations(original, shapes), shapes, batch=batch, _source=path,

@@ -175,7 +175,7 @@ def _emit_shuffle(em: LookupEmitter, plan: Plan, x, as_output: bool):
         # with 16 vector registers (AVX2): 8 codebooks per step (one ymm per score), float argmin indices
         narrow = isa.registers < 32
         cl = kernels.CODEBOOK_LANES_16_REGISTERS if narrow else kernels.CODEBOOK_LANES
-        enc = em.kernel(("encode-codebook-lanes", rows, c, k, v, q.distance, lanes, isa.grouped, pairs, cl),
+        enc = em.kernel(("encode-codebook-lanes", isa.name, rows, c, k, v, q.distance, lanes, isa.grouped, pairs, cl),
                            f"lut_encode_{tag}",
                            lambda: kernels.encode_codebook_lanes(rows, c, k, v, q.distance, lanes,
                                                                  grouped=isa.grouped, pairs=pairs,
@@ -184,7 +184,7 @@ def _emit_shuffle(em: LookupEmitter, plan: Plan, x, as_output: bool):
     else:
         # with 16 vector registers (AVX2) the 16x16 score buffer spills: scores fused into the argmin
         fused = isa.registers < 32
-        enc = em.kernel(("encode-packed", rows, c, k, v, q.distance, lanes, isa.grouped, conv, fused),
+        enc = em.kernel(("encode-packed", isa.name, rows, c, k, v, q.distance, lanes, isa.grouped, conv, fused),
                            f"lut_encode_{tag}",
                            lambda: kernels.encode(rows, c, k, v, q.distance, pack_lanes=lanes, pairs=pairs,
                                                   conv=conv, grouped=isa.grouped, fused_scores=fused))
@@ -196,7 +196,7 @@ def _emit_shuffle(em: LookupEmitter, plan: Plan, x, as_output: bool):
     images = layer.output_shape[0] if layer.kind == "conv2d" else 1
     if not (images > 1 and (rows // images) % (16 if isa.grouped else lanes // 2) == 0):
         images = 1
-    look, look_func = em.kernel_func(("shuffle", rows, c, m, lanes, isa.grouped, rows_major, images),
+    look, look_func = em.kernel_func(("shuffle", isa.name, rows, c, m, lanes, isa.grouped, rows_major, images),
                                         f"lut_lookup_{tag}",
                                         lambda: shuffle.lookup(rows, c, m, lanes, mb, isa.intrinsic,
                                                                rows_major=rows_major, images=images))

@@ -150,12 +150,15 @@ def weight_ops_torch(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def weight_ops_onnx(model) -> int:
     """Conv/ConvTranspose/Gemm/MatMul nodes whose weight (second input) is constant: an initializer or a
-    ``Constant`` node, possibly through Transpose/Reshape/Cast/Identity/Squeeze/Unsqueeze."""
+    ``Constant`` node, possibly through Transpose/Reshape/Cast/Identity/Squeeze/Unsqueeze, or computed
+    from constants only (weight norm's ``g * v / ||v||``, which the dynamo exporter leaves as nodes)."""
     g = model.graph
     const = {i.name for i in g.initializer}
     through = {"Transpose", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Constant"}
     for node in g.node:  # nodes are topologically ordered
         if node.op_type == "Constant" or (node.op_type in through and node.input and node.input[0] in const):
+            const.update(node.output)
+        elif node.input and all(i in const for i in node.input if i):
             const.update(node.output)
     return sum(1 for node in g.node if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
                and len(node.input) > 1 and node.input[1] in const)

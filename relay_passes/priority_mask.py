@@ -19,10 +19,8 @@ of layers to convert:
    prefix of that ranking is converted:
 
    * ``max-drop=P`` (needs labels): the longest prefix whose measured validation drop, plus one standard
-     error of that paired difference (``100 * sqrt(max(flips, 1)) / n``, flips = validation samples whose
-     correctness changes; never below one flip's worth: no flips on n rows does not show a drop under
-     ``100 / n``), stays within P points; found by binary search over the prefix length. So a budget of P
-     points needs more than ``100 / P`` validation rows before any layer can be converted.
+     error of that paired difference (``100 * sqrt(flips) / n``, flips = validation samples whose
+     correctness changes), stays within P points; found by binary search over the prefix length.
    * ``min-removed=F``: the shortest prefix removing at least a fraction F of the model's multiplies
      (an error names the reachable maximum when F is out of reach); its validation drop is reported.
    * ``max-disagree=P`` (no labels needed): as ``max-drop``, with the exact model's own top-1 on the
@@ -81,12 +79,6 @@ class Budget:
 
     def __str__(self) -> str:
         return f"{self.kind}={self.value:g}"
-
-
-def _margin(flips: int, n: int) -> float:
-    """One standard error of a validation drop measured on ``n`` rows, in points, with ``flips`` rows whose
-    correctness changed; at least one flip's worth (no flips on n rows does not show a drop under 100/n)."""
-    return 100.0 * math.sqrt(max(flips, 1)) / n
 
 
 def _labels_of(calibration, labels):
@@ -262,7 +254,7 @@ class PriorityMask:
                 if i == 0:
                     return True
                 drop, flips = evaluate(tuple(order[:i]))
-                return drop + _margin(flips, val_n) <= budget.value
+                return drop + 100.0 * math.sqrt(flips) / val_n <= budget.value
 
             lo, hi = 0, len(order)  # invariant: fits(lo); find the largest fitting prefix
             if fits(hi):
@@ -281,7 +273,7 @@ class PriorityMask:
         if state["labelled"]:
             drop, flips = evaluate(tuple(order[:chosen])) if chosen else (0.0, 0)
             result.update(val_exact_acc=state["base_acc"], val_drop=drop,
-                          val_drop_margin=_margin(flips, val_n) if chosen else 0.0)
+                          val_drop_margin=100.0 * math.sqrt(flips) / val_n)
             if state["reference"] == "exact-top1":
                 result["val_reference"] = "exact model's top-1"
         result["compiles"] = int(state["labelled"])  # one switchable build serves every evaluation

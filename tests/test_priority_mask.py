@@ -42,7 +42,7 @@ def test_max_drop_needs_labels(lenet):
 
 def _alone_needs(sc: dict, val_n: int) -> float:
     """The budget the layer with priority scores ``sc`` needs to be converted on its own."""
-    return sc["drop_alone"] + 100.0 * math.sqrt(max(sc["flips_alone"], 1)) / val_n
+    return sc["drop_alone"] + 100.0 * math.sqrt(sc["flips_alone"]) / val_n
 
 
 def test_max_drop_is_met_on_unseen_data(lenet):

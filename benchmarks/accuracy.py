@@ -12,7 +12,7 @@ Every LUT accuracy is measured by running the **compiled TVM model** (LUTify + b
 set; the exact accuracy is the PyTorch model's on the same test set (TVM's exact build gives the same
 predictions; its untuned CPU conv lowering would only cost minutes here). Columns as TabConv / LUT-NN
 report them: exact accuracy, LUT accuracy, retention (LUT / exact), fraction of multiplies removed
-(``tvm_lut.cost`` counting), LUT bytes (int8 tables + codebooks) vs the fp32 weights of those layers.
+(``tvm_lut.math.cost`` counting), LUT bytes (int8 tables + codebooks) vs the fp32 weights of those layers.
 
 Writes benchmarks/results/accuracy.json, accuracy.md and accuracy.png (accuracy vs multiplies removed).
 """
@@ -33,8 +33,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import tvm_lut  # noqa: E402
 from relay_passes import MASK_ATTR, LUTify, PriorityMask  # noqa: E402
-from tvm_lut import datasets, lutnn, models, pipeline  # noqa: E402
-from tvm_lut.build import BatchRunner, compile_with_params, resolve_target  # noqa: E402
+from tvm_lut.app import pipeline
+from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target  # noqa: E402
+from tvm_lut.train import datasets, lutnn, models  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 CACHE = os.path.join(RESULTS, "cache")

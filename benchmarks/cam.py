@@ -11,7 +11,7 @@ multiplies left (the CAM's: zero for PECAN-D; the host's: one dequantising FMA p
 For scale, the last columns price the exact layers' multiply-adds with the same 45 nm figures
 (Horowitz, ISSCC 2014: fp32 multiply 3.7 pJ + add 0.9 pJ; int8 multiply 0.2 pJ + add 0.03 pJ), arithmetic
 only: unlike the CAM figure they leave out every memory access, so they flatter the exact model.
-The CAM figures are estimates from a documented cost model (``tvm_lut/cam.py``), not a chip measurement.
+The CAM figures are estimates from a documented cost model (``tvm_lut/targets/cam_simulator.py``), not a chip measurement.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ import os
 import torch
 
 import tvm_lut
-from tvm_lut import cam, graph, models, pq
+from tvm_lut.frontend import graph
+from tvm_lut.math import pq
+from tvm_lut.targets import cam_simulator as cam
+from tvm_lut.train import models
 
 MODELS = {
     "LeNet-5 (MNIST)": (models.LeNet5, {}, (1, 1, 28, 28)),
@@ -78,7 +81,7 @@ def main(out: str, overrides: dict) -> list[dict]:
                                         f"{r['exact_int8_arith_nj']:.0f}"]) + " |")
     lines.append("")
     lines.append("batch 1; CAM parameters: " + ", ".join(f"{k}={v}" for k, v in params.__dict__.items())
-                 + " (sources: tvm_lut/cam.py). *arithmetic only, no memory traffic: a lower bound for the "
+                 + " (sources: tvm_lut/targets/cam_simulator.py). *arithmetic only, no memory traffic: a lower bound for the "
                    "exact model, while the CAM figure includes its table reads.")
     with open(os.path.join(out, "cam.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

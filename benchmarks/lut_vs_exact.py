@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 import tvm_lut
-from tvm_lut import graph, models
-from tvm_lut.build import BatchRunner, compile_with_params, default_threads, resolve_target
+from tvm_lut.frontend import graph
+from tvm_lut.runtime.build import BatchRunner, compile_with_params, default_threads, resolve_target
+from tvm_lut.train import models
 
 
 def _runner(mod):

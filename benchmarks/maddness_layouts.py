@@ -40,8 +40,8 @@ def build(n: int, d: int, m: int):
     from tvm import relax
 
     import tvm_lut
-    from tir_schedules import kernels, shuffle, cpu
-    from tvm_lut.build import compile_with_params
+    from tir_schedules import cpu, kernels, shuffle
+    from tvm_lut.runtime.build import compile_with_params
 
     rng = np.random.default_rng(0)
     layer = nn.Linear(d, m).eval()

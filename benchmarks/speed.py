@@ -92,7 +92,7 @@ def tune_model(mod, target, work_dir: str, trials_per_task: int):
     from tvm.s_tir import meta_schedule as ms
 
     from tir_schedules.kernels import KERNEL_ATTR
-    from tvm_lut.build import split_params
+    from tvm_lut.runtime.build import split_params
 
     def ours(task) -> bool:
         return any(isinstance(f, tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs
@@ -177,8 +177,8 @@ def build_kernels(shapes, trials: int, target, cache: str) -> list[dict]:
     from torch import nn
 
     import tvm_lut
-    from tir_schedules import shuffle, tuning, cpu
-    from tvm_lut.build import compile_with_params
+    from tir_schedules import cpu, shuffle, tuning
+    from tvm_lut.runtime.build import compile_with_params
 
     out = []
     exact: dict[tuple[int, int, int], dict] = {}  # (N, D, M) -> its exact builds, shared by every V
@@ -244,7 +244,7 @@ E2E = {  # name: (models class, constructor kwargs, input shape, layers kept exa
 def _make_model(cls_name: str, kwargs: dict):
     import torch
 
-    from tvm_lut import models
+    from tvm_lut.train import models
 
     torch.manual_seed(0)
     return getattr(models, cls_name)(**kwargs).eval()
@@ -254,7 +254,7 @@ def build_e2e(names, batches, e2e_trials: int, target, cache: str) -> list[dict]
     import torch
 
     import tvm_lut
-    from tvm_lut.build import compile_with_params
+    from tvm_lut.runtime.build import compile_with_params
 
     out = []
     rng = np.random.default_rng(1)
@@ -335,7 +335,7 @@ def _chain_ms(art: dict) -> float | None:
     import tvm
 
     from relay_passes import rewrite
-    from tvm_lut import profile
+    from tvm_lut.app import profile
 
     chain = art.get("chain")
     if not chain:

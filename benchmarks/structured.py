@@ -5,10 +5,10 @@ channel pruning and PQ lookups, on LeNet-5 / MNIST and VGG-small / CIFAR-10 (JPE
     python benchmarks/structured.py --only mnist  # or: cifar
     python benchmarks/structured.py --quick       # tiny subsets: checks the script end to end
 
-Per model and method: parameters and multiplies of the conv/dense layers (``tvm_lut.cost`` counting,
+Per model and method: parameters and multiplies of the conv/dense layers (``tvm_lut.math.cost`` counting,
 per input sample), top-1 accuracy of the **compiled TVM model** on the full test set, whole-model
 latency at batch 1 (exact TVM build and rewritten build, same process, one after the other), and how
-many rewritten layers run slower than the exact layer they replace (``tvm_lut.profile``: each layer
+many rewritten layers run slower than the exact layer they replace (``tvm_lut.app.profile``: each layer
 compiled alone, exact vs rewritten). Exact TVM builds are untuned (TVM's default CPU lowering); issue 5
 brings tuned baselines, so latency ratios here are indicative only.
 
@@ -39,12 +39,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import tvm_lut  # noqa: E402
 from accuracy import CACHE, RESULTS, loader, log, shared_data_present, trained  # noqa: E402
+
+import tvm_lut  # noqa: E402
 from relay_passes import EZCrop, LUTify  # noqa: E402
-from tvm_lut import channel_energy, datasets, models, pipeline, profile  # noqa: E402
-from tvm_lut import structured_nn as sn  # noqa: E402
-from tvm_lut.build import BatchRunner, compile_with_params, resolve_target  # noqa: E402
+from tvm_lut.app import pipeline, profile
+from tvm_lut.math import channel_energy  # noqa: E402
+from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target  # noqa: E402
+from tvm_lut.train import datasets, models, structured_nn as sn  # noqa: E402
 
 
 def compiled_eval(mod, test_x, test_y, batch: int, **lutify_kw) -> dict:

@@ -4,7 +4,7 @@ Score (Lin et al., EZCrop): for each output channel of a conv layer, on calibrat
 ``S = log(1 + |fftshift(FFT2(F))|)`` of its feature map ``F`` (after the layer's activation, before
 any pooling); ``ratio = 1 - (sum of S in the centred square of half-width ceil(alpha * h/2), alpha=0.25)
 / (sum of S)``, averaged over the samples. Channels with much energy away from the centre carry detail;
-the lowest-ratio channels are pruned (``tvm_lut.channel_energy.channel_scores`` is the numpy reference).
+the lowest-ratio channels are pruned (``tvm_lut.math.channel_energy.channel_scores`` is the numpy reference).
 
 Removal is physical, as the module is rewritten: the pruned conv is re-emitted with only the kept
 output channels (its bias and batch norm folded into the kept weights: batch norm parameters of the
@@ -29,9 +29,11 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tvm_lut import calibrate, channel_energy, graph
-from tvm_lut.build import BatchRunner, bind_params, resolve_target
 from tvm_lut.errors import OptionError
+from tvm_lut.frontend import graph
+from tvm_lut.math import channel_energy
+from tvm_lut.runtime import calibrate
+from tvm_lut.runtime.build import BatchRunner, bind_params, resolve_target
 
 log = logging.getLogger("tvm_lut")
 

@@ -1,14 +1,14 @@
 """LUTify: rewrite conv2d/dense layers of a Relax module into product-quantization table lookups,
 butterfly factor chains or low-rank pairs (``method=``, per layer through ``layers=``).
 
-Each convertible layer (see ``tvm_lut.graph``) becomes, with ``method="pq"`` (the default)::
+Each convertible layer (see ``tvm_lut.frontend.graph``) becomes, with ``method="pq"`` (the default)::
 
     im2col (conv only) -> encode (nearest centroid per subspace) -> accumulate (int8 table rows,
     int32 sums) -> astype float32 * scale (+ bias) -> reshape/permute back to the layer's layout
 
 with codebooks and tables as module constants, and its bias/batch-norm epilogue folded in. Codebooks
 are learned by k-means on the layer's real inputs, collected by running the model on calibration data
-(``tvm_lut.calibrate``); learned codebooks can be passed in instead (``codebooks=``).
+(``tvm_lut.runtime.calibrate``); learned codebooks can be passed in instead (``codebooks=``).
 
 With ``method="butterfly"`` (DeBut)::
 
@@ -24,7 +24,7 @@ Layers stay exact, with the reason recorded, when the rewrite cannot apply (grou
 shape, non-float32) or, unless ``all_layers=True``, when it would not pay: the L2/cosine encoder spends
 K*D multiplies per row against D*M for the exact layer, so a layer with M <= K gains nothing.
 
-Order: apply on the imported module, before ``tvm_lut.build`` (which legalizes the remaining ops).
+Order: apply on the imported module, before ``tvm_lut.runtime.build`` (which legalizes the remaining ops).
 The per-layer decisions are kept in the module attribute ``"tvm_lut.layers"`` (JSON) and on the pass
 object (``.layers``) for reports.
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import tvm
 
-from tvm_lut.targets import host_for, resolve_target
+from tvm_lut import targets
 
 from .planning import LUTifyOptions, Planner
 from .priority_mask import PriorityMask
@@ -62,11 +62,11 @@ class LUTify:
     layers : per-layer options by name, e.g. ``{"features.3": {"k": 8}, "fc": "exact"}``.
     all_layers : also convert layers where lookup is not expected to pay (M <= K).
     codebooks : learned centroids by layer name, each a (C, K, V) array or ``{"centroids", "distance"}``
-        (``tvm_lut.lutnn.learned_codebooks``); those layers skip k-means and table refinement (tables are
+        (``tvm_lut.train.lutnn.learned_codebooks``); those layers skip k-means and table refinement (tables are
         P.W of the model's weights, as in training) and are converted even when narrow.
     target : what the kernels are chosen and scheduled for: ``"x86"`` (default, this host), ``"arm"``
         (AArch64: NEON ``tbl`` shuffle lookups) or ``"cam"`` (each PQ layer's encode and table readout call
-        the CAM simulator, ``tvm_lut.cam``), or a TVM target; see ``tvm_lut.targets``. Calibration always
+        the CAM simulator, ``tvm_lut.targets.cam_simulator``), or a TVM target; see ``tvm_lut.targets``. Calibration always
         runs on this host.
     schedule : apply the hand schedules (``False`` leaves kernels for MetaSchedule).
     sequential : calibrate each layer on the inputs it sees once the layers before it are already
@@ -122,7 +122,8 @@ class LUTify:
         o = self.options
         fitted = dict(o.fitted)
         if o.budget is not None:
-            pm = PriorityMask(self.calibration, o.budget, labels=o.labels, seed=o.seed, target=host_for(o.target),
+            local = targets.resolve(o.target).local().tvm  # the mask measures accuracy here
+            pm = PriorityMask(self.calibration, o.budget, labels=o.labels, seed=o.seed, target=local,
                               progress=o.progress, k=o.k, v=o.v, distance=o.distance, layers=o.layers,
                               codebooks=o.codebooks, max_calibration_rows=o.max_calibration_rows)
             mod = pm(mod)
@@ -201,7 +202,7 @@ class LUTResult:
 
     def retarget(self, target, options: LUTifyOptions) -> tvm.IRModule:
         """This model with its kernels chosen and scheduled for ``target`` (records unchanged)."""
-        tgt = resolve_target(target)
+        tgt = targets.resolve_target(target)
         planner = Planner(None, dataclasses.replace(options, target=tgt))
         todo = [p if p.method != "pq" else dataclasses.replace(p, record={**p.record,
                                                                           "kernel": planner.lookup_kernel(p)})

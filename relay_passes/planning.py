@@ -16,15 +16,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tvm_lut import calibrate, distances, graph, pq
+from tvm_lut import targets
 from tvm_lut.errors import CalibrationError, OptionError
+from tvm_lut.frontend import graph
+from tvm_lut.math import distances, pq
 from tvm_lut.options import LayerOptions, coerce
+from tvm_lut.runtime import calibrate
 
 from . import methods  # noqa: F401  (registers the built-in methods)
 from . import registry
 from .methods.pq import codebook_entry
 from .registry import KeepExact
-from .rewrite import Plan, account, lookup_kernel, rewrite
+from .rewrite import Plan, account, rewrite
 
 log = logging.getLogger("tvm_lut")
 
@@ -151,8 +154,9 @@ class Planner:
     def lookup_kernel(self, p: Plan, target=None) -> str:
         """``"shuffle-<isa>"``, ``"gather"`` or ``"cam"`` for a PQ layer on ``target`` (default: the
         planner's); see ``lookup``."""
-        return lookup_kernel(self.target if target is None else target, self.options.lookup, p.pq_layer.k, p.layer.rows,
-                             p.layer.kind, p.pq_layer.distance, p.layer.name)
+        tgt = targets.resolve(self.target if target is None else target)
+        return tgt.lookup_kernel(self.options.lookup, p.pq_layer.k, p.layer.rows, p.layer.kind, p.pq_layer.distance,
+                                 p.layer.name)
 
     def _plan(self, layer: graph.Layer) -> Plan:
         opts = self.options.layers.get(layer.name, LayerOptions())

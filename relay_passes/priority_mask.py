@@ -12,7 +12,7 @@ of layers to convert:
    when labels are given, the **accuracy drop when that layer alone is converted**. Every such
    evaluation runs one build (``lutify.switchable``) holding each candidate's lookup and exact paths,
    with a run-time switch per layer: one compile for the whole analysis, not one per evaluation.
-   Its **gain** is the multiplies it removes (exact minus lookup count, ``tvm_lut.cost``); layers whose
+   Its **gain** is the multiplies it removes (exact minus lookup count, ``tvm_lut.math.cost``); layers whose
    lookup would not remove multiplies are never candidates.
 3. Layers are ranked by sensitivity per multiply removed (accuracy drop alone, clamped at zero, plus
    ``1 - similarity`` as a tie-breaker; without labels, ``1 - similarity``), least sensitive first, and a
@@ -43,9 +43,10 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 
-from tvm_lut import calibrate, graph
-from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
 from tvm_lut.errors import CalibrationError, OptionError
+from tvm_lut.frontend import graph
+from tvm_lut.runtime import calibrate
+from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target
 
 from .planning import Planner
 from .rewrite import MASK_ATTR, switchable

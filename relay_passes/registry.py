@@ -11,7 +11,7 @@ subclasses ``RewriteMethod`` and calls ``register``; nothing else changes:
   fields); ``rows`` are the layer's calibration inputs when the method says ``calibrated = True``.
   Raising ``KeepExact`` keeps the layer exact with that reason;
 * ``account(plan)``: the rewritten layer's op counts (``lut_ops``) and bytes into the record
-  (``tvm_lut.cost`` has the formulas);
+  (``tvm_lut.math.cost`` has the formulas);
 * ``emit(emitter, plan, x, as_output)``: the layer's computation from input ``x`` with the emitter's
   builder and kernel cache (``rewrite.LookupEmitter``), ending with ``emitter.epilogue``;
 * ``columns(record)``: what the report shows for the layer (a short parameter string).

@@ -19,12 +19,11 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from tir_schedules import kernels, shuffle, tuning, cpu
-from tvm_lut import butterfly as bf
-from tvm_lut import cost, distances, graph, pq
-from tvm_lut import lowrank as lr
-from tvm_lut.errors import OptionError
-from tvm_lut.targets import is_cam, resolve_target
+import tir_schedules
+from tir_schedules import kernels, tuning
+from tvm_lut import targets
+from tvm_lut.frontend import graph
+from tvm_lut.math import butterfly as bf, cost, distances, lowrank as lr, pq
 
 from . import registry
 
@@ -49,40 +48,6 @@ class Plan:
     @property
     def method(self) -> str:
         return self.record["method"]
-
-
-def lookup_kernel(target, lookup: str, k: int, rows: int, kind: str, distance: str, name: str = "") -> str:
-    """The table-readout kernel a PQ layer gets: ``"cam"``, ``"gather"`` or ``"shuffle-<isa>"``.
-
-    ``lookup`` is LUTify's option (``auto``/``shuffle``/``gather``), ``rows`` the layer's rows per call
-    (batch x output pixels), ``kind`` ``"conv2d"`` or ``"dense"``. The decision depends on the target's
-    instruction sets (``shuffle.isa_for``): tests derive their expectations from this function, so they
-    hold on every ISA level.
-    """
-    if is_cam(target):
-        return "cam"  # encode and readout on the CAM simulator (tvm_lut.cam)
-    if lookup == "gather":
-        return "gather"
-    isa = shuffle.isa_for(resolve_target(target))
-    if lookup == "shuffle":
-        if isa is None or k != 16:
-            raise OptionError(f"lookup='shuffle' for layer {name!r} needs K=16 (got K={k}) and a target "
-                              f"with byte shuffles (SSSE3/AVX2/AVX-512BW, or NEON tbl); got {target!r}")
-        return f"shuffle-{isa.name}"
-    # the shuffle kernel computes a whole row block (isa.lanes rows) per pass: too few rows waste it.
-    # A conv still gains from it with one 16-row encoder tile: the encoder reads the input in place
-    # (no im2col kernel) and the lookup streams its tables once instead of gathering table rows
-    # (measured: 512->512 3x3 on a 4x4 map, 0.161 vs 0.251 ms with hot tables, more when cold). A
-    # dense layer keeps the gather below half a block (batch 1 Linear 512->256: 0.004 vs 0.020 ms).
-    if isa is None or k != 16:
-        return "gather"
-    if rows < (min(16, isa.lanes // 2) if kind == "conv2d" else isa.lanes // 2):
-        return "gather"
-    if distances.get(distance).multiplier_free:
-        # PECAN-D stays multiplier-free end to end only on the gather path: the shuffle kernel's
-        # output addressing compiles to an imul per tile (tests/test_multiplier_free.py)
-        return "gather"
-    return f"shuffle-{isa.name}"
 
 
 @dataclass(frozen=True)
@@ -175,16 +140,17 @@ def ident(name: str) -> str:
 _KERNELS: dict[tuple, tirx.PrimFunc] = {}  # hand-scheduled kernels built in this process, by shape and target
 
 
-def _built_kernel(key: tuple, make, schedule: bool) -> tirx.PrimFunc:
+def _built_kernel(key: tuple, make, schedule) -> tirx.PrimFunc:
     """A kernel built (TVMScript parse + hand schedule: ~0.2 s each) once per process: the priority mask
     rewrites the same layers once per evaluated prefix, and each rewrite used to rebuild every kernel.
     ``key`` must determine the kernel: every value ``make`` reads (shapes, distance, the ISA level of a
-    shuffle kernel) is in the key a method gives ``LookupEmitter.kernel``."""
+    shuffle kernel) is in the key a method gives ``LookupEmitter.kernel``. ``schedule``: the target's hand
+    schedule (``tir_schedules.schedule_for``), or None to leave the kernel unscheduled."""
     func = _KERNELS.get(key)
     if func is None:
         func = make()
-        if schedule:
-            func = cpu.schedule(func)
+        if schedule is not None:
+            func = schedule(func)
         if len(_KERNELS) >= 4096:
             _KERNELS.clear()
         _KERNELS[key] = func
@@ -233,7 +199,8 @@ class LookupEmitter(PyExprMutator):
             if tuned is not None:
                 func = tuned
             else:
-                func = _built_kernel((key, name, self.schedule, str(self.target)), make, self.schedule)
+                hand = tir_schedules.schedule_for(targets.resolve(self.target)) if self.schedule else None
+                func = _built_kernel((key, name, self.schedule, str(self.target)), make, hand)
             got = (self.builder_.add_func(func, name), func)
             self.kernels[key] = got
         return got

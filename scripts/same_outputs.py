@@ -28,13 +28,16 @@ import numpy as np
 
 
 def _import(new: str, old: str):
-    """A module under its current name, or the flat name it had before the folder layout (issue 31)."""
+    """A module under its current name, or the flat name it had before the folder layout (issue 31).
+
+    Decided by the imported tree's files: an editable install's finder would otherwise find the new name
+    in another checkout."""
     import importlib
 
-    try:
-        return importlib.import_module(new)
-    except ModuleNotFoundError:
-        return importlib.import_module(old)
+    import tvm_lut
+
+    foldered = os.path.isdir(os.path.join(os.path.dirname(tvm_lut.__file__), "runtime"))
+    return importlib.import_module(new if foldered else old)
 
 
 def build_outputs() -> dict[str, np.ndarray]:

@@ -19,9 +19,9 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("tvm_lut", "relay_passes", "tir_schedules")
-SOURCES = [p for d in (*PACKAGES, "tutorials", "benchmarks") for p in sorted((ROOT / d).glob("*.py"))]
+SOURCES = [p for d in (*PACKAGES, "tutorials", "benchmarks", "scripts") for p in sorted((ROOT / d).rglob("*.py"))]
 # module names the project's own code binds our modules to (``from tvm_lut import graph``, ``bf``, ``lr``)
-OWN = {p.stem for d in PACKAGES for p in (ROOT / d).glob("*.py")} | {"bf", "lr"}
+OWN = {p.stem for d in PACKAGES for p in (ROOT / d).rglob("*.py")} | {"bf", "lr", "bl", "sn", "cam"}
 
 
 def _private_uses(path: pathlib.Path) -> list[str]:

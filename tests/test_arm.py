@@ -15,20 +15,20 @@ import torch
 import tvm
 
 import tvm_lut
-from tir_schedules import shuffle, cpu
-from tvm_lut import arm_emulator, cli, pipeline
-from tvm_lut.artifact import Model
+from tir_schedules import cpu, shuffle
+from tvm_lut import targets
+from tvm_lut.app import cli, pipeline
 from tvm_lut.errors import ArtifactError
-from tvm_lut.artifact import run_remote
-from tvm_lut.farm import Farm
-from tvm_lut.targets import arm_target, host_for, runs_on_host
+from tvm_lut.runtime.artifact import Model, run_remote
+from tvm_lut.targets import Arm, arm_emulator
+from tvm_lut.targets.farm import Farm
 
 
 def test_arm_target_uses_neon_tbl():
-    tgt = arm_target()
+    tgt = Arm.generic().tvm
     isa = shuffle.isa_for(tgt)
-    assert isa.name == "neon" and isa.lanes == 16 and not runs_on_host(tgt)
-    assert runs_on_host(host_for(tgt))  # calibration and accuracy runs stay on this host
+    assert isa.name == "neon" and isa.lanes == 16 and not targets.resolve(tgt).runs_here()
+    assert targets.resolve(tgt).local().runs_here()  # calibration and accuracy runs stay on this host
     f = cpu.schedule(shuffle.lookup(100, 9, 20, isa.lanes, 4, isa.intrinsic))
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), tgt)
     asm = lib.mod.inspect_source("asm") if hasattr(lib, "mod") else lib.inspect_source("asm")
@@ -96,8 +96,8 @@ def test_neon_shuffle_lookup_bit_exact_on_aarch64(arm_farm, tmp_path):
     holds every case (each library load under qemu costs seconds)."""
     from tvm.support import cc
 
-    from tvm_lut import pq
-    from tvm_lut.farm import request
+    from tvm_lut.math import pq
+    from tvm_lut.targets.farm import request
 
     isa = shuffle.ISAS[-1]
     cases, funcs = [], {}
@@ -107,7 +107,7 @@ def test_neon_shuffle_lookup_bit_exact_on_aarch64(arm_farm, tmp_path):
             f = cpu.schedule(shuffle.lookup(n, c, m, isa.lanes, mb, isa.intrinsic, rows_major=rows_major))
             funcs[name] = f.with_attr("global_symbol", name)
             cases.append((name, n, c, m, mb, rows_major))
-    lib = tvm.compile(tvm.IRModule(funcs), arm_target())
+    lib = tvm.compile(tvm.IRModule(funcs), Arm.generic().tvm)
     path = str(tmp_path / "kernels.so")
     lib.export_library(path, fcompile=cc.cross_compiler(arm_emulator.CROSS_CXX))
     sess = request(arm_farm.address, "arm64")
@@ -135,21 +135,20 @@ def test_tune_on_the_arm_farm(arm_farm, tmp_path):
     isa = shuffle.ISAS[-1]
     func = shuffle.lookup(256, 8, 32, isa.lanes, 4, isa.intrinsic)
     db = str(tmp_path / "db")
-    assert tuning.tune_kernel(func, arm_target(), db, trials=4, farm=tuning.RemoteDevices(arm_farm.address, "arm64")) == 4
+    assert tuning.tune_kernel(func, Arm.generic().tvm, db, trials=4, farm=tuning.RemoteDevices(arm_farm.address, "arm64")) == 4
     assert tuning.valid_records(func, db) >= 1
 
 
 def test_cross_export_needs_the_cross_compiler(tmp_path, monkeypatch, small_cnn, small_inputs):
-    from tvm_lut.build import build
     from tvm_lut.errors import TargetError
-    from tvm_lut.targets import export_library
+    from tvm_lut.runtime.build import build
 
     mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:1]))
     lut = tvm_lut.LUTify(calibration=small_inputs, target="arm", progress=False)(mod)
     ex = build(lut, "arm")
     monkeypatch.setenv("PATH", str(tmp_path))  # no aarch64-linux-gnu-g++ on PATH
     with pytest.raises(TargetError, match="cross compiler"):
-        export_library(ex, str(tmp_path / "m.so"), "arm")
+        targets.resolve("arm").export(ex, str(tmp_path / "m.so"))
     assert not (tmp_path / "m.so").exists()
 
 

@@ -1,4 +1,4 @@
-"""Latency baselines users compare against (``tvm_lut.baselines``): ONNX Runtime fp32 and int8 and PyTorch,
+"""Latency baselines users compare against (``tvm_lut.app.baselines``): ONNX Runtime fp32 and int8 and PyTorch,
 measured in the same process as the builds, and the report's headline built on them."""
 
 import sys
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.test_onnx_patterns import mnist8_pattern
-from tvm_lut import baselines
-from tvm_lut.report import latency_lines
+from tvm_lut.app import baselines
+from tvm_lut.app.report import latency_lines
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is a dependency of tvm-lut: pip install -e .")
 

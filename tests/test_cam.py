@@ -12,9 +12,10 @@ import torch
 
 import tvm_lut
 from relay_passes import LUTify
-from tvm_lut import cam, cli, pipeline
-from tvm_lut.build import BatchRunner, compile_with_params
+from tvm_lut.app import cli, pipeline
 from tvm_lut.errors import OptionError
+from tvm_lut.runtime.build import BatchRunner, compile_with_params
+from tvm_lut.targets import cam_simulator as cam
 
 
 def _run(lut_mod, target, x, batch):
@@ -92,11 +93,11 @@ def test_cam_artifact_runs_in_a_fresh_process_and_reports(tmp_path, small_cnn, s
     assert rep["cam"]["params"]["arrays"] == 8 and rep["cam"]["total"]["cam_mul"] == 0
     assert {l["layer"] for l in rep["cam"]["layers"]} == {r["name"] for r in rep["layers"] if r["method"] == "pq"}
     np.save(tmp_path / "x.npy", small_inputs[:5])
-    code = ("import numpy as np, sys; from tvm_lut.artifact import Model; "
+    code = ("import numpy as np, sys; from tvm_lut.runtime.artifact import Model; "
             f"y = Model({out!r}).run({{'x': np.load({str(tmp_path / 'x.npy')!r})}})['output']; "
             f"np.save({str(tmp_path / 'y.npy')!r}, y)")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    from tvm_lut.artifact import Model
+    from tvm_lut.runtime.artifact import Model
 
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), Model(out).run({"x": small_inputs[:5]})["output"])
     assert cli.main(["report", out]) == 0

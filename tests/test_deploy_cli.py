@@ -11,8 +11,9 @@ import torch
 import tvm
 
 import tvm_lut
-from tvm_lut import cli, relay
-from tvm_lut.artifact import Model
+from tvm_lut import relay
+from tvm_lut.app import cli
+from tvm_lut.runtime.artifact import Model
 
 
 def _onnx_model(tmp_path, model, batch=1):
@@ -72,7 +73,7 @@ def test_cli_onnx_batch1_compile_run_report(tmp_path, small_cnn, small_inputs, c
     data = tmp_path / "data.npz"
     np.savez(data, image=small_inputs[:37])
     pred = tmp_path / "pred.npz"
-    subprocess.run([sys.executable, "-m", "tvm_lut.cli", "run", out, "--input", str(data), "--output", str(pred)],
+    subprocess.run([sys.executable, "-m", "tvm_lut.app.cli", "run", out, "--input", str(data), "--output", str(pred)],
                    check=True, timeout=180)
     got = np.load(pred)["logits"]  # outputs keep the ONNX model's names
     assert got.shape == (37, 10)
@@ -273,16 +274,17 @@ def test_build_for_another_x86_cpu_is_measured_here_and_refused_where_it_cannot_
     # the CLI in a fresh process: exit status 2 and the reason (without the check the process dies of SIGILL)
     np.savez(tmp_path / "data.npz", image=small_inputs[:8])
     pred = tmp_path / "pred.npz"
-    run = subprocess.run([sys.executable, "-c", "import sys; from tvm_lut.cli import main; sys.exit(main(sys.argv[1:]))",
+    run = subprocess.run([sys.executable, "-c", "import sys; from tvm_lut.app.cli import main; sys.exit(main(sys.argv[1:]))",
                           "run", out, "--input", str(tmp_path / "data.npz"), "--output", str(pred)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "illegal instruction" in run.stderr and not pred.exists(), run.stderr[-2000:]
 
 
 def test_host_build_lists_its_instruction_sets_and_unknown_cpus_are_refused(tmp_path, small_cnn, small_inputs, capsys):
-    from tvm_lut.targets import instruction_sets, missing_instruction_sets, resolve_target, runs_on_host
+    from tvm_lut import targets
+    from tvm_lut.targets import instruction_sets, missing_instruction_sets, resolve_target
 
-    assert runs_on_host("x86") and not missing_instruction_sets(instruction_sets("x86"))
+    assert targets.resolve("x86").runs_here() and not missing_instruction_sets(instruction_sets("x86"))
     assert "avx512vbmi" in instruction_sets("x86:znver4") and "avx512f" not in instruction_sets("x86:x86-64-v3")
     assert str(resolve_target("x86:x86-64-v3").attrs["mcpu"]) == "x86-64-v3"
     with pytest.raises(tvm_lut.errors.TargetError, match="unknown x86 CPU 'znver99'"):

@@ -1,4 +1,4 @@
-"""An encoder distance is one object (``tvm_lut.distances``): its numpy reference, cost formula, TIR score
+"""An encoder distance is one object (``tvm_lut.math.distances``): its numpy reference, cost formula, TIR score
 step, torch training op and CAM cost agree with each other, and nothing else in the package decides by a
 distance's name."""
 
@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tvm_lut import cam, cli, cost, distances, pq
+from tvm_lut.app import cli
 from tvm_lut.errors import OptionError
+from tvm_lut.math import cost, distances, pq
+from tvm_lut.targets import cam_simulator as cam
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

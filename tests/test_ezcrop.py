@@ -9,9 +9,11 @@ import torch
 
 import tvm_lut
 from relay_passes import EZCrop, LUTify
-from tvm_lut import channel_energy, graph, models
-from tvm_lut.build import BatchRunner, compile_with_params
 from tvm_lut.errors import OptionError
+from tvm_lut.frontend import graph
+from tvm_lut.math import channel_energy
+from tvm_lut.runtime.build import BatchRunner, compile_with_params
+from tvm_lut.train import models
 
 from .conftest import randomize_bn
 

@@ -7,10 +7,10 @@ import time
 import pytest
 
 from tir_schedules import shuffle, tuning
-from tvm_lut import cli
+from tvm_lut.app import cli
 from tvm_lut.errors import OptionError
-from tvm_lut.farm import Farm, check_bind_host, parse_address
 from tvm_lut.targets import host_target
+from tvm_lut.targets.farm import Farm, check_bind_host, parse_address
 
 TARGET = host_target()
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import tvm_lut
-from tvm_lut import calibrate, graph
+from tvm_lut.frontend import graph
+from tvm_lut.runtime import calibrate
 
 
 def _hook_inputs(model, x):
@@ -33,7 +34,7 @@ def test_torch_names_and_layers(small_cnn, small_inputs):
     x = small_inputs[:2]
     with torch.no_grad():
         ref = small_cnn.features[1](small_cnn.features[0](torch.from_numpy(x))).numpy()
-    cols = tvm_lut.pq.im2col(x, (3, 3), (1, 1), (1, 1, 1, 1))
+    cols = tvm_lut.math.pq.im2col(x, (3, 3), (1, 1), (1, 1, 1, 1))
     y = (cols @ l0.weight + l0.bias).reshape(2, 8, 8, 24).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-4)
     assert layers["fc1"].kind == "dense" and layers["fc1"].weight.shape == (512, 40)
@@ -125,8 +126,8 @@ def test_normalize_inputs_rejects_bad_calibration(data, match):
 def test_checked_inputs_are_checked_once():
     """``normalize_inputs`` checks names, shapes and NaN/Inf once: what it returns, given back with the same
     signature, is returned as it is; a plain dict (or another signature) is checked again."""
-    from tvm_lut.calibrate import CheckedInputs, normalize_inputs
     from tvm_lut.errors import CalibrationError
+    from tvm_lut.runtime.calibrate import CheckedInputs, normalize_inputs
 
     sig = [("x", (1, 3), "float32")]
     x = np.ones((5, 3), np.float32)

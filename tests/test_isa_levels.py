@@ -5,7 +5,7 @@ with or without VBMI). A test that hard-codes one machine's decision passes ther
 each level is forced through the target (``x86:CPU``, an LLVM CPU name that has exactly that level's byte
 shuffle), so one machine exercises what every other would pick:
 
-* the kernel LUTify chooses for each layer is the one ``rewrite.lookup_kernel`` decides for that target, and
+* the kernel LUTify chooses for each layer is the one ``Target.lookup_kernel`` decides for that target, and
   the widest shuffle of the level is taken where the layer has the rows for it;
 * where this CPU runs the level's code, the compiled model gives the emulator's outputs bit for bit (the
   emulator rounds as the level's code does: once per fused multiply-add, twice where the CPU has no FMA);
@@ -21,10 +21,10 @@ import tvm
 from torch import nn
 
 import tvm_lut
-from relay_passes.rewrite import lookup_kernel
 from tir_schedules import shuffle
 from tir_schedules.kernels import KERNEL_ATTR
-from tvm_lut.targets import resolve_target, runs_on_host
+from tvm_lut import targets
+from tvm_lut.targets import resolve_target
 
 # level (ShuffleISA name) -> an LLVM CPU whose widest byte shuffle is that level's, and the instruction
 # and register class its lookup kernel must compile to
@@ -73,7 +73,7 @@ def test_each_isa_level_takes_its_kernel_and_matches_the_emulator(level):
     rows = {"0": BATCH * 64, "3": BATCH}
     kinds = {r["name"]: r["kernel"] for r in p.layers}
     for r in p.layers:  # the pass takes the decision the public rule makes for this target
-        assert r["kernel"] == lookup_kernel(tgt, "auto", r["k"], rows[r["name"]], r["kind"], r["distance"]), r
+        assert r["kernel"] == targets.resolve(tgt).lookup_kernel("auto", r["k"], rows[r["name"]], r["kind"], r["distance"]), r
     assert kinds["0"] == f"shuffle-{level}"  # the conv has the rows for this level's widest shuffle
     lanes = shuffle.isa_for(tgt).lanes
     assert kinds["3"] == ("gather" if BATCH < lanes // 2 else f"shuffle-{level}")
@@ -84,11 +84,11 @@ def test_each_isa_level_takes_its_kernel_and_matches_the_emulator(level):
         hits = [ln for ln in text.splitlines() if ln.strip().startswith(instr + "\t") or ln.strip().startswith(instr + " ")]
         assert hits and all(f"%{reg}" in ln for ln in hits), (level, hits[:3])
 
-    if not runs_on_host(name):
+    if not targets.resolve(name).runs_here():
         return  # this CPU lacks the level's instructions: compiled and inspected above, not run
     vm = tvm.relax.VirtualMachine(tvm_lut.build(lut, target=name), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x[:BATCH])).numpy()
-    from tvm_lut import pq
+    from tvm_lut.math import pq
 
     fused = tvm.target.codegen.target_has_features("fma", tgt)  # x86-64-v2 has no FMA: two roundings
     conv = p.pq_layers["0"].emulate(pq.im2col(x[:BATCH], (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), fused)

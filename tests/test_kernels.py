@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tvm
 
-from tir_schedules import kernels, cpu
-from tvm_lut import pq
+from tir_schedules import cpu, kernels
+from tvm_lut.math import pq
 from tvm_lut.targets import host_target
 
 TARGET = host_target()
@@ -517,7 +517,7 @@ _TWO_THREADS = """
 import numpy as np, tvm
 from tir_schedules import kernels
 from tvm_lut.targets import host_target
-from tvm_lut import pq
+from tvm_lut.math import pq
 assert tvm.get_global_func("runtime.NumThreads")() == 2
 n, c, v, lanes = 4096, 64, 4, 16
 rng = np.random.default_rng(11)

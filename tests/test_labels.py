@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tvm_lut import cli
-from tvm_lut.calibrate import check_labels
+from tvm_lut.app import cli
 from tvm_lut.errors import CalibrationError
+from tvm_lut.runtime.calibrate import check_labels
 
 BAD = {  # labels for 64 samples of a 10-class model -> what the error must say
     "negative": (np.r_[np.full(63, 3), -1], "'labels' -1 (1 of 64 entries) are outside [0, 10): the model has 10 outputs"),

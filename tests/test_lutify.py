@@ -10,7 +10,8 @@ from torch import nn
 
 import relay_passes
 import tvm_lut
-from tvm_lut import pq, relay
+from tvm_lut import relay
+from tvm_lut.math import pq
 
 
 def _run(mod, x):
@@ -72,9 +73,9 @@ def test_dense_layer_on_an_avx2_cpu_matches_emulator_bit_exact():
     """For any AVX2 CPU (``x86:x86-64-v3``) a dense layer takes the 32-lane ``pshufb`` lookup and the
     codebook-lane encoder writing codes two per byte: an odd C (the last byte's high nibble is padding) and
     40 rows (a partial row block) still give the emulator's outputs bit for bit."""
-    from tvm_lut.targets import runs_on_host
+    from tvm_lut import targets
 
-    if not runs_on_host("x86:x86-64-v3"):
+    if not targets.resolve("x86:x86-64-v3").runs_here():
         pytest.skip("this CPU has no AVX2")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(36, 48)).eval()

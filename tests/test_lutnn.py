@@ -12,9 +12,10 @@ from torch import nn
 
 import tvm_lut
 from relay_passes import LUTify
-from tvm_lut import distances, lutnn, pq
-from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
 from tvm_lut.errors import OptionError
+from tvm_lut.math import distances, pq
+from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target
+from tvm_lut.train import lutnn
 
 
 class TinyNet(nn.Module):

@@ -16,7 +16,8 @@ from tvm import relax
 import tvm_lut
 from relay_passes import LUTify, registry
 from relay_passes.registry import KeepExact, RewriteMethod
-from tvm_lut import cli, cost
+from tvm_lut.app import cli
+from tvm_lut.math import cost
 
 
 class HalfWeights(RewriteMethod):

@@ -13,8 +13,9 @@ import torch
 
 import tvm_lut
 from relay_passes import LUTify
-from tvm_lut import datasets, lutnn, models, pipeline
-from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
+from tvm_lut.app import pipeline
+from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target
+from tvm_lut.train import datasets, lutnn, models
 
 from .conftest import mnist_dir
 

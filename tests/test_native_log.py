@@ -8,9 +8,8 @@ import torch
 import tvm
 
 import tvm_lut
-
-from tvm_lut import cli
-from tvm_lut.native_log import drop_scope_listings, quiet_native
+from tvm_lut.app import cli
+from tvm_lut.frontend.native_log import drop_scope_listings, quiet_native
 
 LISTING = ("[21:25:44] /project/src/runtime/vm/executable.cc:276: Warning: Scope Saving:\n"
            "  global\n\n")

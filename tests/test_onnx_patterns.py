@@ -18,13 +18,11 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto
-from onnx import helper as h
-from onnx import numpy_helper as nh
+from onnx import TensorProto, helper as h, numpy_helper as nh
 from onnx.reference import ReferenceEvaluator
 
 import tvm_lut
-from tvm_lut import cli
+from tvm_lut.app import cli
 
 RNG = np.random.default_rng(0)
 
@@ -152,7 +150,7 @@ def test_a_reshape_computed_from_the_input_shape_imports_and_compiles(tmp_path, 
     mod = tvm_lut.from_onnx(model, batch=2)
     noise = capfd.readouterr()
     assert "BlockBuilder destroyed" not in noise.err and "Error converting" not in noise.out  # the first try is quiet
-    assert sorted(lay.name for lay in tvm_lut.graph.find_layers(mod)) == ["conv", "fc"]  # source names kept
+    assert sorted(lay.name for lay in tvm_lut.frontend.graph.find_layers(mod)) == ["conv", "fc"]  # source names kept
     vm = tvm.relax.VirtualMachine(tvm_lut.build(mod), tvm.cpu())
     np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(x)).numpy(), ref, rtol=1e-4, atol=1e-5)
     path = tmp_path / "model.onnx"

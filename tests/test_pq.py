@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tvm_lut import distances, pq
+from tvm_lut.math import distances, pq
 
 
 @pytest.fixture

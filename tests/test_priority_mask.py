@@ -12,8 +12,9 @@ import torch
 
 import tvm_lut
 from relay_passes import Budget, LUTify, PriorityMask
-from tvm_lut import models, pipeline
+from tvm_lut.app import pipeline
 from tvm_lut.errors import CalibrationError, OptionError
+from tvm_lut.train import models
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_cli_budget(lenet, tmp_path):
     torch.export.save(torch.export.export(model, (torch.from_numpy(calib["x"][:1]),)), path)
     np.savez(tmp_path / "cal.npz", x=calib["x"][:400], labels=calib["labels"][:400])
     np.savez(tmp_path / "nolab.npz", x=calib["x"][:400])
-    cmd = [sys.executable, "-m", "tvm_lut.cli", "compile", path, "-q", "--no-latency", "--distance", "l1"]
+    cmd = [sys.executable, "-m", "tvm_lut.app.cli", "compile", path, "-q", "--no-latency", "--distance", "l1"]
     res = subprocess.run(cmd + ["--calib", str(tmp_path / "cal.npz"), "-o", str(tmp_path / "out"),
                                 "--budget", "max-drop=100"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -127,8 +128,8 @@ def test_switchable_build_is_the_rewritten_model_bit_for_bit(lenet):
     import tvm
 
     from relay_passes.rewrite import rewrite, switchable
-    from tvm_lut.build import BatchRunner, compile_with_params
-    from tvm_lut.graph import input_signature
+    from tvm_lut.frontend.graph import input_signature
+    from tvm_lut.runtime.build import BatchRunner, compile_with_params
 
     mod, calib, d = lenet
     fitter = LUTify(calibration={"x": calib["x"][:300]}, all_layers=True, progress=False)

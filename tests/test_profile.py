@@ -1,4 +1,4 @@
-"""Per-layer latency (``tvm_lut.profile``): rewritten layers timed from the model's own build."""
+"""Per-layer latency (``tvm_lut.app.profile``): rewritten layers timed from the model's own build."""
 
 import dataclasses
 
@@ -9,9 +9,10 @@ import tvm
 from torch import nn
 
 import tvm_lut
-from tvm_lut import pq, profile
-from relay_passes.rewrite import lookup_kernel
 from relay_passes.rewrite import LayerInput
+from tvm_lut import targets
+from tvm_lut.app import profile
+from tvm_lut.math import pq
 
 
 def _lutify(model, x, example):
@@ -39,8 +40,8 @@ def test_layer_kernels_from_the_model_build_reproduce_the_layer(kind):
     # which readout the layer gets depends on the host's ISA (24 dense rows: gather on 64-lane VBMI,
     # shuffle on AVX2): expect what the pass's own rule decides for this target
     rec = p.layers[0]
-    kernel = lookup_kernel(p.target, "auto", rec["k"], len(example) * (64 if kind == "conv" else 1), rec["kind"],
-                           rec["distance"])
+    kernel = targets.resolve(p.target).lookup_kernel("auto", rec["k"], len(example) * (64 if kind == "conv" else 1),
+                                                     rec["kind"], rec["distance"])
     assert rec["kernel"] == kernel
     want = ["lut_encode_0", "lut_lookup_0"] if kernel.startswith("shuffle") else \
         ["lut_encode_0", "lut_accumulate_0", "lut_dequantize_0"]

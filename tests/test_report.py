@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 import tvm_lut
-from tvm_lut import pipeline, relay
-from tvm_lut.report import format_report
+from tvm_lut import relay
+from tvm_lut.app import pipeline
+from tvm_lut.app.report import format_report
 
 
 class Tiny(nn.Module):

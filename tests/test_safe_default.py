@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tvm_lut import cli
-from tvm_lut.pipeline import default_budget
+from tvm_lut.app import cli
+from tvm_lut.app.pipeline import default_budget
 
 
 def test_default_budget_policy():

@@ -74,7 +74,7 @@ def test_kernel_chain_reproduces_the_deployed_layer_and_rejects_a_wrong_one(tmp_
     they compute what the VM computes (here a tampered table must be caught)."""
     torch = pytest.importorskip("torch")
     import tvm_lut
-    from tvm_lut.build import compile_with_params
+    from tvm_lut.runtime.build import compile_with_params
 
     x = np.random.default_rng(0).standard_normal((40, 32)).astype(np.float32)
     mod = tvm_lut.from_torch(torch.nn.Linear(32, 24).eval(), torch.from_numpy(x))

@@ -9,16 +9,14 @@ import torch
 
 import tvm_lut
 from relay_passes import LUTify
-from tir_schedules import kernels, cpu
-from tvm_lut import butterfly as bf
-from tvm_lut import lowrank as lr
-from tvm_lut import structured_nn as sn
-from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
+from tir_schedules import cpu, kernels
 from tvm_lut.errors import OptionError
+from tvm_lut.math import butterfly as bf, lowrank as lr
 from tvm_lut.options import coerce, parse_cli
+from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target
+from tvm_lut.train import structured_nn as sn
 
 from .test_kernels import _run
-
 
 # ----------------------------------------------------------------------------------------------
 # chain generator
@@ -207,7 +205,7 @@ def test_trained_factors_that_do_not_fit_the_layer_are_refused(small_cnn, small_
 
 
 def test_cli_method_and_report_show_params_and_measured_latency(tmp_path, small_cnn, small_inputs, capsys):
-    from tvm_lut import cli
+    from tvm_lut.app import cli
 
     from .test_deploy_cli import _calib, _onnx_model
 

@@ -14,7 +14,8 @@ import torch
 import tvm
 
 from tir_schedules import kernels, shuffle, tuning
-from tvm_lut import cli, pq
+from tvm_lut.app import cli
+from tvm_lut.math import pq
 from tvm_lut.targets import host_target
 
 TARGET = host_target()

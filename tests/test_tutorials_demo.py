@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from tvm_lut import cli
+from tvm_lut.app import cli
 
 TUTORIALS = os.path.join(os.path.dirname(__file__), "..", "tutorials")
 

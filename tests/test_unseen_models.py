@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tvm_lut import cli
+from tvm_lut.app import cli
 
 
 class _InvRes(nn.Module):
@@ -120,7 +120,7 @@ def test_a_slice_with_computed_bounds_builds(tmp_path, capsys):
 def test_a_model_tvm_cannot_build_gets_a_clear_error(tmp_path, capsys, monkeypatch):
     """Whatever TVM fails to build (an internal check deep in its lowering) becomes an error that says so,
     with the exit status of bad input, and nothing is written."""
-    from tvm_lut import pipeline
+    from tvm_lut.app import pipeline
 
     def fails(*_a, **_k):
         raise RuntimeError("InternalError: Check failed: (data_ty->shape.has_value()) is false")

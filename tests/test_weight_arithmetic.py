@@ -13,7 +13,7 @@ import torch
 import tvm
 
 import tvm_lut
-from tvm_lut import graph
+from tvm_lut.frontend import graph
 
 
 class _Net(torch.nn.Module):

@@ -1,6 +1,6 @@
 """TIR PrimFuncs of the PQ lookup layer, shape-specialised and unscheduled.
 
-Each kernel mirrors a numpy function in ``tvm_lut.pq`` (the reference the tests hold it against):
+Each kernel mirrors a numpy function in ``tvm_lut.math.pq`` (the reference the tests hold it against):
 
 ===========================  ============================  =============================================
 kernel                       computes                      numpy reference
@@ -26,7 +26,7 @@ import tvm
 from tvm import te, tirx
 from tvm.script import tirx as T
 
-from tvm_lut import distances
+from tvm_lut.math import distances
 
 KERNEL_ATTR = "tvm_lut.kernel"
 ROW_LANES_ATTR = "tvm_lut.max_row_lanes"  # an encoder's cap on rows per vector (``cpu.schedule_encode``)
@@ -863,7 +863,7 @@ def butterfly_factor(n: int, nb: int, r: int, s: int, t: int) -> tirx.PrimFunc:
 
         y[n, b*r*t + i*t + d] = sum_j w[b, j, i, d] * x[n, b*s*t + j*t + d]
 
-    Reference: ``tvm_lut.butterfly.apply_factor``.
+    Reference: ``tvm_lut.math.butterfly.apply_factor``.
     """
     p, q = nb * r * t, nb * s * t
 

@@ -25,7 +25,7 @@ Output is ``y[M, N]`` (outputs-major: for a convolution at batch 1 that is alrea
 ``y[B, M, N/B]``, see ``lookup``'s ``images``) or, with ``rows_major``,
 ``y[N, M]`` (a dense layer's layout, stored from a small per-tile buffer).
 
-Numpy reference: ``tvm_lut.pq.pack_codes`` (the code layout) and ``tvm_lut.pq.accumulate`` (the sums).
+Numpy reference: ``tvm_lut.math.pq.pack_codes`` (the code layout) and ``tvm_lut.math.pq.accumulate`` (the sums).
 
 **Grouped variant (AVX-512 VBMI + VNNI, ``ShuffleISA.grouped``).** ``vpermb`` looks a byte up in a whole
 64-byte register, i.e. in the tables of four codebooks at once (index ``16j + code`` for codebook ``j`` of
@@ -41,76 +41,34 @@ Two instructions per 64 lookups and no bias, widening or flush: on the machine t
 ports (measured: 2 per cycle together), so the nibble kernel spends three of those slots per 64 lookups;
 the grouped kernel one. Tables are plain int8 ``(M_pad, groups, 64)`` (``pack_tables(grouped=True)``),
 the same bytes as the nibble layout. Rows per block are 16, 32 or 64 (``block_rows``), a multiple of 16.
-Reference layout: ``tvm_lut.pq.pack_codes_grouped``.
+Reference layout: ``tvm_lut.math.pq.pack_codes_grouped``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .kernels import UNPCKHPD, UNPCKHPS, UNPCKLPD, UNPCKLPS, opaque_kernel, in_lane
+from tvm_lut.targets.isa import (  # noqa: F401  (the targets' ISA facts these kernels are built for)
+    DOT_INTRINSIC,
+    ISAS,
+    PERMUTE_INTRINSIC,
+    ShuffleISA,
+    isa_for,
+)
+
+from .kernels import UNPCKHPD, UNPCKHPS, UNPCKLPD, UNPCKLPS, in_lane, opaque_kernel
 
 DEFAULT_TILE = 4  # outputs per register tile of the hand schedule (measured best of 2/4/8/16 at C=32)
 DEFAULT_TILE_ROWS_MAJOR = 8  # nibble kernel, rows-major: mb floats per row store; wider tiles store less often
 # (where the ISA has 32 vector registers: 8 outputs take 16 accumulators; with 16 registers (AVX2, SSSE3) they
 # spill, and ``tile_for`` keeps DEFAULT_TILE)
 CODEBOOK_BLOCK = 256  # codebooks summed in uint16 before the int32 flush: 255 * 256 < 65536
-
-
-@dataclass(frozen=True)
-class ShuffleISA:
-    """A byte-shuffle instruction: how many rows one lookup covers and the LLVM intrinsic."""
-
-    name: str
-    lanes: int
-    intrinsic: str
-    features: tuple[str, ...] = ()  # LLVM features the target needs (default: ``name``)
-    grouped: bool = False  # codes one per byte, 4 codebooks per lookup (``vpermb`` + ``vpdpbusd``)
-    registers: int = 32  # vector registers (x86-64 without AVX-512: 16)
-
-
-PERMUTE_INTRINSIC = "llvm.x86.avx512.permvar.qi.512"  # vpermb: 64-byte table, 6-bit byte indices
-DOT_INTRINSIC = "llvm.x86.avx512.vpdpbusd.512"  # vpdpbusd: int32 += 4 adjacent u8 x s8 products
 GROUP = 4  # codebooks per 64-byte grouped table (4 x K=16 entries)
-
-ISAS = (
-    ShuffleISA("avx512vbmi", 64, PERMUTE_INTRINSIC, ("avx512vbmi", "avx512vnni"), grouped=True),
-    ShuffleISA("avx512bw", 64, "llvm.x86.avx512.pshuf.b.512"),
-    ShuffleISA("avx2", 32, "llvm.x86.avx2.pshuf.b", registers=16),
-    ShuffleISA("ssse3", 16, "llvm.x86.ssse3.pshuf.b.128", registers=16),
-    # AArch64 ``tbl`` (one-register table): an index >= 16 reads 0 where pshufb tests bit 7; our
-    # indices are nibbles (0..15), so both compute the same lookup
-    ShuffleISA("neon", 16, "llvm.aarch64.neon.tbl1.v16i8"),
-)
-
-
-def isa_for(target: tvm.target.Target, grouped: bool = True) -> ShuffleISA | None:
-    """The widest byte shuffle ``target`` has, or None (then the gather accumulate is used).
-
-    ``grouped=False`` skips the grouped (``vpermb``) kernel: the widest nibble-code ``pshufb`` the target has,
-    e.g. to build ``lookup``'s default kernel for it (a 64-lane one needs AVX-512BW; LLVM aborts the process,
-    with no Python error, when asked to select an intrinsic the target lacks)."""
-    if str(target.kind.name) != "llvm":
-        return None
-    if str(target.attrs.get("mtriple", "")).startswith("aarch64"):
-        return ISAS[-1]  # NEON is mandatory on AArch64
-    from tvm.target import codegen
-
-    for isa in ISAS[:-1]:
-        if isa.grouped and not grouped:
-            continue
-        try:
-            if all(codegen.target_has_features(f, target) for f in (isa.features or (isa.name,))):
-                return isa
-        except Exception:  # a target LLVM cannot describe (e.g. another architecture)
-            return None
-    return None
 
 
 def tile_for(isa: ShuffleISA, rows_major: bool) -> int:

@@ -19,7 +19,7 @@ tuned kernel side by side and keeps both times in the database directory (``HAND
 kernel's structure and target); ``apply_database`` deploys a tuned kernel only where it measured faster.
 
 Measurements run locally, or on a device farm (``RemoteDevices``: the servers registered under one key with a
-TVM RPC tracker, ``tvm_lut.farm``) through MetaSchedule's ``RPCRunner``, one worker per server: when a
+TVM RPC tracker, ``tvm_lut.targets.farm``) through MetaSchedule's ``RPCRunner``, one worker per server: when a
 server dies mid-run its trial fails, the others go on, and every completed record is already in the
 database. For an aarch64 farm the candidates are cross-compiled here and uploaded as shared libraries. Two TVM 0.27 pitfalls are handled here (cookbook §4a): builder workers would import every
 target's tensor intrinsics (~44 s each, so every build timed out): they are stubbed in the workers;
@@ -122,20 +122,6 @@ def rpc_alloc_argument(session, device, args_info, alloc_repeat: int):
     return alloc_argument(device, args_info, alloc_repeat)
 
 
-def export_aarch64(mod) -> str:
-    """Builder export for an aarch64 farm: a shared library from the cross compiler (the default .tar
-    would be linked by the remote, which has no compiler)."""
-    import tempfile
-
-    from tvm.support import cc
-
-    from tvm_lut.arm_emulator import CROSS_CXX
-
-    path = os.path.join(tempfile.mkdtemp(prefix="tvm_lut_ms_"), "candidate.so")
-    mod.export_library(path, fcompile=cc.cross_compiler(CROSS_CXX))
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
 # Design spaces
 # ----------------------------------------------------------------------------------------------
@@ -216,12 +202,12 @@ def measure_us(func: tirx.PrimFunc, target, number: int = 20, farm: RemoteDevice
         return min(t(*args).results) * 1e6
     import tempfile
 
-    from tvm_lut.farm import request
-    from tvm_lut.targets import export_library
+    from tvm_lut import targets
+    from tvm_lut.targets.farm import request
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.so")
-        export_library(lib, path, target)
+        targets.resolve(target).export(lib, path)
         sess = request(farm.address, farm.key, farm.session_timeout_s)
         sess.upload(path, "tvm_lut_hand_kernel.so")
         rlib = sess.load_module("tvm_lut_hand_kernel.so")
@@ -301,9 +287,9 @@ def tune_kernel(func: tirx.PrimFunc, target, db_dir: str, trials: int, seed: int
         runner = ms.runner.RPCRunner(rpc_config=farm.rpc_config(), evaluator_config=evaluator,
                                      f_create_session=rpc_create_session, f_alloc_argument=rpc_alloc_argument,
                                      max_workers=servers, initializer=stub_tensor_intrins)
-    from tvm_lut.targets import is_arm
+    from tvm_lut import targets
 
-    export = export_aarch64 if is_arm(target) else None
+    export = targets.resolve(target).candidate_export
     strategy = ms.search_strategy.EvolutionarySearch(population_size=64, init_min_unmeasured=8, genetic_num_iters=1)
     space = ms.space_generator.ScheduleFn(SPACES[role], sch_rules=[], postprocs=[], mutator_probs={})
     with _task_logger(db_dir) as logger:
@@ -355,7 +341,7 @@ def tune_module_kernels(mod: tvm.IRModule, target, db_dir: str, trials: int, pro
     Shuffle lookups are tuned once per register tile in ``SHUFFLE_TILES``, ``trials`` each. Returns one
     result per kernel: hand-schedule time vs the best tuned time, both measured here in one process.
     """
-    from . import shuffle, cpu
+    from . import cpu, shuffle
 
     out = []
     funcs = [(gv.name_hint, f) for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc) and tunable(f)]

@@ -17,7 +17,8 @@ import tvm
 from tvm import relax
 
 import tvm_lut
-from tvm_lut import models, relay
+from tvm_lut import relay
+from tvm_lut.train import models
 
 
 def main(tiny: bool = False, out: str = "tutorial1_out") -> tuple[float, float]:

@@ -23,12 +23,12 @@ import sys
 import numpy as np
 import torch
 
-from tvm_lut import models
+from tvm_lut.train import models
 
 
 def sh(*args: str) -> str:
     print("$ tvm-lut " + " ".join(args))
-    res = subprocess.run([sys.executable, "-m", "tvm_lut.cli", *args], check=True, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "tvm_lut.app.cli", *args], check=True, capture_output=True, text=True)
     print(res.stdout)
     return res.stdout
 

@@ -20,8 +20,8 @@ import torch
 
 import tvm_lut
 from relay_passes import LUTify
-from tvm_lut import lutnn, models
-from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
+from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target
+from tvm_lut.train import lutnn, models
 
 
 def accuracy_of(mod, x, y, batch) -> float:

@@ -19,9 +19,9 @@ import torch
 
 import tvm_lut
 from relay_passes import EZCrop, LUTify
-from tvm_lut import models, pipeline, profile
-from tvm_lut import structured_nn as sn
-from tvm_lut.build import BatchRunner, compile_with_params, resolve_target
+from tvm_lut.app import pipeline, profile
+from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target
+from tvm_lut.train import models, structured_nn as sn
 
 KEEP = ["features.0", "classifier.4"]  # first conv (1 input channel) and the 10-way classifier stay exact
 

@@ -4,7 +4,7 @@ Run:  python tutorials/05_targets_arm_farm_cam.py            (about 1 min; the A
       python tutorials/05_targets_arm_farm_cam.py --tiny
 
 1. ``--target x86`` and ``--target cam`` with the multiplier-free L1 distance (PECAN-D): the CAM build runs
-   each PQ layer's nearest-centroid search and table readout in the simulator (``tvm_lut.cam``), and its
+   each PQ layer's nearest-centroid search and table readout in the simulator (``tvm_lut.targets.cam_simulator``), and its
    predictions are the x86 build's, bit for bit. ``tvm-lut report`` shows what the CAM did per layer.
 2. ``--target arm``: cross-compiled for aarch64 (NEON ``tbl`` lookups). If ``tvm-lut farm setup-arm`` has
    been run (as root, once), a farm with one emulated arm64 server runs it and we compare with x86.
@@ -27,13 +27,14 @@ import sys
 import numpy as np
 import torch
 
-from tvm_lut import arm_emulator, models
-from tvm_lut.artifact import Model
+from tvm_lut.runtime.artifact import Model
+from tvm_lut.targets import arm_emulator
+from tvm_lut.train import models
 
 
 def sh(*args: str) -> str:
     print("$ tvm-lut " + " ".join(args))
-    res = subprocess.run([sys.executable, "-m", "tvm_lut.cli", *args], check=True, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "tvm_lut.app.cli", *args], check=True, capture_output=True, text=True)
     print(res.stdout)
     return res.stdout
 
@@ -69,8 +70,8 @@ def main(tiny: bool = False, out: str = "tutorial5_out") -> dict:
     if reason:
         print(f"skipping the aarch64 run: {reason}")
         return {"cam_identical": same, "arm_identical": None}
-    from tvm_lut.artifact import run_remote
-    from tvm_lut.farm import Farm
+    from tvm_lut.runtime.artifact import run_remote
+    from tvm_lut.targets.farm import Farm
 
     os.environ.setdefault("TVM_LUT_FARM_DIR", os.path.join(out, "farm"))
     farm = Farm().start(x86=0, arm=1)

@@ -18,9 +18,9 @@ Typical use::
 
 __version__ = "0.1.0"
 
-from .build import build  # noqa: E402
-from .errors import ArtifactError, CalibrationError, LUTError, ModelError, OptionError, TargetError  # noqa: E402
-from .frontend import from_exported_program, from_onnx, from_torch, load_model  # noqa: E402
+from tvm_lut.runtime.build import build  # noqa: E402
+from tvm_lut.errors import ArtifactError, CalibrationError, LUTError, ModelError, OptionError, TargetError  # noqa: E402
+from tvm_lut.frontend.importer import from_exported_program, from_onnx, from_torch, load_model  # noqa: E402
 
 
 

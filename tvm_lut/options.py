@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import OptionError
-from .pq import DISTANCES
+from tvm_lut.errors import OptionError
+from tvm_lut.math.pq import DISTANCES
 
 BUILT_IN_METHODS = ("pq", "butterfly", "lowrank", "exact")  # the planner checks names against the registry
 FIELDS = ("method", "k", "v", "distance", "budget", "rank", "form")

@@ -11,9 +11,9 @@ import numpy as np
 from tvm import relax
 
 from tir_schedules import kernels
-from tvm_lut import butterfly as bf
-from tvm_lut import cost, graph
 from tvm_lut.errors import OptionError
+from tvm_lut.frontend import graph
+from tvm_lut.math import butterfly as bf, cost
 
 from ..registry import KeepExact, RewriteMethod, register
 from ..rewrite import LookupEmitter, Plan, ident

@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax
 
-from tvm_lut import cost
-from tvm_lut import lowrank as lr
 from tvm_lut.errors import OptionError
+from tvm_lut.math import cost, lowrank as lr
 
 from ..registry import KeepExact, RewriteMethod, register
 from ..rewrite import LookupEmitter, Plan

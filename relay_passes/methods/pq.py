@@ -2,7 +2,7 @@
 
 Fit: codebooks by k-means on the layer's calibration inputs (or learned ones, ``codebooks=``, or a fit
 already made, ``fitted=``), int8 tables ``P . W``; then the table-readout kernel the target gets
-(``rewrite.lookup_kernel``). Emit::
+(``tvm_lut.targets.Target.lookup_kernel``). Emit::
 
     im2col (conv) -> encode (nearest centroid per subspace) -> accumulate (int8 table rows, int32 sums)
     -> dequantise (+ bias) -> the layer's layout
@@ -18,8 +18,9 @@ import tvm
 from tvm import relax
 
 from tir_schedules import kernels, shuffle
-from tvm_lut import cost, distances, graph, pq
 from tvm_lut.errors import CalibrationError, OptionError
+from tvm_lut.frontend import graph
+from tvm_lut.math import cost, distances, pq
 
 from ..registry import RewriteMethod, register
 from ..rewrite import LookupEmitter, Plan, ident
@@ -72,7 +73,7 @@ register(PQMethod())
 
 def codebook_entry(name: str, entry, default_distance: str) -> tuple[np.ndarray, str]:
     """A ``codebooks=`` value: a (C, K, V) array, or ``{"centroids": array, "distance": str}`` as returned
-    by ``tvm_lut.lutnn.learned_codebooks`` -> (centroids, distance)."""
+    by ``tvm_lut.train.lutnn.learned_codebooks`` -> (centroids, distance)."""
     distance = default_distance
     if isinstance(entry, dict):
         if "centroids" not in entry:
@@ -124,9 +125,9 @@ def _emit_gather(em: LookupEmitter, plan: Plan, x, as_output: bool):
 
 def _emit_cam(em: LookupEmitter, plan: Plan, x, as_output: bool):
     """``--target cam``: the layer's nearest-centroid search and table readout become calls of the CAM
-    simulator (``tvm_lut.cam``, resolved by name at run time); im2col and the dequantising epilogue stay
+    simulator (``tvm_lut.targets.cam_simulator``, resolved by name at run time); im2col and the dequantising epilogue stay
     on the host, as in the gather path."""
-    from tvm_lut import cam
+    from tvm_lut.targets import cam_simulator as cam
 
     layer, q, bb = plan.layer, plan.pq_layer, em.builder_
     c, m, rows = q.num_codebooks, q.m, layer.rows

@@ -3,7 +3,7 @@
 Train a LeNet-5 on the embedded MNIST subset, import it with ``from_torch``, convert every layer to
 table lookup (``LUTify(all_layers=True)``), compile exact and LUT models for this x86 host, and print
 accuracy on the embedded test images, latency against ONNX Runtime fp32 and int8 and PyTorch (same process,
-``tvm_lut.baselines``), operations and table storage; write the artifact (runnable with ``tvm-lut run``), the test data as ``.npz`` and a PNG chart.
+``tvm_lut.app.baselines``), operations and table storage; write the artifact (runnable with ``tvm-lut run``), the test data as ``.npz`` and a PNG chart.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def main(out: str = "tvm-lut-demo", epochs: int = 3, calib_images: int = 2048, p
     import torch
 
     import tvm_lut
-    from tvm_lut import models, pipeline
-    from tvm_lut.report import format_report
+    from tvm_lut.app import pipeline
+    from tvm_lut.app.report import format_report
+    from tvm_lut.train import models
 
     t0 = time.time()
     torch.manual_seed(0)

@@ -14,13 +14,13 @@ import numpy as np
 import tvm
 
 from relay_passes import LUTify
-
-from . import artifact, graph
-from .build import BatchRunner, compile_with_params, default_threads
-from .calibrate import CheckedInputs, check_labels, compile_or_explain, normalize_inputs
-from .errors import CalibrationError
-from .frontend import OUTPUT_NAMES_ATTR
-from .targets import host_for, instruction_sets, is_cam, is_x86, name_of, resolve_target, runs_on_host
+from tvm_lut import targets
+from tvm_lut.errors import CalibrationError
+from tvm_lut.frontend import graph
+from tvm_lut.frontend.importer import OUTPUT_NAMES_ATTR
+from tvm_lut.runtime import artifact
+from tvm_lut.runtime.build import BatchRunner, compile_with_params, default_threads
+from tvm_lut.runtime.calibrate import CheckedInputs, check_labels, compile_or_explain, normalize_inputs
 
 log = logging.getLogger("tvm_lut")
 
@@ -178,9 +178,10 @@ def compile_and_measure(
     the report of a ``cam`` build. ``calibration_name`` (the file) is what errors about the data name;
     ``budget_policy`` says in the report why ``budget`` is what it is (``default_budget``).
     ``baselines={"onnx": path or ModelProto, "torch": module}``: the source model, timed beside the builds
-    (``tvm_lut.baselines``: ONNX Runtime fp32 and int8, PyTorch) when latency is measured.
+    (``tvm_lut.app.baselines``: ONNX Runtime fp32 and int8, PyTorch) when latency is measured.
     """
-    tgt = resolve_target(target)
+    build_for = targets.resolve(target)
+    tgt = build_for.tvm
     signature = graph.input_signature(mod["main"])
     for name, shape, _ in signature:
         if any(isinstance(d, str) for d in shape):
@@ -192,7 +193,8 @@ def compile_and_measure(
     if evaluation is not None:
         held = normalize_inputs(evaluation[0], signature, what="evaluation")
         labels = check_labels(evaluation[1], len(next(iter(held.values()))), classes, "evaluation data")
-    host = host_for(tgt)
+    local = build_for.local()
+    host = local.tvm
     # the exact model first: a model TVM cannot build at all gets that said plainly (ModelError)
     exact_ex, exact_params = compile_or_explain(lambda: compile_with_params(mod, host))
     pass_ = LUTify(calibration=calib, target=tgt, seed=seed, progress=progress, **lutify_options)
@@ -201,14 +203,14 @@ def compile_and_measure(
     lut_ex, lut_params = compile_with_params(lut_mod, tgt)
     # accuracy and latency runs happen here: a cross build (arm) is measured through a host build of the
     # same tables (tests/test_arm.py checks that both predict the same); the exact model always on the host
-    on_host = runs_on_host(tgt)
+    on_host = build_for.runs_here()
     run_ex = lut_ex if on_host else compile_with_params(pass_.retarget(host), host)[0]
     lut_run = BatchRunner(run_ex, [v for _, v in lut_params], signature)
     exact_run = BatchRunner(exact_ex, [v for _, v in exact_params], signature)
     report: dict = {
         "model": source,
         "target": str(tgt),
-        "target_name": name_of(tgt),
+        "target_name": build_for.name,
         "batch": lut_run.batch,
         "layers": layers,
         "totals": totals(layers),
@@ -227,23 +229,18 @@ def compile_and_measure(
         report["accuracy"] = {"exact": acc_e, "lut": acc_l, "drop": acc_e - acc_l, "rows": int(len(labels)),
                               "agreement": float((pred_e == pred_l).mean() * 100.0)}
         if not on_host:
-            report["accuracy"]["measured_on"] = f"host build of the same tables ({name_of(host)})"
+            report["accuracy"]["measured_on"] = f"host build of the same tables ({local.name})"
     elif held is not None:  # no labels: how often the LUT model's top-1 is the exact model's
         pred_e, pred_l = _top1(exact_run, held), _top1(lut_run, held)
         report["agreement"] = {"rows": int(len(pred_e)), "agreement": float((pred_e == pred_l).mean() * 100.0)}
         if not on_host:
-            report["agreement"]["measured_on"] = f"host build of the same tables ({name_of(host)})"
-    if is_cam(tgt):
-        from . import cam
-
-        report["cam"] = cam.model_report(layers, cam.CAMParams.from_env().with_overrides(cam_params or {}))
-    if measure_latency and not on_host:
-        report["latency_note"] = f"not measured: {name_of(tgt)} code does not run here (emulated timings " \
-                                 "would say nothing about the device)"
-    elif measure_latency and is_cam(tgt):
-        report["latency_note"] = "not measured: the CAM layers run in a simulator; see cam (cycles, energy)"
+            report["agreement"]["measured_on"] = f"host build of the same tables ({local.name})"
+    if isinstance(build_for, targets.Cam):
+        report["cam"] = build_for.report(layers, cam_params)
+    if measure_latency and build_for.latency_note() is not None:
+        report["latency_note"] = build_for.latency_note()
     elif measure_latency:
-        from . import profile
+        from tvm_lut.app import profile
 
         # the rewritten layers' kernels are timed from the model's own build (run_ex is lut_ex here)
         profile.measure_layers(pass_.plans, tgt, executable=run_ex, kernel_calls=pass_.kernel_calls)
@@ -253,7 +250,7 @@ def compile_and_measure(
                              + ("or tuned (see tuning); " if pass_.tuned else "; ")
                              + "exact layers and other ops: TVM default CPU lowering, untuned"}
         if baselines is not None:  # what users compare against, in this process, same batch and threads
-            from . import baselines as bl
+            from tvm_lut.app import baselines as bl
 
             report["baselines"] = bl.measure(
                 batch=lut_run.batch, threads=default_threads(),
@@ -262,10 +259,9 @@ def compile_and_measure(
     outputs = output_names or _output_names(lut_mod)
     manifest = {
         "source": source,
-        "target": str(tgt),
-        "target_name": name_of(tgt),
-        # what the code may execute: loading refuses a CPU without one of these (artifact.Model)
-        "instruction_sets": instruction_sets(tgt) if is_x86(tgt) else [],
+        # target, target_name, and what the code may execute: loading refuses a CPU without one of the
+        # instruction sets (artifact.Model)
+        **build_for.describe(),
         "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in signature],
         "outputs": outputs,
         "layers": layers,

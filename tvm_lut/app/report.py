@@ -1,14 +1,14 @@
 """``tvm-lut report``: the per-layer table of methods, operations and storage, exact vs lookup.
 
-Operation counts are per input sample and follow the rules in ``tvm_lut.cost`` (printed under the
+Operation counts are per input sample and follow the rules in ``tvm_lut.math.cost`` (printed under the
 table), so each figure can be checked by hand.
 """
 
 from __future__ import annotations
 
-from .errors import LUTError
-from .pipeline import layer_params
-from .profile import layer_time
+from tvm_lut.app.pipeline import layer_params
+from tvm_lut.app.profile import layer_time
+from tvm_lut.errors import LUTError
 
 
 def _method_columns(r: dict) -> str:
@@ -169,7 +169,7 @@ def kept_lines(report: dict) -> list[str]:
     if pm and pm.get("candidates") and not pm.get("converted"):
         out.append(f"NOTE: no layer could be converted within {pm['budget']}: converting even the first of the "
                    f"{len(pm['candidates'])} candidates (the least sensitive per multiply removed) costs more than "
-                   "the budget, so this is the exact model. To convert layers: learned centroids (tvm_lut.lutnn, then --codebooks), a shorter "
+                   "the budget, so this is the exact model. To convert layers: learned centroids (tvm_lut.train.lutnn, then --codebooks), a shorter "
                    "subvector (--v 4 or --v 2), more centroids (--k 32), or a looser budget")
     if lost is not None and lost > POOR_DROP:
         what = "accuracy" if acc else "top-1 agreement"
@@ -177,7 +177,7 @@ def kept_lines(report: dict) -> list[str]:
         tighter = (f"a tighter budget than {applied} (e.g. --budget {applied.split('=')[0]}=0.5)" if applied else
                    "a budget (--budget max-drop=1, or max-disagree=1 without labels)")
         out.append(f"WARNING: the LUT model lost {lost:.1f} points of {what}. To keep more: {tighter}, a shorter "
-                   "subvector (--v 4 or --v 2), learned centroids (tvm_lut.lutnn, then --codebooks), or "
+                   "subvector (--v 4 or --v 2), learned centroids (tvm_lut.train.lutnn, then --codebooks), or "
                    "--sequential calibration")
     return out
 
@@ -231,7 +231,7 @@ def _cam_table(cam: dict, num) -> str:
     lines.append(f"  device: {p['arrays']} arrays of {p['array_words']} words, {p['cell_bits']}-bit cells, "
                  f"{p['cycles_per_search']} cycle/search, {p['read_bytes_per_cycle']} B/read cycle, "
                  f"{p['clock_ghz']} GHz; {p['e_search_bit_fj']} fJ/bit/search, {p['e_read_byte_pj']} pJ/byte read, "
-                 f"{p['e_add_pj']} pJ/add, {p.get('e_cell_mul_pj', 0)} pJ/cell product (sources: tvm_lut/cam.py SOURCES; override with --cam-param NAME=VALUE)")
+                 f"{p['e_add_pj']} pJ/add, {p.get('e_cell_mul_pj', 0)} pJ/cell product (sources: tvm_lut/targets/cam_simulator.py SOURCES; override with --cam-param NAME=VALUE)")
     lines.append("  CAM mul: dot-product terms of an l2/cosine search (0 for l1, PECAN-D); host mul: the one "
                  "scale-and-bias multiply-add per output, on the host CPU")
     return "\n".join(lines)

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import distances
+from tvm_lut.math import distances
 
-DISTANCES = distances.names()  # ("l2", "cosine", "l1"): see tvm_lut.distances
+DISTANCES = distances.names()  # ("l2", "cosine", "l1"): see tvm_lut.math.distances
 
 #: Defaults from LUT-NN: 16 centroids (a 4-bit code), 9-long subvectors for 3x3 convs, 4 otherwise.
 DEFAULT_K = 16

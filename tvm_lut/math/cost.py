@@ -28,7 +28,7 @@ folded layer, as a compiler would run it.
 
 from __future__ import annotations
 
-from . import distances
+from tvm_lut.math import distances
 
 
 def exact_ops(rows: int, d: int, m: int, has_bias: bool) -> dict[str, int]:

@@ -24,8 +24,9 @@ import uuid
 
 import numpy as np
 
-from .errors import ArtifactError, TargetError
-from .native_log import quiet_native
+from tvm_lut import targets
+from tvm_lut.errors import ArtifactError
+from tvm_lut.frontend.native_log import quiet_native
 
 FORMAT = "tvm-lut-artifact/1"
 FILES = ("model.so", "params.bin", "manifest.json")
@@ -63,13 +64,11 @@ def save(out: str, executable, params: list[tuple[str, np.ndarray]], manifest: d
     """Write an artifact directory atomically (``model.so`` built with the compiler ``target`` needs)."""
     import tvm
 
-    from .targets import export_library
-
     tmp = staging_dir(out)
     try:
         so = os.path.join(tmp, "model.so")
         with quiet_native():  # TVM lists the executable's memory scopes on export: not for the user
-            export_library(executable, so, target)
+            targets.resolve(target).export(executable, so)
         pbin = os.path.join(tmp, "params.bin")
         tvm.runtime.save_param_dict_to_file({n: tvm.runtime.tensor(np.ascontiguousarray(v)) for n, v in params}, pbin)
         manifest = dict(manifest)
@@ -123,28 +122,12 @@ class Model:
     def __init__(self, path: str):
         import tvm
 
-        from .build import BatchRunner
+        from tvm_lut.runtime.build import BatchRunner
 
         self.path = path
         self.manifest = read_manifest(path)
         verify(path, self.manifest)
-        target = self.manifest.get("target_name", "x86")
-        if target == "arm":
-            raise ArtifactError(f"{path}: built for aarch64 (--target arm); this x86 process cannot load it. Run "
-                                f"it on an aarch64 TVM runtime, e.g. over RPC: 'tvm-lut run {path} --farm HOST:PORT "
-                                "--key arm64 ...' (see 'tvm-lut farm')")
-        from .targets import missing_instruction_sets
-
-        missing = missing_instruction_sets(self.manifest.get("instruction_sets", []))
-        if missing:
-            from tvm.target import codegen
-
-            raise ArtifactError(f"{path}: built for {target} ({self.manifest.get('target', '')}); this CPU "
-                                f"({codegen.llvm_get_system_cpu()}) lacks {', '.join(missing)}, so its code would "
-                                "stop with an illegal instruction. Recompile it here (--target x86), or for a CPU "
-                                "both machines are, e.g. --target x86:x86-64-v3 (any AVX2 CPU)")
-        if target == "cam":
-            from . import cam  # noqa: F401  (registers the simulator functions the .so calls by name)
+        targets.of_artifact(self.manifest).check_loadable(path, self.manifest)
         try:
             params = tvm.runtime.load_param_dict_from_file(os.path.join(path, "params.bin"))
             with quiet_native():  # ... and again on load
@@ -163,7 +146,7 @@ class Model:
         return self.runner.inputs
 
     def run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .calibrate import normalize_inputs
+        from tvm_lut.runtime.calibrate import normalize_inputs
 
         data = normalize_inputs(arrays, self.runner.inputs, what="input")
         outs = self.runner.run(data)
@@ -176,15 +159,13 @@ def run_remote(artifact_dir: str, arrays: dict[str, np.ndarray], address: str, k
 
     import tvm
 
-    from .build import BatchRunner
-    from .calibrate import normalize_inputs
-    from .farm import request
+    from tvm_lut.runtime.build import BatchRunner
+    from tvm_lut.runtime.calibrate import normalize_inputs
+    from tvm_lut.targets.farm import request
 
     manifest = read_manifest(artifact_dir)
     verify(artifact_dir, manifest)
-    if manifest.get("target_name") == "cam":
-        raise TargetError(f"{artifact_dir}: a cam build calls the CAM simulator of the host process; run it "
-                          "locally ('tvm-lut run' without --farm)")
+    targets.of_artifact(manifest).check_remote(artifact_dir)
     params = tvm.runtime.load_param_dict_from_file(os.path.join(artifact_dir, "params.bin"))
     inputs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
     data = normalize_inputs(arrays, inputs, what="input")

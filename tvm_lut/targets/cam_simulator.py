@@ -44,8 +44,8 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 import tvm_ffi
 
-from . import distances, pq
-from .errors import OptionError
+from tvm_lut.errors import OptionError
+from tvm_lut.math import distances, pq
 
 #: Where each default comes from. Energies are 45 nm CMOS figures; treat results as estimates to compare
 #: layers and models with each other, not as a measurement of any chip.
@@ -182,8 +182,8 @@ def model_report(layers: list[dict], params: CAMParams) -> dict:
 # The device functions the compiled model calls (by name, at run time: R.call_dps_packed)
 # ----------------------------------------------------------------------------------------------
 
-SEARCH_FUNC = "tvm_lut.cam.search"
-READOUT_FUNC = "tvm_lut.cam.readout"
+SEARCH_FUNC = "tvm_lut.targets.cam_simulator.search"
+READOUT_FUNC = "tvm_lut.targets.cam_simulator.readout"
 
 _lock = threading.Lock()
 #: run-time counters per layer: {"searches", "reads", "adds"}; ``reset_counters`` clears them

@@ -16,10 +16,11 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from . import graph, pq
-from .build import BatchRunner, bind_params
-from .targets import host_for
-from .errors import CalibrationError
+from tvm_lut import targets
+from tvm_lut.errors import CalibrationError
+from tvm_lut.frontend import graph
+from tvm_lut.math import pq
+from tvm_lut.runtime.build import BatchRunner, bind_params
 
 log = logging.getLogger("tvm_lut")
 
@@ -182,7 +183,7 @@ def layer_rows(layer: graph.Layer, x: np.ndarray) -> np.ndarray:
 def compile_or_explain(build):
     """Run ``build()``; a TVM failure to build the (exact, imported) model becomes a ``ModelError`` that
     says so, instead of an internal assertion from deep inside TVM's lowering."""
-    from .errors import LUTError, ModelError
+    from tvm_lut.errors import LUTError, ModelError
 
     try:
         return build()
@@ -220,7 +221,7 @@ def collect(
     if not layers:
         return {}
     signature = graph.input_signature(mod["main"])
-    ex = compile_or_explain(lambda: tvm.compile(bind_params(instrument(mod, layers)), host_for(target)))
+    ex = compile_or_explain(lambda: tvm.compile(bind_params(instrument(mod, layers)), targets.resolve(target).local().tvm))
     runner = BatchRunner(ex, [], signature)
     n = len(next(iter(inputs.values())))
     keys = keys or [l.name for l in layers]

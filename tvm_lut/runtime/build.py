@@ -14,9 +14,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from . import graph
-
-from .targets import TARGETS, resolve_target  # noqa: F401  (re-exported: the names users know)
+from tvm_lut.frontend import graph
+from tvm_lut.targets import TARGETS, resolve_target  # noqa: F401  (re-exported: the names users know)
 
 
 def split_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[tuple[str, np.ndarray]]]:

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 
-from .errors import TargetError
+from tvm_lut.errors import TargetError
 
 HOST_PACKAGES = ("qemu-user", "gcc-aarch64-linux-gnu", "g++-aarch64-linux-gnu", "libc6-dev-arm64-cross")
 HOST_TOOLS = ("qemu-aarch64", "aarch64-linux-gnu-gcc", "aarch64-linux-gnu-g++")

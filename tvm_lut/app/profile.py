@@ -33,9 +33,8 @@ import tvm
 from tvm import relax
 
 from relay_passes.rewrite import KernelCall, LayerInput, rewrite
-
-from . import graph
-from .build import BatchRunner, median_ms, resolve_target
+from tvm_lut.frontend import graph
+from tvm_lut.runtime.build import BatchRunner, median_ms, resolve_target
 
 log = logging.getLogger("tvm_lut")
 

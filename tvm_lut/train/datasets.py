@@ -12,10 +12,10 @@ import os
 
 import numpy as np
 
-from .errors import CalibrationError
+from tvm_lut.errors import CalibrationError
 
 #: Where the project's checkout expects the shared data: ``<repo>/../shared/data``.
-SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+SHARED_DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data"))
 
 CIFAR_MEAN = np.array([0.4913, 0.4821, 0.4465], np.float32)  # of the decoded JPEG train set (MANIFEST)
 CIFAR_STD = np.array([0.2452, 0.2428, 0.2606], np.float32)

@@ -34,9 +34,9 @@ def host_cpu() -> dict:
             model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
     except OSError:
         pass
-    from .targets import instruction_sets
+    from tvm_lut import targets
 
-    return {"model": model, "instruction_sets": instruction_sets("x86")}
+    return {"model": model, "instruction_sets": targets.resolve("x86").instruction_sets()}
 
 
 def median_call_ms(fn: Callable[[], object], repeat: int = 3, target_s: float = 0.2) -> float:
@@ -68,10 +68,14 @@ def quantize_int8(onnx_path: str, calibration: dict[str, np.ndarray], out_dir: s
     """ONNX Runtime's static int8 model of ``onnx_path`` (QDQ, per-channel weights, uint8 activations),
     calibrated on ``calibration`` (input name -> samples, fed ``batch`` rows at a time: a model exported
     with a fixed batch takes no other); returns its path in ``out_dir``."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quant_pre_process,
-                                          quantize_static)
-
     import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     src = onnx_path
     model = onnx.load(onnx_path)

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .errors import OptionError, TargetError
+from tvm_lut.errors import OptionError, TargetError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 NO_AUTH_WARNING = ("WARNING: TVM RPC has no authentication: anyone who can reach {host} can run code on this "
@@ -181,7 +181,7 @@ class Farm:
             raise OptionError("a farm needs at least one server (--x86 N and/or --arm N)")
         arm_python = None
         if arm:
-            from . import arm_emulator
+            from tvm_lut.targets import arm_emulator
 
             reason = arm_emulator.unavailable_reason()
             if reason:

@@ -1,7 +1,7 @@
 """Torch modules for the structured rewrites (DeBut butterfly chains, low-rank pairs / Tucker-2) and
 their fine-tuning, including NRMF's nuclear-norm penalty.
 
-The flow mirrors ``tvm_lut.lutnn``: ``convert`` swaps ``nn.Conv2d`` / ``nn.Linear`` layers for factorised
+The flow mirrors ``tvm_lut.train.lutnn``: ``convert`` swaps ``nn.Conv2d`` / ``nn.Linear`` layers for factorised
 modules initialised from the trained weights (ALS for butterfly chains, SVD / HOSVD for low rank);
 ``finetune`` trains the result; the compiler then takes it over:
 
@@ -13,7 +13,7 @@ modules initialised from the trained weights (ALS for butterfly chains, SVD / HO
 - butterfly: ``butterfly_factors`` gives each layer's chain and factor values for
   ``LUTify(factors=...)`` (a following batch norm is folded into the last factor's rows).
 
-Conv inputs are unfolded in ``(c, kh, kw)`` column order, the order ``tvm_lut.graph`` uses for a conv
+Conv inputs are unfolded in ``(c, kh, kw)`` column order, the order ``tvm_lut.frontend.graph`` uses for a conv
 weight matrix, so the same chain describes the layer in torch and in the compiled model.
 """
 
@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import butterfly as bf
-from . import lowrank as lr
-from .errors import OptionError
+from tvm_lut.errors import OptionError
+from tvm_lut.math import butterfly as bf, lowrank as lr
 
 log = logging.getLogger("tvm_lut")
 

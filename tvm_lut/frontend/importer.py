@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import tvm
 from tvm import relax
 
-from .errors import ModelError
-from .graph import num_inputs as graph_num_inputs
-from .native_log import quiet_native
+from tvm_lut.errors import ModelError
+from tvm_lut.frontend.graph import num_inputs as graph_num_inputs
+from tvm_lut.frontend.native_log import quiet_native
 
 _ABANDONED_BUILDER = re.compile(r"BlockBuilder destroyed with remaining blocks")
 

@@ -6,10 +6,10 @@ over its V elements. A distance fixes every step of that, and this module is the
 * ``encoder_operands``: the centroids as the kernels consume them and the per-centroid offset (numpy);
 * ``score_step``: one element's term, for numpy and for TIR (``fabs=T.fabs``): ``acc - x * p`` (l2,
   cosine: a fused multiply-add in the compiled kernels) or ``acc + |x - p|`` (l1, multiplier-free);
-* ``encode_ops``: the encoder's multiplies and adds per row (``tvm_lut.cost``);
-* ``cam_multiplies``: what the CAM's search spends on multiplies (``tvm_lut.cam``);
+* ``encode_ops``: the encoder's multiplies and adds per row (``tvm_lut.math.cost``);
+* ``cam_multiplies``: what the CAM's search spends on multiplies (``tvm_lut.targets.cam_simulator``);
 * ``kmeans_data``/``refine``: how k-means sees the subvectors and what follows it (``pq.fit_codebooks``);
-* ``torch_logits`` and ``torch_distance``: the training path's differentiable scores (``tvm_lut.lutnn``),
+* ``torch_logits`` and ``torch_distance``: the training path's differentiable scores (``tvm_lut.train.lutnn``),
   which rank centroids the same way the kernels do.
 
 ``get(name)`` and ``names()`` are what options, the CLI and the passes accept.
@@ -21,7 +21,7 @@ import functools
 
 import numpy as np
 
-from .errors import OptionError
+from tvm_lut.errors import OptionError
 
 
 class Distance:

@@ -8,12 +8,12 @@ Forms (weights as the model holds them; a conv weight is ``(M, C, KH, KW)``):
 - ``"tucker2"`` (convs): ``W ~= core x_0 U_out x_1 U_in`` with the core ``(R_out, R_in, KH, KW)``:
   ``1x1 (C -> R_in)``, ``KHxKW (R_in -> R_out)`` with the layer's attributes, ``1x1 (R_out -> M)``.
   Multiplies ``C*R_in + R_in*R_out*KH*KW + R_out*M`` per output pixel (the first 1x1 runs on the input
-  resolution: with stride s that is ``s^2`` times as many pixels, counted in ``tvm_lut.cost``).
+  resolution: with stride s that is ``s^2`` times as many pixels, counted in ``tvm_lut.math.cost``).
 
 Ranks (per layer, per unfolding): ``"evbmf"`` (empirical variational Bayes matrix factorisation,
 Nakajima et al. 2013: the analytic global solution, noise variance estimated by minimising the free
 energy), or ``energy=0.95``: the smallest rank whose singular values keep that fraction of the squared
-Frobenius mass (NRMF's threshold after nuclear-norm training). ``tvm_lut.structured_nn`` has the torch
+Frobenius mass (NRMF's threshold after nuclear-norm training). ``tvm_lut.train.structured_nn`` has the torch
 modules and the nuclear-norm fine-tuning.
 """
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import OptionError
+from tvm_lut.errors import OptionError
 
 FORMS = ("pair", "tucker2")
 

@@ -11,8 +11,8 @@ import zipfile
 
 import numpy as np
 
-from . import distances
-from .errors import CalibrationError, LUTError, OptionError
+from tvm_lut.errors import CalibrationError, LUTError, OptionError
+from tvm_lut.math import distances
 
 
 def _load_npz(path: str, what: str):
@@ -52,15 +52,16 @@ def _baselines_for(path: str) -> dict:
 
 
 def cmd_compile(args) -> int:
-    from . import frontend, options, pipeline
-    from .build import resolve_target
+    from tvm_lut import options, targets
+    from tvm_lut.app import pipeline
+    from tvm_lut.frontend import importer as frontend
 
-    resolve_target(args.target)  # fail fast, before any work
+    is_cam = isinstance(targets.resolve(args.target), targets.Cam)  # resolved first: fail fast, before any work
     cam_params = None
-    if args.cam_param and args.target != "cam":
+    if args.cam_param and not is_cam:
         raise OptionError(f"--cam-param applies to --target cam only (got --target {args.target})")
-    if args.target == "cam":
-        from .cam import CAMParams
+    if is_cam:
+        from tvm_lut.targets.cam_simulator import CAMParams
 
         cam_params = CAMParams.parse_cli(args.cam_param)
         CAMParams.from_env().with_overrides(cam_params)  # fail fast on an unknown name, a bad value or file
@@ -85,7 +86,7 @@ def cmd_compile(args) -> int:
             raise OptionError(f"--db {args.db}: no tuning database there (run 'tvm-lut tune ... --db {args.db}' first)")
         kwargs["database"] = args.db
     if args.codebooks:
-        from .lutnn import load_codebooks
+        from tvm_lut.train.lutnn import load_codebooks
 
         kwargs["codebooks"] = load_codebooks(args.codebooks)
     manifest = pipeline.compile_to_dir(args.out, mod, calib, target=args.target, holdout=args.holdout,
@@ -93,7 +94,7 @@ def cmd_compile(args) -> int:
                                        calibration_name=args.calib, budget_policy=budget_policy,
                                        baselines=_baselines_for(args.model),
                                        measure_latency=not args.no_latency, progress=not args.quiet, **kwargs)
-    from .report import format_report
+    from tvm_lut.app.report import format_report
 
     print(format_report(manifest["report"]))
     print(f"\nwrote {args.out}/ (model.so, params.bin, manifest.json, report.json)")
@@ -104,35 +105,32 @@ def cmd_tune(args) -> int:
     """LUTify the model as ``compile`` would, then tune its lookup kernels with MetaSchedule + XGBoost."""
     from relay_passes import LUTify
     from tir_schedules import tuning
-
-    from . import frontend, graph, options
-    from .build import resolve_target
-    from .calibrate import normalize_inputs
+    from tvm_lut import options, targets
+    from tvm_lut.frontend import graph, importer as frontend
+    from tvm_lut.runtime.calibrate import normalize_inputs
 
     if args.trials < 1:
         raise OptionError(f"--trials must be >= 1, got {args.trials}")
-    tgt = resolve_target(args.target)
+    build_for = targets.resolve(args.target)
+    tgt = build_for.tvm
     farm = None
     if args.farm:
-        from .farm import parse_address
-        from .targets import is_arm, is_cam
+        from tvm_lut.targets.farm import parse_address
 
         parse_address(args.farm)
-        if is_cam(tgt):
-            raise OptionError("--farm: a cam build's lookups run in the host's CAM simulator; nothing to tune remotely")
-        if (args.key == "arm64") != is_arm(tgt):
+        if build_for.farm_key is None:
+            where = "in the host's CAM simulator" if isinstance(build_for, targets.Cam) else "on no device of a farm"
+            raise OptionError(f"--farm: a {build_for.name} build's lookups run {where}; nothing to tune remotely")
+        if args.key != build_for.farm_key:
             raise OptionError(f"--key {args.key} with --target {args.target}: arm64 servers run --target arm builds, "
                               "x86 servers x86 builds")
         farm = tuning.RemoteDevices(args.farm, args.key)
         if farm.servers() < 1:
             raise OptionError(f"--farm {args.farm}: no server with key {args.key!r} is registered there")
-    else:
-        from .targets import is_arm, runs_on_host
-
-        if not runs_on_host(tgt):
-            key = "arm64" if is_arm(tgt) else "x86"
-            raise OptionError(f"--target {args.target}: its code cannot run on this machine, so candidates cannot be "
-                              f"measured here; tune on a farm of such devices (--farm HOST:PORT --key {key})")
+    elif not build_for.runs_here():
+        raise OptionError(f"--target {args.target}: its code cannot run on this machine, so candidates cannot be "
+                          f"measured here; tune on a farm of such devices (--farm HOST:PORT --key "
+                          f"{build_for.farm_key or 'x86'})")
     calib = _load_npz(args.calib, "calibration")
     mod = frontend.load_model(args.model, batch=args.batch, shape_dict=_parse_shapes(args.input_shape) or None)
     inputs = normalize_inputs({k: v for k, v in calib.items() if k != "labels"}, graph.input_signature(mod["main"]))
@@ -165,19 +163,19 @@ def cmd_run(args) -> int:
     data = _load_npz(args.input, "input")
     labels = data.pop("labels", None)
     if args.farm:
-        from .artifact import run_remote
-        from .farm import parse_address
+        from tvm_lut.runtime.artifact import run_remote
+        from tvm_lut.targets.farm import parse_address
 
         parse_address(args.farm)
         outputs = run_remote(args.artifact, data, args.farm, args.key)
     else:
-        from .artifact import Model
+        from tvm_lut.runtime.artifact import Model
 
         outputs = Model(args.artifact).run(data)
     n = len(next(iter(outputs.values())))
     first = next(iter(outputs.values()))
     if labels is not None:  # checked before anything is written
-        from .calibrate import check_labels
+        from tvm_lut.runtime.calibrate import check_labels
 
         labels = check_labels(labels, n, int(first.reshape(n, -1).shape[1]), args.input)
     out = args.output
@@ -197,10 +195,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_farm(args) -> int:
-    from .farm import Farm
+    from tvm_lut.targets.farm import Farm
 
     if args.action == "setup-arm":
-        from . import arm_emulator
+        from tvm_lut.targets import arm_emulator
 
         arm_emulator.setup(force=args.force)
         return 0
@@ -220,8 +218,8 @@ def cmd_farm(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .artifact import read_manifest
-    from .report import format_report
+    from tvm_lut.app.report import format_report
+    from tvm_lut.runtime.artifact import read_manifest
 
     report = read_manifest(args.artifact)["report"]
     if args.json:
@@ -232,7 +230,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import main as demo_main
+    from tvm_lut.app.demo import main as demo_main
 
     demo_main(out=args.out, epochs=args.epochs, calib_images=args.calib_images, progress=not args.quiet)
     return 0
@@ -250,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "on any AVX2 CPU, znver4, icelake-server...), arm (aarch64 + NEON, cross-compiled) or cam "
                         "(PQ layers on the CAM simulator)")
     c.add_argument("--cam-param", action="append", default=[], metavar="NAME=VALUE",
-                   help="--target cam: override a simulated device parameter (e.g. arrays=32; see tvm_lut/cam.py)")
+                   help="--target cam: override a simulated device parameter (e.g. arrays=32; see tvm_lut/targets/cam_simulator.py)")
     c.add_argument("-o", "--out", required=True, help="output artifact directory")
     c.add_argument("--k", type=int, default=16, help="centroids per codebook (default 16)")
     c.add_argument("--v", type=int, default=None, help="subvector length (default: 9 for 3x3 convs, else 4)")
@@ -272,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "points, or at least a fraction F of multiplies is removed. Default: max-drop=1 with labels, "
                         "else max-disagree=1 (none with --all-layers or a method other than pq); 'none': no mask")
     c.add_argument("--codebooks", default=None, metavar="FILE.npz",
-                   help="learned centroids by layer name (tvm_lut.lutnn.save_codebooks)")
+                   help="learned centroids by layer name (tvm_lut.train.lutnn.save_codebooks)")
     c.add_argument("--batch", type=int, default=1, help="batch size for a symbolic leading input dim (ONNX, dynamic .pt2)")
     c.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x32x32", help="fix an input shape")
     c.add_argument("--holdout", type=float, default=0.2, help="fraction of calibration rows held back: accuracy with labels, top-1 agreement with the exact model without")

@@ -29,7 +29,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .errors import OptionError
+from tvm_lut.errors import OptionError
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import distances, pq
-from .errors import CalibrationError, OptionError
-from .options import LayerOptions
+from tvm_lut.errors import CalibrationError, OptionError
+from tvm_lut.math import distances, pq
+from tvm_lut.options import LayerOptions
 
 # ----------------------------------------------------------------------------------------------
 # The lookup layers

@@ -78,20 +78,21 @@ def lut_accuracy(mod, test_x, test_y, batch: int, **lutify_kw) -> dict:
     """LUTify + build with TVM and measure top-1 on the test set with the compiled model."""
     tgt = resolve_target("x86")
     p = LUTify(target=tgt, progress=False, **lutify_kw)
-    lut_mod = p(mod)
+    p_res = p.run(mod)
+    lut_mod = p_res.module
     ex, params = compile_with_params(lut_mod, tgt)
     runner = BatchRunner(ex, [v for _, v in params], [("x", (batch, *test_x.shape[1:]), "float32")])
     logits = runner.run({"x": test_x})[0]
-    t = pipeline.totals(p.layers)
-    conv_w = sum(r["weight_bytes"] for r in p.layers if r["method"] == "pq")
+    t = pipeline.totals(p_res.layers)
+    conv_w = sum(r["weight_bytes"] for r in p_res.layers if r["method"] == "pq")
     return {
         "lut_acc": models.accuracy(logits, test_y),
         "mul_removed": t["mul_removed_frac"],
         "lut_bytes": t["table_bytes"] + t["codebook_bytes"],
         "weight_bytes_converted": conv_w,
         "weight_bytes_model": t["weight_bytes"],
-        "layers_lut": sum(r["method"] == "pq" for r in p.layers),
-        "layers": len(p.layers),
+        "layers_lut": sum(r["method"] == "pq" for r in p_res.layers),
+        "layers": len(p_res.layers),
     }
 
 
@@ -219,12 +220,12 @@ def cifar(rows: list, sweep: list, quick: bool, finetune_images: int, finetune_e
     budgets = ["max-drop=1", "max-drop=2", "max-drop=4", "max-drop=8", "min-removed=0.5", "min-removed=0.9"]
     pm = PriorityMask({"x": tx[pidx], "labels": ty[pidx]}, budgets[0], distance="l1", layers={"conv1": "exact"},
                       progress=False)
-    results = pm.sweep(mod, budgets)
+    results, fitted = pm.sweep(mod, budgets)
     log(f"priority-mask analysis + {len(budgets)} budgets: {time.time() - t:.0f} s")
     tgt = resolve_target("x86")
     for b, res in zip(budgets, results):
         masked = mod.with_attr(MASK_ATTR, json.dumps(res))
-        out = lut_accuracy(masked, vx, vy, 100, distance="l1", fitted=pm.fitted, layers={"conv1": "exact"})
+        out = lut_accuracy(masked, vx, vy, 100, distance="l1", fitted=fitted, layers={"conv1": "exact"})
         point = {"budget": b, "converted": res["converted"], "val_drop": res.get("val_drop"),
                  "val_drop_margin": res.get("val_drop_margin"), "exact_acc": acc, "test_acc": out["lut_acc"],
                  "test_drop": acc - out["lut_acc"], "mul_removed": out["mul_removed"],

@@ -51,8 +51,9 @@ def build(n: int, d: int, m: int):
 
     target = host_target(1)
     p = tvm_lut.LUTify(calibration=x, all_layers=True, v=4, progress=False, target=target)
-    deployed_ex, params = compile_with_params(p(mod), target)
-    q = next(iter(p.pq_layers.values()))
+    p_res = p.run(mod)
+    deployed_ex, params = compile_with_params(p_res.module, target)
+    q = next(iter(p_res.pq_layers.values()))
     c, k, v = q.num_codebooks, q.k, q.v
     isa = shuffle.isa_for(target)  # the kernel LUTify deploys on this machine (grouped where VBMI+VNNI)
     lanes = shuffle.block_rows(isa, n)
@@ -74,7 +75,7 @@ def build(n: int, d: int, m: int):
                                               relax.TensorType((m, n), "float32")))
         bb.emit_func_output(y)
     colmajor_ex = tvm.compile(bb.get(), target)
-    return x, deployed_ex, [v_ for _, v_ in params], colmajor_ex, q, p.layers[0]["kernel"]
+    return x, deployed_ex, [v_ for _, v_ in params], colmajor_ex, q, p_res.layers[0]["kernel"]
 
 
 def main(threads: int, out: str) -> dict:

@@ -216,8 +216,9 @@ def build_kernels(shapes, trials: int, target, cache: str) -> list[dict]:
         # the LUT layer as deployed: tuned kernels where the database has them
         p = tvm_lut.LUTify(calibration=x, all_layers=True, v=v, progress=False, target=target,
                            database=db if trials else None)
-        lut = p(mod)
-        entry["lut_kernel"] = p.layers[0]["kernel"]
+        p_res = p.run(mod)
+        lut = p_res.module
+        entry["lut_kernel"] = p_res.layers[0]["kernel"]
         ex, params = compile_with_params(lut, target)
         entry["lut_layer"] = _export(ex, params, [x], os.path.join(cache, f"{tag}_v{v}_lut"))
         entry["lut_layer"]["chain"] = _kernel_chain(lut, os.path.join(cache, f"{tag}_v{v}_lut_chain"))
@@ -269,10 +270,11 @@ def build_e2e(names, batches, e2e_trials: int, target, cache: str) -> list[dict]
             mod = tvm_lut.from_torch(model, torch.from_numpy(x))
             p = tvm_lut.LUTify(calibration=calib, progress=False, target=target,
                                layers={e: "exact" for e in exclude})
-            lut = p(mod)
+            p_res = p.run(mod)
+            lut = p_res.module
             entry = {"model": name, "batch": batch, "class": cls_name, "kwargs": kwargs, "shape": list(shape),
-                     "lut_layers": sum(r["method"] == "pq" for r in p.layers), "layers": len(p.layers),
-                     "kernels": sorted({r.get("kernel", "") for r in p.layers if r["method"] == "pq"})}
+                     "lut_layers": sum(r["method"] == "pq" for r in p_res.layers), "layers": len(p_res.layers),
+                     "kernels": sorted({r.get("kernel", "") for r in p_res.layers if r["method"] == "pq"})}
             ex, params = compile_with_params(lut, target)
             entry["lut"] = _export(ex, params, [x], os.path.join(cache, tag + "_lut"))
             ex, params = compile_with_params(mod, target)

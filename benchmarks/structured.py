@@ -42,7 +42,7 @@ sys.path.insert(0, HERE)
 from accuracy import CACHE, RESULTS, loader, log, shared_data_present, trained  # noqa: E402
 
 import tvm_lut  # noqa: E402
-from relay_passes import EZCrop, LUTify  # noqa: E402
+from relay_passes import EZCrop, LUTify, ezcrop  # noqa: E402
 from tvm_lut.app import pipeline, profile
 from tvm_lut.math import channel_energy  # noqa: E402
 from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target  # noqa: E402
@@ -54,18 +54,19 @@ def compiled_eval(mod, test_x, test_y, batch: int, **lutify_kw) -> dict:
     and batch-1 latency of this build."""
     tgt = resolve_target("x86")
     p = LUTify(target=tgt, progress=False, **lutify_kw)
-    out = p(mod)
+    p_res = p.run(mod)
+    out = p_res.module
     ex, params = compile_with_params(out, tgt)
     sig = [("x", (batch, *test_x.shape[1:]), "float32")]
     logits = BatchRunner(ex, [v for _, v in params], sig).run({"x": test_x})[0]
-    profile.measure_layers(p.plans, tgt)
-    t = pipeline.totals(p.layers)
-    slower = [r["name"] for r in p.layers if r.get("slower_than_exact")]
+    profile.measure_layers(p_res.plans, tgt)
+    t = pipeline.totals(p_res.layers)
+    slower = [r["name"] for r in p_res.layers if r.get("slower_than_exact")]
     return {"acc": models.accuracy(logits, test_y), "params": t["params"], "exact_params": t["exact_params"],
             "mul": t["lut_mul"], "exact_mul": t["exact_mul"], "slower_layers": slower,
-            "rewritten": [r["name"] for r in p.layers if r["method"] != "exact"],
+            "rewritten": [r["name"] for r in p_res.layers if r["method"] != "exact"],
             "layers": [{k: r.get(k) for k in ("name", "method", "chain", "ranks", "form", "latency", "reason")}
-                       for r in p.layers], "module": out}
+                       for r in p_res.layers], "module": out}
 
 
 def batch1_latency(mod) -> float:
@@ -154,10 +155,10 @@ def case(rows, *, dataset, name, model, tx, ty, vx, vy, first, last, ft_epochs, 
 
 def ezcrop_case(finish, mod, model, calib, train, kw, vx, vy, batch, x1):
     t = time.time()
-    p = EZCrop(calib, 0.5)
-    pruned_mod = p(mod)
+    pruned_mod = EZCrop(calib, 0.5)(mod)
+    crop_records = ezcrop.records(pruned_mod)
     before = compiled_eval(pruned_mod, vx, vy, batch, method="exact")["acc"]
-    twin = channel_energy.prune_torch(model, p.layers)
+    twin = channel_energy.prune_torch(model, crop_records)
     tuned, losses = sn.finetune(twin, train, **kw)
 
     def run_ez():
@@ -167,7 +168,7 @@ def ezcrop_case(finish, mod, model, calib, train, kw, vx, vy, batch, x1):
         return r
 
     finish("ezcrop-50%", run_ez, {"acc_before_finetune": before, "finetune_losses": losses,
-                                  "kept": {r["name"]: r["kept"] for r in p.layers if r.get("pruned")}}, t)
+                                  "kept": {r["name"]: r["kept"] for r in crop_records if r.get("pruned")}}, t)
 
 
 def mnist(rows, quick, methods):

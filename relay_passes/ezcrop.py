@@ -15,7 +15,7 @@ passes and reports still say ``features.3``.
 
 A conv is a candidate only when its output reaches exactly one next conv/dense layer through
 single-use channel-wise ops (a plain chain, as in VGG); a residual add, a concat or a grouped next
-layer keeps it whole, with the reason in ``.layers``.
+layer keeps it whole, with the reason in its record (``records(mod)``: the ``tvm_lut.ezcrop`` attribute).
 """
 
 from __future__ import annotations
@@ -112,7 +112,6 @@ class EZCrop:
         self.max_samples = max_samples
         self.target = target
         self.seed = seed
-        self.layers: list[dict] = []
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         # torch's max_pool2d arrives as (out, zeros_like(out))[0]: fold such tuples away first, so a
@@ -144,8 +143,7 @@ class EZCrop:
                 continue
             pairs[l.name] = (l, *nxt, frac)
         if not pairs:
-            self.layers = list(records.values())
-            return mod.with_attr(EZCROP_ATTR, json.dumps(self.layers))
+            return mod.with_attr(EZCROP_ATTR, json.dumps(list(records.values())))
         # score the channels of every candidate on the calibration data
         signature = graph.input_signature(func)
         inputs = calibrate.normalize_inputs(self.calibration, signature)
@@ -175,8 +173,14 @@ class EZCrop:
             records[nm].update(pruned=True, channels=m, kept=int(k), kept_channels=keep.tolist(),
                                scores=[float(v) for v in scores], next_layer=pairs[nm][1].name)
         out = _prune(mod, found, pairs, keep_out)
-        self.layers = list(records.values())
-        return out.with_attr(EZCROP_ATTR, json.dumps(self.layers))
+        return out.with_attr(EZCROP_ATTR, json.dumps(list(records.values())))
+
+
+def records(mod: tvm.IRModule) -> list[dict]:
+    """The per-layer records an EZCrop run left on ``mod`` (pruned or not, why, the kept channels)."""
+    if mod.attrs is None or EZCROP_ATTR not in mod.attrs:
+        raise ValueError("this module has not been through EZCrop (no tvm_lut.ezcrop attribute)")
+    return json.loads(str(mod.attrs[EZCROP_ATTR]))
 
 
 @mutator

@@ -25,8 +25,8 @@ shape, non-float32) or, unless ``all_layers=True``, when it would not pay: the L
 K*D multiplies per row against D*M for the exact layer, so a layer with M <= K gains nothing.
 
 Order: apply on the imported module, before ``tvm_lut.runtime.build`` (which legalizes the remaining ops).
-The per-layer decisions are kept in the module attribute ``"tvm_lut.layers"`` (JSON) and on the pass
-object (``.layers``) for reports.
+The per-layer decisions travel in the module attribute ``"tvm_lut.layers"`` (JSON); ``LUTify.run`` returns
+them with everything else the run produced (``LUTResult``). The pass object holds only its options.
 
 The pass is thin: ``planning.Planner`` decides and fits each layer, ``rewrite.rewrite`` replaces them;
 with ``budget=`` a ``PriorityMask`` chooses the layers first.
@@ -64,10 +64,10 @@ class LUTify:
     codebooks : learned centroids by layer name, each a (C, K, V) array or ``{"centroids", "distance"}``
         (``tvm_lut.train.lutnn.learned_codebooks``); those layers skip k-means and table refinement (tables are
         P.W of the model's weights, as in training) and are converted even when narrow.
-    target : what the kernels are chosen and scheduled for: ``"x86"`` (default, this host), ``"arm"``
-        (AArch64: NEON ``tbl`` shuffle lookups) or ``"cam"`` (each PQ layer's encode and table readout call
-        the CAM simulator, ``tvm_lut.targets.cam_simulator``), or a TVM target; see ``tvm_lut.targets``. Calibration always
-        runs on this host.
+    target : what the kernels are chosen and scheduled for: ``"x86"`` (default, this host), ``"x86:CPU"``,
+        ``"arm"`` (AArch64: NEON ``tbl`` shuffle lookups) or ``"cam"`` (each PQ layer's encode and table
+        readout call the CAM simulator, ``tvm_lut.targets.cam_simulator``), a TVM target, or a
+        ``tvm_lut.targets.Target``; see ``tvm_lut.targets``. Calibration always runs on this host.
     schedule : apply the hand schedules (``False`` leaves kernels for MetaSchedule).
     sequential : calibrate each layer on the inputs it sees once the layers before it are already
         lookups (one calibration run per layer; corrects compounding error). ``False`` calibrates all
@@ -79,7 +79,7 @@ class LUTify:
         budget: a count, or a fraction of the dense layer, default 0.2).
     factors : trained butterfly chains by layer name, ``{"chain": Chain.to_json(), "values": [...]}``
         (``structured_nn.structured_options``); used instead of ALS on the layer's weight.
-    fitted : already fitted ``pq.PQLayer`` by layer name (e.g. ``PriorityMask.fitted``), used as they are.
+    fitted : already fitted ``pq.PQLayer`` by layer name (e.g. ``MaskResult.fitted`` or the second value of ``PriorityMask.sweep``), used as they are.
     lookup : the table-readout kernel of PQ layers: ``"auto"`` (default: byte shuffles when the target
         has them, K=16, the distance is not L1 (kept multiplier-free on the gather path) and the layer has at
         least half a shuffle's worth of rows, or 16 for a convolution, else gathers),
@@ -95,10 +95,9 @@ class LUTify:
     options : all of the above as one ``LUTifyOptions`` (validated when made); keyword arguments given
         with it replace its fields.
 
-    A call returns the rewritten module; ``run(mod)`` returns a ``LUTResult`` (the module, every layer's
-    plan and record, the kernels each runs, the mask obeyed, the tuned kernels). The last call's result
-    is also ``last``, and ``layers``, ``plans``, ``pq_layers``, ``kernel_calls``, ``tuned`` and ``priority``
-    read from it.
+    A call returns the rewritten module (its records in the ``tvm_lut.layers`` attribute); ``run(mod)``
+    returns a ``LUTResult``: the module, every layer's plan and record, the kernels each runs, the mask
+    obeyed, the tuned kernels, and ``retarget``. The pass keeps no state between calls.
     """
 
     def __init__(self, calibration=None, *, options: LUTifyOptions | None = None, **kwargs):
@@ -110,11 +109,9 @@ class LUTify:
         self.options = options if options is not None and not kwargs else (
             dataclasses.replace(options, **kwargs) if options is not None else LUTifyOptions(**kwargs))
         self.calibration = calibration
-        self.last: LUTResult | None = None  # what the last call produced (``run`` returns it instead)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        self.last = self.run(mod)
-        return self.last.module
+        return self.run(mod).module
 
     def run(self, mod: tvm.IRModule) -> LUTResult:
         """The pass, returning everything it produced: the module and, per layer, the fitted plan, the
@@ -126,8 +123,9 @@ class LUTify:
             pm = PriorityMask(self.calibration, o.budget, labels=o.labels, seed=o.seed, target=local,
                               progress=o.progress, k=o.k, v=o.v, distance=o.distance, layers=o.layers,
                               codebooks=o.codebooks, max_calibration_rows=o.max_calibration_rows)
-            mod = pm(mod)
-            fitted.update(pm.pq_layers)
+            masked = pm.run(mod)
+            mod = masked.module
+            fitted.update(masked.pq_layers)
         priority = json.loads(str(mod.attrs[MASK_ATTR])) if mod.attrs is not None and MASK_ATTR in mod.attrs else {}
         plans = Planner(self.calibration, dataclasses.replace(o, fitted=fitted), priority=priority).plan(mod)
         calls: dict[str, list[KernelCall] | None] = {}
@@ -135,40 +133,7 @@ class LUTify:
         todo = [p for p in plans if p.method != "exact"]
         out = rewrite(mod, todo, o.schedule, o.database, o.target, tuned, calls) if todo else mod
         records = [p.record for p in plans]
-        return LUTResult(out.with_attr(LAYERS_ATTR, json.dumps(records)), mod, plans, priority, calls, tuned)
-
-    def retarget(self, target) -> tvm.IRModule:
-        """The model the last call produced (same codebooks, tables and codes), with its kernels chosen and
-        hand-scheduled for another target: a cross-compiled (``arm``) build's accuracy is measured on the
-        host build of it. Layer records are left as they were for the pass's own target."""
-        if self.last is None:
-            raise RuntimeError("LUTify.retarget: run the pass on a module first")
-        return self.last.retarget(target, self.options)
-
-    # what the last call produced, read from ``last`` (an empty run before the first call)
-    @property
-    def plans(self) -> list[Plan]:
-        return self.last.plans if self.last else []
-
-    @property
-    def layers(self) -> list[dict]:
-        return self.last.layers if self.last else []
-
-    @property
-    def pq_layers(self) -> dict:
-        return self.last.pq_layers if self.last else {}
-
-    @property
-    def kernel_calls(self) -> dict:
-        return self.last.kernel_calls if self.last else {}
-
-    @property
-    def tuned(self) -> list[str]:
-        return self.last.tuned if self.last else []
-
-    @property
-    def priority(self) -> dict:
-        return self.last.priority if self.last else {}
+        return LUTResult(out.with_attr(LAYERS_ATTR, json.dumps(records)), mod, plans, priority, calls, tuned, o)
 
     @property
     def target(self):
@@ -189,6 +154,7 @@ class LUTResult:
     priority: dict  # the PriorityMask result obeyed (empty without one)
     kernel_calls: dict  # layer name -> the kernels its rewrite runs (None: other ops too); profile times them
     tuned: list  # kernels taken from the tuning database
+    options: LUTifyOptions  # the options of the run
 
     @property
     def layers(self) -> list[dict]:
@@ -200,10 +166,12 @@ class LUTResult:
         """Fitted codebooks/tables by layer name."""
         return {p.layer.name: p.pq_layer for p in self.plans if p.method == "pq"}
 
-    def retarget(self, target, options: LUTifyOptions) -> tvm.IRModule:
-        """This model with its kernels chosen and scheduled for ``target`` (records unchanged)."""
-        tgt = targets.resolve_target(target)
-        planner = Planner(None, dataclasses.replace(options, target=tgt))
+    def retarget(self, target) -> tvm.IRModule:
+        """The model this run produced (same codebooks, tables and codes), with its kernels chosen and
+        hand-scheduled for another target: a cross-compiled (``arm``) build's accuracy is measured on the
+        host build of it. Layer records are left as they were for the run's own target."""
+        tgt = targets.resolve(target)
+        planner = Planner(None, dataclasses.replace(self.options, target=tgt))
         todo = [p if p.method != "pq" else dataclasses.replace(p, record={**p.record,
                                                                           "kernel": planner.lookup_kernel(p)})
                 for p in self.plans if p.method != "exact"]

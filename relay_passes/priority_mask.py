@@ -97,6 +97,16 @@ def _top1(runner: BatchRunner, inputs) -> np.ndarray:
     return logits.reshape(len(logits), -1).argmax(-1)
 
 
+@dataclass(frozen=True)
+class MaskResult:
+    """What one PriorityMask run produced."""
+
+    module: tvm.IRModule  # the module marked with the decision (``MASK_ATTR``), for LUTify to obey
+    result: dict  # the decision: converted and kept layers, the measurements behind it
+    pq_layers: dict  # the fitted layers chosen for conversion (LUTify(budget=) reuses them)
+    fitted: dict  # every fitted candidate layer
+
+
 @tvm.transform.module_pass(opt_level=0, name="PriorityMask")
 class PriorityMask:
     """Choose which layers stay exact to meet ``budget``; see the module docstring.
@@ -122,24 +132,25 @@ class PriorityMask:
         self.target = target
         self.progress = progress
         self.lutify_options = lutify_options
-        self.result: dict = {}
-        self.pq_layers: dict = {}  # the fitted layers chosen for conversion (LUTify(budget=) reuses them)
-        self.fitted: dict = {}  # every fitted candidate layer (for LUTify(fitted=...) after a sweep)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        state = self._analyse(mod)
-        self.fitted = {nm: p.pq_layer for nm, p in state["plans"].items()}
-        result = self._choose(state, self.budget)
-        self.result = result
-        self.pq_layers = {nm: state["plans"][nm].pq_layer for nm in result["converted"]}
-        return mod.with_attr(MASK_ATTR, json.dumps(result))
+        return self.run(mod).module
 
-    def sweep(self, mod: tvm.IRModule, budgets) -> list[dict]:
-        """The decision for each of several budgets from one analysis (a Pareto sweep): the fit and the
-        per-layer measurements are shared, only the prefix search runs per budget."""
+    def run(self, mod: tvm.IRModule) -> MaskResult:
+        """The pass, returning the marked module with the decision and the fitted layers."""
         state = self._analyse(mod)
-        self.fitted = {nm: p.pq_layer for nm, p in state["plans"].items()}
-        return [self._choose(state, Budget.parse(b)) for b in budgets]
+        result = self._choose(state, self.budget)
+        return MaskResult(mod.with_attr(MASK_ATTR, json.dumps(result)), result,
+                          {nm: state["plans"][nm].pq_layer for nm in result["converted"]},
+                          {nm: p.pq_layer for nm, p in state["plans"].items()})
+
+    def sweep(self, mod: tvm.IRModule, budgets) -> tuple[list[dict], dict]:
+        """The decision for each of several budgets from one analysis (a Pareto sweep): the fit and the
+        per-layer measurements are shared, only the prefix search runs per budget. Returns the decisions
+        and every fitted candidate layer (for ``LUTify(fitted=...)``)."""
+        state = self._analyse(mod)
+        return [self._choose(state, Budget.parse(b)) for b in budgets], \
+            {nm: p.pq_layer for nm, p in state["plans"].items()}
 
     def _analyse(self, mod: tvm.IRModule) -> dict:
         """Fit all candidates, measure per-layer sensitivity, rank; everything a budget choice needs."""

@@ -171,7 +171,7 @@ class LookupEmitter(PyExprMutator):
         self.pending: dict = {}  # switchable: exact output var -> (lookup output, plan index)
         self.index = {p.layer.call_var: i for i, p in enumerate(plans)}
         self.database = database
-        self.target = target
+        self.target = targets.resolve(target)  # a Target: its lookup kernels' schedules and tuning records
         self.tuned: list[str] = []
         self.by_call = {p.layer.call_var: p for p in plans}
         self.drop = [] if switch is not None else [v for p in plans for v in [p.layer.call_var, *p.layer.folded_vars]]
@@ -193,14 +193,15 @@ class LookupEmitter(PyExprMutator):
             if self.database:
                 func = make()
             if self.database and tuning.tunable(func):
-                tuned = tuning.apply_database(func, self.target, self.database)
+                tuned = tuning.apply_database(func, self.target.tvm, self.database)
                 if tuned is not None:
                     self.tuned.append(name)
             if tuned is not None:
                 func = tuned
             else:
-                hand = tir_schedules.schedule_for(targets.resolve(self.target)) if self.schedule else None
-                func = _built_kernel((key, name, self.schedule, str(self.target)), make, hand)
+                hand = tir_schedules.schedule_for(self.target) if self.schedule else None
+                where = (type(self.target).__name__, str(self.target.tvm))
+                func = _built_kernel((key, name, self.schedule, where), make, hand)
             got = (self.builder_.add_func(func, name), func)
             self.kernels[key] = got
         return got

@@ -68,9 +68,10 @@ def test_import_contracts_hold():
 
 
 def test_options_are_one_object_and_results_are_returned():
-    """LUTify's options are one validated ``LUTifyOptions``; ``run`` returns what the pass produced and the
-    pass object changes only ``last``; ``retarget`` derives a module without touching the options."""
+    """LUTify's options are one validated ``LUTifyOptions``; ``run`` returns what the pass produced and a
+    call returns its module, and neither changes the pass; ``retarget`` derives a module from a result."""
     import dataclasses
+    import json
 
     import numpy as np
     import torch
@@ -89,10 +90,11 @@ def test_options_are_one_object_and_results_are_returned():
     res = p.run(mod)
     assert isinstance(res, LUTResult) and [r["method"] for r in res.layers] == ["pq", "pq"]
     assert vars(p) == before  # run() leaves the pass as it was
-    out = p(mod)
-    assert p.last is not None and p.layers == p.last.layers and out.same_as(p.last.module)
-    arm = p.retarget("arm")
-    assert p.options == opts and p.target == "x86" and arm is not out
+    out = p(mod)  # a call is the run's module, and leaves the pass as it was too
+    assert vars(p) == before and json.loads(str(out.attrs["tvm_lut.layers"])) == res.layers
+    assert not any(hasattr(p, name) for name in ("last", "layers", "plans", "pq_layers", "kernel_calls", "tuned"))
+    arm = res.retarget("arm")
+    assert p.options == opts and p.target == "x86" and res.options == opts and arm is not res.module
     assert LUTify(calib, options=opts, k=8).options == dataclasses.replace(opts, k=8)
     with pytest.raises(TypeError, match="unexpected keyword argument"):
         LUTify(calib, kay=8)

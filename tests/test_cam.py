@@ -29,14 +29,15 @@ def test_cam_gives_the_x86_outputs_bit_for_bit(small_cnn, small_inputs, distance
     mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:8]))
     on_x86 = LUTify(calibration=small_inputs, distance=distance, all_layers=True, progress=False)
     on_cam = LUTify(calibration=small_inputs, distance=distance, all_layers=True, target="cam", progress=False)
-    x86_mod, cam_mod = on_x86(mod), on_cam(mod)
-    pq_layers = [r for r in on_cam.layers if r["method"] == "pq"]
+    res = on_cam.run(mod)
+    x86_mod, cam_mod = on_x86(mod), res.module
+    pq_layers = [r for r in res.layers if r["method"] == "pq"]
     assert len(pq_layers) >= 4 and all(r["kernel"] == "cam" for r in pq_layers)
     cam.reset_counters()
     got = _run(cam_mod, "cam", small_inputs, 8)
     np.testing.assert_array_equal(got, _run(x86_mod, "x86", small_inputs, 8))
     # the simulator did exactly what the cost model counts (8 batches of 8)
-    report = cam.model_report(on_cam.layers, cam.CAMParams())
+    report = cam.model_report(res.layers, cam.CAMParams())
     for layer in report["layers"]:
         done = cam.COUNTERS[layer["layer"]]
         assert done == {k: 8 * layer[k] for k in ("searches", "reads", "adds")}, layer["layer"]

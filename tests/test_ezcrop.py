@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tvm_lut
-from relay_passes import EZCrop, LUTify
+from relay_passes import EZCrop, LUTify, ezcrop
 from tvm_lut.errors import OptionError
 from tvm_lut.frontend import graph
 from tvm_lut.math import channel_energy
@@ -48,9 +48,9 @@ def test_pruned_module_equals_the_torch_model_pruned_the_same_way(vgg):
     calib = np.random.default_rng(1).standard_normal((32, 3, 32, 32)).astype(np.float32)
     p = EZCrop(calib, 0.5)
     out = p(mod)
-    recs = {r["name"]: r for r in p.layers}
+    recs = {r["name"]: r for r in ezcrop.records(out)}
     assert all(recs[n]["pruned"] and recs[n]["kept"] == recs[n]["channels"] // 2 for n in recs if n.startswith("features"))
-    pruned = channel_energy.prune_torch(model, p.layers)
+    pruned = channel_energy.prune_torch(model, ezcrop.records(out))
     with torch.no_grad():
         ref = pruned(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(_run(out, x), ref, rtol=1e-4, atol=1e-4)
@@ -61,8 +61,8 @@ def test_pruned_module_equals_the_torch_model_pruned_the_same_way(vgg):
     assert sum(v.size for v in graph.param_values(out["main"]).values()) < \
         0.5 * sum(v.size for v in graph.param_values(mod["main"]).values())
     lut = LUTify(calib, distance="l1", layers={"features.0": "exact"}, progress=False)
-    lut(out)  # a later pass sees the pruned layers under their names
-    assert {r["name"] for r in lut.layers} == set(after)
+    res = lut.run(out)  # a later pass sees the pruned layers under their names
+    assert {r["name"] for r in res.layers} == set(after)
 
 
 def test_ratio_zero_is_identity_and_errors_are_named(vgg):
@@ -85,13 +85,13 @@ def test_residual_outputs_are_kept_whole():
     mod = tvm_lut.from_torch(model, torch.from_numpy(x))
     p = EZCrop(x, 0.5)
     out = p(mod)
-    recs = {r["name"]: r for r in p.layers}
+    recs = {r["name"]: r for r in ezcrop.records(out)}
     # inside a basic block the first conv feeds only the second: prunable; the second meets the skip add
     pruned = [n for n, r in recs.items() if r["pruned"]]
     kept = [n for n, r in recs.items() if not r["pruned"] and r["kind"] == "conv2d"]
     assert pruned and kept
     assert all("several users" in recs[n]["reason"] or "not channel-wise" in recs[n]["reason"] for n in kept)
-    pruned_torch = channel_energy.prune_torch(model, p.layers)
+    pruned_torch = channel_energy.prune_torch(model, ezcrop.records(out))
     with torch.no_grad():
         ref = pruned_torch(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(_run(out, x), ref, rtol=1e-4, atol=1e-4)

@@ -69,10 +69,11 @@ def test_each_isa_level_takes_its_kernel_and_matches_the_emulator(level):
     model, x = _model()
     mod = tvm_lut.from_torch(model, torch.from_numpy(x[:BATCH]))
     p = tvm_lut.LUTify(calibration=x, progress=False, all_layers=True, target=name)
-    lut = p(mod)
+    res = p.run(mod)
+    lut = res.module
     rows = {"0": BATCH * 64, "3": BATCH}
-    kinds = {r["name"]: r["kernel"] for r in p.layers}
-    for r in p.layers:  # the pass takes the decision the public rule makes for this target
+    kinds = {r["name"]: r["kernel"] for r in res.layers}
+    for r in res.layers:  # the pass takes the decision the public rule makes for this target
         assert r["kernel"] == targets.resolve(tgt).lookup_kernel("auto", r["k"], rows[r["name"]], r["kind"], r["distance"]), r
     assert kinds["0"] == f"shuffle-{level}"  # the conv has the rows for this level's widest shuffle
     lanes = shuffle.isa_for(tgt).lanes
@@ -91,7 +92,7 @@ def test_each_isa_level_takes_its_kernel_and_matches_the_emulator(level):
     from tvm_lut.math import pq
 
     fused = tvm.target.codegen.target_has_features("fma", tgt)  # x86-64-v2 has no FMA: two roundings
-    conv = p.pq_layers["0"].emulate(pq.im2col(x[:BATCH], (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), fused)
+    conv = res.pq_layers["0"].emulate(pq.im2col(x[:BATCH], (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), fused)
     flat = np.maximum(conv, 0).reshape(BATCH, 8, 8, 24).transpose(0, 3, 1, 2).reshape(BATCH, -1)
-    ref = p.pq_layers["3"].emulate(flat, fused)
+    ref = res.pq_layers["3"].emulate(flat, fused)
     np.testing.assert_array_equal(got, ref)  # bit for bit (the emulator rounds as the compiled code does)

@@ -223,12 +223,13 @@ def test_compiled_model_reproduces_torch_lookup_outputs(distance, tmp_path):
     codebooks = lutnn.load_codebooks(path)
     mod = tvm_lut.from_torch(lutnn.to_exact(res.model), x[:16])
     lut = LUTify(codebooks=codebooks, progress=False)  # no calibration data needed
-    lut_mod = lut(mod)
-    assert all(r["method"] == "pq" and r["distance"] == distance for r in lut.layers)
+    lut_res = lut.run(mod)
+    lut_mod = lut_res.module
+    assert all(r["method"] == "pq" and r["distance"] == distance for r in lut_res.layers)
     for name, layer in lutnn.lut_layers(res.model).items():
         q, scale = layer.lookup_tables()
-        np.testing.assert_array_equal(lut.pq_layers[name].tables, q)  # same tables
-        np.testing.assert_array_equal(lut.pq_layers[name].scale, scale)
+        np.testing.assert_array_equal(lut_res.pq_layers[name].tables, q)  # same tables
+        np.testing.assert_array_equal(lut_res.pq_layers[name].scale, scale)
     ex, params = compile_with_params(lut_mod, resolve_target("x86"))
     out = BatchRunner(ex, [v for _, v in params], [("x", (16, 3, 8, 8), "float32")]).run({"x": x[:64].numpy()})[0]
     with torch.no_grad():

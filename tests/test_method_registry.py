@@ -62,9 +62,10 @@ def test_a_method_registered_from_outside_rewrites_layers(half):
     model, x = _model(), torch.randn(2, 3, 6, 6)
     mod = tvm_lut.from_torch(model, x)
     p = LUTify(method="half", progress=False)  # no calibration: the method does not ask for rows
-    lut = p(mod)
-    assert [r["method"] for r in p.layers] == ["half", "half"]
-    assert all(r["lut_ops"]["mul"] > 0 and r["weight16_bytes"] for r in p.layers)
+    p_res = p.run(mod)
+    lut = p_res.module
+    assert [r["method"] for r in p_res.layers] == ["half", "half"]
+    assert all(r["lut_ops"]["mul"] > 0 and r["weight16_bytes"] for r in p_res.layers)
     assert json.loads(str(lut.attrs["tvm_lut.layers"]))[0]["method"] == "half"
     assert len(lut["main"].params) == 1  # every weight became a float16-rounded constant of the method
     out = tvm.relax.VirtualMachine(tvm_lut.build(lut), tvm.cpu())["main"](tvm.runtime.tensor(x.numpy())).numpy()
@@ -75,8 +76,8 @@ def test_a_method_registered_from_outside_rewrites_layers(half):
     # per layer, beside the built-ins
     p2 = LUTify(calibration=np.random.default_rng(0).standard_normal((64, 3, 6, 6)).astype(np.float32),
                 layers={"4": "half"}, all_layers=True, progress=False)
-    p2(mod)
-    assert {r["name"]: r["method"] for r in p2.layers} == {"0": "pq", "4": "half"}
+    p2_res = p2.run(mod)
+    assert {r["name"]: r["method"] for r in p2_res.layers} == {"0": "pq", "4": "half"}
 
 
 def test_cli_takes_a_registered_method(half, tmp_path, capsys):

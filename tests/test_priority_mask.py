@@ -74,11 +74,11 @@ def test_max_drop_converts_what_fits(lenet):
     depends on the LeNet this machine trained)."""
     mod, calib, _ = lenet
     probe = PriorityMask(calib, "max-drop=100", distance="l1", progress=False)
-    everything, = probe.sweep(mod, ["max-drop=100"])
+    (everything,), _ = probe.sweep(mod, ["max-drop=100"])
     assert everything["converted"] == everything["candidates"]
     first = everything["candidates"][0]
     need = _alone_needs(everything["scores"][first], everything["validation_samples"])
-    above, below = probe.sweep(mod, [f"max-drop={need + 0.01:.4f}", f"max-drop={max(need - 0.01, 0.0):.4f}"])
+    (above, below), _ = probe.sweep(mod, [f"max-drop={need + 0.01:.4f}", f"max-drop={max(need - 0.01, 0.0):.4f}"])
     assert above["converted"][:1] == [first]
     assert above["val_drop"] + above["val_drop_margin"] <= need + 0.01
     if need >= 0.01:
@@ -88,14 +88,15 @@ def test_max_drop_converts_what_fits(lenet):
 def test_min_removed_and_separate_pass(lenet):
     mod, calib, _ = lenet
     pm = PriorityMask({"x": calib["x"]}, "min-removed=0.5", distance="l1", progress=False)
-    masked = pm(mod)
-    assert pm.result["mul_removed_frac"] >= 0.5
-    assert "drop_alone" not in next(iter(pm.result["scores"].values()))  # no labels: similarity only
+    run = pm.run(mod)
+    masked = run.module
+    assert run.result["mul_removed_frac"] >= 0.5
+    assert "drop_alone" not in next(iter(run.result["scores"].values()))  # no labels: similarity only
     lut = LUTify({"x": calib["x"]}, distance="l1", progress=False)
-    lut(masked)  # a later LUTify obeys the mask left on the module
-    assert {r["name"] for r in lut.layers if r["method"] == "pq"} == set(pm.result["converted"])
-    removed = 1 - sum(r["lut_ops"]["mul"] if r["method"] == "pq" else r["exact_ops"]["mul"] for r in lut.layers) \
-        / sum(r["exact_ops"]["mul"] for r in lut.layers)
+    lut_res = lut.run(masked)  # a later LUTify obeys the mask left on the module
+    assert {r["name"] for r in lut_res.layers if r["method"] == "pq"} == set(run.result["converted"])
+    removed = 1 - sum(r["lut_ops"]["mul"] if r["method"] == "pq" else r["exact_ops"]["mul"] for r in lut_res.layers) \
+        / sum(r["exact_ops"]["mul"] for r in lut_res.layers)
     assert removed >= 0.5
     with pytest.raises(OptionError, match=r"cannot be met: converting every candidate layer removes \d+\.\d%"):
         PriorityMask({"x": calib["x"]}, "min-removed=0.5", distance="l2", progress=False)(mod)
@@ -133,8 +134,8 @@ def test_switchable_build_is_the_rewritten_model_bit_for_bit(lenet):
 
     mod, calib, d = lenet
     fitter = LUTify(calibration={"x": calib["x"][:300]}, all_layers=True, progress=False)
-    fitter(mod)
-    plans = [p for p in fitter.plans if p.record["method"] == "pq"]
+    fitter_res = fitter.run(mod)
+    plans = [p for p in fitter_res.plans if p.record["method"] == "pq"]
     assert len(plans) >= 3
     sig = input_signature(mod["main"])
     x = {"x": d["test_images"][:64]}

@@ -18,8 +18,9 @@ from tvm_lut.math import pq
 def _lutify(model, x, example):
     mod = tvm_lut.from_torch(model, torch.from_numpy(example))
     p = tvm_lut.LUTify(calibration=x, progress=False)
-    lut = p(mod)
-    return p, lut, tvm_lut.build(lut)
+    res = p.run(mod)
+    lut = res.module
+    return res, lut, tvm_lut.build(lut)
 
 
 @pytest.mark.parametrize("kind", ["dense", "conv"])
@@ -35,12 +36,12 @@ def test_layer_kernels_from_the_model_build_reproduce_the_layer(kind):
     else:  # batch 1: the lookup writes NCHW, so only a reshape (a view) follows it
         model, x = nn.Sequential(nn.Conv2d(4, 24, 3, padding=1)).eval(), rng.standard_normal((16, 4, 8, 8)).astype(np.float32)
         example = x[:1]
-    p, _, ex = _lutify(model, x, example)
-    calls = p.kernel_calls["0"]
+    res, _, ex = _lutify(model, x, example)
+    calls = res.kernel_calls["0"]
     # which readout the layer gets depends on the host's ISA (24 dense rows: gather on 64-lane VBMI,
     # shuffle on AVX2): expect what the pass's own rule decides for this target
-    rec = p.layers[0]
-    kernel = targets.resolve(p.target).lookup_kernel("auto", rec["k"], len(example) * (64 if kind == "conv" else 1),
+    rec = res.layers[0]
+    kernel = targets.resolve(res.options.target).lookup_kernel("auto", rec["k"], len(example) * (64 if kind == "conv" else 1),
                                                      rec["kind"], rec["distance"])
     assert rec["kernel"] == kernel
     want = ["lut_encode_0", "lut_lookup_0"] if kernel.startswith("shuffle") else \
@@ -49,19 +50,19 @@ def test_layer_kernels_from_the_model_build_reproduce_the_layer(kind):
     assert isinstance(calls[0].args[0], LayerInput) and calls[1].args[0] == 0
     got = profile.run_kernels(ex, calls, example)
     if kind == "dense":
-        ref = p.pq_layers["0"].emulate(example)
+        ref = res.pq_layers["0"].emulate(example)
     else:
         rows = pq.im2col(example, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
-        ref = p.pq_layers["0"].emulate(rows).reshape(1, 8 * 8, 24).transpose(0, 2, 1).reshape(1, 24, 64)
+        ref = res.pq_layers["0"].emulate(rows).reshape(1, 8 * 8, 24).transpose(0, 2, 1).reshape(1, 24, 64)
     np.testing.assert_array_equal(got.reshape(ref.shape), ref)
     vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
     np.testing.assert_array_equal(got.reshape(example.shape[0], -1),
                                   vm["main"](tvm.runtime.tensor(example)).numpy().reshape(example.shape[0], -1))
 
-    profile.measure_layers(p.plans, "x86", executable=ex, kernel_calls=p.kernel_calls)
-    lat = p.layers[0]["latency"]
+    profile.measure_layers(res.plans, "x86", executable=ex, kernel_calls=res.kernel_calls)
+    lat = res.layers[0]["latency"]
     assert lat["rewrite_from"] == "model" and lat["rewrite_ms"] > 0 and lat["exact_ms"] > 0
-    assert p.layers[0]["slower_than_exact"] == (lat["rewrite_ms"] > lat["exact_ms"])
+    assert res.layers[0]["slower_than_exact"] == (lat["rewrite_ms"] > lat["exact_ms"])
 
 
 def test_layers_with_other_ops_or_missing_kernels_are_compiled_alone():
@@ -70,13 +71,13 @@ def test_layers_with_other_ops_or_missing_kernels_are_compiled_alone():
     compiled alone, and the record says so."""
     torch.manual_seed(0)
     x = np.random.default_rng(1).standard_normal((256, 30)).astype(np.float32)
-    p, _, ex = _lutify(nn.Sequential(nn.Linear(30, 48)).eval(), x, x[:16])
-    assert p.layers[0]["method"] == "pq" and p.kernel_calls["0"] is None
-    profile.measure_layers(p.plans, "x86", executable=ex, kernel_calls=p.kernel_calls)
-    assert p.layers[0]["latency"]["rewrite_from"] == "layer" and p.layers[0]["latency"]["rewrite_ms"] > 0
+    res, _, ex = _lutify(nn.Sequential(nn.Linear(30, 48)).eval(), x, x[:16])
+    assert res.layers[0]["method"] == "pq" and res.kernel_calls["0"] is None
+    profile.measure_layers(res.plans, "x86", executable=ex, kernel_calls=res.kernel_calls)
+    assert res.layers[0]["latency"]["rewrite_from"] == "layer" and res.layers[0]["latency"]["rewrite_ms"] > 0
 
     y = np.random.default_rng(2).standard_normal((256, 32)).astype(np.float32)
-    q, _, ex = _lutify(nn.Sequential(nn.Linear(32, 48)).eval(), y, y[:16])
+    q, _, ex = _lutify(nn.Sequential(nn.Linear(32, 48)).eval(), y, y[:16])  # q: that run's LUTResult
     renamed = {"0": [dataclasses.replace(c, name=c.name + "_gone") for c in q.kernel_calls["0"]]}
     assert profile.kernels_latency_ms(ex, renamed["0"], (16, 32)) is None
     assert profile.run_kernels(ex, renamed["0"], y[:16]) is None
@@ -93,6 +94,6 @@ def test_butterfly_and_lowrank_rewrites_record_no_kernel_chain():
     mod = tvm_lut.from_torch(nn.Sequential(nn.Linear(32, 48)).eval(), torch.from_numpy(x[:8]))
     for method, options in (("butterfly", {"butterfly_budget": 0.5}), ("lowrank", {})):
         p = tvm_lut.LUTify(calibration=x, progress=False, method=method, **options)
-        p(mod)
-        assert p.layers[0]["method"] == method and p.kernel_calls["0"] is None
+        res = p.run(mod)
+        assert res.layers[0]["method"] == method and res.kernel_calls["0"] is None
 

@@ -27,8 +27,8 @@ def _records(distance_out="l2"):
     mod = tvm_lut.from_torch(Tiny().eval(), torch.from_numpy(x[:2]))
     p = relay.transform.LUTify(calibration=x, all_layers=True, progress=False,
                                layers={"out": {"distance": distance_out}})
-    p(mod)
-    return {r["name"]: r for r in p.layers}
+    res = p.run(mod)
+    return {r["name"]: r for r in res.layers}
 
 
 def test_counts_match_hand_calculation_l2():

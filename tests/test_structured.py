@@ -138,10 +138,11 @@ def test_energy_rank_and_exact_factorisations():
 
 def _compiled(mod, x, **lutify):
     p = LUTify(progress=False, **lutify)
-    out = p(mod)
+    res = p.run(mod)
+    out = res.module
     ex, params = compile_with_params(out, resolve_target("x86"))
     y = BatchRunner(ex, [v for _, v in params], [("x", x.shape, "float32")]).run({"x": x})[0]
-    return y, {r["name"]: r for r in p.layers}
+    return y, {r["name"]: r for r in res.layers}
 
 
 @pytest.mark.parametrize("method,kw", [("lowrank", {"rank": 3}), ("lowrank", {"rank": 4, "form": "tucker2"}),

@@ -53,8 +53,9 @@ def test_weight_norm_and_broadcast_weights_are_layers():
     np.testing.assert_allclose(_run(mod, x.numpy()), ref, rtol=1e-4, atol=1e-4)
     calib = np.random.default_rng(0).standard_normal((64, 4, 6, 6)).astype(np.float32)
     p = tvm_lut.LUTify(calibration=calib, all_layers=True, progress=False, v=2)
-    lut = p(mod)
-    assert {r["name"]: r["method"] for r in p.layers} == {"conv": "pq", "proj": "pq"}
+    res = p.run(mod)
+    lut = res.module
+    assert {r["name"]: r["method"] for r in res.layers} == {"conv": "pq", "proj": "pq"}
     out = _run(lut, x.numpy())
     assert out.shape == ref.shape and np.isfinite(out).all()
     assert np.abs(out - ref).max() < 0.5 * np.abs(ref).max()  # a lookup approximation of this model, not garbage

@@ -36,8 +36,9 @@ def main(tiny: bool = False, out: str = "tutorial1_out") -> tuple[float, float]:
     # 3. LUTify: learn K=16 centroids per subspace from real layer inputs, then replace each layer by
     #    encode (nearest centroid) + table accumulate. Narrow layers (M <= K) stay exact unless forced.
     lutify = relay.transform.LUTify(calibration=data["train_images"][: 512 if tiny else 2048], progress=False)
-    mod = lutify(mod)
-    for rec in lutify.layers:
+    res = lutify.run(mod)
+    mod = res.module
+    for rec in res.layers:
         print(f"  {rec['name']:13s} {rec['method']:5s} {rec.get('reason', '')}")
 
     # 4. Build for this CPU and export one self-contained shared library.

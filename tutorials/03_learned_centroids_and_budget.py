@@ -58,8 +58,9 @@ def main(tiny: bool = False, out: str | None = None) -> dict:  # noqa: ARG001 (s
     # 5. a budget: at most 1 point lost on held-out calibration samples; sensitive layers stay exact
     calib = {"x": tx[-1000:], "labels": ty[-1000:]}
     masked_pass = LUTify(calib, budget="max-drop=1.0", distance="l1", progress=False)
-    masked = accuracy_of(masked_pass(mod), vx, vy, batch)
-    kept = [r["name"] for r in masked_pass.layers if r["method"] != "pq"]
+    masked_run = masked_pass.run(mod)  # the module and what the pass decided per layer
+    masked = accuracy_of(masked_run.module, vx, vy, batch)
+    kept = [r["name"] for r in masked_run.layers if r["method"] != "pq"]
 
     res = {"exact": exact, "kmeans_l1": kmeans, "learned_l1": learned, "learned_l1_torch": torch_lut,
            "budget_1pt": masked, "kept_exact": kept}

@@ -47,8 +47,9 @@ def main(tiny: bool = False, out: str | None = None) -> dict:  # noqa: ARG001 (s
     keep = {n: "exact" for n in KEEP}
     for method in ("lowrank", "butterfly"):
         p = LUTify(method=method, layers=keep, progress=False)
-        res[f"{method}_post"] = accuracy_of(p(mod), vx, vy, batch)
-        res[f"{method}_post_params_removed"] = pipeline.totals(p.layers)["params_removed_frac"]
+        run = p.run(mod)
+        res[f"{method}_post"] = accuracy_of(run.module, vx, vy, batch)
+        res[f"{method}_post_params_removed"] = pipeline.totals(run.layers)["params_removed_frac"]
 
     # 3. fine-tuned DeBut chains (15 % of each layer's parameters), then compiled
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(tx), torch.from_numpy(ty)),
@@ -57,19 +58,20 @@ def main(tiny: bool = False, out: str | None = None) -> dict:  # noqa: ARG001 (s
     tuned, _ = sn.finetune(chains, loader, epochs=2 if tiny else 3, lr_=3e-3, teacher=model, progress=not tiny)
     layers, factors = sn.structured_options(tuned)
     fine = LUTify(method="exact", layers=layers, factors=factors, progress=False)
-    fine_mod = fine(tvm_lut.from_torch(sn.to_exact(tuned), torch.from_numpy(vx[:batch])))
+    fine_res = fine.run(tvm_lut.from_torch(sn.to_exact(tuned), torch.from_numpy(vx[:batch])))
+    fine_mod = fine_res.module
     res["butterfly_tuned"] = accuracy_of(fine_mod, vx, vy, batch)
     with torch.no_grad():
         res["butterfly_tuned_torch"] = models.accuracy(tuned(torch.from_numpy(vx)).numpy(), vy)
-    res["butterfly_tuned_params_removed"] = pipeline.totals(fine.layers)["params_removed_frac"]
+    res["butterfly_tuned_params_removed"] = pipeline.totals(fine_res.layers)["params_removed_frac"]
 
     # 4. EZCrop: half the channels of both convs, removed from the module
     pruned = EZCrop(tx[:256], 0.5)(mod)
     res["ezcrop_post"] = accuracy_of(pruned, vx, vy, batch)
 
     # 5. measured per layer: is each rewrite faster than the exact layer?
-    profile.measure_layers(fine.plans)
-    res["slower_than_exact"] = [r["name"] for r in fine.layers if r.get("slower_than_exact")]
+    profile.measure_layers(fine_res.plans)
+    res["slower_than_exact"] = [r["name"] for r in fine_res.layers if r.get("slower_than_exact")]
 
     print(f"exact {exact:.2f}%")
     print(f"post-training, in the compiler: low rank {res['lowrank_post']:.2f}% "

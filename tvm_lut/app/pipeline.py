@@ -197,14 +197,14 @@ def compile_and_measure(
     host = local.tvm
     # the exact model first: a model TVM cannot build at all gets that said plainly (ModelError)
     exact_ex, exact_params = compile_or_explain(lambda: compile_with_params(mod, host))
-    pass_ = LUTify(calibration=calib, target=tgt, seed=seed, progress=progress, **lutify_options)
-    lut_mod = pass_(mod)
-    layers = pass_.layers
+    pass_ = LUTify(calibration=calib, target=build_for, seed=seed, progress=progress, **lutify_options)
+    result = pass_.run(mod)
+    lut_mod, layers = result.module, result.layers
     lut_ex, lut_params = compile_with_params(lut_mod, tgt)
     # accuracy and latency runs happen here: a cross build (arm) is measured through a host build of the
     # same tables (tests/test_arm.py checks that both predict the same); the exact model always on the host
     on_host = build_for.runs_here()
-    run_ex = lut_ex if on_host else compile_with_params(pass_.retarget(host), host)[0]
+    run_ex = lut_ex if on_host else compile_with_params(result.retarget(host), host)[0]
     lut_run = BatchRunner(run_ex, [v for _, v in lut_params], signature)
     exact_run = BatchRunner(exact_ex, [v for _, v in exact_params], signature)
     report: dict = {
@@ -218,9 +218,9 @@ def compile_and_measure(
         "latency": None,
     }
     if pass_.database:
-        report["tuning"] = {"database": pass_.database, "tuned_kernels": list(pass_.tuned)}
-    if pass_.priority:
-        report["priority_mask"] = {k: v for k, v in pass_.priority.items() if k not in ("scores", "decision")}
+        report["tuning"] = {"database": pass_.database, "tuned_kernels": list(result.tuned)}
+    if result.priority:
+        report["priority_mask"] = {k: v for k, v in result.priority.items() if k not in ("scores", "decision")}
     if budget_policy is not None:
         report["budget"] = {"budget": lutify_options.get("budget"), "why": budget_policy}
     if held is not None and labels is not None:
@@ -243,11 +243,11 @@ def compile_and_measure(
         from tvm_lut.app import profile
 
         # the rewritten layers' kernels are timed from the model's own build (run_ex is lut_ex here)
-        profile.measure_layers(pass_.plans, tgt, executable=run_ex, kernel_calls=pass_.kernel_calls)
+        profile.measure_layers(result.plans, tgt, executable=run_ex, kernel_calls=result.kernel_calls)
         e_ms, l_ms = exact_run.latency_ms(), lut_run.latency_ms()
         report["latency"] = {"exact_ms": e_ms, "lut_ms": l_ms, "speedup": e_ms / l_ms, "batch": lut_run.batch,
                              "threads": default_threads(), "note": "per batch; LUT kernels hand-scheduled "
-                             + ("or tuned (see tuning); " if pass_.tuned else "; ")
+                             + ("or tuned (see tuning); " if result.tuned else "; ")
                              + "exact layers and other ops: TVM default CPU lowering, untuned"}
         if baselines is not None:  # what users compare against, in this process, same batch and threads
             from tvm_lut.app import baselines as bl

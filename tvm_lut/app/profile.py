@@ -121,10 +121,10 @@ def single_layer_module(layer: graph.Layer) -> tvm.IRModule:
 
 def measure_layers(plans: list, target="x86", schedule: bool = True, executable=None,
                    kernel_calls: dict[str, list[KernelCall] | None] | None = None) -> None:
-    """Time every layer of a LUTify run (``LUTify.plans``) exact and rewritten; fills the records.
+    """Time every layer of a LUTify run (``LUTResult.plans``) exact and rewritten; fills the records.
 
     With ``executable`` (the LUTify'd model compiled for ``target``) and ``kernel_calls``
-    (``LUTify.kernel_calls`` of that run), layers that run only kernels are timed from that build."""
+    (``LUTResult.kernel_calls`` of that run), layers that run only kernels are timed from that build."""
     tgt = resolve_target(target)
     for plan in plans:
         layer, rec = plan.layer, plan.record

@@ -31,7 +31,7 @@ def channel_scores(fmaps: np.ndarray, alpha: float = 0.25) -> np.ndarray:
 
 def prune_torch(model, layers: list[dict]):
     """The torch twin of ``relay_passes.EZCrop``'s rewrite, for fine-tuning after pruning: a copy of
-    ``model`` with the same channels removed (``layers`` = ``EZCrop(...).layers``: per pruned conv its
+    ``model`` with the same channels removed (``layers`` = ``relay_passes.ezcrop.records(pruned_module)``: per pruned conv its
     ``kept_channels`` and ``next_layer``). Slices the conv, the ``BatchNorm2d`` right after it in its
     parent module, and the next conv's input channels or the next dense layer's flattened columns."""
     import copy

@@ -38,11 +38,36 @@ from tvm_lut.targets.cam import CAM_KEY, Cam
 from tvm_lut.targets.isa import host_target, missing_instruction_sets
 from tvm_lut.targets.x86 import X86
 
-__all__ = ["ARM_TRIPLE", "CAM_KEY", "KINDS", "TARGETS", "Arm", "Cam", "Target", "X86", "host_target",
-           "instruction_sets", "missing_instruction_sets", "of_artifact", "resolve", "resolve_target"]
+__all__ = ["ARM_TRIPLE", "CAM_KEY", "TARGETS", "Arm", "Cam", "Target", "X86", "host_target", "instruction_sets",
+           "kinds", "missing_instruction_sets", "of_artifact", "register", "resolve", "resolve_target", "unregister"]
 
-TARGETS = ("x86", "x86:CPU", "arm", "cam")
-KINDS: tuple[type[Target], ...] = (Cam, Arm, X86)  # asked in order: a cam target is also an x86 one
+_KINDS: list[type[Target]] = [Cam, Arm, X86]  # asked in order: a cam target is also an x86 one
+
+
+def kinds() -> tuple[type[Target], ...]:
+    """The target kinds ``resolve`` asks, in order (registered ones first)."""
+    return tuple(_KINDS)
+
+
+def register(kind: type[Target]) -> type[Target]:
+    """Add a target kind (a ``Target`` subclass): ``resolve`` asks it before the built-in ones, so it may
+    claim a name or a TVM target they would take. Returns ``kind`` (usable as a class decorator)."""
+    if not (isinstance(kind, type) and issubclass(kind, Target)):
+        raise TypeError(f"register() takes a Target subclass, got {kind!r}")
+    if kind not in _KINDS:
+        _KINDS.insert(0, kind)
+    return kind
+
+
+def unregister(kind: type[Target]) -> None:
+    if kind in _KINDS:
+        _KINDS.remove(kind)
+
+
+def __getattr__(name: str):
+    if name == "TARGETS":  # the names users give (``--target``), of every kind registered now
+        return tuple(n for kind in reversed(_KINDS) for n in kind.names)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve(target) -> Target:
@@ -56,15 +81,15 @@ def resolve(target) -> Target:
         except Exception as exc:
             raise TargetError(f"invalid target dict {target!r}: {exc}") from None
     if isinstance(target, tvm.target.Target):
-        return next((kind(target) for kind in KINDS if kind.claims(target)), None) or Target(target)
+        return next((kind(target) for kind in _KINDS if kind.claims(target)), None) or Target(target)
     if target is None:
         return X86.host()
     if isinstance(target, str):
-        for kind in KINDS:
+        for kind in _KINDS:
             got = kind.from_name(target)
             if got is not None:
                 return got
-    raise TargetError(f"unknown target {target!r}; supported: {', '.join(TARGETS)} (or a TVM target dict)")
+    raise TargetError(f"unknown target {target!r}; supported: {', '.join(__getattr__('TARGETS'))} (or a TVM target dict)")
 
 
 def of_artifact(manifest: dict) -> Target:

@@ -40,6 +40,7 @@ def export_candidate(mod) -> str:
 
 class Arm(Target):
     family = "arm"
+    names = ("arm",)
     farm_key = "arm64"
     candidate_export = staticmethod(export_candidate)
 

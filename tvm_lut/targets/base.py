@@ -23,6 +23,7 @@ class Target:
     target of no family of ours resolves to (built as given, run nowhere here, gather lookups)."""
 
     family = "other"
+    names: tuple[str, ...] = ()  # the names ``from_name`` takes, as the docs and errors list them
     farm_key: str | None = None  # RPC key of devices that run its code (``tvm-lut farm``); None: none do
     schedule = "cpu"  # the hand schedules its kernels get (``tir_schedules.schedule_for``)
 

@@ -17,6 +17,7 @@ CAM_KEY = "cam"
 
 class Cam(X86):
     family = "cam"
+    names = ("cam",)
     farm_key = None  # the lookups run in the host's simulator: nothing to run or tune remotely
 
     @classmethod

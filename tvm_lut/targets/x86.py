@@ -15,6 +15,7 @@ from tvm_lut.targets.isa import host_target, llvm_instruction_sets, missing_inst
 
 class X86(Target):
     family = "x86"
+    names = ("x86", "x86:CPU")
     farm_key = "x86"
 
     @classmethod

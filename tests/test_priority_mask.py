@@ -61,9 +61,12 @@ def test_max_drop_is_met_on_unseen_data(lenet):
     for r in report["layers"]:
         assert "similarity" in r["priority"] and "drop_alone" in r["priority"]
     first = pm["candidates"][0]
-    # the search is maximal at the first step: the best-ranked layer is converted exactly when it fits alone
+    # the search never stops short of the best-ranked layer when it fits alone; the converse need not hold:
+    # a longer prefix can fit where its first layer alone does not (errors partly cancel), and what is
+    # converted was measured to fit (above)
     first_sc = next(r["priority"] for r in report["layers"] if r["name"] == first)
-    assert bool(pm["converted"]) == (_alone_needs(first_sc, pm["validation_samples"]) <= budget)
+    if _alone_needs(first_sc, pm["validation_samples"]) <= budget:
+        assert pm["converted"][:1] == [first]
 
 
 @pytest.mark.slow  # about 55 s (three sweeps); test_max_drop_is_met_on_unseen_data checks the budget by default

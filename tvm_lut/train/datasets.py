@@ -43,8 +43,9 @@ def load_mnist(root: str | None = None) -> dict[str, np.ndarray]:
     }
 
 
-def load_cifar10(split: str, root: str | None = None, limit: int | None = None, seed: int = 0):
-    """CIFAR-10 (JPEG re-encoding) -> (float32 NCHW normalised images, int64 labels).
+def load_cifar10(split: str, root: str | None = None, limit: int | None = None, seed: int = 0, raw: bool = False):
+    """CIFAR-10 (JPEG re-encoding) -> (float32 NCHW normalised images, int64 labels), or with ``raw`` the
+    decoded uint8 NHWC pixels (``normalize_cifar10`` makes the former of them).
 
     Records are stored sorted by class, so they are shuffled with ``seed`` before ``limit`` is applied.
     """
@@ -61,5 +62,10 @@ def load_cifar10(split: str, root: str | None = None, limit: int | None = None, 
     for i, j in enumerate(order):
         with Image.open(io.BytesIO(blob[offsets[j] : offsets[j + 1]].tobytes())) as im:
             images[i] = np.asarray(im.convert("RGB"))
+    return (images if raw else normalize_cifar10(images)), labels[order]
+
+
+def normalize_cifar10(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC pixels -> float32 NCHW, normalised with the train set's channel mean and std."""
     x = (images.astype(np.float32) / 255.0 - CIFAR_MEAN) / CIFAR_STD
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), labels[order]
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -5,8 +5,8 @@ lookup build means nothing on random weights. This script trains it on this mach
 and resumed at any point:
 
     python benchmarks/train_cifar.py --model resnet18                 # 30 epochs; resumes where it stopped
-    python benchmarks/train_cifar.py --model resnet18 --max-minutes 60   # a slice of work
-    python benchmarks/train_cifar.py --model resnet18 --status               # where it stands
+    python benchmarks/train_cifar.py --model resnet18 --max-minutes 60  # a slice of work
+    python benchmarks/train_cifar.py --model resnet18 --status          # where it stands
 
 Checkpoints live outside the repository, under ``$TVM_LUT_CACHE/train/<model>/`` (default
 ``~/.cache/tvm-lut``): ``last.pt`` (weights, optimiser, schedule, epoch and step, RNG states) is written

@@ -235,8 +235,9 @@ def compile_and_measure(
         report["agreement"] = {"rows": int(len(pred_e)), "agreement": float((pred_e == pred_l).mean() * 100.0)}
         if not on_host:
             report["agreement"]["measured_on"] = f"host build of the same tables ({local.name})"
-    if isinstance(build_for, targets.Cam):
-        report["cam"] = build_for.report(layers, cam_params)
+    section = build_for.device_report(layers, cam_params)
+    if section is not None:  # the CAM simulator's cycles and energy
+        report[section[0]] = section[1]
     if measure_latency and build_for.latency_note() is not None:
         report["latency_note"] = build_for.latency_note()
     elif measure_latency:

@@ -39,7 +39,15 @@ from tvm_lut.targets.isa import host_target, missing_instruction_sets
 from tvm_lut.targets.x86 import X86
 
 __all__ = ["ARM_TRIPLE", "CAM_KEY", "TARGETS", "Arm", "Cam", "Target", "X86", "host_target", "instruction_sets",
-           "kinds", "missing_instruction_sets", "of_artifact", "register", "resolve", "resolve_target", "unregister"]
+           "kinds", "missing_instruction_sets", "Other", "of_artifact", "register", "resolve", "resolve_target", "unregister"]
+
+class Other(Target):
+    """A TVM target of no kind of ours: built as given, run nowhere here (calibration on this host),
+    gather lookups where it has no byte shuffle."""
+
+    def local(self) -> X86:
+        return X86.host()
+
 
 _KINDS: list[type[Target]] = [Cam, Arm, X86]  # asked in order: a cam target is also an x86 one
 
@@ -81,7 +89,7 @@ def resolve(target) -> Target:
         except Exception as exc:
             raise TargetError(f"invalid target dict {target!r}: {exc}") from None
     if isinstance(target, tvm.target.Target):
-        return next((kind(target) for kind in _KINDS if kind.claims(target)), None) or Target(target)
+        return next((kind(target) for kind in _KINDS if kind.claims(target)), None) or Other(target)
     if target is None:
         return X86.host()
     if isinstance(target, str):

@@ -15,6 +15,7 @@ import tvm
 from tvm_lut.errors import ArtifactError, TargetError
 from tvm_lut.targets.arm_emulator import CROSS_CXX
 from tvm_lut.targets.base import Target
+from tvm_lut.targets.x86 import X86
 
 ARM_TRIPLE = "aarch64-linux-gnu"
 
@@ -63,6 +64,9 @@ class Arm(Target):
     @property
     def name(self) -> str:
         return "arm"
+
+    def local(self) -> X86:
+        return X86.host()  # this x86 process runs a host build of the same tables
 
     def export(self, executable, path: str) -> None:
         executable.export_library(path, fcompile=_cross_compiler())

@@ -19,8 +19,8 @@ from tvm_lut.targets.isa import ShuffleISA, isa_for
 class Target:
     """A build target: ``tvm`` (the ``tvm.target.Target`` code is built with) and what it implies.
 
-    Subclasses set ``family`` and ``farm_key`` and override what differs; this base is also what a TVM
-    target of no family of ours resolves to (built as given, run nowhere here, gather lookups)."""
+    Subclasses set ``family`` and ``farm_key`` and override what differs, and say where their calibration
+    runs (``local``). A TVM target of no family of ours resolves to ``tvm_lut.targets.Other``."""
 
     family = "other"
     names: tuple[str, ...] = ()  # the names ``from_name`` takes, as the docs and errors list them
@@ -58,9 +58,7 @@ class Target:
     def local(self) -> Target:
         """Where calibration, priority-mask and accuracy runs happen for a build for this target: the target
         itself when its code runs here as built, else this host (same tables, the host's kernels)."""
-        from tvm_lut.targets.x86 import X86
-
-        return self if self.runs_here() else X86.host()
+        raise NotImplementedError(f"{type(self).__name__} does not say where its calibration runs")
 
     # -- lookups --
     def shuffle_isa(self, grouped: bool = True) -> ShuffleISA | None:
@@ -117,6 +115,10 @@ class Target:
     def describe(self) -> dict:
         """What a report and a manifest record about the target."""
         return {"target": str(self.tvm), "target_name": self.name, "instruction_sets": self.instruction_sets()}
+
+    def device_report(self, layers: list[dict], overrides: dict | None = None) -> tuple[str, dict] | None:
+        """A report section of its own (its key and content) for a model with these layer records, or None."""
+        return None
 
     def latency_note(self) -> str | None:
         """Why latency is not measured for a build for it here, or None when it is."""

@@ -58,8 +58,9 @@ class Cam(X86):
     def latency_note(self) -> str | None:
         return "not measured: the CAM layers run in a simulator; see cam (cycles, energy)"
 
-    def report(self, layers: list[dict], overrides: dict | None = None) -> dict:
+    def device_report(self, layers: list[dict], overrides: dict | None = None) -> tuple[str, dict]:
         """The simulator's cost of the model's PQ layers (cycles, energy), with device-parameter overrides."""
         from tvm_lut.targets import cam_simulator
 
-        return cam_simulator.model_report(layers, cam_simulator.CAMParams.from_env().with_overrides(overrides or {}))
+        params = cam_simulator.CAMParams.from_env().with_overrides(overrides or {})
+        return "cam", cam_simulator.model_report(layers, params)

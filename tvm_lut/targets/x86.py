@@ -62,6 +62,9 @@ class X86(Target):
         AVX-512 code does not run on a Zen 3)."""
         return not missing_instruction_sets(self.instruction_sets())
 
+    def local(self) -> X86:
+        return self if self.runs_here() else X86.host()
+
     def check_loadable(self, path: str, manifest: dict) -> None:
         """The instruction sets the manifest records must all be this CPU's: without the check, the first
         instruction this CPU lacks stops the process (SIGILL) in the middle of a run."""

@@ -53,8 +53,8 @@ def load_cifar10(split: str, root: str | None = None, limit: int | None = None, 
 
     root = root or os.path.join(SHARED_DATA, "cifar10_jpeg")
     path = _need(os.path.join(root, f"{split}_jpeg.npz"))
-    with np.load(path, allow_pickle=False) as raw:
-        blob, offsets, labels = raw["jpeg"], raw["offsets"], raw["labels"].astype(np.int64)
+    with np.load(path, allow_pickle=False) as packed:
+        blob, offsets, labels = packed["jpeg"], packed["offsets"], packed["labels"].astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(labels))
     if limit is not None:
         order = order[:limit]

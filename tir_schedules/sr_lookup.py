@@ -1,0 +1,98 @@
+"""The HKLUT stage kernel: MSB/LSB table lookups with the rotation ensemble and the pixel shuffle, in TIR.
+
+One stage maps a uint8 (H, W) plane to a uint8 (H*s, W*s) plane (``tvm_lut.math.sr_lut.stage``, then
+``floor(255 y)`` between stages or ``round(255 y)`` at the end). The numpy reference rotates the image,
+looks up, and rotates back; the kernel never moves the image: rotation ``r`` of a pattern is the pattern
+with rotated offsets read in place, and its ``s x s`` block lands rotated in the output::
+
+    r   reads (dy, dx) as     output (a, b) takes table entry
+    0   (dy, dx)              (a, b)
+    1   (dx, -dy)             (s-1-b, a)
+    2   (-dy, -dx)            (s-1-a, s-1-b)
+    3   (-dx, dy)             (b, s-1-a)
+
+with reflection at every border (the reference pads the rotated image's bottom and right, which are the
+original's four sides over the four rotations). Per output pixel: one index per (pattern, rotation) from
+2 or 3 nibbles, one int8 read each (12 MSB + 8 LSB for HKLUT-S), integer sums, then the same float32
+arithmetic in the same order as the reference, so the result is bit-exact (``tests/test_sr_kernel.py``).
+
+Tables are flat int8 arrays ``(16^n * s * s,)`` per pattern, module constants after tabulation.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import te, tirx
+
+from tvm_lut.math import sr_lut
+
+from .kernels import opaque_kernel
+
+# rotation r: where offset (dy, dx) of the rotated frame lies in the image, and which table entry (row,
+# column of the s x s block) output sub-pixel (a, b) takes
+_OFFSET = (lambda dy, dx: (dy, dx), lambda dy, dx: (dx, -dy), lambda dy, dx: (-dy, -dx), lambda dy, dx: (-dx, dy))
+_ENTRY = (lambda a, b, s: (a, b), lambda a, b, s: (s - 1 - b, a), lambda a, b, s: (s - 1 - a, s - 1 - b),
+          lambda a, b, s: (b, s - 1 - a))
+
+
+def _reflect(c, n: int):
+    """Index ``c`` (at most 2 outside ``[0, n)``) reflected into the image, without repeating the edge."""
+    return tirx.Select(c < 0, -c, tirx.Select(c >= n, 2 * n - 2 - c, c))
+
+
+def stage(h: int, w: int, scale: int, msb: tuple[str, ...], lsb: tuple[str, ...], final: bool) -> tirx.PrimFunc:
+    """The stage as a PrimFunc ``(image, *msb tables, *lsb tables, out)``: uint8 (h, w) -> uint8 (h*s, w*s).
+
+    ``final``: round the output to the nearest level (the model's last stage) instead of flooring it (a
+    stage that feeds another: the network floors its input)."""
+    if min(h, w) < 3:
+        raise ValueError(f"an HKLUT stage needs an image of at least 3x3 pixels (its patterns span 3), got {h}x{w}")
+    s = scale
+    image = te.placeholder((h, w), "uint8", name="image")
+    tables = {(branch, p): te.placeholder((sr_lut.LEVELS ** len(sr_lut.PATTERNS[p]) * s * s,), "int8",
+                                          name=f"{branch}_{p}")
+              for branch, pats in (("msb", msb), ("lsb", lsb)) for p in pats}
+
+    def nibble(branch: str, y, x):
+        v = image[_reflect(y, h), _reflect(x, w)].astype("int32")
+        return tirx.shift_right(v, 4) if branch == "msb" else tirx.bitwise_and(v, 15)
+
+    def branch_sum(branch: str, pats, p, q, a, b):
+        acc = tirx.const(0, "int32")
+        for pat in pats:
+            table = tables[(branch, pat)]
+            for r in range(4):
+                idx = tirx.const(0, "int32")
+                for dy, dx in sr_lut.PATTERNS[pat]:
+                    oy, ox = _OFFSET[r](dy, dx)
+                    idx = idx * sr_lut.LEVELS + nibble(branch, p + oy, q + ox)
+                ta, tb = _ENTRY[r](a, b, s)
+                acc = acc + table[(idx * s + ta) * s + tb].astype("int32")
+        return acc
+
+    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
+
+    def pixel(y, x):
+        p, a, q, b = y // s, y % s, x // s, x % s
+        hi = branch_sum("msb", msb, p, q, a, b).astype("float32") / f32(len(msb) * 255)
+        lo = branch_sum("lsb", lsb, p, q, a, b).astype("float32") / f32(len(lsb) * 255)
+        nearest = image[p, q].astype("float32") / f32(255)
+        v = tirx.max(tirx.min((nearest + tirx.max(tirx.min(hi, f32(1)), f32(-1)))
+                              + tirx.max(tirx.min(lo, f32(1)), f32(-1)), f32(1)), f32(0))
+        level = v * f32(255) + f32(0.5) if final else v * f32(255)
+        return tirx.floor(level).astype("uint8")
+
+    out = te.compute((h * s, w * s), pixel, name="sr_out")
+    func = te.create_prim_func([image, *tables.values(), out]).without_attr("global_symbol")
+    return opaque_kernel(func, "sr_stage")
+
+
+def schedule(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Threads over output rows, vector lanes over the output columns."""
+    sch = tvm.s_tir.Schedule(func)
+    block = sch.get_sblock("sr_out")
+    y, x = sch.get_loops(block)
+    sch.parallel(y)
+    xo, xi = sch.split(x, factors=[None, 16])
+    sch.vectorize(xi)
+    return sch.mod["main"]

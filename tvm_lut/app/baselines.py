@@ -54,7 +54,8 @@ def median_call_ms(fn: Callable[[], object], repeat: int = 3, target_s: float = 
     return statistics.median(times) * 1e3
 
 
-def _session(path: str, threads: int):
+def ort_session(path: str, threads: int):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op), errors-only logging."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -131,7 +132,8 @@ def _batch_inputs(sess, inputs: dict[str, np.ndarray], batch: int) -> dict[str, 
     raise ValueError(f"ONNX inputs {names} do not match the calibration inputs {sorted(inputs)}")
 
 
-def _top1(sess, inputs: dict[str, np.ndarray], batch: int) -> np.ndarray:
+def ort_top1(sess, inputs: dict[str, np.ndarray], batch: int) -> np.ndarray:
+    """The session's top-1 class per row of ``inputs``, ``batch`` rows per call (the last chunk padded)."""
     n = min(len(v) for v in inputs.values())
     preds = []
     for s in range(0, n, batch):
@@ -164,20 +166,20 @@ def measure(*, batch: int, threads: int, calibration: dict[str, np.ndarray], onn
                 path = onnx_model if isinstance(onnx_model, (str, os.PathLike)) else os.path.join(tmp, "model.onnx")
                 if not isinstance(onnx_model, (str, os.PathLike)):
                     onnx.save(onnx_model, path)
-                fp32 = _session(str(path), threads)
+                fp32 = ort_session(str(path), threads)
                 feed = _batch_inputs(fp32, calibration, batch)
                 out["onnxruntime_fp32_ms"] = median_call_ms(lambda: fp32.run(None, feed))
                 try:
                     cal = {k: v[:max(CALIBRATION_ROWS, batch)] for k, v in calibration.items()}
-                    int8 = _session(quantize_int8(str(path), cal, tmp, batch), threads)
+                    int8 = ort_session(quantize_int8(str(path), cal, tmp, batch), threads)
                 except Exception as exc:  # a model the quantizer cannot handle: say so, keep the rest
                     out["notes"].append(f"ONNX Runtime int8: quantize_static failed ({type(exc).__name__}: {exc})")
                 else:
                     feed8 = _batch_inputs(int8, calibration, batch)
                     out["onnxruntime_int8_ms"] = median_call_ms(lambda: int8.run(None, feed8))
                     if held is not None and labels is not None:
-                        out["onnxruntime_int8_accuracy"] = float((_top1(int8, held, batch) == labels).mean() * 100)
-                        out["onnxruntime_fp32_accuracy"] = float((_top1(fp32, held, batch) == labels).mean() * 100)
+                        out["onnxruntime_int8_accuracy"] = float((ort_top1(int8, held, batch) == labels).mean() * 100)
+                        out["onnxruntime_fp32_accuracy"] = float((ort_top1(fp32, held, batch) == labels).mean() * 100)
     else:
         out["notes"].append("ONNX Runtime: not measured (the model is not an ONNX file)")
     if torch_module is not None:

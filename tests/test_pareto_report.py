@@ -1,0 +1,42 @@
+"""The Pareto benchmark's verdict (``benchmarks/pareto.py``): ratios against ONNX Runtime and the best LUT build
+within one point of the exact top-1, on a synthetic run (no builds)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+pareto = pytest.importorskip("pareto")
+
+
+def _plan_and_runs(fast_ms: float):
+    plan = {"model": "resnet18", "weights": "w.pt", "test_images": 10000, "calibration_rows": 1024,
+            "cpu": {"model": "test CPU", "isa": ["avx2"]},
+            "configs": [{"config": "V=2", "top1": 92.6, "build_s": 50.0, "lut_layers": 19, "layers": 21,
+                         "kernels": ["shuffle-avx2"]},
+                        {"config": "V=9/4 (LUT-NN)", "top1": 85.0, "build_s": 40.0, "lut_layers": 19, "layers": 21,
+                         "kernels": ["shuffle-avx2"]}],
+            "baselines": {"tvm_exact": {"top1": 93.0}, "ort_fp32": {"top1": 93.0}, "ort_int8": {"top1": 92.9},
+                          "pytorch": {"top1": 93.0}}}
+    base = {"tvm_exact": {"b1_ms": 40.0, "b32_ms": 900.0}, "ort_fp32": {"b1_ms": 7.5, "b32_ms": 150.0},
+            "ort_int8": {"b1_ms": 2.5, "b32_ms": 60.0}, "pytorch": {"b1_ms": 9.0, "b32_ms": 200.0}}
+    runs = [{"threads": 1, "configs": [{"b1_ms": fast_ms, "b32_ms": 50.0}, {"b1_ms": 1.0, "b32_ms": 30.0}],
+             "baselines": base}]
+    return plan, runs
+
+
+def test_the_verdict_takes_the_fastest_build_within_one_point():
+    summary, md = pareto.summarize(*_plan_and_runs(2.0))
+    v = summary["verdict"]
+    assert v["best_within_1pt"]["build"] == "LUT V=2"  # V=9/4 is faster but 8 points down
+    assert v["best_within_1pt"]["x_ort_int8"] == pytest.approx(1.25) and v["beats_ort_int8"]
+    assert v["best_within_1pt"]["x_ort_fp32"] == pytest.approx(3.75) and v["beats_3x_ort_fp32"]
+    assert "| LUT V=2 | 92.60 | 0.40 |" in md and "ONNX Runtime int8" in md
+
+
+def test_a_slower_build_does_not_pass_for_a_win():
+    summary, _ = pareto.summarize(*_plan_and_runs(5.0))
+    assert not summary["verdict"]["beats_ort_int8"] and not summary["verdict"]["beats_3x_ort_fp32"]

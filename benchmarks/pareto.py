@@ -40,6 +40,8 @@ sys.path.insert(0, HERE)
 import speed  # noqa: E402  (the export, tuning and timing helpers of the speed benchmark)
 import train_cifar  # noqa: E402
 
+from tvm_lut.app.baselines import host_cpu  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results")
 BATCHES = (1, 32)
 
@@ -98,8 +100,7 @@ def build(args, cache: str) -> dict:
     test_x, test_y = datasets.load_cifar10("test", limit=args.test_limit, seed=0)
     train_x, train_y = datasets.load_cifar10("train", limit=args.calib, seed=1)
     plan: dict = {"model": args.model, "weights": source, "random": bool(args.random), "test_images": int(len(test_y)),
-                  "calibration_rows": int(len(train_y)), "cpu": train_cifar.cpu_info(),
-                  "llvm_instruction_sets": targets.resolve("x86").instruction_sets(), "configs": [], "baselines": {}}
+                  "calibration_rows": int(len(train_y)), "cpu": host_cpu(), "configs": [], "baselines": {}}
     mods = {b: tvm_lut.from_torch(model, torch.from_numpy(test_x[:b])) for b in BATCHES}
 
     # exact: TVM untuned and tuned, ONNX Runtime fp32 and int8, PyTorch
@@ -109,13 +110,13 @@ def build(args, cache: str) -> dict:
     _log(f"exact model, TVM build: top-1 {base['tvm_exact']['top1']:.2f}%")
     for b in BATCHES:
         ex, params = compile_with_params(mods[b], target)
-        base["tvm_exact"][f"b{b}"] = speed._export(ex, params, [test_x[:b]], os.path.join(cache, f"exact_b{b}"))
+        base["tvm_exact"][f"b{b}"] = speed.export_build(ex, params, [test_x[:b]], os.path.join(cache, f"exact_b{b}"))
         if args.exact_trials:
             t0 = time.time()
             ex, params, tasks = speed.tune_model(mods[b], target, os.path.join(
                 cache, "..", f"db_exact_{args.model}_b{b}_t{args.exact_trials}"), args.exact_trials)
             base.setdefault("tvm_tuned", {})[f"b{b}"] = {
-                **speed._export(ex, params, [test_x[:b]], os.path.join(cache, f"exact_tuned_b{b}")),
+                **speed.export_build(ex, params, [test_x[:b]], os.path.join(cache, f"exact_tuned_b{b}")),
                 "tasks": tasks, "tuning_s": time.time() - t0}
             _log(f"exact model, MetaSchedule-tuned batch {b}: {tasks} tasks, {time.time() - t0:.0f} s")
     with torch.no_grad():
@@ -153,14 +154,14 @@ def build(args, cache: str) -> dict:
         res1 = LUTify(calib, layers=dict(KEEP), target=target, progress=False, **opts).run(mods[1])
         ex1, p1 = compile_with_params(res1.module, target)
         entry["build_s"] = time.time() - t0
-        entry["b1"] = speed._export(ex1, p1, [test_x[:1]], os.path.join(cache, f"lut_{len(plan['configs'])}_b1"))
+        entry["b1"] = speed.export_build(ex1, p1, [test_x[:1]], os.path.join(cache, f"lut_{len(plan['configs'])}_b1"))
         # the same tables and decisions at batch 32: accuracy on the test set, and the batch-32 latency
         decided = {r["name"]: ("exact" if r["method"] == "exact" else {"method": r["method"]}) for r in res1.layers}
         plain = {k: v for k, v in opts.items() if k != "budget"}
         res32 = LUTify({"x": train_x}, layers=decided, fitted=res1.pq_layers, target=target, progress=False, **plain).run(mods[32])
         ex32, p32 = compile_with_params(res32.module, target)
         entry["top1"] = top1(ex32, p32, test_x, test_y, 32)
-        entry["b32"] = speed._export(ex32, p32, [test_x[:32]], os.path.join(cache, f"lut_{len(plan['configs'])}_b32"))
+        entry["b32"] = speed.export_build(ex32, p32, [test_x[:32]], os.path.join(cache, f"lut_{len(plan['configs'])}_b32"))
         pq = [r for r in res1.layers if r["method"] == "pq"]
         entry.update(layers=len(res1.layers), lut_layers=len(pq), kernels=sorted({r.get("kernel", "") for r in pq}),
                      v=sorted({r["v"] for r in pq}), k=sorted({r["k"] for r in pq}))
@@ -194,25 +195,25 @@ def measure(plan: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     out: dict = {"threads": threads, "configs": [], "baselines": {}}
     for e in plan["configs"]:
-        out["configs"].append({f"b{b}_ms": speed._tvm_ms(e[f"b{b}"]) for b in BATCHES})
+        out["configs"].append({f"b{b}_ms": speed.tvm_ms(e[f"b{b}"]) for b in BATCHES})
     base = plan["baselines"]
     for kind in ("tvm_exact", "tvm_tuned"):
         if kind in base:
-            out["baselines"][kind] = {f"b{b}_ms": speed._tvm_ms(base[kind][f"b{b}"]) for b in BATCHES}
+            out["baselines"][kind] = {f"b{b}_ms": speed.tvm_ms(base[kind][f"b{b}"]) for b in BATCHES}
     for kind in ("ort_fp32", "ort_int8"):
         if kind in base:
             r = {}
             for b in BATCHES:
                 sess = baselines.ort_session(base[kind][f"b{b}"]["onnx"], threads)
                 x = np.load(base["tvm_exact"][f"b{b}"]["npz"])["x0"]
-                r[f"b{b}_ms"] = speed._median_ms(lambda: sess.run(None, {"x": x}))
+                r[f"b{b}_ms"] = speed.median_ms(lambda: sess.run(None, {"x": x}))
             out["baselines"][kind] = r
     model, _ = load_model(plan["model"], None if plan["random"] else plan["weights"], plan["random"])
     r = {}
     with torch.inference_mode():
         for b in BATCHES:
             xt = torch.from_numpy(np.load(base["tvm_exact"][f"b{b}"]["npz"])["x0"])
-            r[f"b{b}_ms"] = speed._median_ms(lambda: model(xt))
+            r[f"b{b}_ms"] = speed.median_ms(lambda: model(xt))
     out["baselines"]["pytorch"] = r
     return out
 
@@ -268,7 +269,7 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
         return "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
 
     lines = [f"# Accuracy vs latency: {plan['model']} on CIFAR-10 (JPEG), {plan['test_images']} test images",
-             "", f"CPU: {plan['cpu']['model']}; ISA: {' '.join(plan['cpu']['isa'])}. Weights: {plan['weights']}.",
+             "", f"CPU: {plan['cpu']['model']}; ISA flags: {' '.join(plan['cpu']['cpu_flags'])}. Weights: {plan['weights']}.",
              f"Calibration: {plan['calibration_rows']} training images (LUT models and the int8 quantizer).",
              "Top-1 of every build is measured on the compiled model; latency is ms per batch (median).", "",
              "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]

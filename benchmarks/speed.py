@@ -64,7 +64,7 @@ def _log(msg: str) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _export(ex, params, inputs, path: str) -> dict:
+def export_build(ex, params, inputs, path: str) -> dict:
     """Export an executable, its weight arguments and sample inputs; returns the entry the worker reads."""
     ex.export_library(path + ".so")
     np.savez(path + ".npz", **{f"p{i}": v for i, (_, v) in enumerate(params)},
@@ -220,16 +220,16 @@ def build_kernels(shapes, trials: int, target, cache: str) -> list[dict]:
         lut = p_res.module
         entry["lut_kernel"] = p_res.layers[0]["kernel"]
         ex, params = compile_with_params(lut, target)
-        entry["lut_layer"] = _export(ex, params, [x], os.path.join(cache, f"{tag}_v{v}_lut"))
+        entry["lut_layer"] = export_build(ex, params, [x], os.path.join(cache, f"{tag}_v{v}_lut"))
         entry["lut_layer"]["chain"] = _kernel_chain(lut, os.path.join(cache, f"{tag}_v{v}_lut_chain"))
         if (n, d, m) not in exact:  # exact dense: untuned and tuned
             ex, params = compile_with_params(mod, target)
-            exact[n, d, m] = {"tvm_untuned": _export(ex, params, [x], os.path.join(cache, tag + "_exact"))}
+            exact[n, d, m] = {"tvm_untuned": export_build(ex, params, [x], os.path.join(cache, tag + "_exact"))}
             if trials:
                 t0 = time.time()
                 ex, params, _ = tune_model(mod, target, os.path.join(cache, "db_exact_" + tag), trials)
                 exact[n, d, m]["tvm_tuning_s"] = time.time() - t0
-                exact[n, d, m]["tvm_tuned"] = _export(ex, params, [x], os.path.join(cache, tag + "_exact_tuned"))
+                exact[n, d, m]["tvm_tuned"] = export_build(ex, params, [x], os.path.join(cache, tag + "_exact_tuned"))
         entry.update(exact[n, d, m])
         out.append(entry)
     return out
@@ -276,18 +276,18 @@ def build_e2e(names, batches, e2e_trials: int, target, cache: str) -> list[dict]
                      "lut_layers": sum(r["method"] == "pq" for r in p_res.layers), "layers": len(p_res.layers),
                      "kernels": sorted({r.get("kernel", "") for r in p_res.layers if r["method"] == "pq"})}
             ex, params = compile_with_params(lut, target)
-            entry["lut"] = _export(ex, params, [x], os.path.join(cache, tag + "_lut"))
+            entry["lut"] = export_build(ex, params, [x], os.path.join(cache, tag + "_lut"))
             ex, params = compile_with_params(mod, target)
-            entry["tvm_untuned"] = _export(ex, params, [x], os.path.join(cache, tag + "_exact"))
+            entry["tvm_untuned"] = export_build(ex, params, [x], os.path.join(cache, tag + "_exact"))
             if e2e_trials:
                 t0 = time.time()
                 ex, params, n_tasks = tune_model(mod, target, os.path.join(cache, "db_exact_" + tag), e2e_trials)
                 entry["tvm_tuning_s"], entry["tvm_tasks"] = time.time() - t0, n_tasks
-                entry["tvm_tuned"] = _export(ex, params, [x], os.path.join(cache, tag + "_exact_tuned"))
+                entry["tvm_tuned"] = export_build(ex, params, [x], os.path.join(cache, tag + "_exact_tuned"))
                 t0 = time.time()
                 ex, params, n_tasks = tune_model(lut, target, os.path.join(cache, "db_lutrest_" + tag), e2e_trials)
                 entry["lut_rest_tuning_s"], entry["lut_rest_tasks"] = time.time() - t0, n_tasks
-                entry["lut_tuned"] = _export(ex, params, [x], os.path.join(cache, tag + "_lut_tuned"))
+                entry["lut_tuned"] = export_build(ex, params, [x], os.path.join(cache, tag + "_lut_tuned"))
             onnx_path = os.path.join(cache, tag + ".onnx")
             torch.onnx.export(model, (torch.from_numpy(x),), onnx_path, input_names=["x"], output_names=["y"],
                               dynamo=False)
@@ -317,7 +317,7 @@ def _load(art: dict):
     return lib, relax.VirtualMachine(lib, dev), inputs, params
 
 
-def _tvm_ms(art: dict, number: int = 20) -> float:
+def tvm_ms(art: dict, number: int = 20) -> float:
     import tvm
 
     _, vm, inputs, params = _load(art)
@@ -360,10 +360,10 @@ def _chain_ms(art: dict) -> float | None:
     want = vm["main"](*inputs, *params).numpy()
     if not np.array_equal(steps[-1][1][-1].numpy(), want):
         raise RuntimeError(f"{art['so']}: its kernels called back to back do not reproduce the VM's output")
-    return _median_ms(run)
+    return median_ms(run)
 
 
-def _median_ms(fn, budget_s: float = 0.3) -> float:
+def median_ms(fn, budget_s: float = 0.3) -> float:
     fn()
     t = time.perf_counter()
     fn()
@@ -388,32 +388,32 @@ def measure(plan: dict, threads: int) -> dict:
     rng = np.random.default_rng(0)
     for e in plan["kernel"]:
         r = {k: e[k] for k in ("N", "D", "M", "V", "C", "K", "lut_kernel")}
-        r["lut_layer_ms"] = _tvm_ms(e["lut_layer"])
+        r["lut_layer_ms"] = tvm_ms(e["lut_layer"])
         r["chain_ms"] = _chain_ms(e["lut_layer"])
-        r["tvm_untuned_ms"] = _tvm_ms(e["tvm_untuned"])
-        r["tvm_tuned_ms"] = _tvm_ms(e["tvm_tuned"]) if "tvm_tuned" in e else None
+        r["tvm_untuned_ms"] = tvm_ms(e["tvm_untuned"])
+        r["tvm_tuned_ms"] = tvm_ms(e["tvm_tuned"]) if "tvm_tuned" in e else None
         x = torch.from_numpy(rng.standard_normal((e["N"], e["D"])).astype(np.float32))
         w = torch.from_numpy(rng.standard_normal((e["M"], e["D"])).astype(np.float32))
         b = torch.zeros(e["M"])
         with torch.no_grad():
-            r["torch_ms"] = _median_ms(lambda: F.linear(x, w, b))
+            r["torch_ms"] = median_ms(lambda: F.linear(x, w, b))
         res["kernel"].append(r)
     for e in plan["e2e"]:
         r = {k: e[k] for k in ("model", "batch", "lut_layers", "layers", "kernels")}
-        r["lut_untuned_ms"] = _tvm_ms(e["lut"])
-        r["lut_ms"] = _tvm_ms(e["lut_tuned"]) if "lut_tuned" in e else r["lut_untuned_ms"]
-        r["tvm_untuned_ms"] = _tvm_ms(e["tvm_untuned"])
-        r["tvm_tuned_ms"] = _tvm_ms(e["tvm_tuned"]) if "tvm_tuned" in e else None
+        r["lut_untuned_ms"] = tvm_ms(e["lut"])
+        r["lut_ms"] = tvm_ms(e["lut_tuned"]) if "lut_tuned" in e else r["lut_untuned_ms"]
+        r["tvm_untuned_ms"] = tvm_ms(e["tvm_untuned"])
+        r["tvm_tuned_ms"] = tvm_ms(e["tvm_tuned"]) if "tvm_tuned" in e else None
         x = np.load(e["x"])
         model = _make_model(e["class"], e["kwargs"])
         with torch.no_grad():
             xt = torch.from_numpy(x)
-            r["torch_ms"] = _median_ms(lambda: model(xt))
+            r["torch_ms"] = median_ms(lambda: model(xt))
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         sess = ort.InferenceSession(e["onnx"], so, providers=["CPUExecutionProvider"])
-        r["ort_ms"] = _median_ms(lambda: sess.run(None, {"x": x}))
+        r["ort_ms"] = median_ms(lambda: sess.run(None, {"x": x}))
         res["e2e"].append(r)
     return res
 

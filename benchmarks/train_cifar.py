@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tvm_lut.app.baselines import host_cpu  # noqa: E402
 from tvm_lut.train import datasets, models  # noqa: E402
 
 MODELS = {
@@ -49,27 +49,9 @@ def cache_dir(model: str) -> str:
     return os.path.join(root, "train", model)
 
 
-def cpu_info() -> dict:
-    """The CPU model and the ISA flags that decide kernel paths, as every benchmark JSON records them."""
-    name, flags = platform.processor(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and name in ("", "x86_64"):
-                    name = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    break
-    except OSError:
-        pass
-    keep = ("avx2", "fma", "avx512", "amx", "vnni", "bf16", "fp16")
-    return {"model": name, "isa": sorted(f for f in flags if f.startswith(keep) or any(k in f for k in keep[-4:])),
-            "cores": len(os.sched_getaffinity(0))}
-
-
 def bf16_capable() -> bool:
-    flags = set(cpu_info()["isa"])
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    """Whether this CPU has bfloat16 matrix or vector units (AMX-BF16, AVX512-BF16) for oneDNN to use."""
+    return bool({"amx_bf16", "avx512_bf16"} & set(host_cpu()["cpu_flags"]))
 
 
 def load_data(cache: str) -> dict[str, np.ndarray]:
@@ -214,7 +196,7 @@ def main(argv=None) -> int:
     save_atomic(model.state_dict(), os.path.join(cache, "final.pt"))
     summary = {"model": args.model, "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "amp_bf16": amp,
                "test_top1_fp32": top1_fp32, "test_images": int(len(data["test_y"])), "train_hours": seconds / 3600,
-               "cpu": cpu_info(), "history": history, "weights": os.path.join(cache, "final.pt")}
+               "cpu": host_cpu(), "history": history, "weights": os.path.join(cache, "final.pt")}
     with open(final, "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))

@@ -14,7 +14,7 @@ pareto = pytest.importorskip("pareto")
 
 def _plan_and_runs(fast_ms: float):
     plan = {"model": "resnet18", "weights": "w.pt", "test_images": 10000, "calibration_rows": 1024,
-            "cpu": {"model": "test CPU", "isa": ["avx2"]},
+            "cpu": {"model": "test CPU", "cpu_flags": ["avx2"], "instruction_sets": ["avx2"]},
             "configs": [{"config": "V=2", "top1": 92.6, "build_s": 50.0, "lut_layers": 19, "layers": 21,
                          "kernels": ["shuffle-avx2"]},
                         {"config": "V=9/4 (LUT-NN)", "top1": 85.0, "build_s": 40.0, "lut_layers": 19, "layers": 21,

@@ -80,7 +80,7 @@ def test_kernel_chain_reproduces_the_deployed_layer_and_rejects_a_wrong_one(tmp_
     mod = tvm_lut.from_torch(torch.nn.Linear(32, 24).eval(), torch.from_numpy(x))
     lut = tvm_lut.LUTify(calibration=x, all_layers=True, v=4, progress=False)(mod)
     ex, params = compile_with_params(lut, "x86")
-    art = speed._export(ex, params, [x], str(tmp_path / "layer"))
+    art = speed.export_build(ex, params, [x], str(tmp_path / "layer"))
     art["chain"] = speed._kernel_chain(lut, str(tmp_path / "chain"))
     assert [c["name"] for c in art["chain"]["calls"]] == ["lut_encode_weight", "lut_lookup_weight"]
     assert art["chain"]["calls"][1]["args"][0] == ["call", 0] and art["chain"]["calls"][0]["args"][0] == ["input", 0]

@@ -27,16 +27,23 @@ CALIBRATION_ROWS = 64  # rows the int8 quantizer calibrates on (of the LUT model
 
 
 def host_cpu() -> dict:
-    """The CPU these figures were measured on: its model name and the x86 instruction sets LLVM sees."""
-    model = "unknown"
+    """The CPU these figures were measured on: its model name, the SIMD flags the kernel reports
+    (``/proc/cpuinfo``: AVX2, AVX-512, VNNI, BF16/FP16, AMX) and the x86 instruction sets LLVM targets for it
+    (which can be fewer: under a hypervisor LLVM may take the CPU for an older model, without AMX)."""
+    model, flags = "unknown", []
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1].split()
     except OSError:
         pass
+    simd = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "sse4", "ssse3", "f16c")))
     from tvm_lut import targets
 
-    return {"model": model, "instruction_sets": targets.resolve("x86").instruction_sets()}
+    return {"model": model, "cpu_flags": simd, "instruction_sets": targets.resolve("x86").instruction_sets()}
 
 
 def median_call_ms(fn: Callable[[], object], repeat: int = 3, target_s: float = 0.2) -> float:

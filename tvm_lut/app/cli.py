@@ -333,6 +333,31 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true", help="setup-arm: redo the setup")
     f.set_defaults(func=cmd_farm)
 
+    sr = sub.add_parser("sr", help="super-resolution by whole-network lookup tables (HKLUT): train, compile, "
+                                   "upscale, eval")
+    srs = sr.add_subparsers(dest="sr_command", required=True)
+    s_train = srs.add_parser("train", help="train an HKLUT network on T91 (resumable; ~/.cache/tvm-lut/sr/)")
+    s_train.add_argument("--scale", type=int, default=4, choices=[2, 3, 4])
+    s_train.add_argument("--steps", type=int, default=100_000)
+    s_train.add_argument("--batch", type=int, default=16)
+    s_train.add_argument("--patch", type=int, default=32, help="LR patch size")
+    s_train.add_argument("--nf", type=int, default=64, help="width of each pattern unit's MLP")
+    s_train.add_argument("--depth", type=int, default=4, help="hidden 1x1 layers of each pattern unit")
+    s_train.add_argument("--max-minutes", type=float, default=0, help="stop after this long (resumable)")
+    s_train.add_argument("-q", "--quiet", action="store_true")
+    s_comp = srs.add_parser("compile", help="tabulate a trained network into int8 tables")
+    s_comp.add_argument("checkpoint", help="a checkpoint of 'sr train' (final.pt or last.pt, or its directory)")
+    s_comp.add_argument("-o", "--output", required=True, help="output directory (tables.npz + manifest.json)")
+    s_up = srs.add_parser("upscale", help="upscale an image file (PNG out)")
+    s_up.add_argument("input")
+    s_up.add_argument("-o", "--output", required=True)
+    s_up.add_argument("--scale", type=int, default=4)
+    s_up.add_argument("--model", help="tables made by 'sr compile' (default: the tables shipped for --scale)")
+    s_ev = srs.add_parser("eval", help="Y PSNR/SSIM of tables on a test set, beside bicubic")
+    s_ev.add_argument("model", help="tables made by 'sr compile'")
+    s_ev.add_argument("--set", default="set5", choices=["set5", "set14", "b100"])
+    sr.set_defaults(func=cmd_sr)
+
     d = sub.add_parser("demo", help="the main job on embedded data: LeNet-5/MNIST, exact vs LUT")
     d.add_argument("--out", default="tvm-lut-demo", help="output directory (default ./tvm-lut-demo)")
     d.add_argument("--epochs", type=int, default=3)
@@ -340,6 +365,55 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
     return p
+
+
+def cmd_sr(args) -> int:
+    """``tvm-lut sr train|compile|upscale|eval``: super-resolution by whole-network lookup tables."""
+    from tvm_lut.app import sr
+
+    if args.sr_command == "train":
+        from tvm_lut.train import sr_training
+
+        state = sr_training.train(scale=args.scale, steps=args.steps, batch=args.batch, patch=args.patch, nf=args.nf,
+                                  depth=args.depth, max_minutes=args.max_minutes, progress=not args.quiet)
+        print(f"x{state['scale']}: step {state['step']} of {state['steps']}"
+              + (" (done)" if state["done"] else " (run the same command to resume)") + f"; {state['cache']}")
+        return 0
+    if args.sr_command == "compile":
+        import torch
+
+        from tvm_lut.train import hklut
+
+        path = os.path.join(args.checkpoint, "final.pt") if os.path.isdir(args.checkpoint) else args.checkpoint
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+            cfg = ck["settings"]
+            model = hklut.HKNet(scale=cfg["scale"], nf=cfg["nf"], depth=cfg["depth"])
+            model.load_state_dict(ck["model"])
+        except Exception as exc:  # a missing file, another format, another network: all say the same
+            raise OptionError(f"{path}: not a checkpoint of 'tvm-lut sr train' ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        tables = sr.SRTables(hklut.tabulate(model))
+        tables.save(args.output)
+        for row in tables.manifest()["tables"]:
+            print(f"stage {row['stage']} {row['branch']} {row['pattern']:3s} {row['entries']:5d} entries x "
+                  f"{row['outputs_per_entry']} int8 = {row['bytes']:6d} B")
+        print(f"x{tables.scale}: {tables.nbytes} bytes of tables -> {args.output}")
+        return 0
+    if args.sr_command == "upscale":
+        done = sr.upscale_file(args.input, args.output, args.scale, args.model)
+        print(f"{done['input']} {done['size_in'][1]}x{done['size_in'][0]} -> {done['output']} "
+              f"{done['size_out'][1]}x{done['size_out'][0]} (x{done['scale']})")
+        return 0
+    from tvm_lut.train import sr_training
+
+    tables = sr.SRTables.load(args.model)
+    res = sr.evaluate(tables, sr_training.load_set(args.set))
+    m = res["mean"]
+    print(f"{args.set} x{res['scale']} (Y, {res['scale']} border pixels shaved, MATLAB-bicubic LR): "
+          f"tables {m['psnr']:.2f} dB / {m['ssim']:.4f}, bicubic {m['bicubic_psnr']:.2f} dB / {m['bicubic_ssim']:.4f}; "
+          f"{res['table_bytes']} bytes of tables")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

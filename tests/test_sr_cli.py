@@ -71,6 +71,7 @@ def test_bad_inputs_are_refused_and_nothing_is_written(model_dir, tmp_path, caps
     assert "not a checkpoint" in capsys.readouterr().err and not (tmp_path / "t").exists()
 
 
+@pytest.mark.slow  # about 10 s: one kernel build per Set5 image size and stage
 @pytest.mark.skipif(not os.path.isdir(os.path.join(sr_training.sr_root(), "set5")),
                     reason=f"Set5 is not under {sr_training.sr_root()} (../shared/data/sr)")
 def test_eval_reports_tables_beside_bicubic(model_dir, capsys):

@@ -20,7 +20,7 @@ def _run(func, x: np.ndarray, st: sr_lut.StageTables, words: bool = False) -> np
     return out.numpy()
 
 
-@pytest.mark.parametrize("scale,shape", [(4, (7, 9)), (4, (3, 5)), (2, (10, 3)), (2, (17, 33))])
+@pytest.mark.parametrize("scale,shape", [(4, (7, 9)), (4, (3, 5)), (2, (17, 33))])
 def test_stage_kernels_match_the_table_reference(scale, shape):
     torch.manual_seed(scale)
     stages = hklut.tabulate(hklut.HKNet(scale=scale, nf=16, depth=1))

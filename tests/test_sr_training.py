@@ -23,7 +23,8 @@ def test_patches_are_aligned_lr_hr_pairs():
 
 
 def test_training_resumes_and_refuses_other_settings(tmp_path):
-    kw = dict(scale=2, batch=2, patch=12, nf=4, depth=1, eval_every=10**9, progress=False, cache=str(tmp_path))
+    kw = dict(scale=2, batch=2, patch=12, nf=4, depth=1, eval_every=10**9, progress=False, cache=str(tmp_path),
+              max_images=2)
     first = sr_training.train(steps=4, max_minutes=1e-9, **kw)  # stops after its first step, resumable
     assert first["step"] == 1 and not first["done"] and os.path.isfile(tmp_path / "last.pt")
     done = sr_training.train(steps=4, **kw)

@@ -41,10 +41,11 @@ def read_image(path: str) -> np.ndarray:
         return np.asarray(im.convert("L") if im.mode in ("L", "I;16", "I") else im.convert("RGB"))
 
 
-def load_set(name: str) -> list[tuple[str, np.ndarray]]:
-    """A dataset of ``../shared/data/sr`` (``t91``, ``set5``, ``set14``, ``b100``) as (name, uint8 image)."""
+def load_set(name: str, limit: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """A dataset of ``../shared/data/sr`` (``t91``, ``set5``, ``set14``, ``b100``) as (name, uint8 image);
+    ``limit``: its first images (by file name) only."""
     folder = os.path.join(sr_root(), name)
-    files = sorted(glob.glob(os.path.join(folder, "*.png")))
+    files = sorted(glob.glob(os.path.join(folder, "*.png")))[:limit]
     if not files:
         raise CalibrationError(f"no PNG images under {folder}: the SR data lives in ../shared/data/sr")
     return [(os.path.splitext(os.path.basename(f))[0], read_image(f)) for f in files]
@@ -101,10 +102,11 @@ def evaluate(model: hklut.HKNet, images: list[tuple[str, np.ndarray]], scale: in
 
 def train(scale: int = 4, steps: int = 100_000, batch: int = 16, patch: int = 32, lr: float = 1e-3, nf: int = 64,
           depth: int = 4, max_minutes: float = 0, checkpoint_minutes: float = 5.0, eval_every: int = 2000,
-          progress: bool = True, cache: str | None = None, log=print) -> dict:
+          progress: bool = True, cache: str | None = None, log=print, max_images: int | None = None) -> dict:
     """Train (or resume) an HKLUT network for ``scale``; returns the state summary (also ``<cache>/state.json``).
 
-    Stops after ``steps`` (then writes ``final.pt``) or after ``max_minutes`` (resumable)."""
+    Stops after ``steps`` (then writes ``final.pt``) or after ``max_minutes`` (resumable). ``max_images``
+    trains on the first T91 images only (quick checks)."""
     from tqdm import tqdm
 
     cache = cache or cache_dir(scale)
@@ -126,8 +128,8 @@ def train(scale: int = 4, steps: int = 100_000, batch: int = 16, patch: int = 32
         sched.load_state_dict(ck["sched"])
         step, seconds, history = ck["step"], ck["seconds"], ck["history"]
         log(f"resuming x{scale} at step {step} of {steps} ({seconds / 3600:.2f} h done)")
-    pairs = planes([img for _, img in load_set("t91")], scale)
-    set5 = load_set("set5")
+    pairs = planes([img for _, img in load_set("t91", max_images)], scale)
+    set5 = None  # loaded at the first evaluation
     gen = np.random.default_rng(step + 12345)  # a resumed run draws new patches, deterministically
 
     def save(path: str) -> None:
@@ -150,6 +152,7 @@ def train(scale: int = 4, steps: int = 100_000, batch: int = 16, patch: int = 32
         bar.set_postfix(loss=f"{loss.item():.5f}")
         now = time.time()
         if step % eval_every == 0 or step == steps:
+            set5 = set5 or load_set("set5")
             history.append({"step": step, "loss": float(loss.item()), "set5_psnr_net": evaluate(model, set5, scale)})
             log(f"step {step}: Set5 Y PSNR of the network {history[-1]['set5_psnr_net']:.2f} dB")
         if now - saved > 60 * checkpoint_minutes or step == steps:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tvm
@@ -33,6 +33,13 @@ class SRTables:
     """A tabulated SR model: its stages' int8 tables and the scale they make together."""
 
     stages: list[sr_lut.StageTables]
+    _device: list | None = field(default=None, repr=False, compare=False)  # the tables as kernel arguments
+
+    def device_tables(self) -> list[list]:
+        """Each stage's tables as the tensors its kernel takes (made once: 100 KB copied per call otherwise)."""
+        if self._device is None:
+            self._device = [_stage_args(st) for st in self.stages]
+        return self._device
 
     @property
     def scale(self) -> int:
@@ -121,13 +128,14 @@ def upscale(image: np.ndarray, tables: SRTables) -> np.ndarray:
     """A uint8 (H, W) or (H, W, C) image through the compiled stage kernels, channel by channel."""
     if image.ndim == 3:
         return np.stack([upscale(np.ascontiguousarray(image[..., c]), tables) for c in range(image.shape[2])], -1)
-    x = np.ascontiguousarray(image)
-    for i, st in enumerate(tables.stages):
-        lib = _stage_kernel(x.shape[0], x.shape[1], st, i == len(tables.stages) - 1)
-        out = tvm.runtime.tensor(np.zeros((x.shape[0] * st.scale, x.shape[1] * st.scale), np.uint8))
-        lib["main"](tvm.runtime.tensor(x), *_stage_args(st), out)
-        x = out.numpy()
-    return x
+    x = tvm.runtime.tensor(np.ascontiguousarray(image))
+    for i, (st, args) in enumerate(zip(tables.stages, tables.device_tables())):
+        h, w = x.shape
+        lib = _stage_kernel(h, w, st, i == len(tables.stages) - 1)
+        out = tvm.runtime.empty((h * st.scale, w * st.scale), "uint8")
+        lib["main"](x, *args, out)
+        x = out  # the next stage reads it where it is
+    return x.numpy()
 
 
 def read_png(path: str) -> np.ndarray:

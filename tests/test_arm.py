@@ -155,3 +155,38 @@ def test_cross_export_needs_the_cross_compiler(tmp_path, monkeypatch, small_cnn,
 def test_setup_arm_is_idempotent(arm_runtime):
     out = subprocess.run(["tvm-lut", "farm", "setup-arm"], capture_output=True, text=True, check=True).stdout
     assert "already set up" in out
+
+
+def test_hklut_stage_kernels_are_bit_exact_on_aarch64(arm_farm, tmp_path):
+    """The super-resolution stage kernels (both x2 stages of an x4 model, the fast form) cross-compiled for
+    aarch64 and run on the emulated runtime give the x86 build's pixels, which are the numpy reference's."""
+    from tvm.support import cc
+
+    from tir_schedules import sr_lookup
+    from tvm_lut.math import sr_lut
+    from tvm_lut.targets.farm import request
+    from tvm_lut.train import hklut
+
+    torch.manual_seed(0)
+    stages = hklut.tabulate(hklut.HKNet(scale=4, nf=8, depth=1))
+    x = np.random.default_rng(0).integers(0, 256, (11, 14), dtype=np.uint8)
+    shapes, funcs = [], {}
+    h, w = x.shape
+    for i, st in enumerate(stages):
+        f = sr_lookup.schedule(sr_lookup.stage_x2(h, w, tuple(st.msb), tuple(st.lsb), i == len(stages) - 1))
+        funcs[f"stage{i}"] = f.with_attr("global_symbol", f"stage{i}")
+        shapes.append((h, w))
+        h, w = 2 * h, 2 * w
+    path = str(tmp_path / "sr.so")
+    tvm.compile(tvm.IRModule(funcs), Arm.generic().tvm).export_library(path, fcompile=cc.cross_compiler(arm_emulator.CROSS_CXX))
+    sess = request(arm_farm.address, "arm64")
+    dev = sess.cpu()
+    sess.upload(path)
+    rlib = sess.load_module("sr.so")
+    cur = x
+    for i, (st, (h, w)) in enumerate(zip(stages, shapes)):
+        out = tvm.runtime.tensor(np.zeros((2 * h, 2 * w), np.uint8), dev)
+        tabs = [tvm.runtime.tensor(sr_lookup.words_of(t), dev) for t in (*st.msb.values(), *st.lsb.values())]
+        rlib[f"stage{i}"](tvm.runtime.tensor(cur, dev), *tabs, out)
+        cur = out.numpy()
+    np.testing.assert_array_equal(cur, sr_lut.upscale(x, stages))

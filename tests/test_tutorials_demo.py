@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tvm_lut.app import cli
+from tvm_lut.train import sr_training
 
 TUTORIALS = os.path.join(os.path.dirname(__file__), "..", "tutorials")
 
@@ -75,3 +76,11 @@ def test_tutorial_targets(tmp_path, monkeypatch):
     assert res["cam_identical"] is True
     assert res["arm_identical"] in (True, None)  # None: no emulated aarch64 runtime here (the tutorial says why)
     assert os.path.isfile(tmp_path / "arm" / "model.so")
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(sr_training.sr_root(), "t91")),
+                    reason=f"the SR data (T91, Set5) is not under {sr_training.sr_root()} (../shared/data/sr)")
+def test_tutorial_super_resolution(tmp_path):
+    res = _load("06_super_resolution_tables").main(tiny=True, out=str(tmp_path))
+    assert res["steps"] == 20 and res["shape"] == (288, 288, 3) and np.isfinite(res["psnr"])
+    assert os.path.isfile(tmp_path / "tables" / "manifest.json") and os.path.isfile(tmp_path / "x4.png")

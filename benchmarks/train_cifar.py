@@ -12,7 +12,8 @@ Checkpoints live outside the repository, under ``$TVM_LUT_CACHE/train/<model>/``
 ``~/.cache/tvm-lut``): ``last.pt`` (weights, optimiser, schedule, epoch and step, RNG states) is written
 every ``--checkpoint-minutes`` and at each epoch's end, atomically; ``final.pt`` and ``final.json`` (test
 top-1 on all 10,000 test images, epochs, time, CPU) when the schedule is done. A resumed run continues the
-same epoch at the same step with the same data order, so stopping does not change what is learned.
+same epoch at the same step with the same data order and augmentation, so stopping does not change what is
+learned (up to bf16 rounding). SIGTERM or Ctrl-C checkpoints at the end of the current step before exiting.
 
 Recipe (the usual CIFAR one): SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128, one-cycle
 learning rate peaking at 0.1, random crop (pad 4) and horizontal flip, label smoothing 0.1. Where the CPU
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -152,15 +154,22 @@ def main(argv=None) -> int:
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
     started, saved = time.time(), time.time()
+    stop: dict = {"signal": None}  # SIGTERM / Ctrl-C: checkpoint at the end of the step, then exit
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     while epoch < args.epochs:
         order = torch.randperm(len(tx), generator=torch.Generator().manual_seed(1000 + epoch))
-        aug = torch.Generator().manual_seed(2000 + epoch * 100_000 + step)
         model.train()
         bar = tqdm(range(step, steps), desc=f"{args.model} epoch {epoch + 1}/{args.epochs}", initial=step,
                    total=steps, disable=not sys.stderr.isatty())
         t0 = time.time()
         for step in bar:
             idx = order[step * args.batch:(step + 1) * args.batch]
+            aug = torch.Generator().manual_seed(2000 + epoch * 100_000 + step)  # per step: a resume draws the same
             xb = models.random_crop_flip(tx[idx], aug).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 loss = loss_fn(model(xb), ty[idx])
@@ -177,11 +186,12 @@ def main(argv=None) -> int:
                 checkpoint()
                 step -= 1
                 saved = now
-            if args.max_minutes and now - started > 60 * args.max_minutes:
+            if stop["signal"] or (args.max_minutes and now - started > 60 * args.max_minutes):
                 seconds += now - t0
                 step += 1
                 checkpoint()
-                print(f"stopped after {args.max_minutes} min at epoch {epoch} step {step}; run again to resume")
+                why = stop["signal"] or f"after {args.max_minutes} min"
+                print(f"stopped ({why}) at epoch {epoch} step {step}; run again to resume", flush=True)
                 return 0
         seconds += time.time() - t0
         epoch, step = epoch + 1, 0

@@ -9,7 +9,8 @@ and resumed at any point:
     python benchmarks/train_cifar.py --model resnet18 --status          # where it stands
 
 Checkpoints live outside the repository, under ``$TVM_LUT_CACHE/train/<model>/`` (default
-``~/.cache/tvm-lut``): ``last.pt`` (weights, optimiser, schedule, epoch and step, RNG states) is written
+``~/.cache/tvm-lut``): ``last.pt`` (weights, optimiser, schedule, epoch and step; data order and augmentation
+derive from them) is written
 every ``--checkpoint-minutes`` and at each epoch's end, atomically; ``final.pt`` and ``final.json`` (test
 top-1 on all 10,000 test images, epochs, time, CPU) when the schedule is done. A resumed run continues the
 same epoch at the same step with the same data order and augmentation, so stopping does not change what is

@@ -10,8 +10,7 @@ and resumed at any point:
 
 Checkpoints live outside the repository, under ``$TVM_LUT_CACHE/train/<model>/`` (default
 ``~/.cache/tvm-lut``): ``last.pt`` (weights, optimiser, schedule, epoch and step; data order and augmentation
-derive from them) is written
-every ``--checkpoint-minutes`` and at each epoch's end, atomically; ``final.pt`` and ``final.json`` (test
+derive from them) is written every ``--checkpoint-minutes`` and at each epoch's end, atomically; ``final.pt`` and ``final.json`` (test
 top-1 on all 10,000 test images, epochs, time, CPU) when the schedule is done. A resumed run continues the
 same epoch at the same step with the same data order and augmentation, so stopping does not change what is
 learned (up to bf16 rounding). SIGTERM or Ctrl-C checkpoints at the end of the current step before exiting.

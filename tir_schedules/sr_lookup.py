@@ -43,6 +43,23 @@ _ENTRY = (lambda a, b, s: (a, b), lambda a, b, s: (s - 1 - b, a), lambda a, b, s
           lambda a, b, s: (b, s - 1 - a))
 
 
+def _f32(v: float):
+    return tirx.const(v, "float32")
+
+
+def _output_level(msb_sum, lsb_sum, pixel, n_msb: int, n_lsb: int, final: bool):
+    """The stage's arithmetic after the lookups, as ``sr_lut.stage`` does it (float32, same order): the
+    branches' int32 sums scaled and clipped, added to the nearest LR pixel, clipped, then the uint8 level
+    (rounded for the model's last stage, floored when it feeds another)."""
+    hi = msb_sum.astype("float32") / _f32(n_msb * 255)
+    lo = lsb_sum.astype("float32") / _f32(n_lsb * 255)
+    nearest = pixel.astype("float32") / _f32(255)
+    v = tirx.max(tirx.min((nearest + tirx.max(tirx.min(hi, _f32(1)), _f32(-1)))
+                          + tirx.max(tirx.min(lo, _f32(1)), _f32(-1)), _f32(1)), _f32(0))
+    level = v * _f32(255) + _f32(0.5) if final else v * _f32(255)
+    return tirx.floor(level).astype("uint8")
+
+
 def _reflect(c, n: int):
     """Index ``c`` (at most 2 outside ``[0, n)``) reflected into the image, without repeating the edge."""
     return tirx.Select(c < 0, -c, tirx.Select(c >= n, 2 * n - 2 - c, c))
@@ -78,17 +95,10 @@ def stage(h: int, w: int, scale: int, msb: tuple[str, ...], lsb: tuple[str, ...]
                 acc = acc + table[(idx * s + ta) * s + tb].astype("int32")
         return acc
 
-    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
-
     def pixel(y, x):
         p, a, q, b = y // s, y % s, x // s, x % s
-        hi = branch_sum("msb", msb, p, q, a, b).astype("float32") / f32(len(msb) * 255)
-        lo = branch_sum("lsb", lsb, p, q, a, b).astype("float32") / f32(len(lsb) * 255)
-        nearest = image[p, q].astype("float32") / f32(255)
-        v = tirx.max(tirx.min((nearest + tirx.max(tirx.min(hi, f32(1)), f32(-1)))
-                              + tirx.max(tirx.min(lo, f32(1)), f32(-1)), f32(1)), f32(0))
-        level = v * f32(255) + f32(0.5) if final else v * f32(255)
-        return tirx.floor(level).astype("uint8")
+        return _output_level(branch_sum("msb", msb, p, q, a, b), branch_sum("lsb", lsb, p, q, a, b), image[p, q],
+                             len(msb), len(lsb), final)
 
     out = te.compute((h * s, w * s), pixel, name="sr_out")
     func = te.create_prim_func([image, *tables.values(), out]).without_attr("global_symbol")
@@ -136,8 +146,6 @@ def stage_x2(h: int, w: int, msb: tuple[str, ...], lsb: tuple[str, ...], final: 
         for r in range(4):
             words.append((branch, r, te.compute((h, w), reader(branch, pat, r, table), name=f"word_{branch}_{pat}_{r}")))
 
-    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
-
     def subpixel(k, p, q):
         """Output sub-pixel k = 2a + b of LR pixel (p, q): every word's byte for it, then the stage's
         arithmetic (the byte a rotation puts at (a, b) is entry (ta, tb), byte 2 ta + tb of the word)."""
@@ -147,13 +155,7 @@ def stage_x2(h: int, w: int, msb: tuple[str, ...], lsb: tuple[str, ...], final: 
             ta, tb = _ENTRY[r](a, b, s)
             byte = ta * s + tb
             sums[branch] = sums[branch] + tirx.shift_right(tirx.shift_left(word[p, q], 24 - 8 * byte), 24)
-        hi = sums["msb"].astype("float32") / f32(len(msb) * 255)
-        lo = sums["lsb"].astype("float32") / f32(len(lsb) * 255)
-        nearest = image[p, q].astype("float32") / f32(255)
-        v = tirx.max(tirx.min((nearest + tirx.max(tirx.min(hi, f32(1)), f32(-1)))
-                              + tirx.max(tirx.min(lo, f32(1)), f32(-1)), f32(1)), f32(0))
-        level = v * f32(255) + f32(0.5) if final else v * f32(255)
-        return tirx.floor(level).astype("uint8")
+        return _output_level(sums["msb"], sums["lsb"], image[p, q], len(msb), len(lsb), final)
 
     # the four sub-pixel planes, then the pixel shuffle (one byte moved per output pixel)
     sub = te.compute((s * s, h, w), subpixel, name="subpixels")

@@ -4,7 +4,7 @@ The speed-and-accuracy benchmark (issue 32) needs a *trained* ResNet-18-class ne
 lookup build means nothing on random weights. This script trains it on this machine's CPU and can be stopped
 and resumed at any point:
 
-    python benchmarks/train_cifar.py --model resnet18                 # 30 epochs; resumes where it stopped
+    python benchmarks/train_cifar.py --model resnet18                 # 10 epochs; resumes where it stopped
     python benchmarks/train_cifar.py --model resnet18 --max-minutes 60  # a slice of work
     python benchmarks/train_cifar.py --model resnet18 --status          # where it stands
 
@@ -90,7 +90,7 @@ def save_atomic(obj, path: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="resnet18", choices=sorted(MODELS))
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")

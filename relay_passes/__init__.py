@@ -6,5 +6,6 @@ One pass per module, CamelCase class named like the pass, as in ``tvm/relax/tran
 from .ezcrop import EZCROP_ATTR, EZCrop
 from .lutify import LAYERS_ATTR, MASK_ATTR, LUTify
 from .priority_mask import Budget, PriorityMask
+from .tabulate import TABLES_ATTR, TabulateSubnetworks
 
-__all__ = ["LUTify", "PriorityMask", "Budget", "EZCrop", "LAYERS_ATTR", "MASK_ATTR", "EZCROP_ATTR"]
+__all__ = ["LUTify", "PriorityMask", "Budget", "EZCrop", "TabulateSubnetworks", "LAYERS_ATTR", "MASK_ATTR", "EZCROP_ATTR", "TABLES_ATTR"]

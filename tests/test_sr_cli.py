@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tvm_lut.app import cli
+from tvm_lut.app import cli, sr
 from tvm_lut.math import sr_lut
 from tvm_lut.train import hklut, sr_training
 
@@ -23,19 +23,27 @@ def model_dir(tmp_path_factory):
     settings = {"scale": 4, "steps": 1, "batch": 1, "patch": 8, "lr": 1e-3, "nf": 8, "depth": 1}
     torch.save({"model": net.state_dict(), "settings": settings}, d / "final.pt")
     assert cli.main(["sr", "compile", str(d), "-o", str(d / "tables")]) == 0
-    return d / "tables", hklut.tabulate(net)
+    return d / "tables", sr.SRTables.load(str(d / "tables")).stages, hklut.tabulate(net)
 
 
 def test_compile_writes_every_table_with_its_bytes(model_dir, capsys):
-    out, _ = model_dir
+    out, *_ = model_dir
     manifest = json.load(open(out / "manifest.json"))
     assert manifest["scale"] == 4 and manifest["total_bytes"] == 102_400 and len(manifest["tables"]) == 10
     assert {(r["branch"], r["entries"], r["bytes"]) for r in manifest["tables"]} == {("msb", 4096, 16384),
                                                                                      ("lsb", 256, 1024)}
+    # made by TVM (the tabulation pass), they are the torch network's own tables (an entry may differ by one
+    # level where TVM's tanh and torch's round differently just below an integer)
+    made = sr.SRTables.load(str(out))
+    for st, want in zip(made.stages, model_dir[2]):
+        for branch in ("msb", "lsb"):
+            for name, table in getattr(want, branch).items():
+                diff = np.abs(getattr(st, branch)[name].astype(int) - table)
+                assert diff.max() <= 1 and (diff > 0).sum() <= table.size // 1000
 
 
 def test_upscale_a_png_is_the_table_reference(model_dir, tmp_path, capsys):
-    out, stages = model_dir
+    out, stages, _ = model_dir
     img = np.random.default_rng(0).integers(0, 256, (17, 20, 3), dtype=np.uint8)
     Image.fromarray(img).save(tmp_path / "in.png")
     assert cli.main(["sr", "upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "x4.png"), "--scale", "4",
@@ -51,7 +59,7 @@ def test_upscale_a_png_is_the_table_reference(model_dir, tmp_path, capsys):
 
 
 def test_bad_inputs_are_refused_and_nothing_is_written(model_dir, tmp_path, capsys):
-    out, _ = model_dir
+    out, *_ = model_dir
     (tmp_path / "text.png").write_text("not an image")
     Image.fromarray(np.zeros((8, 8), np.uint16) + 1000).save(tmp_path / "deep.png")
     Image.fromarray(np.zeros((8, 8, 4), np.uint8)).save(tmp_path / "alpha.png")
@@ -75,7 +83,7 @@ def test_bad_inputs_are_refused_and_nothing_is_written(model_dir, tmp_path, caps
 @pytest.mark.skipif(not os.path.isdir(os.path.join(sr_training.sr_root(), "set5")),
                     reason=f"Set5 is not under {sr_training.sr_root()} (../shared/data/sr)")
 def test_eval_reports_tables_beside_bicubic(model_dir, capsys):
-    out, _ = model_dir
+    out, *_ = model_dir
     assert cli.main(["sr", "eval", str(out), "--set", "set5"]) == 0
     text = capsys.readouterr().out
     assert "set5 x4" in text and "bicubic 28.43 dB" in text and "102400 bytes" in text

@@ -8,6 +8,6 @@ from types import SimpleNamespace
 import relay_passes
 
 transform = SimpleNamespace(LUTify=relay_passes.LUTify, PriorityMask=relay_passes.PriorityMask,
-                            EZCrop=relay_passes.EZCrop)
+                            EZCrop=relay_passes.EZCrop, TabulateSubnetworks=relay_passes.TabulateSubnetworks)
 
 __all__ = ["transform"]

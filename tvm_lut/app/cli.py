@@ -393,11 +393,12 @@ def cmd_sr(args) -> int:
         except Exception as exc:  # a missing file, another format, another network: all say the same
             raise OptionError(f"{path}: not a checkpoint of 'tvm-lut sr train' ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-        tables = sr.SRTables(hklut.tabulate(model))
+        tables, report = sr.tabulate(model)  # the Relax pass: subnetworks found and evaluated by TVM
         tables.save(args.output)
-        for row in tables.manifest()["tables"]:
-            print(f"stage {row['stage']} {row['branch']} {row['pattern']:3s} {row['entries']:5d} entries x "
-                  f"{row['outputs_per_entry']} int8 = {row['bytes']:6d} B")
+        for row in report["tables"]:
+            print(f"{row['name']:24s} {row['inputs']} inputs x {row['levels']} levels: {row['entries']:5d} entries x "
+                  f"{row['outputs']} int8 = {row['bytes']:6d} B, used {row['uses']}x"
+                  + ("" if row["exact"] else f" (affine int8, max error {row['max_error']:.3g})"))
         print(f"x{tables.scale}: {tables.nbytes} bytes of tables -> {args.output}")
         return 0
     if args.sr_command == "upscale":

@@ -102,6 +102,36 @@ def shipped(scale: int) -> SRTables:
     return SRTables.load(path)
 
 
+def tabulate(model, target="x86") -> tuple[SRTables, dict]:
+    """The int8 tables of a trained ``tvm_lut.train.hklut.HKNet``, made by TVM: the network imported into
+    Relax, ``relay_passes.tabulate.TabulateSubnetworks`` finds its branches' subnetworks, measures their
+    inputs' levels on a ramp image (every 8-bit value once) and evaluates them with TVM on every input
+    combination. Returns (tables, the pass's report). A unit the pass did not tabulate is an error naming it."""
+    import torch
+
+    from relay_passes.tabulate import TabulateSubnetworks
+    from tvm_lut.errors import ModelError
+    from tvm_lut.frontend.importer import from_torch
+
+    ramp = ((np.arange(256, dtype=np.float32) + np.float32(0.5)) / np.float32(255)).reshape(1, 1, 16, 16)
+    mod = from_torch(model.eval(), torch.from_numpy(ramp))
+    res = TabulateSubnetworks({"x": ramp}, levels=sr_lut.LEVELS, max_inputs=3, target=target).run(mod)
+    stages = []
+    for i, st in enumerate(model.stages):
+        found: dict = {}
+        for branch, units in (("msb", st.msb), ("lsb", st.lsb)):
+            found[branch] = {}
+            for name in units:
+                key = f"stages.{i}.{branch}.{name}.mlp"
+                table = res.tables.get(key)
+                if table is None:
+                    why = next((r.get("reason", "") for r in res.records if r["name"] == key), "not found")
+                    raise ModelError(f"stage {i} {branch} unit {name!r} was not tabulated: {why}")
+                found[branch][name] = table.reshape(-1, st.scale, st.scale)
+        stages.append(sr_lut.StageTables(st.scale, found["msb"], found["lsb"]))
+    return SRTables(stages), {"tables": res.records, "total_bytes": res.total_bytes}
+
+
 _KERNELS: dict[tuple, object] = {}  # compiled stage kernels of this process, by shape and tables' patterns
 
 

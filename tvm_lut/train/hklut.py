@@ -77,7 +77,8 @@ class HKStage(nn.Module):
 
     def forward(self, x255: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) integer-valued pixels 0..255 (float) -> the stage's y in [0, 1], upscaled."""
-        hi, lo = torch.div(x255, 16, rounding_mode="floor"), torch.remainder(x255, 16)
+        hi = torch.floor(x255 / 16)  # exact for integer-valued floats: 16 is a power of two
+        lo = x255 - hi * 16
         msb = torch.clamp(self._branch(hi * 16 / 255, self.msb) / (len(self.msb) * 255), -1, 1)
         lsb = torch.clamp(self._branch(lo / 255, self.lsb) / (len(self.lsb) * 255), -1, 1)
         nearest = nn.functional.interpolate(x255 / 255, scale_factor=self.scale, mode="nearest")

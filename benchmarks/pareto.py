@@ -165,6 +165,7 @@ def build(args, cache: str) -> dict:
         pq = [r for r in res1.layers if r["method"] == "pq"]
         entry.update(layers=len(res1.layers), lut_layers=len(pq), kernels=sorted({r.get("kernel", "") for r in pq}),
                      v=sorted({r["v"] for r in pq}), k=sorted({r["k"] for r in pq}))
+        entry["bound"] = instruction_bound(res1.layers)
         if res1.priority:
             entry["mask"] = {k: res1.priority[k] for k in ("converted", "val_drop", "val_drop_margin")
                              if k in res1.priority}
@@ -172,6 +173,33 @@ def build(args, cache: str) -> dict:
              f"built in {entry['build_s']:.0f} s")
         plan["configs"].append(entry)
     return plan
+
+
+def instruction_bound(layers: list[dict]) -> dict:
+    """The counted bound of a build (``tvm_lut.math.cost.instruction_bound``), per sample: 512-bit vector
+    instructions of its conv/dense layers (lookup layers with today's fp32 encoder and with int8 encoder
+    scores; exact layers as fp32 FMAs, 16 lanes) against the same layers as ONNX Runtime's int8 VNNI GEMM."""
+    from tvm_lut.math import cost
+
+    out = {"int8_gemm": 0.0, "lut_fp32_encoder": 0.0, "lut_int8_encoder": 0.0, "exact_fp32": 0.0, "layers": []}
+    for r in layers:
+        if not r.get("d") or not r.get("m"):
+            continue
+        rows, d, m = r["rows_per_sample"], r["d"], r["m"]
+        gemm = rows * d * m / cost.VECTOR_BYTES
+        out["int8_gemm"] += gemm
+        if r["method"] == "pq":
+            f = cost.instruction_bound(rows, d, m, r["v"], r["k"], "fp32")
+            q = cost.instruction_bound(rows, d, m, r["v"], r["k"], "int8")
+            out["lut_fp32_encoder"] += f["lut_total"]
+            out["lut_int8_encoder"] += q["lut_total"]
+            out["layers"].append({"name": r["name"], "m": m, "v": r["v"], "ratio_fp32_encoder": f["ratio"],
+                                  "ratio_int8_encoder": q["ratio"]})
+        else:
+            out["exact_fp32"] += 4 * gemm  # fp32 FMAs: 16 lanes, not 64
+    for enc in ("fp32", "int8"):
+        out[f"ratio_{enc}_encoder"] = (out[f"lut_{enc}_encoder"] + out["exact_fp32"]) / out["int8_gemm"]
+    return out
 
 
 def _parse_config(text: str) -> dict:
@@ -277,6 +305,20 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
     lines += ["", f"Best LUT build within 1.0 point of the exact top-1 ({exact:.2f}%), batch 1, {t} thread(s): "
               + (f"{best['build']}, {best[key]:.2f} ms, {best['x_ort_int8']:.2f}× ONNX Runtime int8, "
                  f"{best['x_ort_fp32']:.2f}× fp32" if best and best["x_ort_int8"] else "none")]
+    lines += ["", "## The counted bound: instructions per sample vs ONNX Runtime int8 (VNNI)", "",
+              "512-bit vector instructions the conv/dense layers must issue at best (tvm_lut.math.cost."
+              "instruction_bound), as a ratio to the same layers as int8 VNNI GEMM (< 1: lookup can win). "
+              "Lookup layers with today's fp32 encoder and with int8 encoder scores; exact layers as fp32.", "",
+              "| build | lookup+exact / int8, fp32 encoder | int8 encoder | widest lookup layer ratio | "
+              "narrowest |", "|---|---|---|---|---|"]
+    for e in plan["configs"]:
+        b = e.get("bound")
+        if not b:
+            continue
+        by_m = sorted(b["layers"], key=lambda x: x["m"])
+        lines.append(f"| LUT {e['config']} | {b['ratio_fp32_encoder']:.2f} | {b['ratio_int8_encoder']:.2f} | "
+                     + (f"M={by_m[-1]['m']} V={by_m[-1]['v']}: {by_m[-1]['ratio_fp32_encoder']:.2f} | "
+                        f"M={by_m[0]['m']} V={by_m[0]['v']}: {by_m[0]['ratio_fp32_encoder']:.2f} |" if by_m else "| |"))
     return {"rows": rows, "verdict": verdict}, "\n".join(lines) + "\n"
 
 

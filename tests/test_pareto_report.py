@@ -40,3 +40,25 @@ def test_the_verdict_takes_the_fastest_build_within_one_point():
 def test_a_slower_build_does_not_pass_for_a_win():
     summary, _ = pareto.summarize(*_plan_and_runs(5.0))
     assert not summary["verdict"]["beats_ort_int8"] and not summary["verdict"]["beats_3x_ort_fp32"]
+
+
+@pytest.mark.parametrize("m,v,k", [(64, 9, 16), (512, 4, 16), (128, 2, 16)])
+def test_instruction_bound_is_the_documented_ratio(m, v, k):
+    """The counted bound's closed form per output: 3/V + 4K/M + 4K/(VM) (fp32 encoder), 3/V + K/M + 4K/(VM) (int8)."""
+    from tvm_lut.math import cost
+
+    d = 9 * m
+    f = cost.instruction_bound(1024, d, m, v, k, "fp32")
+    q = cost.instruction_bound(1024, d, m, v, k, "int8")
+    assert f["ratio"] == pytest.approx(3 / v + 4 * k / m + 4 * k / (v * m))
+    assert q["ratio"] == pytest.approx(3 / v + k / m + 4 * k / (v * m))
+    assert f["int8_gemm"] == 1024 * d * m / 64
+
+
+def test_model_bound_counts_exact_layers_as_fp32():
+    layers = [{"name": "a", "method": "pq", "rows_per_sample": 256, "d": 576, "m": 64, "v": 9, "k": 16},
+              {"name": "b", "method": "exact", "rows_per_sample": 1024, "d": 27, "m": 64}]
+    b = pareto.instruction_bound(layers)
+    assert b["exact_fp32"] == 4 * 1024 * 27 * 64 / 64
+    assert b["int8_gemm"] == (256 * 576 * 64 + 1024 * 27 * 64) / 64
+    assert [x["name"] for x in b["layers"]] == ["a"]

@@ -79,3 +79,37 @@ def matmul_chain_ops(stages: list[tuple[int, int, int]], m: int, rows: int, has_
 def param_bytes(params: int, m: int, has_bias: bool) -> int:
     """float32 storage of ``params`` factor weights (+ bias)."""
     return 4 * (params + (m if has_bias else 0))
+
+
+#: 512-bit vector instructions per layer and sample, the counted bound of issue 32 (``instruction_bound``)
+VECTOR_BYTES = 64
+
+
+def instruction_bound(rows: int, d: int, m: int, v: int, k: int, encoder: str = "fp32") -> dict[str, float]:
+    """Vector instructions (512-bit) one sample needs for a layer: int8 VNNI GEMM vs product-quantized lookup.
+
+    The counts are what the inner loops must issue at best (register-blocked, loads amortised, one
+    instruction per cycle), so their ratio is a bound on what lookup can gain, not a measurement:
+
+    * int8 GEMM (ONNX Runtime's VNNI path): one ``vpdpbusd`` does 64 u8 x s8 multiply-adds:
+      ``R * D * M / 64``.
+    * lookup (``C = ceil(D / V)`` subspaces, K <= 16 int8 tables): one ``vpshufb`` reads 64 table bytes,
+      one (row, output, subspace) each; widening them into the int16/int32 sums and moving the codes
+      into place costs about two more: ``3 * R * C * M / 64``.
+    * encode, fp32: ``K`` scores per subspace from ``V`` products each, 16 lanes: ``R * C * K * V / 16``;
+      argmin over ``K``: ``R * C * K / 16`` compares and blends.
+    * encode, int8 scores (VNNI): ``R * C * K * V / 64`` + the same argmin on int32 (``/ 16``).
+
+    Per output the ratio lookup / int8 is ``3 / V + 4 K / M + 4 K / (V M)`` with an fp32 encoder and
+    ``3 / V + K / M + 4 K / (V M)`` with an int8 one (D a multiple of V): lookup needs a large V *and* wide layers (large M)
+    to issue fewer instructions than int8, and the encoder is the term that bites in narrow layers
+    (at M = 64, K = 16, an fp32 encoder alone costs what the whole int8 layer does).
+    """
+    c = -(-d // v)
+    lanes8, lanes32 = VECTOR_BYTES, VECTOR_BYTES // 4
+    gemm = rows * d * m / lanes8
+    lookup = 3 * rows * c * m / lanes8
+    per_lane = lanes8 if encoder == "int8" else lanes32
+    encode = rows * c * k * v / per_lane + rows * c * k / lanes32
+    return {"int8_gemm": gemm, "lut_lookup": lookup, "lut_encode": encode, "lut_total": lookup + encode,
+            "ratio": (lookup + encode) / gemm}

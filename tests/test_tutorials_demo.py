@@ -50,6 +50,11 @@ def test_demo_main_job(tmp_path, capsys):
     base = report["baselines"]
     assert base["onnxruntime_fp32_ms"] > 0 and base["onnxruntime_int8_ms"] > 0 and base["pytorch_ms"] > 0
     assert base["onnxruntime_int8_accuracy"] > 85  # ONNX Runtime int8's accuracy on the same test images
+    # the chart's accuracy-vs-latency points: ours and every baseline, each with both measured
+    from tvm_lut.app import demo
+
+    assert {p[0] for p in demo.chart_points(report)} == {"LUT (tvm-lut)", "TVM exact (untuned)", "ONNX Runtime fp32",
+                                                         "ONNX Runtime int8", "PyTorch"}
     assert cli.main(["run", os.path.join(out, "model"), "--input", os.path.join(out, "test.npz"),
                      "--output", os.path.join(out, "pred.npz")]) == 0
     assert np.load(os.path.join(out, "pred.npz"))["output"].shape == (2000, 10)

@@ -43,17 +43,31 @@ def _chart(report: dict, path: str) -> None:
     ax.legend()
     ax.set_title("storage")
     ax = axes[2]
-    acc, lat, base = report["accuracy"], report["latency"], report.get("baselines") or {}
-    bars = [("LUT", lat["lut_ms"]), ("TVM exact\n(untuned)", lat["exact_ms"])]
-    bars += [(name, base[key]) for key, name in (("onnxruntime_fp32_ms", "ORT fp32"), ("onnxruntime_int8_ms", "ORT int8"),
-                                                 ("pytorch_ms", "PyTorch")) if base.get(key)]
-    ax.bar(range(len(bars)), [v for _, v in bars], color=["C1"] + ["C0"] * (len(bars) - 1))
-    ax.set_xticks(range(len(bars)), [n for n, _ in bars], fontsize=8)
-    ax.set_ylabel(f"ms per batch of {lat['batch']}, {lat['threads']} threads")
-    ax.set_title(f"latency; accuracy exact {acc['exact']:.1f}% vs LUT {acc['lut']:.1f}%")
+    for name, ms, top1, lut in chart_points(report):
+        ax.scatter(ms, top1, marker="o" if lut else "s", color="C1" if lut else "C0", zorder=3)
+        ax.annotate(name, (ms, top1), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    lat = report["latency"]
+    ax.set_xscale("log")
+    ax.set_xlabel(f"ms per batch of {lat['batch']}, {lat['threads']} threads (log)")
+    ax.set_ylabel("accuracy on the test images (%)")
+    ax.set_title("accuracy vs latency (LUT: circle)")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def chart_points(report: dict) -> list[tuple[str, float, float, bool]]:
+    """(name, ms, accuracy %, is ours) of every build with both measured: LUT, TVM exact and the baselines
+    (ONNX Runtime fp32 and int8 when installed, PyTorch), all timed in this process on this machine."""
+    acc, lat, base = report["accuracy"], report["latency"], report.get("baselines") or {}
+    pts = [("LUT (tvm-lut)", lat["lut_ms"], acc["lut"], True), ("TVM exact (untuned)", lat["exact_ms"], acc["exact"], False)]
+    for key, name in (("onnxruntime_fp32", "ONNX Runtime fp32"), ("onnxruntime_int8", "ONNX Runtime int8")):
+        if base.get(f"{key}_ms") and base.get(f"{key}_accuracy") is not None:
+            pts.append((name, base[f"{key}_ms"], base[f"{key}_accuracy"], False))
+    if base.get("pytorch_ms") and report.get("pytorch_accuracy") is not None:
+        pts.append(("PyTorch", base["pytorch_ms"], report["pytorch_accuracy"], False))
+    return pts
 
 
 def main(out: str = "tvm-lut-demo", epochs: int = 3, calib_images: int = 2048, progress: bool = True) -> dict:

@@ -152,3 +152,15 @@ def test_kmedians_step_equals_per_cluster_median(rng):
             members = data[i][labels[i] == j]
             want = np.median(members, axis=0) if len(members) else cents[i, j]
             np.testing.assert_array_equal(new[i, j], want)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine", "l1"])
+def test_fit_encoder_gives_the_kernels_codes(distance):
+    """The fast encoder of table fitting (one matrix product) picks the codes of the bit-exact emulation,
+    up to ties within float32 rounding."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4096, 72)).astype(np.float32)
+    cents, offsets = pq.encoder_operands(rng.standard_normal((8, 16, 9)).astype(np.float32), distance)
+    exact = pq.encode(x, cents, offsets, distance)
+    fast = pq.encode_for_fit(x, cents, offsets, distance)
+    assert fast.shape == exact.shape and fast.dtype == np.int32 and (fast != exact).mean() < 1e-3

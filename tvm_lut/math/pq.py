@@ -237,6 +237,20 @@ def encode_scores(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray,
     return score
 
 
+def encode_for_fit(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray, distance: str) -> np.ndarray:
+    """Codes (N, C) for fitting tables: the dot-product scores as one batched matrix product in float64
+    (``offsets - x . p``) instead of ``encode``'s element-by-element FMA emulation, about 10x faster on a
+    layer's calibration rows. The codes differ from the kernel's only where two scores tie within float32
+    rounding; table refinement is a least-squares fit over thousands of rows and does not notice. L1
+    scores have no matrix form and go through ``encode``. Inference emulation keeps ``encode`` (bit-exact)."""
+    if distances.get(distance).absolute:
+        return encode(x, enc_centroids, offsets, distance)
+    c_count, k, v = enc_centroids.shape
+    xs = x.astype(np.float64).reshape(x.shape[0], c_count, v).transpose(1, 0, 2)  # (C, N, V)
+    scores = offsets.astype(np.float64)[:, None, :] - np.matmul(xs, enc_centroids.astype(np.float64).transpose(0, 2, 1))
+    return scores.argmin(-1).T.astype(np.int32)
+
+
 def encode(x: np.ndarray, enc_centroids: np.ndarray, offsets: np.ndarray, distance: str,
            fused: bool = True) -> np.ndarray:
     """Nearest-centroid codes (N, C) int32 for padded rows x (N, C*V); ties go to the lowest index."""
@@ -455,7 +469,7 @@ def fit_layer(
     tables = build_tables(centroids, pad_columns(weight.T, d_pad).T)
     if refine and tables.shape[0] * k <= MAX_REFINE_UNKNOWNS:
         cents, offsets = encoder_operands(centroids, distance)
-        codes = encode(xp, cents, offsets, distance)
+        codes = encode_for_fit(xp, cents, offsets, distance)
         if targets is None:
             targets = rows.astype(np.float64) @ weight.astype(np.float64)
         tables, _ = refine_tables(codes, k, targets, tables, seed=seed)

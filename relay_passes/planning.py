@@ -135,11 +135,29 @@ class Planner:
                 rows = calibrate.collect(mod, [p.layer for p in need_calib], inputs, target=self.target,
                                          max_rows=self.options.max_calibration_rows, seed=self.seed,
                                          progress=self.options.progress)
-            for p in todo:
-                self._fit(p, rows.get(p.layer.name))
+            self._fit_all(todo, rows)
         for p in plans:
             account(p)
         return plans
+
+    def _fit_all(self, todo: list[Plan], rows: dict) -> None:
+        """Fit the layers on threads, one per core: a fit is numpy (k-means, matrix products, a ridge
+        solve) that releases the GIL, so a ResNet-18-class model's hundreds of clusterings use both cores
+        of a 2-core box. Each fit is seeded on its own: the result does not depend on the order; the first
+        error in program order is raised."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tvm_lut.runtime.build import default_threads
+
+        workers = min(len(todo), default_threads())
+        if workers <= 1:
+            for p in todo:
+                self._fit(p, rows.get(p.layer.name))
+            return
+        with ThreadPoolExecutor(workers, thread_name_prefix="lutify-fit") as pool:
+            futures = [pool.submit(self._fit, p, rows.get(p.layer.name)) for p in todo]
+            for f in futures:
+                f.result()
 
     def _fit(self, p: Plan, rows=None, targets=None) -> None:
         """The layer's method fits it; ``KeepExact`` from the method keeps the layer exact, with the reason."""

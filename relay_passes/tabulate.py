@@ -184,7 +184,7 @@ def _tail(start, g: _Graph) -> tuple[list, relax.Var]:
     return [v for v in tail if v in need], leaving[0]
 
 
-def _find(func: relax.Function, max_inputs: int) -> list[Chain]:
+def _find(func: relax.Function, max_inputs: int) -> tuple[list[Chain], "_Graph"]:
     g = _Graph(func)
     found = []
     for var, value in g.bindings.items():

@@ -56,6 +56,27 @@ class PatternUnit(nn.Module):
         y = torch.tanh(self.mlp(self.gather(x)))
         return _floor_ste(nn.functional.pixel_shuffle(y, self.scale) * 127.0)
 
+    def rows(self, plane: str) -> torch.Tensor:
+        """The unit on every input it can see: (16^n, scale^2) in (-1, 1), the table before its int8 floor."""
+        return torch.tanh(self.mlp(_unit_inputs(self.pattern, plane)))[:, :, 0, 0]
+
+    def lookup(self, rows: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """``forward`` by table: (B, 1, H, W) nibble plane (integer-valued, 0..15) -> what ``forward`` gives
+        on that plane's values, read from ``rows`` (``self.rows(plane)``) at ``sr_lut.table_index``.
+
+        The same function as ``forward`` (one row per distinct input instead of one MLP evaluation per
+        pixel), and the same gradient for the weights: the rows' gradient is the sum of their pixels'. A
+        table read has no gradient for its indices, as the deployed table has none."""
+        bottom, right = sr_lut.pad_of(self.pattern)
+        h, w = levels.shape[2:]
+        lp = nn.functional.pad(levels, (0, right, 0, bottom), mode="reflect") if bottom or right else levels
+        lp = lp.detach().long()[:, 0]
+        idx = torch.zeros_like(lp[:, :h, :w])
+        for dy, dx in sr_lut.PATTERNS[self.pattern]:
+            idx = idx * sr_lut.LEVELS + lp[:, dy:dy + h, dx:dx + w]
+        y = rows[idx].permute(0, 3, 1, 2)  # (B, scale^2, H, W)
+        return _floor_ste(nn.functional.pixel_shuffle(y, self.scale) * 127.0)
+
 
 class HKStage(nn.Module):
     """One x``scale`` stage: an MSB and an LSB branch of pattern units, rotation ensemble, residual."""
@@ -75,12 +96,31 @@ class HKStage(nn.Module):
                 acc = acc + torch.rot90(out, -r, (2, 3))
         return acc
 
-    def forward(self, x255: torch.Tensor) -> torch.Tensor:
-        """(B, 1, H, W) integer-valued pixels 0..255 (float) -> the stage's y in [0, 1], upscaled."""
+    @staticmethod
+    def _branch_by_table(levels: torch.Tensor, units: nn.ModuleDict, plane: str) -> torch.Tensor:
+        acc = 0.0
+        for unit in units.values():
+            rows = unit.rows(plane)  # once per unit: the 4 rotations read one table
+            for r in range(4):
+                out = unit.lookup(rows, torch.rot90(levels, r, (2, 3)))
+                acc = acc + torch.rot90(out, -r, (2, 3))
+        return acc
+
+    def forward(self, x255: torch.Tensor, by_table: bool = False) -> torch.Tensor:
+        """(B, 1, H, W) integer-valued pixels 0..255 (float) -> the stage's y in [0, 1], upscaled.
+
+        ``by_table``: every unit read from its rows (``PatternUnit.lookup``) rather than run per pixel; the
+        same function, many times cheaper to train (4,096 MLP evaluations per MSB unit instead of one per
+        pixel and rotation). The default, per-pixel form is the graph the Relax importer and
+        ``TabulateSubnetworks`` see."""
         hi = torch.floor(x255 / 16)  # exact for integer-valued floats: 16 is a power of two
         lo = x255 - hi * 16
-        msb = torch.clamp(self._branch(hi * 16 / 255, self.msb) / (len(self.msb) * 255), -1, 1)
-        lsb = torch.clamp(self._branch(lo / 255, self.lsb) / (len(self.lsb) * 255), -1, 1)
+        if by_table:
+            msb_sum, lsb_sum = self._branch_by_table(hi, self.msb, "msb"), self._branch_by_table(lo, self.lsb, "lsb")
+        else:
+            msb_sum, lsb_sum = self._branch(hi * 16 / 255, self.msb), self._branch(lo / 255, self.lsb)
+        msb = torch.clamp(msb_sum / (len(self.msb) * 255), -1, 1)
+        lsb = torch.clamp(lsb_sum / (len(self.lsb) * 255), -1, 1)
         nearest = nn.functional.interpolate(x255 / 255, scale_factor=self.scale, mode="nearest")
         return torch.clamp((nearest + msb) + lsb, 0, 1)
 
@@ -96,10 +136,11 @@ class HKNet(nn.Module):
         self.scale = scale
         self.stages = nn.ModuleList([HKStage(f, msb, lsb, nf, depth) for f in factors])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, by_table: bool = False) -> torch.Tensor:
+        """``by_table``: see ``HKStage.forward``."""
         x255 = torch.floor(x * 255)
         for i, st in enumerate(self.stages):
-            y = st(x255)
+            y = st(x255, by_table)
             if i < len(self.stages) - 1:
                 x255 = _floor_ste(y * 255)
         return y

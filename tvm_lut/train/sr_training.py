@@ -4,7 +4,9 @@
 each colour channel a grayscale plane (the tables run on every channel alike). LR images are made once per
 image by ``math.resize.imresize`` (MATLAB's antialiased bicubic: the protocol the evaluation uses), and an
 LR patch at (i, j) pairs with the HR patch at (scale i, scale j). Loss: MSE on [0, 1]; Adam with a cosine
-learning rate. Every ``checkpoint_minutes`` and at the end the state (weights, optimiser, schedule, step,
+learning rate. The network runs in its table form (``HKNet(..., by_table=True)``: each unit evaluated once
+on its 16^n inputs per step, then read per pixel): the same function and weight gradient as the per-pixel
+form, about 17 times faster (x4, batch 16: 0.12 s a step against 2.1 s), and one thread is as fast as two. Every ``checkpoint_minutes`` and at the end the state (weights, optimiser, schedule, step,
 RNG) is written atomically to ``<cache>/last.pt``; a later call with the same settings resumes from it.
 Every ``eval_every`` steps the network (before tabulation) is scored on Set5 (Y PSNR, the field's protocol).
 """
@@ -93,14 +95,15 @@ def evaluate(model: hklut.HKNet, images: list[tuple[str, np.ndarray]], scale: in
             hr = image_quality.modcrop(img, scale)
             lr = resize.imresize(hr, 1 / scale)
             chans = [lr] if lr.ndim == 2 else [lr[..., c] for c in range(lr.shape[2])]
-            outs = [model(torch.from_numpy(c.astype(np.float32) / 255)[None, None])[0, 0].numpy() for c in chans]
+            outs = [model(torch.from_numpy(c.astype(np.float32) / 255)[None, None], by_table=True)[0, 0].numpy()
+                    for c in chans]
             sr = np.stack([np.floor(o * np.float32(255) + np.float32(0.5)).astype(np.uint8) for o in outs], -1)
             scores.append(image_quality.psnr(sr if lr.ndim == 3 else sr[..., 0], hr, scale))
     model.train()
     return float(np.mean(scores))
 
 
-def train(scale: int = 4, steps: int = 100_000, batch: int = 16, patch: int = 32, lr: float = 1e-3, nf: int = 64,
+def train(scale: int = 4, steps: int = 20_000, batch: int = 32, patch: int = 32, lr: float = 1e-3, nf: int = 64,
           depth: int = 4, max_minutes: float = 0, checkpoint_minutes: float = 5.0, eval_every: int = 2000,
           progress: bool = True, cache: str | None = None, log=print, max_images: int | None = None) -> dict:
     """Train (or resume) an HKLUT network for ``scale``; returns the state summary (also ``<cache>/state.json``).
@@ -142,7 +145,7 @@ def train(scale: int = 4, steps: int = 100_000, batch: int = 16, patch: int = 32
     bar = tqdm(total=steps, initial=step, desc=f"HKLUT x{scale}", disable=not progress)
     while step < steps:
         lr_t, hr_t = patch_batch(pairs, scale, batch, patch, gen)
-        loss = torch.nn.functional.mse_loss(model(lr_t), hr_t)
+        loss = torch.nn.functional.mse_loss(model(lr_t, by_table=True), hr_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -59,7 +59,13 @@ def test_tabulated_module_computes_what_the_network_did(x2_net):
     text = res.module.script()
     assert text.count("call_tir(cls.table_lookup") == 20 and "R.nn.conv2d(" not in text  # 5 units x 4 rotations
     img = np.random.default_rng(1).integers(0, 256, (1, 1, 16, 16)).astype(np.float32) / 255
-    np.testing.assert_array_equal(_run(res.module, img), _run(mod, img))
+    tabulated, network = _run(res.module, img), _run(mod, img)
+    # the same values up to float rounding of the non-table ops (the build fuses them: FMA contraction);
+    # no output moves by a level (1/255)
+    np.testing.assert_allclose(tabulated, network, rtol=0, atol=1e-4)
+    with torch.no_grad():
+        torch_out = x2_net[0](torch.from_numpy(img)).numpy()
+    assert np.mean(tabulated != torch_out) < 0.01  # measured: 0 of 1,024 differ
 
 
 def test_a_subnetwork_of_unquantized_inputs_stays_with_its_reason():

@@ -15,6 +15,7 @@ import tvm
 from tvm import relax
 
 from tvm_lut.frontend import graph
+from tvm_lut.runtime.elementwise import fuse_and_vectorize
 from tvm_lut.targets import TARGETS, resolve_target  # noqa: F401  (re-exported: the names users know)
 
 
@@ -45,14 +46,14 @@ def build(mod: tvm.IRModule, target="x86") -> relax.VMExecutable:
     ``relax.VirtualMachine(lib, tvm.cpu())["main"](x)`` runs it.
     """
     tgt = resolve_target(target)
-    return tvm.compile(bind_params(mod), tgt)
+    return tvm.compile(fuse_and_vectorize(bind_params(mod)), tgt)
 
 
 def compile_with_params(mod: tvm.IRModule, target="x86") -> tuple[relax.VMExecutable, list[tuple[str, np.ndarray]]]:
     """Compile keeping weights as runtime inputs: (executable, [(name, value)] to pass after the inputs)."""
     tgt = resolve_target(target)
     stripped, params = split_params(mod)
-    return tvm.compile(stripped, tgt), params
+    return tvm.compile(fuse_and_vectorize(stripped), tgt), params
 
 
 def _flatten(out) -> list[np.ndarray]:

@@ -57,6 +57,7 @@ class LUTifyOptions:
     form: str | None = None
     butterfly_budget: float = 0.2
     lookup: str = "auto"
+    encoder: str = "fp32"
     progress: bool = True
     budget: object = None
     labels: object = None
@@ -71,6 +72,8 @@ class LUTifyOptions:
             put("rank", tuple(self.rank))
         if self.lookup not in ("auto", "shuffle", "gather"):
             raise OptionError(f"lookup={self.lookup!r}; choose 'auto', 'shuffle' or 'gather'")
+        if self.encoder not in ("fp32", "int8"):
+            raise OptionError(f"encoder={self.encoder!r}; choose 'fp32' or 'int8'")
         distances.get(self.distance)
         LayerOptions(k=self.k, v=self.v, budget=self.butterfly_budget, rank=self.rank, form=self.form)
         for n, o in [(None, LayerOptions(method=self.method)), *self.layers.items()]:

@@ -13,17 +13,23 @@ reads its input in place) or the CAM simulator (``--target cam``).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import numpy as np
 import tvm
 from tvm import relax
 
-from tir_schedules import kernels, shuffle
+from tir_schedules import encode_int8, kernels, shuffle
+from tvm_lut import targets
 from tvm_lut.errors import CalibrationError, OptionError
 from tvm_lut.frontend import graph
 from tvm_lut.math import cost, distances, pq
 
 from ..registry import RewriteMethod, register
 from ..rewrite import LookupEmitter, Plan, ident
+
+log = logging.getLogger("tvm_lut")
 
 
 class PQMethod(RewriteMethod):
@@ -33,21 +39,37 @@ class PQMethod(RewriteMethod):
 
     def needs_rows(self, plan: Plan, planner) -> bool:
         name = plan.layer.name
-        return name not in planner.codebooks and name not in planner.fitted
+        if name in planner.fitted:
+            return False
+        # learned centroids need no rows, unless the int8 encoder must quantize the layer's input
+        return name not in planner.codebooks or _int8_refusal(plan, planner) is None
 
     def fit(self, plan: Plan, planner, rows=None, targets=None) -> None:
         r, name = plan.record, plan.layer.name
+        refusal = _int8_refusal(plan, planner)
+        int8 = refusal is None
         if name in planner.fitted:  # fitted by a PriorityMask run (LUTify(budget=...)) or given
             plan.pq_layer = planner.fitted[name]
+            if int8 and plan.pq_layer.int8 is None:
+                int8, refusal = False, "the given fitted layer has no int8 operands"
         elif name in planner.codebooks:
             cents, _ = codebook_entry(name, planner.codebooks[name], r["distance"])
             plan.pq_layer = from_codebooks(plan.layer, cents, r["distance"])
+            if int8:
+                plan.pq_layer = plan.pq_layer.with_int8_encoder(rows)
         else:
             if len(rows) < r["k"]:
                 raise CalibrationError(f"layer {name!r}: K={r['k']} centroids need at least {r['k']} "
                                        f"calibration vectors, got {len(rows)}")
             plan.pq_layer = pq.fit_layer(rows, plan.layer.weight, plan.layer.bias, k=r["k"], v=r["v"],
-                                         distance=r["distance"], seed=planner.seed, targets=targets)
+                                         distance=r["distance"], seed=planner.seed, targets=targets,
+                                         encoder="int8" if int8 else "fp32")
+        if not int8 and plan.pq_layer.int8 is not None:  # a fitted int8 layer where int8 does not apply
+            plan.pq_layer = dataclasses.replace(plan.pq_layer, int8=None)
+        r["encoder"] = "int8" if int8 else "fp32"
+        if refusal and planner.options.encoder == "int8":
+            r["encoder_note"] = refusal
+            log.info("layer %s keeps the fp32 encoder: %s", name, refusal)
         r["kernel"] = planner.lookup_kernel(plan)
 
     def account(self, plan: Plan) -> None:
@@ -69,6 +91,29 @@ class PQMethod(RewriteMethod):
 
 
 register(PQMethod())
+
+
+def _conv_input(layer: graph.Layer) -> kernels.ConvInput:
+    cv = layer.conv
+    return kernels.ConvInput(tuple(layer.input_shape), tuple(cv["kernel_hw"]), tuple(cv["strides"]),
+                             tuple(cv["padding"]), tuple(cv["dilation"]))
+
+
+def _int8_refusal(plan: Plan, planner) -> str | None:
+    """None when the layer gets the int8 encoder (``encoder="int8"`` asked, and it applies), else why not."""
+    if planner.options.encoder != "int8":
+        return "encoder='fp32'"
+    r, layer = plan.record, plan.layer
+    if r["distance"] != "l2":
+        return f"distance {r['distance']!r} (the int8 encoder computes L2 scores)"
+    if layer.kind != "conv2d":
+        return "not a convolution (the int8 encoder reads a convolution's input in place)"
+    tgt = targets.resolve(planner.target)
+    kernel = tgt.lookup_kernel(planner.options.lookup, r["k"], layer.rows, layer.kind, r["distance"], layer.name)
+    isa = next((i for i in shuffle.ISAS if kernel == f"shuffle-{i.name}"), None)
+    if isa is None or not isa.grouped:
+        return f"the {kernel} lookup (the int8 encoder writes the AVX-512 VBMI + VNNI grouped layout)"
+    return encode_int8.eligible(_conv_input(layer), pq.num_subspaces(layer.d, r["v"]), r["k"], r["v"])
 
 
 def codebook_entry(name: str, entry, default_distance: str) -> tuple[np.ndarray, str]:
@@ -146,6 +191,7 @@ def _emit_cam(em: LookupEmitter, plan: Plan, x, as_output: bool):
                    primfunc_name_hint=f"lut_dequantize_{ident(layer.name)}")
     return em.epilogue(layer, y, [], None, as_output)
 
+
 def _emit_shuffle(em: LookupEmitter, plan: Plan, x, as_output: bool):
     """Packed-code encoder (fused with im2col for a conv) -> shuffle lookup with the scale and bias
     in its epilogue, writing (M, rows) for a conv (NCHW at batch 1; at batch B > 1 (B, M, OH*OW) where no
@@ -156,41 +202,21 @@ def _emit_shuffle(em: LookupEmitter, plan: Plan, x, as_output: bool):
     layer, q, bb = plan.layer, plan.pq_layer, em.builder_
     tag, rows = ident(layer.name), layer.rows
     isa = next(i for i in shuffle.ISAS if plan.record["kernel"] == f"shuffle-{i.name}")
-    c, k, v, m = q.num_codebooks, q.k, q.v, q.m
+    c, k, m = q.num_codebooks, q.k, q.m
     rows_major = layer.kind != "conv2d"  # a dense layer's (rows, M); a conv's (M, rows) is NCHW already
     lanes = shuffle.block_rows(isa, rows, m if rows_major else None)
     # the grouped kernel transposes 4 outputs at a time in registers; the nibble kernel stores from a tile
     pairs, mb = shuffle.padded_pairs(c), shuffle.tile_for(isa, rows_major)
-    cents, offsets = q.encoder_operands()
-    if layer.kind == "conv2d" and not distances.get(q.distance).multiplier_free:
-        cv = layer.conv
-        conv = kernels.ConvInput(tuple(layer.input_shape), tuple(cv["kernel_hw"]), tuple(cv["strides"]),
-                                 tuple(cv["padding"]), tuple(cv["dilation"]))
-        src = x
+    if q.int8 is not None:  # the VNNI encoder (``encoder="int8"``; only layers it applies to carry operands)
+        conv = _conv_input(layer)
+        enc = em.kernel(("encode-int8", isa.name, conv.shape, conv.kernel_hw, conv.padding, conv.dilation, c, k, lanes),
+                        f"lut_encode_{tag}", lambda: encode_int8.encode_conv_int8(conv, c, k, lanes))
+        qparams = np.array([q.int8.inv_scale, q.int8.zero_point], np.float32)
+        words = encode_int8.centroid_operands(q.int8.centroids, conv.kernel_hw)
+        packed = bb.emit(relax.call_tir(enc, [x, relax.const(qparams), relax.const(words), relax.const(q.int8.offsets)],
+                                        relax.TensorType(shuffle.packed_shape(rows, c, lanes, isa.grouped), "uint8")))
     else:
-        conv, src = None, em.rows(plan, x, c * v)
-    cents = np.ascontiguousarray(cents.transpose(0, 2, 1))
-    if conv is None and isa.name != "neon":  # a dense row-major input: 16 (AVX2: 8) codebooks of a row per vector
-        # (the row-lanes encoder gathers 16 rows per subvector element; on a Zen 3 (AVX2) this one encoded
-        # D=256 1.4-2.4x faster. AArch64 keeps the row-lanes encoder, the one checked under emulation there)
-        # with 16 vector registers (AVX2): 8 codebooks per step (one ymm per score), float argmin indices
-        narrow = isa.registers < 32
-        cl = kernels.CODEBOOK_LANES_16_REGISTERS if narrow else kernels.CODEBOOK_LANES
-        enc = em.kernel(("encode-codebook-lanes", isa.name, rows, c, k, v, q.distance, lanes, isa.grouped, pairs, cl),
-                           f"lut_encode_{tag}",
-                           lambda: kernels.encode_codebook_lanes(rows, c, k, v, q.distance, lanes,
-                                                                 grouped=isa.grouped, pairs=pairs,
-                                                                 codebook_lanes=cl, float_indices=narrow))
-        cents, offsets = kernels.codebook_lane_operands(cents, offsets, lanes=cl)
-    else:
-        # with 16 vector registers (AVX2) the 16x16 score buffer spills: scores fused into the argmin
-        fused = isa.registers < 32
-        enc = em.kernel(("encode-packed", isa.name, rows, c, k, v, q.distance, lanes, isa.grouped, conv, fused),
-                           f"lut_encode_{tag}",
-                           lambda: kernels.encode(rows, c, k, v, q.distance, pack_lanes=lanes, pairs=pairs,
-                                                  conv=conv, grouped=isa.grouped, fused_scores=fused))
-    packed = bb.emit(relax.call_tir(enc, [src, relax.const(cents), relax.const(offsets)],
-                                    relax.TensorType(shuffle.packed_shape(rows, c, lanes, isa.grouped), "uint8")))
+        packed = _emit_fp32_encoder(em, plan, x, isa, lanes, pairs)
     # a conv at batch B > 1: the lookup writes (B, M, OH*OW), i.e. NCHW, with no transpose after it
     # (no vector the lookup stores may span two images: 16 rows in the grouped kernel, half a row block in
     # the nibble kernel; else it writes (M, B*OH*OW) and a transpose follows)
@@ -218,6 +244,43 @@ def _emit_shuffle(em: LookupEmitter, plan: Plan, x, as_output: bool):
     elif len(layer.output_shape) != 2:
         steps.append(lambda y: relax.op.reshape(y, layer.output_shape))
     return em.epilogue(layer, y, steps, None, as_output, rows_layout=False)
+
+
+def _emit_fp32_encoder(em: LookupEmitter, plan: Plan, x, isa, lanes: int, pairs: int):
+    """The packed codes of ``_emit_shuffle`` from float scores: a conv's input read in place (im2col fused),
+    or a dense layer's rows with codebooks in the vector lanes."""
+    layer, q, bb = plan.layer, plan.pq_layer, em.builder_
+    tag, rows = ident(layer.name), layer.rows
+    c, k, v = q.num_codebooks, q.k, q.v
+    cents, offsets = q.encoder_operands()
+    if layer.kind == "conv2d" and not distances.get(q.distance).multiplier_free:
+        conv = _conv_input(layer)
+        src = x
+    else:
+        conv, src = None, em.rows(plan, x, c * v)
+    cents = np.ascontiguousarray(cents.transpose(0, 2, 1))
+    if conv is None and isa.name != "neon":  # a dense row-major input: 16 (AVX2: 8) codebooks of a row per vector
+        # (the row-lanes encoder gathers 16 rows per subvector element; on a Zen 3 (AVX2) this one encoded
+        # D=256 1.4-2.4x faster. AArch64 keeps the row-lanes encoder, the one checked under emulation there)
+        # with 16 vector registers (AVX2): 8 codebooks per step (one ymm per score), float argmin indices
+        narrow = isa.registers < 32
+        cl = kernels.CODEBOOK_LANES_16_REGISTERS if narrow else kernels.CODEBOOK_LANES
+        enc = em.kernel(("encode-codebook-lanes", isa.name, rows, c, k, v, q.distance, lanes, isa.grouped, pairs, cl),
+                           f"lut_encode_{tag}",
+                           lambda: kernels.encode_codebook_lanes(rows, c, k, v, q.distance, lanes,
+                                                                 grouped=isa.grouped, pairs=pairs,
+                                                                 codebook_lanes=cl, float_indices=narrow))
+        cents, offsets = kernels.codebook_lane_operands(cents, offsets, lanes=cl)
+    else:
+        # with 16 vector registers (AVX2) the 16x16 score buffer spills: scores fused into the argmin
+        fused = isa.registers < 32
+        enc = em.kernel(("encode-packed", isa.name, rows, c, k, v, q.distance, lanes, isa.grouped, conv, fused),
+                           f"lut_encode_{tag}",
+                           lambda: kernels.encode(rows, c, k, v, q.distance, pack_lanes=lanes, pairs=pairs,
+                                                  conv=conv, grouped=isa.grouped, fused_scores=fused))
+    packed = bb.emit(relax.call_tir(enc, [src, relax.const(cents), relax.const(offsets)],
+                                    relax.TensorType(shuffle.packed_shape(rows, c, lanes, isa.grouped), "uint8")))
+    return packed
 
 
 def _dequantize(acc, scale, bias):

@@ -25,11 +25,11 @@ Distances (how a subvector picks its centroid):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tvm_lut.math import distances
+from tvm_lut.math import distances, int8_scores
 
 DISTANCES = distances.names()  # ("l2", "cosine", "l1"): see tvm_lut.math.distances
 
@@ -350,6 +350,7 @@ class PQLayer:
     bias: np.ndarray | None  # (M,) float32 or None
     distance: str
     d: int  # unpadded input width D
+    int8: int8_scores.Int8Encoder | None = None  # integer encoder operands (``encoder="int8"``), else fp32
 
     @property
     def num_codebooks(self) -> int:
@@ -374,9 +375,24 @@ class PQLayer:
         """Reference output for rows x (N, D): encode -> accumulate -> scale (+ bias), as compiled
         (``fused=False``: for a target without fused multiply-add, e.g. ``x86:x86-64-v2``)."""
         xp = pad_columns(x.astype(np.float32), self.num_codebooks * self.v)
-        cents, offsets = self.encoder_operands()
-        acc = accumulate(encode(xp, cents, offsets, self.distance, fused), self.tables)
+        acc = accumulate(self.encode(xp, fused), self.tables)
         return dequantize(acc, self.scale, self.bias, fused)
+
+    def encode(self, xp: np.ndarray, fused: bool = True) -> np.ndarray:
+        """Codes (N, C) of padded rows as the compiled encoder computes them: integer scores of the
+        quantized rows (``int8``) or fp32 scores (``encode``)."""
+        if self.int8 is not None:
+            return int8_scores.encode_float(xp, self.int8)
+        cents, offsets = self.encoder_operands()
+        return encode(xp, cents, offsets, self.distance, fused)
+
+    def with_int8_encoder(self, rows: np.ndarray) -> PQLayer:
+        """This layer with an int8 encoder whose input quantization comes from ``rows`` (N, D), the
+        layer's calibration inputs (tables unchanged)."""
+        if self.distance != "l2":
+            raise ValueError(f"the int8 encoder computes L2 scores, not {self.distance!r}")
+        inv, zp = int8_scores.input_quantization(rows)
+        return replace(self, int8=int8_scores.fit(self.centroids, inv, zp))
 
 
 def _one_hot(codes: np.ndarray, k: int):
@@ -449,6 +465,7 @@ def fit_layer(
     seed: int = 0,
     refine: bool = True,
     targets: np.ndarray | None = None,
+    encoder: str = "fp32",
 ) -> PQLayer:
     """Post-training PQ of one linear layer y = x @ weight + bias from calibration rows (n, D).
 
@@ -457,6 +474,9 @@ def fit_layer(
     C*K <= ``MAX_REFINE_UNKNOWNS``, towards ``targets`` (n, M): by default ``rows @ weight``; in
     sequential calibration, the exact model's outputs of this layer for the same rows, so the tables
     also absorb the error of the layers before it.
+
+    ``encoder="int8"`` (L2 only) adds integer encoder operands (``int8_scores``; input quantization from
+    ``rows``), and the tables are refined on the codes that encoder gives.
     """
     d, _m = weight.shape
     if rows.ndim != 2 or rows.shape[1] != d:
@@ -465,11 +485,21 @@ def fit_layer(
         raise ValueError("calibration rows contain NaN or Inf")
     d_pad = num_subspaces(d, v) * v
     xp = pad_columns(rows, d_pad)
+    if encoder not in ("fp32", "int8"):
+        raise ValueError(f"encoder={encoder!r}; choose 'fp32' or 'int8'")
     centroids = fit_codebooks(xp, v, k, distance, seed)
+    int8 = None
+    if encoder == "int8":
+        if distance != "l2":
+            raise ValueError(f"the int8 encoder computes L2 scores, not {distance!r}")
+        int8 = int8_scores.fit(centroids, *int8_scores.input_quantization(rows))
     tables = build_tables(centroids, pad_columns(weight.T, d_pad).T)
     if refine and tables.shape[0] * k <= MAX_REFINE_UNKNOWNS:
-        cents, offsets = encoder_operands(centroids, distance)
-        codes = encode_for_fit(xp, cents, offsets, distance)
+        if int8 is not None:
+            codes = int8_scores.encode_float(xp, int8)
+        else:
+            cents, offsets = encoder_operands(centroids, distance)
+            codes = encode_for_fit(xp, cents, offsets, distance)
         if targets is None:
             targets = rows.astype(np.float64) @ weight.astype(np.float64)
         tables, _ = refine_tables(codes, k, targets, tables, seed=seed)
@@ -481,4 +511,5 @@ def fit_layer(
         bias=None if bias is None else bias.astype(np.float32),
         distance=distance,
         d=d,
+        int8=int8,
     )

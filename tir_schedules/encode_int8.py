@@ -1,0 +1,180 @@
+"""The int8 (VNNI) convolution encoder: nearest centroids from integer scores, 64 products per instruction.
+
+Reference: ``tvm_lut.math.int8_scores`` (operands, scores, codes) and ``tvm_lut.math.pq.pack_codes_grouped``
+(the output layout, read by ``shuffle``'s grouped ``vpermb`` lookup). Bit-exact: integer arithmetic only.
+
+For a KxK convolution whose subspace is one input channel's patch (V = KH*KW, LUT-NN's setting for 3x3),
+16 output pixels share the vector lanes. Per (16 pixels, channel) the fp32 encoder issues V*K = 144 FMAs
+(K=16) and a 3-instruction-per-merge argmin tree (45); this one issues, per kernel row ``ky``:
+
+- one 64-byte load of the quantized, zero-padded input at the pixels' first tap, and one byte shuffle
+  (``vpermb`` with a constant index) that gives lane ``j`` the 4 bytes ``(ky, 0..3)`` of pixel ``j``'s
+  patch (the 4th tap of a 3-wide kernel meets a zero centroid byte);
+- K ``vpdpbusd``: lane ``j`` of centroid ``k``'s accumulator adds the 4 products of those bytes with the
+  centroid's 4 int8 values of that row (a broadcast memory operand),
+
+then, per centroid, ``(score << 4) | k`` (``llvm.fshl``: one ``vpshldd`` on AVX512-VBMI2) and a 15-step
+``vpminsd`` tree whose low 4 bits are the code, first minimum on ties. At 3x3: 3 + 48 + 16 + 15 = 82
+instructions against ~190, the counted bound's ``K/M`` against ``4K/M`` per output (``math.cost``).
+Four channels' codes combine into one int32 per pixel (``16j + code`` in byte ``j``) and store as one
+64-byte vector: the grouped layout's 16 rows x 4 codebooks.
+
+The input is quantized once per call into a zero-padded uint8 copy (``C*(H+2p)*(W+2p)`` bytes, the
+fp32 encoder's padded copy at a quarter of the size): ``clip(rint(x * inv_scale) + zero_point, 0,
+255)``, padding at the zero point (the quantized 0.0).
+
+Which layers qualify (``eligible``): stride 1, K=16, kernel width <= 4, C a multiple of 4, 16 consecutive
+output pixels inside one image and spanning at most 64 bytes of a padded row block (an output width that
+is a multiple of 16, or divides 16: 32x32, 16x16, 8x8, 4x4 maps all qualify).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from tir_schedules.kernels import ConvInput, opaque_kernel
+from tvm_lut.targets.isa import DOT_INTRINSIC
+
+LANES = 16  # output pixels per vector: int32 lanes of a 512-bit register
+SLACK = 64  # bytes past the padded input that a last 64-byte load may touch
+
+
+def lane_offsets(conv: ConvInput) -> list[int] | None:
+    """Offset of each lane's pixel from lane 0's in the padded plane (16 consecutive output pixels), or
+    None when they do not fit one 64-byte load with the kernel row's 4 taps."""
+    oh, ow = conv.out_hw
+    wp = conv.padded_hw[1]
+    if ow % LANES == 0:
+        offs = list(range(LANES))
+    elif LANES % ow == 0 and (oh * ow) % LANES == 0:
+        offs = [(j // ow) * wp + j % ow for j in range(LANES)]
+    else:
+        return None
+    span = offs[-1] + 3 * conv.dilation[1] + 1
+    return offs if span <= 64 else None
+
+
+def eligible(conv: ConvInput, c: int, k: int, v: int) -> str | None:
+    """None when this encoder applies to the layer, else why not (the fp32 encoder is used then)."""
+    kh, kw = conv.kernel_hw
+    if k != 16:
+        return f"K={k} (the int8 encoder packs K=16 codes)"
+    if v != kh * kw:
+        return f"V={v} is not one channel's {kh}x{kw} patch"
+    if kw > 4:
+        return f"kernel width {kw} > 4 (one int32 lane holds a kernel row)"
+    if tuple(conv.strides) != (1, 1):
+        return f"stride {tuple(conv.strides)} (16 consecutive pixels must be one load)"
+    if c % 4:
+        return f"C={c} is not a multiple of 4"
+    if lane_offsets(conv) is None:
+        return f"output map {conv.out_hw}: 16 pixels do not fit one 64-byte load"
+    return None
+
+
+def centroid_operands(cq, kernel_hw: tuple[int, int]):
+    """Int8 centroids (C, K, V) -> (C, KH, K) int32: row ``ky``'s KW values of centroid k, negated (the
+    kernel adds ``vpdpbusd`` products to the offset), bytes 0..KW-1 of the word, the rest 0."""
+    import numpy as np
+
+    kh, kw = kernel_hw
+    c, k, v = cq.shape
+    b = np.zeros((c, kh, k, 4), np.int8)
+    b[..., :kw] = (-np.asarray(cq, np.int16)).astype(np.int8).reshape(c, k, kh, kw).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(b).view(np.int32)[..., 0]
+
+
+def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int) -> tirx.PrimFunc:
+    """The kernel (module docstring): x (B, C, H, W) float32, qparams (2,) float32 = (inv_scale,
+    zero_point), centroid words (C, KH, K) int32 (``centroid_operands``), offsets (C, K) int32 ->
+    grouped packed codes (ceil(N/L), C/4, 4L) uint8, L = ``pack_lanes`` (a multiple of 16)."""
+    why = eligible(conv, c, k, conv.kernel_hw[0] * conv.kernel_hw[1])
+    if why is not None:
+        raise ValueError(f"the int8 encoder does not apply: {why}")
+    if pack_lanes % LANES:
+        raise ValueError(f"pack_lanes must be a multiple of {LANES}, got {pack_lanes}")
+    bsz, _, h, w = conv.shape
+    kh, kw = conv.kernel_hw
+    dh, dw = conv.dilation
+    pt, pl = conv.padding[0], conv.padding[1]
+    hp, wp = conv.padded_hw
+    oh, ow = conv.out_hw
+    n = conv.rows
+    plane = hp * wp
+    flat = bsz * c * plane + SLACK
+    flat = -(-flat // 64) * 64
+    nb, groups, sub = -(-n // pack_lanes), c // 4, pack_lanes // LANES
+    offs = lane_offsets(conv)
+    # vpermb index: lane j's 4 bytes are the 4 taps of its pixel's kernel row
+    idx = [offs[j] + e * dw for j in range(LANES) for e in range(4)]
+    inner = 16 if w % 16 == 0 else w  # quantize a row in vectors of this many pixels
+
+    def first_tap(r0):
+        """Flat offset (channel 0) of output pixel ``r0``'s first tap in the padded copy."""
+        return (r0 // (oh * ow)) * c * plane + (r0 % (oh * ow)) // ow * wp + r0 % ow
+
+    def shuffled(xq, base):
+        """The 64 bytes ``vpdpbusd`` multiplies for one kernel row: lane j = taps 0..3 of pixel j."""
+        raw = xq[tirx.Ramp(base, 1, 64)]
+        return tirx.Shuffle([raw], [tirx.const(i, "int32") for i in idx])
+
+    def dot(acc, xs, word):
+        return tirx.call_llvm_pure_intrin("int32x16", DOT_INTRINSIC, acc, tirx.reinterpret("int8x64", xs),
+                                          tirx.reinterpret("int8x64", tirx.Broadcast(word, LANES)))
+
+    def vec(value: int):
+        """An int32 constant vector (``value`` taken modulo 2^32, as a bit pattern)."""
+        return tirx.Broadcast(tirx.const((value + (1 << 31)) % (1 << 32) - (1 << 31), "int32"), LANES)
+
+    def channel_code(xq, cents, offsets, base, ci):
+        """Codes (int32x16, 0..15) of channel ``ci`` for the 16 pixels whose first tap is at ``base``
+        (statements: the bindings; returns the bound code)."""
+        xs = [T.bind(shuffled(xq, base + ci * plane + ky * dh * wp)) for ky in range(kh)]
+        keys = []
+        for q in range(k):
+            acc = tirx.Broadcast(offsets[ci, q], LANES)
+            for ky in range(kh):
+                acc = dot(acc, xs[ky], cents[ci, ky, q])
+            # (score << 4) | q: the minimum's low 4 bits are its centroid, the first on ties
+            keys.append(T.bind(tirx.call_llvm_pure_intrin("int32x16", "llvm.fshl", acc, vec(q << 28), vec(4))))
+        while len(keys) > 1:
+            keys = [T.bind(T.min(keys[i], keys[i + 1])) for i in range(0, len(keys), 2)]
+        return T.bind(keys[0] & vec(15))
+
+    def group_word(xq, cents, offsets, base, g):
+        """One int32 per pixel holding the 4 codes of channel group ``g``, byte j = 16j + code: the
+        grouped layout's 16 rows x 4 codebooks as one 64-byte vector."""
+        codes = [channel_code(xq, cents, offsets, base, g * 4 + j) for j in range(4)]
+        return (codes[0] | ((codes[1] | vec(16)) << vec(8)) | ((codes[2] | vec(32)) << vec(16))
+                | ((codes[3] | vec(48)) << vec(24)))
+
+    @T.prim_func(private=True)
+    def func(
+        x: T.Buffer((bsz, c, h, w), "float32"),
+        qparams: T.Buffer((2,), "float32"),
+        cents: T.Buffer((c, kh, k), "int32"),
+        offsets: T.Buffer((c, k), "int32"),
+        packed: T.Buffer((nb, groups, 4 * pack_lanes), "uint8"),
+    ):
+        xq = T.alloc_buffer((flat,), "uint8")
+        for z in T.serial(flat // 64):  # padding at the zero point (the quantized 0.0)
+            xq[T.Ramp(z * 64, 1, 64)] = T.Broadcast(T.Cast("uint8", T.Cast("int32", qparams[1])), 64)
+        for b_, ci, y, x0 in T.grid(bsz, c, h, w // inner):
+            xq[T.Ramp(((b_ * c + ci) * hp + y + pt) * wp + pl + x0 * inner, 1, inner)] = T.Cast(
+                f"uint8x{inner}", T.max(T.min(
+                    T.Cast(f"int32x{inner}", T.nearbyint(x[b_, ci, y, T.Ramp(x0 * inner, 1, inner)]
+                                                          * T.Broadcast(qparams[0], inner)))
+                    + T.Broadcast(T.Cast("int32", qparams[1]), inner),
+                    T.Broadcast(255, inner)), T.Broadcast(0, inner)))
+        for rb in T.parallel(nb):
+            for s in T.serial(sub):
+                if rb * pack_lanes + s * LANES < n:
+                    for g in T.serial(groups):
+                        packed[rb, g, T.Ramp(s * 64, 1, 64)] = T.reinterpret("uint8x64", group_word(
+                            xq, cents, offsets, first_tap(rb * pack_lanes + s * LANES), g))
+                else:  # rows past the layer's: code 0 of each codebook, byte j = 16j
+                    for g in T.serial(groups):
+                        packed[rb, g, T.Ramp(s * 64, 1, 64)] = T.reinterpret("uint8x64", vec(0x30201000))
+
+    return opaque_kernel(func, "encode").with_attr("tirx.is_scheduled", True)

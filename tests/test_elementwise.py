@@ -1,0 +1,39 @@
+"""The build fuses the model's elementwise ops and vectorizes them; reductions and our kernels keep their code."""
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvm_lut.runtime.elementwise import fuse_and_vectorize
+
+
+def _module():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 8, 16, 16), "float32"))
+    r = relax.Var("r", relax.TensorType((8, 256), "float32"))
+    with bb.function("main", [x, r]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.reshape(r, (1, 8, 16, 16)))
+            b = bb.emit(relax.op.nn.relu(relax.op.add(x, a)))
+            m = bb.emit(relax.op.mean(b, axis=[2, 3]))  # a reduction: left to the default lowering
+            o = bb.emit_output(relax.op.add(m, relax.const(1.0, "float32")))
+        bb.emit_func_output(o)
+    return bb.get()
+
+
+def test_elementwise_chain_is_one_vectorized_function_and_computes_the_same():
+    mod = _module()
+    fused = fuse_and_vectorize(mod)
+    prims = {gv.name_hint: f for gv, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    chain = [f for name, f in prims.items() if "relu" in name]
+    assert len(chain) == 1 and "add" in [n for n in prims if "relu" in n][0]  # reshape + add + relu: one loop nest
+    assert chain[0].attrs["tirx.is_scheduled"] and "T.vectorized" in chain[0].script()
+    reductions = [f for name, f in prims.items() if "mean" in name]
+    assert reductions and not any("tirx.is_scheduled" in (f.attrs or {}) for f in reductions)
+    rng = np.random.default_rng(0)
+    args = [tvm.runtime.tensor(rng.standard_normal((1, 8, 16, 16)).astype(np.float32)),
+            tvm.runtime.tensor(rng.standard_normal((8, 256)).astype(np.float32))]
+    target = tvm.target.Target("llvm")
+    got = relax.VirtualMachine(tvm.compile(fused, target), tvm.cpu())["main"](*args).numpy()
+    want = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())["main"](*args).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

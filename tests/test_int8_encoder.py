@@ -48,7 +48,9 @@ def test_reference_codes_are_the_first_integer_minimum_and_torch_agrees():
 def test_eligibility_says_why_not():
     conv = ConvInput((1, 64, 32, 32), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
     assert encode_int8.eligible(conv, 64, 16, 9) is None
-    assert "stride" in encode_int8.eligible(ConvInput((1, 64, 32, 32), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), 64, 16, 9)
+    assert encode_int8.eligible(ConvInput((1, 64, 32, 32), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), 64, 16, 9) is None
+    # stride 2 to a 4x4 map: the 16 pixels' four input row pairs span more than one 64-byte load
+    assert "64-byte" in encode_int8.eligible(ConvInput((1, 64, 8, 8), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), 64, 16, 9)
     assert "K=8" in encode_int8.eligible(conv, 64, 8, 9)
     assert "V=4" in encode_int8.eligible(conv, 64, 16, 4)
     assert "multiple of 4" in encode_int8.eligible(ConvInput((1, 6, 32, 32), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), 6, 16, 9)
@@ -57,18 +59,20 @@ def test_eligibility_says_why_not():
 
 
 @needs_vnni
-@pytest.mark.parametrize("shape,kernel,pad,lanes,signed", [
-    ((1, 64, 32, 32), (3, 3), 1, 64, False),
-    ((2, 8, 8, 8), (3, 3), 1, 32, True),  # two images, 8-wide rows: lanes from two output rows
-    ((1, 12, 4, 4), (3, 3), 1, 16, False),  # a 4x4 map: 16 pixels from four output rows
-    ((1, 4, 16, 16), (2, 2), 0, 64, True),  # no padding, a 2x2 kernel, 15x15 output... not eligible
-    ((3, 8, 16, 16), (1, 3), 0, 64, False),  # a 1x3 kernel; 48 rows per image x 3: the last block half empty
+@pytest.mark.parametrize("shape,kernel,pad,lanes,signed,stride", [
+    ((1, 64, 32, 32), (3, 3), 1, 64, False, 1),
+    ((1, 16, 32, 32), (3, 3), 1, 64, False, 2),  # stride 2 to 16x16: lane j reads 2j
+    ((2, 8, 16, 16), (3, 3), 1, 32, True, 2),  # stride 2 to 8x8: 16 pixels from two output rows
+    ((2, 8, 8, 8), (3, 3), 1, 32, True, 1),  # two images, 8-wide rows: lanes from two output rows
+    ((1, 12, 4, 4), (3, 3), 1, 16, False, 1),  # a 4x4 map: 16 pixels from four output rows
+    ((1, 4, 16, 16), (2, 2), 0, 64, True, 1),  # no padding, a 2x2 kernel: a 15x15 output does not qualify
+    ((3, 8, 16, 16), (1, 3), 0, 64, False, 1),  # a 1x3 kernel; 224 rows: the last 64-row block half empty
 ])
-def test_kernel_is_bit_exact_against_the_reference(shape, kernel, pad, lanes, signed):
+def test_kernel_is_bit_exact_against_the_reference(shape, kernel, pad, lanes, signed, stride):
     rng = np.random.default_rng(sum(shape))
     x = rng.standard_normal(shape).astype(np.float32)
     x = x if signed else np.maximum(x, 0)
-    conv = ConvInput(shape, kernel, (1, 1), (pad, pad, pad, pad), (1, 1))
+    conv = ConvInput(shape, kernel, (stride, stride), (pad, pad, pad, pad), (1, 1))
     c = shape[1]
     why = encode_int8.eligible(conv, c, 16, kernel[0] * kernel[1])
     if why is not None:
@@ -96,8 +100,8 @@ def test_lutify_int8_encoder_matches_its_emulator_and_records_why_other_layers_k
     res = LUTify(calibration=x, progress=False, encoder="int8").run(mod)
     recs = {r["name"]: r for r in res.layers}
     assert recs["2"]["encoder"] == "int8" and recs["0"]["encoder"] == "int8"
-    assert recs["4"]["encoder"] == "fp32" and "stride" in recs["4"]["encoder_note"]
-    assert res.pq_layers["2"].int8 is not None and res.pq_layers["4"].int8 is None
+    # the strided conv writes an 8x8 map: its 16 pixels' input rows fit one load, so it qualifies too
+    assert recs["4"]["encoder"] == "int8" and res.pq_layers["4"].int8 is not None
     vm = tvm.relax.VirtualMachine(build(res.module), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(x[:1])).numpy()
     # the emulator, layer by layer on the compiled model's own intermediate values: the first layer's

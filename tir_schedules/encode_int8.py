@@ -23,9 +23,10 @@ The input is quantized once per call into a zero-padded uint8 copy (``C*(H+2p)*(
 fp32 encoder's padded copy at a quarter of the size): ``clip(rint(x * inv_scale) + zero_point, 0,
 255)``, padding at the zero point (the quantized 0.0).
 
-Which layers qualify (``eligible``): stride 1, K=16, kernel width <= 4, C a multiple of 4, 16 consecutive
-output pixels inside one image and spanning at most 64 bytes of a padded row block (an output width that
-is a multiple of 16, or divides 16: 32x32, 16x16, 8x8, 4x4 maps all qualify).
+Which layers qualify (``eligible``): K=16, kernel width <= 4, C a multiple of 4, 16 consecutive output
+pixels inside one image whose taps span at most 64 bytes of the padded input (an output width that is a
+multiple of 16, or divides 16: at stride 1 32x32, 16x16, 8x8 and 4x4 maps qualify; at stride 2 16x16 and
+8x8 outputs, not 4x4, whose four input row pairs span more than 64 bytes).
 """
 
 from __future__ import annotations
@@ -41,14 +42,15 @@ SLACK = 64  # bytes past the padded input that a last 64-byte load may touch
 
 
 def lane_offsets(conv: ConvInput) -> list[int] | None:
-    """Offset of each lane's pixel from lane 0's in the padded plane (16 consecutive output pixels), or
+    """Offset of each lane's first tap from lane 0's in the padded plane (16 consecutive output pixels), or
     None when they do not fit one 64-byte load with the kernel row's 4 taps."""
     oh, ow = conv.out_hw
     wp = conv.padded_hw[1]
+    sh, sw = conv.strides
     if ow % LANES == 0:
-        offs = list(range(LANES))
+        offs = [j * sw for j in range(LANES)]
     elif LANES % ow == 0 and (oh * ow) % LANES == 0:
-        offs = [(j // ow) * wp + j % ow for j in range(LANES)]
+        offs = [(j // ow) * sh * wp + (j % ow) * sw for j in range(LANES)]
     else:
         return None
     span = offs[-1] + 3 * conv.dilation[1] + 1
@@ -64,8 +66,6 @@ def eligible(conv: ConvInput, c: int, k: int, v: int) -> str | None:
         return f"V={v} is not one channel's {kh}x{kw} patch"
     if kw > 4:
         return f"kernel width {kw} > 4 (one int32 lane holds a kernel row)"
-    if tuple(conv.strides) != (1, 1):
-        return f"stride {tuple(conv.strides)} (16 consecutive pixels must be one load)"
     if c % 4:
         return f"C={c} is not a multiple of 4"
     if lane_offsets(conv) is None:
@@ -100,6 +100,7 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int) -> tirx.P
     pt, pl = conv.padding[0], conv.padding[1]
     hp, wp = conv.padded_hw
     oh, ow = conv.out_hw
+    sh, sw = conv.strides
     n = conv.rows
     plane = hp * wp
     flat = bsz * c * plane + SLACK
@@ -112,7 +113,7 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int) -> tirx.P
 
     def first_tap(r0):
         """Flat offset (channel 0) of output pixel ``r0``'s first tap in the padded copy."""
-        return (r0 // (oh * ow)) * c * plane + (r0 % (oh * ow)) // ow * wp + r0 % ow
+        return (r0 // (oh * ow)) * c * plane + (r0 % (oh * ow)) // ow * sh * wp + r0 % ow * sw
 
     def shuffled(xq, base):
         """The 64 bytes ``vpdpbusd`` multiplies for one kernel row: lane j = taps 0..3 of pixel j."""

@@ -209,7 +209,8 @@ def _emit_shuffle(em: LookupEmitter, plan: Plan, x, as_output: bool):
     pairs, mb = shuffle.padded_pairs(c), shuffle.tile_for(isa, rows_major)
     if q.int8 is not None:  # the VNNI encoder (``encoder="int8"``; only layers it applies to carry operands)
         conv = _conv_input(layer)
-        enc = em.kernel(("encode-int8", isa.name, conv.shape, conv.kernel_hw, conv.padding, conv.dilation, c, k, lanes),
+        enc = em.kernel(("encode-int8", isa.name, conv.shape, conv.kernel_hw, conv.strides, conv.padding, conv.dilation,
+                         c, k, lanes),
                         f"lut_encode_{tag}", lambda: encode_int8.encode_conv_int8(conv, c, k, lanes))
         qparams = np.array([q.int8.inv_scale, q.int8.zero_point], np.float32)
         words = encode_int8.centroid_operands(q.int8.centroids, conv.kernel_hw)

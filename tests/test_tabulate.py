@@ -16,12 +16,14 @@ from torch import nn
 from relay_passes import tabulate
 from relay_passes.tabulate import TabulateSubnetworks
 from tir_schedules import table_lookup
+from tvm_lut.app import sr
+from tvm_lut.errors import ModelError, OptionError
 from tvm_lut.frontend.importer import from_torch
 from tvm_lut.runtime.build import BatchRunner, compile_with_params
 from tvm_lut.targets import host_target
 from tvm_lut.train import hklut
 
-RAMP = ((np.arange(256, dtype=np.float32) + np.float32(0.5)) / np.float32(255)).reshape(1, 1, 16, 16)
+RAMP = sr.calibration_ramp()
 
 
 def _run(mod, x):
@@ -66,6 +68,23 @@ def test_tabulated_module_computes_what_the_network_did(x2_net):
     with torch.no_grad():
         torch_out = x2_net[0](torch.from_numpy(img)).numpy()
     assert np.mean(tabulated != torch_out) < 0.01  # measured: 0 of 1,024 differ
+
+
+@pytest.mark.parametrize("kwargs,match", [({"levels": 1}, "within"), ({"levels": 300}, "within"),
+                                          ({"levels": 256, "max_inputs": 4}, "entries per table")])
+def test_bad_options_are_refused_naming_the_option(kwargs, match):
+    with pytest.raises(OptionError, match=match):
+        TabulateSubnetworks({"x": RAMP}, **kwargs)
+
+
+def test_sr_tabulate_names_a_unit_the_pass_left(monkeypatch):
+    """A unit whose inputs are not quantized stays in the graph, and ``sr.tabulate`` refuses to ship it."""
+    torch.manual_seed(0)
+    net = hklut.HKNet(scale=2, nf=8, depth=1).eval()
+    # as if every input took more values than a table has levels (a network fed unquantized planes)
+    monkeypatch.setattr(tabulate, "_steps", lambda values, levels: f"takes more than {levels} values")
+    with pytest.raises(ModelError, match=r"stage 0 msb unit 'h' was not tabulated: input channel 0 takes more"):
+        sr.tabulate(net)
 
 
 def test_a_subnetwork_of_unquantized_inputs_stays_with_its_reason():

@@ -102,6 +102,12 @@ def shipped(scale: int) -> SRTables:
     return SRTables.load(path)
 
 
+def calibration_ramp() -> np.ndarray:
+    """A (1, 1, 16, 16) image in [0, 1] showing every 8-bit value once (``(k + 0.5) / 255``, so the network's
+    ``floor(255 x)`` gives k): on it the tabulation pass sees every level of both nibble planes."""
+    return ((np.arange(256, dtype=np.float32) + np.float32(0.5)) / np.float32(255)).reshape(1, 1, 16, 16)
+
+
 def tabulate(model, target="x86") -> tuple[SRTables, dict]:
     """The int8 tables of a trained ``tvm_lut.train.hklut.HKNet``, made by TVM: the network imported into
     Relax, ``relay_passes.tabulate.TabulateSubnetworks`` finds its branches' subnetworks, measures their
@@ -113,7 +119,7 @@ def tabulate(model, target="x86") -> tuple[SRTables, dict]:
     from tvm_lut.errors import ModelError
     from tvm_lut.frontend.importer import from_torch
 
-    ramp = ((np.arange(256, dtype=np.float32) + np.float32(0.5)) / np.float32(255)).reshape(1, 1, 16, 16)
+    ramp = calibration_ramp()
     mod = from_torch(model.eval(), torch.from_numpy(ramp))
     res = TabulateSubnetworks({"x": ramp}, levels=sr_lut.LEVELS, max_inputs=3, target=target).run(mod)
     stages = []

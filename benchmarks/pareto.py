@@ -47,8 +47,9 @@ BATCHES = (1, 32)
 
 # configuration name -> LUTify options; the first conv (3 input channels) stays exact in all of them
 CONFIGS = {
-    "V=9/4 (LUT-NN)": {},  # LUTify's default: V=9 for 3x3 convs (one input channel's patch), 4 otherwise
-    "V=9/4 int8 encoder": {"encoder": "int8"},  # VNNI integer scores where they apply (stride-1 3x3 convs)
+    # V=9 for 3x3 convs (one input channel's patch), 4 otherwise, with LUT-NN's fp32 distances
+    "V=9/4 (LUT-NN)": {"encoder": "fp32"},
+    "V=9/4 int8 encoder": {"encoder": "int8"},  # LUTify's default: VNNI integer scores where they apply
     "V=4": {"v": 4},
     "V=3": {"v": 3},
     "V=2": {"v": 2},

@@ -57,7 +57,7 @@ class LUTifyOptions:
     form: str | None = None
     butterfly_budget: float = 0.2
     lookup: str = "auto"
-    encoder: str = "fp32"
+    encoder: str = "int8"
     progress: bool = True
     budget: object = None
     labels: object = None

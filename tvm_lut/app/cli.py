@@ -280,9 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     c.add_argument("--lookup", default="auto", choices=["auto", "shuffle", "gather"],
                    help="table readout kernel: byte shuffles (pshufb) or gathers (default auto: shuffles when they apply)")
-    c.add_argument("--encoder", default="fp32", choices=["fp32", "int8"],
-                   help="PQ encoder arithmetic: fp32 scores, or int8 (VNNI vpdpbusd) where it applies: stride-1 "
-                        "convolutions with V = kernel area on AVX-512 VBMI + VNNI; other layers keep fp32")
+    c.add_argument("--encoder", default="int8", choices=["fp32", "int8"],
+                   help="PQ encoder arithmetic: int8 (default; VNNI vpdpbusd integer scores where they apply: "
+                        "convolutions with V = kernel area on AVX-512 VBMI + VNNI; other layers keep fp32) or "
+                        "fp32 scores everywhere (the exact nearest centroid)")
     c.add_argument("--db", default=None, metavar="DIR", help="use kernels tuned by 'tvm-lut tune --db DIR'")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compile)

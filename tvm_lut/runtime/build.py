@@ -14,9 +14,16 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from tvm_lut import targets
 from tvm_lut.frontend import graph
 from tvm_lut.runtime.elementwise import fuse_and_vectorize
 from tvm_lut.targets import TARGETS, resolve_target  # noqa: F401  (re-exported: the names users know)
+
+
+def vector_lanes(target) -> int:
+    """float32 elements per vector register of ``target``: 16 (AVX-512), 8 (AVX/AVX2), else 4 (SSE, NEON)."""
+    sets = set(targets.resolve(target).instruction_sets())
+    return 16 if "avx512f" in sets else 8 if "avx" in sets else 4
 
 
 def split_params(mod: tvm.IRModule) -> tuple[tvm.IRModule, list[tuple[str, np.ndarray]]]:
@@ -46,14 +53,14 @@ def build(mod: tvm.IRModule, target="x86") -> relax.VMExecutable:
     ``relax.VirtualMachine(lib, tvm.cpu())["main"](x)`` runs it.
     """
     tgt = resolve_target(target)
-    return tvm.compile(fuse_and_vectorize(bind_params(mod)), tgt)
+    return tvm.compile(fuse_and_vectorize(bind_params(mod), vector_lanes(target)), tgt)
 
 
 def compile_with_params(mod: tvm.IRModule, target="x86") -> tuple[relax.VMExecutable, list[tuple[str, np.ndarray]]]:
     """Compile keeping weights as runtime inputs: (executable, [(name, value)] to pass after the inputs)."""
     tgt = resolve_target(target)
     stripped, params = split_params(mod)
-    return tvm.compile(fuse_and_vectorize(stripped), tgt), params
+    return tvm.compile(fuse_and_vectorize(stripped, vector_lanes(target)), tgt), params
 
 
 def _flatten(out) -> list[np.ndarray]:

@@ -20,7 +20,8 @@ from tvm_lut import targets
 from tvm_lut.errors import CalibrationError
 from tvm_lut.frontend import graph
 from tvm_lut.math import pq
-from tvm_lut.runtime.build import BatchRunner, bind_params
+from tvm_lut.runtime.build import BatchRunner, bind_params, vector_lanes
+from tvm_lut.runtime.elementwise import fuse_and_vectorize
 
 log = logging.getLogger("tvm_lut")
 
@@ -221,7 +222,11 @@ def collect(
     if not layers:
         return {}
     signature = graph.input_signature(mod["main"])
-    ex = compile_or_explain(lambda: tvm.compile(bind_params(instrument(mod, layers)), targets.resolve(target).local().tvm))
+    local = targets.resolve(target).local()
+    # the exact model's convs and elementwise ops scheduled (``runtime.elementwise``): calibration runs the
+    # whole exact model on every calibration batch
+    ex = compile_or_explain(lambda: tvm.compile(fuse_and_vectorize(bind_params(instrument(mod, layers)),
+                                                                   vector_lanes(local)), local.tvm))
     runner = BatchRunner(ex, [], signature)
     n = len(next(iter(inputs.values())))
     keys = keys or [l.name for l in layers]

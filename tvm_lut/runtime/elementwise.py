@@ -11,8 +11,9 @@ vectorized, and the outer loop run in parallel when the tensor is large. The sam
 relu`` then took 10 us (8.7x). Measured on the ResNet-18-class LUT model (batch 1, one thread, AMD EPYC
 with AVX-512): the elementwise ops took 0.61 ms of its 2.7 ms before.
 
-Functions already scheduled (the LUT kernels carry ``tirx.is_scheduled``), functions with a reduction
-(pooling, an exact conv or matmul, a mean) and anything the schedule cannot express are left as they were.
+Exact convolutions (fused with what follows them) get the register-tiled schedule of
+``conv2d_schedule``. Functions already scheduled (the LUT kernels carry ``tirx.is_scheduled``), other
+reductions (pooling, a matmul, a mean) and anything the schedules cannot express are left as they were.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import math
 
 import tvm
 from tvm import relax, tirx
+
+from tvm_lut.runtime.conv2d_schedule import schedule_conv2d
 
 LANES = 16  # float32 elements of one 512-bit vector; LLVM splits it in two on AVX2
 PARALLEL_MIN_ELEMENTS = 1 << 15  # below this a parallel launch costs more than it saves
@@ -60,17 +63,18 @@ def _injective_schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None
 
 
 def fuse_and_vectorize(mod: tvm.IRModule, lanes: int = LANES) -> tvm.IRModule:
-    """``mod`` through Relax's ``zero`` pipeline, its injective fused functions vectorized (see the module
-    docstring). Opaque kernels (``op_pattern`` 8) are never fused and keep their own schedules."""
+    """``mod`` through Relax's ``zero`` pipeline, its injective fused functions vectorized and its exact
+    convolutions register-tiled (see the module docstring); ``lanes``: float32 elements per vector (16 on
+    AVX-512, 8 on AVX2). Opaque kernels (``op_pattern`` 8) are never fused and keep their own schedules."""
     mod = relax.get_pipeline("zero")(mod)
     out = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     for gv, func in mod.functions_items():
         if not isinstance(func, tirx.PrimFunc):
             continue
         attrs = func.attrs or {}
-        if "tirx.is_scheduled" in attrs or ("op_pattern" in attrs and int(attrs["op_pattern"]) > 2):
+        if "tirx.is_scheduled" in attrs or ("op_pattern" in attrs and int(attrs["op_pattern"]) > 4):
             continue
-        scheduled = _injective_schedule(func, lanes)
+        scheduled = schedule_conv2d(func, lanes) or _injective_schedule(func, lanes)
         if scheduled is not None:
             out[gv] = scheduled
     return out

@@ -90,7 +90,8 @@ def quality(given: dict[int, str], sets: list[str]) -> list[dict]:
                 bic.append(image_quality.psnr(resize.imresize(resize.imresize(hr, 1 / scale), scale), hr, scale))
             row["bicubic_psnr"] = float(np.mean(bic))
             if model is not None:
-                row["network_psnr"] = sr_training.evaluate(model, images, scale)
+                # the network as it is imported and tabulated: every unit run per pixel (not its table form)
+                row["network_psnr"] = sr_training.evaluate(model, images, scale, by_table=False)
             if tables is not None:
                 res = sr.evaluate(tables, images)
                 row.update(tables_psnr=res["mean"]["psnr"], tables_ssim=res["mean"]["ssim"],

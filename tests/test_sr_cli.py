@@ -87,3 +87,18 @@ def test_eval_reports_tables_beside_bicubic(model_dir, capsys):
     assert cli.main(["sr", "eval", str(out), "--set", "set5"]) == 0
     text = capsys.readouterr().out
     assert "set5 x4" in text and "bicubic 28.43 dB" in text and "102400 bytes" in text
+
+
+@pytest.mark.parametrize("scale,nbytes", [(2, 51_200), (4, 102_400)])
+def test_shipped_tables_upscale_out_of_the_box(scale, nbytes, tmp_path, capsys):
+    """The trained x2 and x4 tables ship in the package: ``sr upscale`` needs no --model, and its output is
+    the numpy reference's on those tables."""
+    tables = sr.shipped(scale)
+    assert tables.scale == scale and tables.nbytes == nbytes
+    img = np.random.default_rng(scale).integers(0, 256, (9, 11, 3)).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "in.png")
+    dst = tmp_path / "out.png"
+    assert cli.main(["sr", "upscale", str(tmp_path / "in.png"), "-o", str(dst), "--scale", str(scale)]) == 0
+    out = np.asarray(Image.open(dst))
+    assert out.shape == (9 * scale, 11 * scale, 3)
+    np.testing.assert_array_equal(out, sr_lut.upscale(img, tables.stages))

@@ -104,7 +104,7 @@ def _int8_refusal(plan: Plan, planner) -> str | None:
     if planner.options.encoder != "int8":
         return "encoder='fp32'"
     r, layer = plan.record, plan.layer
-    if r["distance"] != "l2":
+    if not distances.get(r["distance"]).integer_scores:
         return f"distance {r['distance']!r} (the int8 encoder computes L2 scores)"
     if layer.kind != "conv2d":
         return "not a convolution (the int8 encoder reads a convolution's input in place)"

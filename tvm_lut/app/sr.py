@@ -62,6 +62,9 @@ class SRTables:
         parent = os.path.dirname(os.path.abspath(out)) or "."
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".sr_", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
         arrays = {f"s{i}_{b}_{n}": t for i, st in enumerate(self.stages)
                   for b, tabs in (("msb", st.msb), ("lsb", st.lsb)) for n, t in tabs.items()}
         np.savez(os.path.join(tmp, "tables.npz"), **arrays)

@@ -31,6 +31,7 @@ class Distance:
     description: str = ""
     multiplier_free: bool = False  # no multiply in the encoder (PECAN-D's L1): kept off paths that add one
     absolute: bool = False  # the score adds |x - p| (else subtracts x * p)
+    integer_scores: bool = False  # the int8 encoder (``int8_scores``) computes this distance's scores
 
     def encoder_operands(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(centroids as the encode kernel consumes them (C, K, V), per-centroid score offset (C, K))."""
@@ -71,6 +72,7 @@ class Distance:
 class L2(Distance):
     name = "l2"
     description = "squared Euclidean (LUT-NN): score 0.5*||p||^2 - x.p"
+    integer_scores = True
 
     def encoder_operands(self, centroids):
         p = centroids.astype(np.float32)

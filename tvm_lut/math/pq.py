@@ -389,7 +389,7 @@ class PQLayer:
     def with_int8_encoder(self, rows: np.ndarray) -> PQLayer:
         """This layer with an int8 encoder whose input quantization comes from ``rows`` (N, D), the
         layer's calibration inputs (tables unchanged)."""
-        if self.distance != "l2":
+        if not distances.get(self.distance).integer_scores:
             raise ValueError(f"the int8 encoder computes L2 scores, not {self.distance!r}")
         inv, zp = int8_scores.input_quantization(rows)
         return replace(self, int8=int8_scores.fit(self.centroids, inv, zp))
@@ -490,7 +490,7 @@ def fit_layer(
     centroids = fit_codebooks(xp, v, k, distance, seed)
     int8 = None
     if encoder == "int8":
-        if distance != "l2":
+        if not distances.get(distance).integer_scores:
             raise ValueError(f"the int8 encoder computes L2 scores, not {distance!r}")
         int8 = int8_scores.fit(centroids, *int8_scores.input_quantization(rows))
     tables = build_tables(centroids, pad_columns(weight.T, d_pad).T)

@@ -86,8 +86,10 @@ def patch_batch(pairs, scale: int, batch: int, size: int, gen: np.random.Generat
     return to(lrs), to(hrs)
 
 
-def evaluate(model: hklut.HKNet, images: list[tuple[str, np.ndarray]], scale: int) -> float:
-    """Mean Y PSNR of the network (before tabulation) on ``images``, the field's protocol."""
+def evaluate(model: hklut.HKNet, images: list[tuple[str, np.ndarray]], scale: int, by_table: bool = True) -> float:
+    """Mean Y PSNR of the network (before tabulation) on ``images``, the field's protocol; ``by_table=False``
+    runs it per pixel (the graph that is imported and tabulated), the default its table form (the same
+    function, much faster)."""
     model.eval()
     scores = []
     with torch.no_grad():
@@ -95,7 +97,7 @@ def evaluate(model: hklut.HKNet, images: list[tuple[str, np.ndarray]], scale: in
             hr = image_quality.modcrop(img, scale)
             lr = resize.imresize(hr, 1 / scale)
             chans = [lr] if lr.ndim == 2 else [lr[..., c] for c in range(lr.shape[2])]
-            outs = [model(torch.from_numpy(c.astype(np.float32) / 255)[None, None], by_table=True)[0, 0].numpy()
+            outs = [model(torch.from_numpy(c.astype(np.float32) / 255)[None, None], by_table=by_table)[0, 0].numpy()
                     for c in chans]
             sr = np.stack([np.floor(o * np.float32(255) + np.float32(0.5)).astype(np.uint8) for o in outs], -1)
             scores.append(image_quality.psnr(sr if lr.ndim == 3 else sr[..., 0], hr, scale))

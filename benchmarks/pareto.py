@@ -262,7 +262,7 @@ def measure(plan: dict, threads: int) -> dict:
     return out
 
 
-LABELS = {"tvm_exact": "TVM exact (untuned)", "tvm_tuned": "TVM exact (MetaSchedule)", "ort_fp32": "ONNX Runtime fp32",
+LABELS = {"tvm_exact": "TVM exact (our default schedules, untuned)", "tvm_tuned": "TVM exact (MetaSchedule)", "ort_fp32": "ONNX Runtime fp32",
           "ort_int8": "ONNX Runtime int8", "pytorch": "PyTorch"}
 
 

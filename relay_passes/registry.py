@@ -2,8 +2,10 @@
 
 A method is a ``RewriteMethod`` registered under its ``name`` (the ``method`` of ``LUTify``, of a layer's
 options and of ``tvm-lut compile --method``). The planner and the rewrite service know methods only
-through this interface, so adding one (the coming whole-subnetwork lookup table) is one module that
-subclasses ``RewriteMethod`` and calls ``register``; nothing else changes:
+through this interface, so adding one is one module that subclasses ``RewriteMethod`` and calls
+``register``; nothing else changes. (Whole-subnetwork tables, HKLUT's, are not a per-layer method: a
+subnetwork spans several layers and their activations, so ``relay_passes.tabulate.TabulateSubnetworks`` is
+its own Relax pass, one module beside ``LUTify``.) The interface:
 
 * ``configure(plan, options, planner)``: the method's options into the layer's record, when the layer
   gets this method;

@@ -87,7 +87,8 @@ class PQMethod(RewriteMethod):
         return _emit_gather(emitter, plan, x, as_output)
 
     def columns(self, record: dict) -> str:
-        return f"K={record['k']} V={record['v']} {record['distance']}"
+        enc = " int8 scores" if record.get("encoder") == "int8" else ""
+        return f"K={record['k']} V={record['v']} {record['distance']}{enc}"
 
 
 register(PQMethod())

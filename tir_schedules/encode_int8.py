@@ -162,12 +162,13 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int) -> tirx.P
         for z in T.serial(flat // 64):  # padding at the zero point (the quantized 0.0)
             xq[T.Ramp(z * 64, 1, 64)] = T.Broadcast(T.Cast("uint8", T.Cast("int32", qparams[1])), 64)
         for b_, ci, y, x0 in T.grid(bsz, c, h, w // inner):
+            # clipped in float before the conversion (so a value far outside int32 cannot overflow it),
+            # then shifted by the zero point: clip(rint(x * inv_scale) + zero_point, 0, 255)
             xq[T.Ramp(((b_ * c + ci) * hp + y + pt) * wp + pl + x0 * inner, 1, inner)] = T.Cast(
-                f"uint8x{inner}", T.max(T.min(
-                    T.Cast(f"int32x{inner}", T.nearbyint(x[b_, ci, y, T.Ramp(x0 * inner, 1, inner)]
-                                                          * T.Broadcast(qparams[0], inner)))
-                    + T.Broadcast(T.Cast("int32", qparams[1]), inner),
-                    T.Broadcast(255, inner)), T.Broadcast(0, inner)))
+                f"uint8x{inner}", T.Cast(f"int32x{inner}", T.max(T.min(
+                    T.nearbyint(x[b_, ci, y, T.Ramp(x0 * inner, 1, inner)] * T.Broadcast(qparams[0], inner)),
+                    T.Broadcast(T.float32(255) - qparams[1], inner)), T.Broadcast(-qparams[1], inner)))
+                + T.Broadcast(T.Cast("int32", qparams[1]), inner))
         for rb in T.parallel(nb):
             for s in T.serial(sub):
                 if rb * pack_lanes + s * LANES < n:

@@ -34,18 +34,24 @@ def _vector_width(extent: int, lanes: int) -> int | None:
     return extent if extent <= 2 * lanes else None
 
 
-def _vectorize_block(sch, block, lanes: int) -> None:
-    """An injective block's loops fused and split into vectors (skipped when no width divides them)."""
+def vectorize_block(sch, block, lanes: int, parallel_min: int | None = None) -> bool:
+    """An injective block's loops fused and split into vectors of gcd(elements, ``lanes``), the outer loop
+    parallel from ``parallel_min`` elements; False (nothing changed) when no width of 4 or more divides
+    them or an extent is not constant. Shared with ``runtime.elementwise``."""
     loops = sch.get_loops(block)
     extents = [sch.get(lp).extent for lp in loops]
     if not loops or not all(isinstance(e, tirx.IntImm) for e in extents):
-        return
-    width = math.gcd(math.prod(int(e.value) for e in extents), lanes)
+        return False
+    total = math.prod(int(e.value) for e in extents)
+    width = math.gcd(total, lanes)
     if width < 4:
-        return
+        return False
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    _, inner = sch.split(fused, [None, width])
+    outer, inner = sch.split(fused, [None, width])
     sch.vectorize(inner)
+    if parallel_min is not None and total >= parallel_min:
+        sch.parallel(outer)
+    return True
 
 
 def schedule_conv2d(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | None:
@@ -82,7 +88,7 @@ def schedule_conv2d(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | Non
             name = sch.get(block).name_hint
             if name != CONV_BLOCK and not name.endswith("_init") and all(
                     iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
-                _vectorize_block(sch, block, lanes)
+                vectorize_block(sch, block, lanes)
     except s_tir.ScheduleError:
         return None
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -18,12 +18,10 @@ reductions (pooling, a matmul, a mean) and anything the schedules cannot express
 
 from __future__ import annotations
 
-import math
-
 import tvm
 from tvm import relax, tirx
 
-from tvm_lut.runtime.conv2d_schedule import schedule_conv2d
+from tvm_lut.runtime.conv2d_schedule import schedule_conv2d, vectorize_block
 
 LANES = 16  # float32 elements of one 512-bit vector; LLVM splits it in two on AVX2
 PARALLEL_MIN_ELEMENTS = 1 << 15  # below this a parallel launch costs more than it saves
@@ -45,20 +43,8 @@ def _injective_schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None
             sch.compute_inline(block)
     except s_tir.ScheduleError:  # an intermediate read in a way inlining cannot express
         return None
-    last = blocks[-1]
-    loops = sch.get_loops(last)
-    extents = [sch.get(lp).extent for lp in loops]
-    if not loops or not all(isinstance(e, tirx.IntImm) for e in extents):
-        return None
-    total = math.prod(int(e.value) for e in extents)
-    width = math.gcd(total, lanes)
-    if width < 4:
+    if not vectorize_block(sch, blocks[-1], lanes, PARALLEL_MIN_ELEMENTS):
         return None  # too narrow to pay for a vector
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    outer, inner = sch.split(fused, [None, width])
-    sch.vectorize(inner)
-    if total >= PARALLEL_MIN_ELEMENTS:
-        sch.parallel(outer)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 

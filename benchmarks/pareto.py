@@ -56,6 +56,9 @@ CONFIGS = {
     "V=4 L1 (PECAN-D)": {"v": 4, "distance": "l1"},
     "mask max-drop=1": {"budget": "max-drop=1.0"},
     "mask max-drop=1, V=4": {"budget": "max-drop=1.0", "v": 4},
+    # LUT-NN's learned centroids (benchmarks/learn_centroids.py: soft-PQ fine-tuning distilled from the
+    # exact model), compiled with LUTify(codebooks=...) on the fine-tuned weights
+    "learned V=9/4": {"learned": True},
 }
 QUICK = ("V=9/4 (LUT-NN)", "V=9/4 int8 encoder", "V=4", "mask max-drop=1")
 KEEP = {"conv1": "exact"}
@@ -155,23 +158,32 @@ def build(args, cache: str) -> dict:
             base[kind]["top1"] = float((baselines.ort_top1(sess, {"x": test_x}, 32) == test_y).mean() * 100)
             _log(f"ONNX Runtime {kind[4:]}: top-1 {base[kind]['top1']:.2f}%")
 
+    learned = None
     names = QUICK if args.quick else [c.strip() for c in args.configs.split(",")] if args.configs else list(CONFIGS)
     for name in names:
         opts = dict(CONFIGS[name] if name in CONFIGS else _parse_config(name))
-        entry = {"config": name, "options": opts}
+        entry = {"config": name, "options": dict(opts)}
+        src = mods
+        if opts.pop("learned", False):
+            if learned is None:
+                learned = load_learned(args)
+                learned["mods"] = {b: tvm_lut.from_torch(learned["model"], torch.from_numpy(test_x[:b]))
+                                   for b in BATCHES}
+            opts["codebooks"], src = learned["codebooks"], learned["mods"]
+            entry["learned"] = learned["info"]
         _log(f"{name}: building")
         # the deployment build (batch 1), timed as a user's compile: LUTify (fit, mask) + TVM compile
         t0 = time.time()
         # the mask measures accuracy on held-out labelled calibration rows; the others need the inputs only
         calib = {"x": train_x, "labels": train_y} if "budget" in opts else {"x": train_x}
-        res1 = LUTify(calib, layers=dict(KEEP), target=target, progress=False, **opts).run(mods[1])
+        res1 = LUTify(calib, layers=dict(KEEP), target=target, progress=False, **opts).run(src[1])
         ex1, p1 = compile_with_params(res1.module, target)
         entry["build_s"] = time.time() - t0
         entry["b1"] = speed.export_build(ex1, p1, [test_x[:1]], os.path.join(cache, f"lut_{len(plan['configs'])}_b1"))
         # the same tables and decisions at batch 32: accuracy on the test set, and the batch-32 latency
         decided = {r["name"]: ("exact" if r["method"] == "exact" else {"method": r["method"]}) for r in res1.layers}
         plain = {k: v for k, v in opts.items() if k != "budget"}
-        res32 = LUTify({"x": train_x}, layers=decided, fitted=res1.pq_layers, target=target, progress=False, **plain).run(mods[32])
+        res32 = LUTify({"x": train_x}, layers=decided, fitted=res1.pq_layers, target=target, progress=False, **plain).run(src[32])
         ex32, p32 = compile_with_params(res32.module, target)
         entry["top1"] = top1(ex32, p32, test_x, test_y, 32)
         entry["b32"] = speed.export_build(ex32, p32, [test_x[:32]], os.path.join(cache, f"lut_{len(plan['configs'])}_b32"))
@@ -186,6 +198,26 @@ def build(args, cache: str) -> dict:
              f"built in {entry['build_s']:.0f} s")
         plan["configs"].append(entry)
     return plan
+
+
+def load_learned(args) -> dict:
+    """The fine-tuned model, its codebooks and its run's record from ``learn_centroids.py`` (``--learned``
+    names the run's directory; default: that script's default settings for ``--model``)."""
+    import learn_centroids
+    import torch
+
+    from tvm_lut.train import lutnn
+
+    path = args.learned or learn_centroids.run_dir(args.model, None, learn_centroids.default_tag())
+    files = [os.path.join(path, f) for f in ("learned.pt", "codebooks.npz", "learned.json")]
+    if not all(os.path.isfile(f) for f in files):
+        raise SystemExit(f"no learned centroids in {path}: run 'python benchmarks/learn_centroids.py --model "
+                         f"{args.model}' first (resumable), or name its directory with --learned")
+    model = train_cifar.MODELS[args.model]()
+    model.load_state_dict(torch.load(files[0], map_location="cpu"))
+    with open(files[2]) as f:
+        info = {**json.load(f), "dir": path}
+    return {"model": model.eval(), "codebooks": lutnn.load_codebooks(files[1]), "info": info}
 
 
 def instruction_bound(layers: list[dict]) -> dict:
@@ -369,6 +401,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="resnet18", choices=sorted(train_cifar.MODELS))
     ap.add_argument("--weights", help="a state dict (.pt) of the model (default: train_cifar.py's final.pt)")
+    ap.add_argument("--learned", help="learn_centroids.py's run directory for the 'learned' configuration "
+                                      "(default: its default settings)")
     ap.add_argument("--random", action="store_true", help="untrained weights (smoke runs only)")
     ap.add_argument("--configs", help=f"comma-separated names of CONFIGS ({', '.join(CONFIGS)}) or one "
                                       "'key=value;...' option set")

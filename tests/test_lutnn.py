@@ -213,6 +213,31 @@ def test_finetune_resumes_from_checkpoint(tmp_path):
         lutnn.finetune(model, _loader(x, y), checkpoint_dir=ck, **{**kw, "seed": 4})
 
 
+def test_finetune_stops_after_max_minutes_and_resumes(tmp_path):
+    """A wall-time slice (``max_minutes``) stops between steps with a checkpoint; the next call finishes
+    the same run as an uninterrupted one."""
+    import time
+
+    x, y = _data(192)
+    model = TinyNet().eval()
+    kw = dict(epochs=2, progress=False, init_batches=2, seed=3, checkpoint_every=100)
+    full = lutnn.finetune(model, _loader(x, y), **kw)
+    ck = str(tmp_path / "ck")
+
+    def slow(xb, _gen):  # 50 ms a step: a 0.1 s slice stops after a few of the 12 steps
+        time.sleep(0.05)
+        return xb
+
+    part = lutnn.finetune(model, _loader(x, y), checkpoint_dir=ck, max_minutes=0.1 / 60, transform=slow, **kw)
+    assert 1 <= part.steps < 12
+    assert torch.load(os.path.join(ck, "lutnn_checkpoint.pt"), weights_only=True)["step"] == part.steps
+    resumed = lutnn.finetune(model, _loader(x, y), checkpoint_dir=ck, transform=lambda xb, g: xb, **kw)
+    assert resumed.steps == full.steps == 12
+    for name in full.codebooks:
+        np.testing.assert_allclose(resumed.codebooks[name]["centroids"], full.codebooks[name]["centroids"],
+                                   rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("distance", ["l2", "l1"])
 def test_compiled_model_reproduces_torch_lookup_outputs(distance, tmp_path):
     x, y = _data(256)

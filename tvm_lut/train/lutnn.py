@@ -39,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -461,6 +462,7 @@ def finetune(
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 100,
     max_steps: int | None = None,
+    max_minutes: float | None = None,
     seed: int = 0,
     progress: bool = True,
     teacher: nn.Module | None = None,
@@ -553,8 +555,9 @@ def finetune(
     bar = tqdm(total=total, initial=step, desc="learning centroids", unit="step",
                disable=None if progress else True, leave=False)
     losses = []
+    deadline = None if not max_minutes else time.time() + 60.0 * max_minutes
     model.train()
-    while step < stop:
+    while step < stop and not (deadline and time.time() > deadline):
         epoch, skip = divmod(step, steps_per_epoch)
         torch.manual_seed(seed * 1000 + epoch)  # data order and augmentation of this epoch
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -562,7 +565,7 @@ def finetune(
         for i, (x, y) in enumerate(loader):
             if i < skip:
                 continue
-            if step >= stop:
+            if step >= stop or (deadline and time.time() > deadline):
                 break
             if transform is not None:
                 x = transform(x, gen)

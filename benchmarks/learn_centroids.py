@@ -1,0 +1,131 @@
+"""Learn the centroids of a trained CIFAR-10 model's lookup layers (LUT-NN), distilled from the exact model:
+resumable, cached.
+
+Post-training k-means at V=9 loses about 12 points of top-1 on the trained ResNet-18-class
+(benchmarks/README.md); LUT-NN learns the centroids for the task instead. This script takes
+``train_cifar.py``'s trained model, converts its conv/dense layers (the first conv stays exact, as in
+``pareto.py``) to lookup layers initialised by k-means, and fine-tunes centroids, temperatures and weights
+by backprop with the soft-PQ straight-through estimator (``tvm_lut.train.lutnn.finetune``), distilling the
+exact model's soft outputs:
+
+    python benchmarks/learn_centroids.py --model resnet18                   # resumes where it stopped
+    python benchmarks/learn_centroids.py --model resnet18 --max-minutes 30  # a slice of work
+    python benchmarks/learn_centroids.py --model resnet18 --status
+
+Checkpoints live beside the trained model's, under ``$TVM_LUT_CACHE/train/<model>-lut-<tag>/`` (default
+``~/.cache/tvm-lut``; ``<tag>`` names V and the run's settings): ``lutnn_checkpoint.pt`` while the run is
+under way, then ``learned.pt`` (the fine-tuned model as plain convs, ``lutnn.to_exact``), ``codebooks.npz``
+(``LUTify(codebooks=...)``) and ``learned.json`` (the lookup model's top-1 in PyTorch on the first 2,000 test
+images, steps, time, CPU). ``pareto.py``'s ``learned`` configuration compiles these with LUTify and
+measures the compiled model. The forward of every lookup layer computes the compiled model's codes and
+int8 tables, so the PyTorch top-1 here is an estimate of the compiled one, not a substitute for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import train_cifar  # noqa: E402
+
+from tvm_lut.app.baselines import host_cpu  # noqa: E402
+from tvm_lut.train import lutnn, models  # noqa: E402
+
+#: Layers kept exact: the first conv sees 3 input channels (C=3 codebooks of a 3x3 patch: nothing to gain).
+EXCLUDE = ("conv1",)
+
+
+def run_dir(model: str, v: int | None, tag: str) -> str:
+    return train_cifar.cache_dir(model) + f"-lut-v{v or 'default'}-{tag}"
+
+
+def default_tag() -> str:
+    """The run tag of the default settings (what ``pareto.py``'s ``learned`` configuration reads)."""
+    return tag_of(build_parser().parse_args([]))
+
+
+def tag_of(args) -> str:
+    return f"e{args.epochs:g}-b{args.batch}-lr{args.lr:g}-w{args.weight_lr:g}-d{args.distill:g}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="resnet18", choices=sorted(train_cifar.MODELS))
+    ap.add_argument("--v", type=int, default=None, help="subvector length (default LUT-NN's: 9 for 3x3 convs, else 4)")
+    ap.add_argument("--epochs", type=float, default=1.0,
+                    help="passes over the training images (a fraction trains on that share of one pass)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of centroids and temperatures")
+    ap.add_argument("--weight-lr", type=float, default=1e-4, help="Adam learning rate of the other parameters")
+    ap.add_argument("--distill", type=float, default=0.5, help="weight of the distillation loss (0: labels only)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
+    ap.add_argument("--max-minutes", type=float, default=0, help="stop (resumable) after this long")
+    ap.add_argument("--eval-images", type=int, default=2000,
+                    help="test images for the PyTorch top-1 estimate (pareto.py measures the compiled model)")
+    ap.add_argument("--status", action="store_true", help="print where the run stands and stop")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    out = run_dir(args.model, args.v, tag_of(args))
+    done = os.path.join(out, "learned.json")
+    ckpt = os.path.join(out, "lutnn_checkpoint.pt")
+    if args.status or os.path.isfile(done):
+        if os.path.isfile(done):
+            print(open(done).read())
+        elif os.path.isfile(ckpt):
+            print(f"{out}: step {torch.load(ckpt, weights_only=True)['step']}")
+        else:
+            print(f"{out}: not started")
+        return 0
+    trained = os.path.join(train_cifar.cache_dir(args.model), "final.pt")
+    if not os.path.isfile(trained):
+        print(f"no trained {args.model} at {trained}: run 'python benchmarks/train_cifar.py --model {args.model}' "
+              "first", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher = train_cifar.MODELS[args.model]()
+    teacher.load_state_dict(torch.load(trained, map_location="cpu"))
+    teacher.eval()
+    data = train_cifar.load_data(train_cifar.cache_dir(args.model))
+    tx, ty = torch.from_numpy(data["train_x"]), torch.from_numpy(data["train_y"])
+    steps = int(args.epochs * len(tx)) // args.batch
+    # one "epoch" of the driver is the whole run: ``steps`` batches in a fixed shuffled order
+    order = torch.randperm(len(tx), generator=torch.Generator().manual_seed(7))
+    loader = [(tx[order[i * args.batch:(i + 1) * args.batch]], ty[order[i * args.batch:(i + 1) * args.batch]])
+              for i in range(steps)]
+    t0 = time.time()
+    res = lutnn.finetune(teacher, loader, epochs=1, lr=args.lr, weight_lr=args.weight_lr, v=args.v, exclude=EXCLUDE,
+                         teacher=teacher if args.distill > 0 else None, distill=args.distill,
+                         transform=lambda x, gen: models.random_crop_flip(x, gen), checkpoint_dir=out,
+                         checkpoint_every=50, max_minutes=args.max_minutes or None, progress=sys.stderr.isatty())
+    if res.steps < steps:
+        print(f"stopped at step {res.steps} of {steps} after {args.max_minutes} min; run again to resume", flush=True)
+        return 0
+    n_eval = min(args.eval_images, len(data["test_y"]))
+    top1 = train_cifar.evaluate(res.model, data["test_x"][:n_eval], data["test_y"][:n_eval], amp=False)
+    torch.save(lutnn.to_exact(res.model).state_dict(), os.path.join(out, "learned.pt"))
+    lutnn.save_codebooks(os.path.join(out, "codebooks.npz"), res.codebooks)
+    info = {"model": args.model, "v": args.v, "steps": res.steps, "batch": args.batch, "epochs": args.epochs,
+            "lr": args.lr, "weight_lr": args.weight_lr, "distill": args.distill, "exclude": list(EXCLUDE),
+            "torch_lut_top1": top1, "eval_images": n_eval, "last_call_minutes": (time.time() - t0) / 60, "cpu": host_cpu()["model"]}
+    tmp = done + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(info, f, indent=1)
+    os.replace(tmp, done)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,7 @@ entry, entries, bytes, uses, whether exact; ``total_bytes`` sums the distinct ta
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import re
@@ -80,7 +81,8 @@ class _Graph:
 
     def __init__(self, func: relax.Function):
         self.bindings, self.users = graph.uses(func)
-        self.order = {v: i for i, v in enumerate(self.bindings)}
+        self.vars = list(self.bindings)
+        self.order = {v: i for i, v in enumerate(self.vars)}
         self.weights = {p: p.name for p in func.params[graph.num_inputs(func):]}
         self._const: dict = {}
 
@@ -156,12 +158,22 @@ def _identity(value) -> bool:
 
 def _tail(start, g: _Graph) -> tuple[list, relax.Var]:
     """Elementwise ops with scalar constants after ``start`` (their other inputs inside): (vars, the one
-    that leaves them). Nothing when more than one value leaves."""
+    that leaves them). Nothing when more than one value leaves.
+
+    Walks forward along users only, in binding order (a heap of candidates), so finding every chain's
+    tail costs the size of the tails, not chains x bindings."""
     inside, tail = {start}, []
-    for var in list(g.bindings)[g.order[start] + 1:]:
+    heap = sorted({g.order[u] for u in g.users.get(start, []) if u is not None})  # binding indices
+    seen = set()
+    while heap:
+        i = heapq.heappop(heap)
+        if i in seen:
+            continue
+        seen.add(i)
+        var = g.vars[i]
         value = g.bindings[var]
         op = _op(value)
-        if op in PER_PIXEL_UNARY - {"relax.nn.leakyrelu"} and value.args[0] in inside:
+        if op in PER_PIXEL_UNARY and value.args[0] in inside:
             pass
         elif op in BINARY and any(a in inside for a in value.args) and not _identity(value) and \
                 all(a in inside or _scalar(a) is not None for a in value.args):
@@ -170,6 +182,9 @@ def _tail(start, g: _Graph) -> tuple[list, relax.Var]:
             continue
         inside.add(var)
         tail.append(var)
+        for u in g.users.get(var, []):
+            if u is not None and g.order[u] not in seen:
+                heapq.heappush(heap, g.order[u])
     leaving = [v for v in [start, *tail] if any(u is None or u not in inside for u in g.users.get(v, []))]
     if len(leaving) != 1 or not tail:
         return [], start
@@ -337,14 +352,22 @@ class _Replace(PyExprMutator):
         if chain is not None:
             x = self.visit_expr(chain.input)
             gv, table, out_ty = self.kernels[id(chain)]
-            new = self.builder_.emit(relax.call_tir(gv, [x, table], out_ty=out_ty), "table_lookup")
-            self.set_var_remap(var, new)
+            self._rebind(var, relax.call_tir(gv, [x, table], out_ty=out_ty), "table_lookup")
             return
         if var in self.leaving:
-            chain = self.leaving[var]
-            self.set_var_remap(var, self.visit_expr(chain.layout[-1]))
+            self._rebind(var, self.visit_expr(self.leaving[var].layout[-1]))
             return
         super().visit_var_binding_(binding)
+
+    def _rebind(self, var, value, name: str = "") -> None:
+        """``var``'s users read ``value`` from now on. A var that leaves the dataflow block (the model's
+        output, when a table's result is what the model returns) stays a block output: remapped to a
+        dataflow var, the block would return a value that does not exist outside it."""
+        if isinstance(var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
+            new = value if isinstance(value, relax.Var) and not name else self.builder_.emit(value, name)
+        else:
+            new = self.builder_.emit_output(value, name)
+        self.set_var_remap(var, new)
 
 
 @tvm.transform.module_pass(opt_level=0, name="TabulateSubnetworks")

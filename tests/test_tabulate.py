@@ -97,6 +97,54 @@ def test_a_subnetwork_of_unquantized_inputs_stays_with_its_reason():
     assert "nn.conv2d" in res.module.script()
 
 
+def test_a_unary_op_after_the_pixel_shuffle_goes_into_the_table():
+    """Elementwise ops after the layout ops (here leaky ReLU and a scaling after a pixel shuffle) commute
+    with the layout, so the table stores them; the tabulated module computes what the network did."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(2, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = nn.functional.pixel_shuffle(self.b(torch.relu(self.a(x))), 2)
+            return nn.functional.leaky_relu(y, 0.1) * 3.0
+
+    levels = np.arange(256).reshape(1, 1, 16, 16) % 16
+    calib = (np.concatenate([levels, levels.transpose(0, 1, 3, 2)], 1) / 16).astype(np.float32)
+    mod = from_torch(Net().eval(), torch.from_numpy(calib))
+    res = TabulateSubnetworks({"x": calib}).run(mod)
+    text = res.module.script()
+    assert len(res.tables) == 1 and "R.nn.leaky_relu" not in text and "R.multiply" not in text
+    assert res.records[0]["ops"][-2:] == ["relax.nn.leakyrelu", "relax.multiply"]
+    img = (np.random.default_rng(2).integers(0, 16, (1, 2, 16, 16)) / 16).astype(np.float32)
+    err = res.records[0]["max_error"]
+    np.testing.assert_allclose(_run(res.module, img), _run(mod, img), rtol=0, atol=err + 1e-5)
+
+
+def test_a_table_whose_result_the_model_returns():
+    """The tabulated chain is the whole model: the lookup's result stays the dataflow block's output."""
+    torch.manual_seed(0)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Tanh())
+
+        def forward(self, x):
+            return self.body(x)
+
+    net = Net().eval()
+    levels = np.arange(256).reshape(1, 1, 16, 16) % 16
+    calib = (np.concatenate([levels, levels.transpose(0, 1, 3, 2)], 1) / 16).astype(np.float32)
+    mod = from_torch(net, torch.from_numpy(calib))
+    res = TabulateSubnetworks({"x": calib}).run(mod)
+    assert len(res.tables) == 1 and "R.nn.conv2d" not in res.module.script()
+    img = (np.random.default_rng(3).integers(0, 16, (1, 2, 16, 16)) / 16).astype(np.float32)
+    err = res.records[0]["max_error"]
+    np.testing.assert_allclose(_run(res.module, img), _run(mod, img), rtol=0, atol=err + 1e-5)
+
+
 @pytest.mark.parametrize("shape,c,steps", [((1, 3, 5, 7), 4, (16 / 255,) * 3), ((2, 2, 3, 33), 9, (1 / 255, 2 / 255))])
 def test_lookup_kernel_is_bit_exact_against_numpy(shape, c, steps):
     rng = np.random.default_rng(0)

@@ -23,7 +23,7 @@ import tvm
 from tir_schedules import sr_lookup
 from tvm_lut import targets
 from tvm_lut.errors import ArtifactError, OptionError
-from tvm_lut.math import image_quality, resize, sr_lut
+from tvm_lut.math import image_io, image_quality, resize, sr_lut
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
@@ -177,28 +177,6 @@ def upscale(image: np.ndarray, tables: SRTables) -> np.ndarray:
     return x.numpy()
 
 
-def read_png(path: str) -> np.ndarray:
-    """An 8-bit grayscale or RGB image file as uint8, or an ``OptionError`` saying why it cannot be used."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                raise OptionError(f"{path}: a {mode} ({'16-bit' if '16' in mode else '32-bit'}) image; "
-                                  "give an 8-bit grayscale or RGB image")
-            if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-                raise OptionError(f"{path}: the image has an alpha channel ({mode}); give it without transparency "
-                                  "(e.g. flattened onto a background)")
-            if mode not in ("L", "RGB", "P", "CMYK", "YCbCr"):
-                raise OptionError(f"{path}: image mode {mode} is not supported; give an 8-bit grayscale or RGB image")
-            return np.asarray(im.convert("L" if mode == "L" else "RGB"))
-    except FileNotFoundError:
-        raise OptionError(f"{path}: no such file") from None
-    except UnidentifiedImageError:
-        raise OptionError(f"{path}: not an image file") from None
-
-
 def write_png(path: str, image: np.ndarray) -> None:
     """Write atomically: a temporary file beside ``path``, renamed into place."""
     from PIL import Image
@@ -222,7 +200,7 @@ def upscale_file(src: str, dst: str, scale: int, model: str | None = None) -> di
     tables = SRTables.load(model) if model else shipped(scale)
     if tables.scale != scale:
         raise OptionError(f"--scale {scale}, but the tables at {model} make x{tables.scale}")
-    image = read_png(src)
+    image = image_io.read_image(src)
     if min(image.shape[:2]) < 3:
         raise OptionError(f"{src}: {image.shape[1]}x{image.shape[0]} pixels is smaller than the 3x3 pixels the "
                           "tables' patterns span")

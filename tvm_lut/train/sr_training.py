@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tvm_lut.errors import CalibrationError
-from tvm_lut.math import image_quality, resize
+from tvm_lut.math import image_io, image_quality, resize
 from tvm_lut.train import datasets, hklut
 
 
@@ -35,14 +35,6 @@ def cache_dir(scale: int) -> str:
     return os.path.join(root, "sr", f"x{scale}")
 
 
-def read_image(path: str) -> np.ndarray:
-    """A PNG as uint8 (H, W, 3) RGB, or (H, W) for a grayscale file."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("L") if im.mode in ("L", "I;16", "I") else im.convert("RGB"))
-
-
 def load_set(name: str, limit: int | None = None) -> list[tuple[str, np.ndarray]]:
     """A dataset of ``../shared/data/sr`` (``t91``, ``set5``, ``set14``, ``b100``) as (name, uint8 image);
     ``limit``: its first images (by file name) only."""
@@ -50,7 +42,7 @@ def load_set(name: str, limit: int | None = None) -> list[tuple[str, np.ndarray]
     files = sorted(glob.glob(os.path.join(folder, "*.png")))[:limit]
     if not files:
         raise CalibrationError(f"no PNG images under {folder}: the SR data lives in ../shared/data/sr")
-    return [(os.path.splitext(os.path.basename(f))[0], read_image(f)) for f in files]
+    return [(os.path.splitext(os.path.basename(f))[0], image_io.read_image(f)) for f in files]
 
 
 def planes(images: list[np.ndarray], scale: int) -> list[tuple[np.ndarray, np.ndarray]]:

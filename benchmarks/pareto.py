@@ -59,6 +59,7 @@ CONFIGS = {
     # LUT-NN's learned centroids (benchmarks/learn_centroids.py: soft-PQ fine-tuning distilled from the
     # exact model), compiled with LUTify(codebooks=...) on the fine-tuned weights
     "learned V=9/4": {"learned": True},
+    "learned V=9/4 fp32 encoder": {"learned": True, "encoder": "fp32"},  # the codes training computed
 }
 QUICK = ("V=9/4 (LUT-NN)", "V=9/4 int8 encoder", "V=4", "mask max-drop=1")
 KEEP = {"conv1": "exact"}
@@ -353,6 +354,13 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
     lines += ["", f"Best LUT build within 1.0 point of the exact top-1 ({exact:.2f}%), batch 1, {t} thread(s): "
               + (f"{best['build']}, {best[key]:.2f} ms, {best['x_ort_int8']:.2f}× ONNX Runtime int8, "
                  f"{best['x_ort_fp32']:.2f}× fp32" if best and best["x_ort_int8"] else "none")]
+    for e in plan["configs"]:
+        if e.get("learned"):
+            li = e["learned"]
+            lines += ["", f"LUT {e['config']}: centroids and weights learned by `benchmarks/learn_centroids.py` "
+                      f"({li['steps']} steps of {li['batch']} images, {li['epochs']:g} of a pass over the training set, "
+                      f"distillation weight {li['distill']:g}; PyTorch top-1 of the lookup model on "
+                      f"{li['eval_images']} test images {li['torch_lut_top1']:.2f}%), from {li['dir']}."]
     lines += ["", "## The counted bound: instructions per sample vs ONNX Runtime int8 (VNNI)", "",
               "512-bit vector instructions the conv/dense layers must issue at best (tvm_lut.math.cost."
               "instruction_bound), as a ratio to the same layers as int8 VNNI GEMM (< 1: lookup can win). "

@@ -37,6 +37,15 @@ def test_the_verdict_takes_the_fastest_build_within_one_point():
     assert "| LUT V=2 | 92.60 | 0.40 |" in md and "ONNX Runtime int8" in md
 
 
+def test_a_learned_configuration_says_how_its_centroids_were_learned():
+    plan, runs = _plan_and_runs(2.0)
+    plan["configs"][1]["learned"] = {"steps": 300, "batch": 64, "epochs": 0.4, "distill": 0.5, "eval_images": 2000,
+                                     "torch_lut_top1": 84.25, "dir": "/cache/resnet18-lut"}
+    _, md = pareto.summarize(plan, runs)
+    assert "LUT V=9/4 (LUT-NN): centroids and weights learned by `benchmarks/learn_centroids.py` (300 steps of 64 " \
+           "images, 0.4 of a pass" in md and "84.25%" in md
+
+
 def test_a_slower_build_does_not_pass_for_a_win():
     summary, _ = pareto.summarize(*_plan_and_runs(5.0))
     assert not summary["verdict"]["beats_ort_int8"] and not summary["verdict"]["beats_3x_ort_fp32"]

@@ -13,12 +13,14 @@ exact model's soft outputs:
     python benchmarks/learn_centroids.py --model resnet18 --status
 
 Checkpoints live beside the trained model's, under ``$TVM_LUT_CACHE/train/<model>-lut-<tag>/`` (default
-``~/.cache/tvm-lut``; ``<tag>`` names V and the run's settings): ``lutnn_checkpoint.pt`` while the run is
-under way, then ``learned.pt`` (the fine-tuned model as plain convs, ``lutnn.to_exact``), ``codebooks.npz``
-(``LUTify(codebooks=...)``) and ``learned.json`` (the lookup model's top-1 in PyTorch on the first 2,000 test
-images, steps, time, CPU). ``pareto.py``'s ``learned`` configuration compiles these with LUTify and
-measures the compiled model. The forward of every lookup layer computes the compiled model's codes and
-int8 tables, so the PyTorch top-1 here is an estimate of the compiled one, not a substitute for it.
+``~/.cache/tvm-lut``; ``<tag>`` names V and the run's settings): ``lutnn_checkpoint.pt`` (every 50 steps),
+and at the end of every call, also one stopped by ``--max-minutes``: ``learned.pt`` (the fine-tuned model as
+plain convs, ``lutnn.to_exact``), ``codebooks.npz`` (``LUTify(codebooks=...)``) and ``learned.json`` (steps
+done of the schedule's, ``complete``, the lookup model's top-1 in PyTorch on the first 2,000 test images, CPU).
+``pareto.py``'s ``learned`` configurations compile these with LUTify and measure the compiled model. The
+lookup layers compute the fp32 encoder's codes and the int8 tables; LUTify's default int8 encoder picks
+another centroid for about 0.1 % of subvectors (``learned V=9/4 fp32 encoder`` compiles the codes training
+computed), so the PyTorch top-1 here is an estimate of the compiled one, not a substitute for it.
 """
 
 from __future__ import annotations
@@ -60,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="resnet18", choices=sorted(train_cifar.MODELS))
     ap.add_argument("--v", type=int, default=None, help="subvector length (default LUT-NN's: 9 for 3x3 convs, else 4)")
-    ap.add_argument("--epochs", type=float, default=0.4,
-                    help="passes over the training images (a fraction trains on that share of one pass); "
-                         "ResNet-18 at V=9 costs about 7x an exact training step: 0.4 is ~35 min on 2 cores")
+    ap.add_argument("--epochs", type=float, default=0.25,
+                    help="passes over the training images (a fraction trains on that share of one pass); a "
+                         "ResNet-18 step at V=9 costs about 7x an exact one: 0.25 fits a ~25 min slice on 2 cores")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of centroids and temperatures")
     ap.add_argument("--weight-lr", type=float, default=1e-4, help="Adam learning rate of the other parameters")
@@ -80,9 +82,13 @@ def main(argv=None) -> int:
     out = run_dir(args.model, args.v, tag_of(args))
     done = os.path.join(out, "learned.json")
     ckpt = os.path.join(out, "lutnn_checkpoint.pt")
-    if args.status or os.path.isfile(done):
-        if os.path.isfile(done):
-            print(open(done).read())
+    info = None
+    if os.path.isfile(done):
+        with open(done) as f:
+            info = json.load(f)
+    if args.status or (info and info["complete"]):
+        if info:
+            print(json.dumps(info, indent=1))
         elif os.path.isfile(ckpt):
             print(f"{out}: step {torch.load(ckpt, weights_only=True)['step']}")
         else:
@@ -110,14 +116,12 @@ def main(argv=None) -> int:
                          teacher=teacher if args.distill > 0 else None, distill=args.distill,
                          transform=lambda x, gen: models.random_crop_flip(x, gen), checkpoint_dir=out,
                          checkpoint_every=50, max_minutes=args.max_minutes or None, progress=sys.stderr.isatty())
-    if res.steps < steps:
-        print(f"stopped at step {res.steps} of {steps} after {args.max_minutes} min; run again to resume", flush=True)
-        return 0
     n_eval = min(args.eval_images, len(data["test_y"]))
     top1 = train_cifar.evaluate(res.model, data["test_x"][:n_eval], data["test_y"][:n_eval], amp=False)
     torch.save(lutnn.to_exact(res.model).state_dict(), os.path.join(out, "learned.pt"))
     lutnn.save_codebooks(os.path.join(out, "codebooks.npz"), res.codebooks)
-    info = {"model": args.model, "v": args.v, "steps": res.steps, "batch": args.batch, "epochs": args.epochs,
+    info = {"model": args.model, "v": args.v, "complete": res.steps >= steps, "steps": res.steps,
+            "total_steps": steps, "batch": args.batch, "epochs": args.epochs,
             "lr": args.lr, "weight_lr": args.weight_lr, "distill": args.distill, "exclude": list(EXCLUDE),
             "torch_lut_top1": top1, "eval_images": n_eval, "last_call_minutes": (time.time() - t0) / 60, "cpu": host_cpu()["model"]}
     tmp = done + ".tmp"
@@ -125,6 +129,9 @@ def main(argv=None) -> int:
         json.dump(info, f, indent=1)
     os.replace(tmp, done)
     print(json.dumps(info, indent=1))
+    if not info["complete"]:
+        print(f"stopped at step {res.steps} of {steps} after {args.max_minutes} min (the partial result is saved "
+              "above); run again to resume", flush=True)
     return 0
 
 

@@ -493,6 +493,7 @@ def finetune(
     """
     from tqdm import tqdm
 
+    deadline = None if not max_minutes else time.time() + 60.0 * max_minutes  # the k-means start counts too
     _check_pq_options(k, v)
     _retain_freed_memory()
     torch.manual_seed(seed)
@@ -555,7 +556,6 @@ def finetune(
     bar = tqdm(total=total, initial=step, desc="learning centroids", unit="step",
                disable=None if progress else True, leave=False)
     losses = []
-    deadline = None if not max_minutes else time.time() + 60.0 * max_minutes
     model.train()
     while step < stop and not (deadline and time.time() > deadline):
         epoch, skip = divmod(step, steps_per_epoch)

@@ -63,6 +63,16 @@ def quantize_tables(tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.clamp(torch.round(tables.detach() / scale), -127, 127), scale
 
 
+def _per_codebook_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``bmm(a, b)`` for (C, n, V) x (C, V, K) as one ``mm`` per codebook into a preallocated result: with
+    V and K this small, batched matmul is ~3x slower than the loop (75 vs 26 ms at C=64, n=32768, V=9,
+    K=16, one thread). Outside autograd only (``out=``)."""
+    out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=a.dtype)
+    for i in range(a.shape[0]):
+        torch.mm(a[i], b[i], out=out[i])
+    return out
+
+
 class _SoftAssign(torch.autograd.Function):
     """Hard nearest-centroid forward, soft (softmax) backward: the soft-PQ straight-through estimator.
 
@@ -90,10 +100,11 @@ class _SoftAssign(torch.autograd.Function):
         c, k, v = centroids.shape
         d_logits = d_cents = None
         if ctx.needs_input_grad[1]:  # soft path S^T G plus the hard path (one-hot^T G)
-            d_cents = torch.bmm(soft.transpose(1, 2), grad)
+            # as (G^T S)^T: with the long reduction over rows, MKL's bmm runs this orientation ~4x faster
+            d_cents = torch.bmm(grad.transpose(1, 2), soft).transpose(1, 2).contiguous()
             d_cents.view(c * k, v).index_add_(0, flat, grad.reshape(-1, v))
         if ctx.needs_input_grad[0]:  # softmax backward, in place: S * (dS - <S, dS>)
-            d_soft = torch.bmm(grad, centroids.transpose(1, 2))
+            d_soft = _per_codebook_mm(grad, centroids.transpose(1, 2))
             d_logits = d_soft.sub_((d_soft * soft).sum(-1, keepdim=True)).mul_(soft)
         return d_logits, d_cents
 

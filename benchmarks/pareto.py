@@ -359,7 +359,7 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
             li = e["learned"]
             part = "" if li.get("complete", True) else f" of a {li['total_steps']}-step schedule, stopped early"
             lines += ["", f"LUT {e['config']}: centroids and weights learned by `benchmarks/learn_centroids.py` "
-                      f"({li['steps']} steps{part} of {li['batch']} images, {li['epochs']:g} of a pass over the training set, "
+                      f"({li['steps']} steps of {li['batch']} images{part}, {li['epochs']:g} of a pass over the training set, "
                       f"distillation weight {li['distill']:g}; PyTorch top-1 of the lookup model on "
                       f"{li['eval_images']} test images {li['torch_lut_top1']:.2f}%), from {li['dir']}."]
     lines += ["", "## The counted bound: instructions per sample vs ONNX Runtime int8 (VNNI)", "",

@@ -3,8 +3,8 @@ resumable, cached.
 
 Post-training k-means at V=9 loses about 12 points of top-1 on the trained ResNet-18-class
 (benchmarks/README.md); LUT-NN learns the centroids for the task instead. This script takes
-``train_cifar.py``'s trained model, converts its conv/dense layers (the first conv stays exact, as in
-``pareto.py``) to lookup layers initialised by k-means, and fine-tunes centroids, temperatures and weights
+``train_cifar.py``'s trained model, converts its conv/dense layers (the first conv and narrow layers such as
+the classifier stay exact, as in ``pareto.py``) to lookup layers initialised by k-means, and fine-tunes centroids, temperatures and weights
 by backprop with the soft-PQ straight-through estimator (``tvm_lut.train.lutnn.finetune``), distilling the
 exact model's soft outputs:
 
@@ -26,6 +26,8 @@ computed), so the PyTorch top-1 here is an estimate of the compiled one, not a s
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import hashlib
 import json
 import os
 import sys
@@ -39,10 +41,50 @@ sys.path.insert(0, HERE)
 import train_cifar  # noqa: E402
 
 from tvm_lut.app.baselines import host_cpu  # noqa: E402
+from tvm_lut.math import pq  # noqa: E402
 from tvm_lut.train import lutnn, models  # noqa: E402
 
 #: Layers kept exact: the first conv sees 3 input channels (C=3 codebooks of a 3x3 patch: nothing to gain).
 EXCLUDE = ("conv1",)
+
+
+def kept_exact(model: torch.nn.Module, k: int = pq.DEFAULT_K) -> list[str]:
+    """``EXCLUDE`` and the narrow layers LUTify keeps exact by itself (M <= K outputs, e.g. the 10-way
+    classifier: encoding costs K*D multiplies per row against D*M exact), so training learns the layers the
+    compiled model looks up and no others."""
+    narrow = [name for name, m in lutnn.convertible_layers(model).items()
+              if (m.out_features if isinstance(m, torch.nn.Linear) else m.out_channels) <= k]
+    return sorted(set(EXCLUDE) | set(narrow))
+
+
+def layers_matching(names, pattern: str) -> list[str]:
+    """The layer names ``pattern`` selects: the name itself, the layers under it (``layers.0`` ->
+    ``layers.0.conv1``, ...) or those matching it as a shell pattern (``layers.*.conv?``)."""
+    return [n for n in names if n == pattern or n.startswith(pattern + ".") or fnmatch.fnmatchcase(n, pattern)]
+
+
+def parse_layer_v(text: str | None) -> dict[str, int]:
+    """``"layers.0=3,layers.1=3"`` -> {pattern: V} (``--layer-v``)."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        pattern, _, value = part.partition("=")
+        if not value.strip().isdigit():
+            raise SystemExit(f"--layer-v: {part!r} is not PATTERN=V (e.g. layers.0=3)")
+        out[pattern.strip()] = int(value)
+    return out
+
+
+def resolve_layer_v(model: torch.nn.Module, spec: dict[str, int], kept: list[str]) -> dict[str, int]:
+    """{layer name: V} of ``spec``'s patterns over the model's convertible layers (the longest pattern wins;
+    layers kept exact are skipped); a pattern that selects no layer is an error."""
+    names = [n for n in lutnn.convertible_layers(model) if n not in kept]
+    out: dict[str, int] = {}
+    for pattern in sorted(spec, key=len):
+        hit = layers_matching(names, pattern)
+        if not hit:
+            raise SystemExit(f"--layer-v: {pattern!r} selects no converted layer; layers: {', '.join(names)}")
+        out.update({n: spec[pattern] for n in hit})
+    return out
 
 
 def run_dir(model: str, v: int | None, tag: str) -> str:
@@ -55,16 +97,25 @@ def default_tag() -> str:
 
 
 def tag_of(args) -> str:
-    return f"e{args.epochs:g}-b{args.batch}-lr{args.lr:g}-w{args.weight_lr:g}-d{args.distill:g}"
+    tag = f"e{args.epochs:g}-b{args.batch}-lr{args.lr:g}-w{args.weight_lr:g}-d{args.distill:g}"
+    spec = parse_layer_v(args.layer_v)
+    if spec:  # per-layer V: a short digest of the patterns (they hold '*' and '?'); learned.json lists them
+        tag += "-lv" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    return tag
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="resnet18", choices=sorted(train_cifar.MODELS))
     ap.add_argument("--v", type=int, default=None, help="subvector length (default LUT-NN's: 9 for 3x3 convs, else 4)")
-    ap.add_argument("--epochs", type=float, default=0.25,
+    ap.add_argument("--epochs", type=float, default=1.0,
                     help="passes over the training images (a fraction trains on that share of one pass); a "
-                         "ResNet-18 step at V=9 costs about 7x an exact one: 0.25 fits a ~25 min slice on 2 cores")
+                         "ResNet-18 step at V=9 costs about 7x an exact one: one pass is ~1.8 h on 2 cores, "
+                         "run in --max-minutes slices if need be")
+    ap.add_argument("--layer-v", default="",
+                    help="per-layer subvector lengths, PATTERN=V,...: a layer name, the layers under it or a shell "
+                         "pattern (e.g. 'layers.0=3,layers.1=3': V=3, one kernel row per codebook, in the first "
+                         "stage; LUTify's int8 encoder covers V=9 and V=3 at 3x3)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of centroids and temperatures")
     ap.add_argument("--weight-lr", type=float, default=1e-4, help="Adam learning rate of the other parameters")
@@ -104,6 +155,8 @@ def main(argv=None) -> int:
     teacher = train_cifar.MODELS[args.model]()
     teacher.load_state_dict(torch.load(trained, map_location="cpu"))
     teacher.eval()
+    exclude = kept_exact(teacher)
+    layer_v = resolve_layer_v(teacher, parse_layer_v(args.layer_v), exclude)
     data = train_cifar.load_data(train_cifar.cache_dir(args.model))
     tx, ty = torch.from_numpy(data["train_x"]), torch.from_numpy(data["train_y"])
     steps = int(args.epochs * len(tx)) // args.batch
@@ -112,7 +165,7 @@ def main(argv=None) -> int:
     loader = [(tx[order[i * args.batch:(i + 1) * args.batch]], ty[order[i * args.batch:(i + 1) * args.batch]])
               for i in range(steps)]
     t0 = time.time()
-    res = lutnn.finetune(teacher, loader, epochs=1, lr=args.lr, weight_lr=args.weight_lr, v=args.v, exclude=EXCLUDE,
+    res = lutnn.finetune(teacher, loader, epochs=1, lr=args.lr, weight_lr=args.weight_lr, v=args.v, layer_v=layer_v, exclude=exclude,
                          teacher=teacher if args.distill > 0 else None, distill=args.distill,
                          transform=lambda x, gen: models.random_crop_flip(x, gen), checkpoint_dir=out,
                          checkpoint_every=50, max_minutes=args.max_minutes or None, progress=sys.stderr.isatty())
@@ -122,7 +175,8 @@ def main(argv=None) -> int:
     lutnn.save_codebooks(os.path.join(out, "codebooks.npz"), res.codebooks)
     info = {"model": args.model, "v": args.v, "complete": res.steps >= steps, "steps": res.steps,
             "total_steps": steps, "batch": args.batch, "epochs": args.epochs,
-            "lr": args.lr, "weight_lr": args.weight_lr, "distill": args.distill, "exclude": list(EXCLUDE),
+            "lr": args.lr, "weight_lr": args.weight_lr, "distill": args.distill, "exclude": exclude,
+            "layer_v": layer_v,
             "torch_lut_top1": top1, "eval_images": n_eval, "last_call_minutes": (time.time() - t0) / 60, "cpu": host_cpu()["model"]}
     tmp = done + ".tmp"
     with open(tmp, "w") as f:

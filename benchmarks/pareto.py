@@ -177,7 +177,8 @@ def build(args, cache: str) -> dict:
         t0 = time.time()
         # the mask measures accuracy on held-out labelled calibration rows; the others need the inputs only
         calib = {"x": train_x, "labels": train_y} if "budget" in opts else {"x": train_x}
-        res1 = LUTify(calib, layers=dict(KEEP), target=target, progress=False, **opts).run(src[1])
+        layers = layer_options(src[1], opts.pop("layer_v", {}))
+        res1 = LUTify(calib, layers=layers, target=target, progress=False, **opts).run(src[1])
         ex1, p1 = compile_with_params(res1.module, target)
         entry["build_s"] = time.time() - t0
         entry["b1"] = speed.export_build(ex1, p1, [test_x[:1]], os.path.join(cache, f"lut_{len(plan['configs'])}_b1"))
@@ -252,14 +253,41 @@ def instruction_bound(layers: list[dict]) -> dict:
 
 
 def _parse_config(text: str) -> dict:
-    """``v=4,k=16,distance=l1,budget=max-drop=1.0`` -> LUTify options (a configuration not in CONFIGS)."""
-    out = {}
-    for part in text.split(";" if "budget=" in text else ","):
+    """``v=4;k=16;distance=l1;budget=max-drop=1.0`` -> LUTify options (a configuration not in CONFIGS);
+    ``v@layers.0=3`` gives the layers named ``layers.0`` or ``layers.0.*`` their own V, ``v@layers.*.conv?=3``
+    the layers matching a shell pattern (``layer_v``)."""
+    out: dict = {}
+    for part in text.split(";"):
         key, _, value = part.partition("=")
+        key = key.strip()
         if not value:
             raise SystemExit(f"--configs: {text!r} is neither a configuration of CONFIGS ({', '.join(CONFIGS)}) "
                              "nor key=value options")
-        out[key.strip()] = int(value) if value.isdigit() else value
+        if key.startswith("v@"):
+            if not value.isdigit():
+                raise SystemExit(f"--configs: {part!r}: V must be an integer")
+            out.setdefault("layer_v", {})[key[2:]] = int(value)
+            continue
+        out[key] = int(value) if value.isdigit() else value
+    return out
+
+
+def layer_options(mod, layer_v: dict[str, int]) -> dict:
+    """``KEEP`` plus ``{"v": V}`` for each conv/dense layer of ``mod`` under a ``layer_v`` prefix or shell
+    pattern (the longest wins); one that names no layer is an error."""
+    from learn_centroids import layers_matching
+
+    from tvm_lut.frontend import graph
+
+    names = [layer.name for layer in graph.find_layers(mod)]
+    out: dict = dict(KEEP)
+    for prefix in sorted(layer_v, key=len):
+        hit = layers_matching(names, prefix)
+        if not hit:
+            raise SystemExit(f"--configs: v@{prefix} names no layer; layers: {', '.join(names)}")
+        for n in hit:
+            if out.get(n) != "exact":
+                out[n] = {"v": layer_v[prefix]}
     return out
 
 

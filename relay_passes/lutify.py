@@ -44,7 +44,7 @@ from tvm_lut import targets
 
 from .planning import LUTifyOptions, Planner
 from .priority_mask import PriorityMask
-from .rewrite import LAYERS_ATTR, MASK_ATTR, KernelCall, Plan, rewrite
+from .rewrite import LAYERS_ATTR, MASK_ATTR, KernelCall, rewrite
 
 __all__ = ["LAYERS_ATTR", "MASK_ATTR", "LUTify", "LUTResult", "LUTifyOptions"]
 
@@ -91,7 +91,7 @@ class LUTify:
         VNNI ``vpdpbusd``, ``tir_schedules.encode_int8``; 3.6-5.3x faster than the fp32 encoder, 99.8-99.9 %
         of codes the same on ReLU inputs, ResNet-20/CIFAR-10 top-1 0.08-0.37 points below fp32 scores)
         or ``"fp32"`` (float scores everywhere: the exact nearest centroid). int8 applies to L2
-        convolutions whose subspace is a channel's patch (V=9 at 3x3) on targets with AVX-512 VBMI + VNNI
+        convolutions whose subspace is a channel's patch (V=9 at 3x3) or one kernel row of it (V=3) on targets with AVX-512 VBMI + VNNI
         (``encode_int8.eligible`` lists the map sizes); every other layer keeps the fp32 encoder, its record
         saying why (``encoder``, ``encoder_note``).
     database : a MetaSchedule database directory (``tvm-lut tune --db``): lookup kernels tuned there are

@@ -19,9 +19,9 @@ GROUPED = shuffle.isa_for(TARGET) is shuffle.ISAS[0]
 needs_vnni = pytest.mark.skipif(not GROUPED, reason="host has no AVX-512 VBMI + VNNI (the int8 encoder's target)")
 
 
-def _operands(x, conv, signed=False, seed=0):
+def _operands(x, conv, signed=False, seed=0, v=None):
     rows = pq.im2col(x, conv.kernel_hw, conv.strides, conv.padding, conv.dilation)
-    cents = pq.fit_codebooks(rows[:4000], conv.kernel_hw[0] * conv.kernel_hw[1], 16, "l2", seed)
+    cents = pq.fit_codebooks(rows[:4000], v or conv.kernel_hw[0] * conv.kernel_hw[1], 16, "l2", seed)
     enc = i8.fit(cents, *i8.input_quantization(rows))
     assert enc.zero_point == (128 if signed else 0)
     return rows, cents, enc
@@ -53,6 +53,9 @@ def test_eligibility_says_why_not():
     assert "64-byte" in encode_int8.eligible(ConvInput((1, 64, 8, 8), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), 64, 16, 9)
     assert "K=8" in encode_int8.eligible(conv, 64, 8, 9)
     assert "V=4" in encode_int8.eligible(conv, 64, 16, 4)
+    # one kernel row per subspace: 3 codebooks per channel
+    assert encode_int8.eligible(conv, 192, 16, 3) is None
+    assert "multiple of 4" in encode_int8.eligible(ConvInput((1, 6, 32, 32), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), 18, 16, 3)
     assert "multiple of 4" in encode_int8.eligible(ConvInput((1, 6, 32, 32), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), 6, 16, 9)
     assert "64-byte" in encode_int8.eligible(ConvInput((1, 8, 7, 7), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), 8, 16, 9)
     assert "width" in encode_int8.eligible(ConvInput((1, 8, 16, 16), (5, 5), (1, 1), (2, 2, 2, 2), (1, 1)), 8, 16, 25)
@@ -93,6 +96,37 @@ def test_kernel_is_bit_exact_against_the_reference(shape, kernel, pad, lanes, si
 
 
 @needs_vnni
+@pytest.mark.parametrize("shape,pad,lanes,signed,stride", [
+    ((1, 64, 32, 32), 1, 64, False, 1),
+    ((2, 8, 16, 16), 1, 32, True, 2),  # stride 2 to 8x8: 16 pixels from two output rows
+    ((1, 12, 4, 4), 1, 16, False, 1),  # a 4x4 map: 16 pixels from four output rows
+])
+def test_row_subspaces_are_bit_exact_against_the_reference(shape, pad, lanes, signed, stride):
+    """V=3 at 3x3 (one kernel row per codebook, 3 codebooks per channel): the same kernel, one argmin per row."""
+    rng = np.random.default_rng(sum(shape) + 1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x = x if signed else np.maximum(x, 0)
+    conv = ConvInput(shape, (3, 3), (stride, stride), (pad, pad, pad, pad), (1, 1))
+    c = shape[1] * 3
+    assert encode_int8.eligible(conv, c, 16, 3) is None
+    rows, cents, enc = _operands(x, conv, signed, v=3)
+    assert enc.centroids.shape == (c, 16, 3)
+    ref = pq.pack_codes_grouped(i8.encode_float(rows, enc), lanes)
+    f = encode_int8.encode_conv_int8(conv, c, 16, lanes, v=3)
+    ex = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), TARGET)
+    args = [tvm.runtime.tensor(a) for a in (x, np.array([enc.inv_scale, enc.zero_point], np.float32),
+                                            encode_int8.centroid_operands(enc.centroids, (3, 3)), enc.offsets)]
+    out = tvm.runtime.tensor(np.zeros(ref.shape, np.uint8))
+    ex["main"](*args, out)
+    np.testing.assert_array_equal(out.numpy(), ref)
+    # codes differ between codebooks of one channel's rows (each row has its own argmin)
+    codes = i8.encode_float(rows, enc).reshape(len(rows), shape[1], 3)
+    assert (codes[..., 0] != codes[..., 1]).any()
+    with pytest.raises(ValueError, match="do not cover"):
+        encode_int8.encode_conv_int8(conv, shape[1], 16, lanes, v=3)
+
+
+@needs_vnni
 def test_lutify_int8_encoder_matches_its_emulator_and_records_why_other_layers_keep_fp32():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
@@ -117,6 +151,23 @@ def test_lutify_int8_encoder_matches_its_emulator_and_records_why_other_layers_k
     with torch.no_grad():
         exact = model(torch.from_numpy(x[:1])).numpy()
     assert np.linalg.norm(got - exact) < 0.8 * np.linalg.norm(exact)
+
+
+@needs_vnni
+def test_lutify_row_subspaces_get_the_int8_encoder_and_match_the_emulator():
+    """A 3x3 conv asked for V=3 (LayerOptions): 3 codebooks per channel, int8 scores, bit for bit."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1)).eval()
+    x = np.random.default_rng(5).standard_normal((24, 8, 16, 16)).astype(np.float32)
+    mod = tvm_lut.from_torch(model, torch.from_numpy(x[:1]))
+    res = LUTify(calibration=x, progress=False, encoder="int8", layers={"0": {"v": 3}}).run(mod)
+    rec = res.layers[0]
+    assert rec["method"] == "pq" and rec["v"] == 3 and rec["c"] == 24 and rec["encoder"] == "int8"
+    q = res.pq_layers["0"]
+    assert q.int8 is not None and q.int8.centroids.shape == (24, 16, 3)
+    got = tvm.relax.VirtualMachine(build(res.module), tvm.cpu())["main"](tvm.runtime.tensor(x[:1])).numpy()
+    want = q.emulate(pq.im2col(x[:1], (3, 3), (1, 1), (1, 1, 1, 1))).reshape(1, 16, 16, 32).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_int8_on_a_target_without_it_keeps_fp32_with_the_reason():

@@ -314,3 +314,21 @@ def test_eval_encoder_blocks_rows_without_changing_codes(distance, monkeypatch):
     ref = pq.encode(sub.reshape(23, 9).numpy(), cents, offsets, distance)
     np.testing.assert_array_equal(blocked.numpy(), whole.numpy())
     np.testing.assert_array_equal(blocked.numpy(), ref)
+
+
+def test_layer_v_sets_one_layers_subvector_and_the_codebooks_carry_it_to_lutify():
+    """``layer_v`` (per-layer V): c2 at V=3 (one kernel row per codebook), the rest LUT-NN's default; the
+    learned codebooks hold that V, so LUTify builds each layer at its own V without being told."""
+    x, y = _data(64)
+    lut = lutnn.convert(TinyNet(), [x[:32]], layer_v={"c2": 3})
+    shapes = {n: tuple(m.centroids.shape) for n, m in lutnn.lut_layers(lut).items()}
+    assert shapes["c2"] == (24, 16, 3) and shapes["c1"] == (3, 16, 9) and shapes["fc"][-1] == 4
+    with pytest.raises(OptionError, match="nope"):
+        lutnn.convert(TinyNet(), [x[:32]], layer_v={"nope": 3})
+    with pytest.raises(OptionError, match="V=0"):
+        lutnn.convert(TinyNet(), [x[:32]], layer_v={"c2": 0})
+    res = lutnn.finetune(TinyNet().eval(), _loader(x, y), max_steps=1, progress=False, init_batches=2,
+                         layer_v={"c2": 3})
+    mod = tvm_lut.from_torch(lutnn.to_exact(res.model), x[:4])
+    recs = {r["name"]: r for r in LUTify(codebooks=res.codebooks, progress=False).run(mod).layers}
+    assert recs["c2"]["v"] == 3 and recs["c2"]["c"] == 24 and recs["c1"]["v"] == 9

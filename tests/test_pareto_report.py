@@ -71,3 +71,30 @@ def test_model_bound_counts_exact_layers_as_fp32():
     assert b["exact_fp32"] == 4 * 1024 * 27 * 64 / 64
     assert b["int8_gemm"] == (256 * 576 * 64 + 1024 * 27 * 64) / 64
     assert [x["name"] for x in b["layers"]] == ["a"]
+
+
+def test_per_layer_v_configurations_select_layers_by_name_prefix_or_pattern():
+    """``v@layers.0=3`` / ``v@layers.*.conv?=3`` (pareto) and ``--layer-v`` (learn_centroids) pick the same
+    layers; a pattern that selects nothing is refused with the layer names."""
+    import learn_centroids
+    import torch
+
+    import tvm_lut
+
+    assert pareto._parse_config("v@layers.0=3;k=16") == {"layer_v": {"layers.0": 3}, "k": 16}
+    assert pareto._parse_config("budget=max-drop=1.0;v=4") == {"budget": "max-drop=1.0", "v": 4}
+    with pytest.raises(SystemExit, match="integer"):
+        pareto._parse_config("v@layers.0=x")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 1))).eval()
+    mod = tvm_lut.from_torch(net, torch.zeros(1, 3, 8, 8))
+    assert learn_centroids.layers_matching(["2.0", "2.1", "20.0"], "2") == ["2.0", "2.1"]
+    opts = pareto.layer_options(mod, {"2": 4, "2.0": 3})  # the longer prefix wins
+    assert opts["2.0"] == {"v": 3} and opts["2.1"] == {"v": 4}
+    with pytest.raises(SystemExit, match="names no layer"):
+        pareto.layer_options(mod, {"nope": 3})
+    assert learn_centroids.resolve_layer_v(net, learn_centroids.parse_layer_v("2.*=3"), ["0"]) == {"2.0": 3, "2.1": 3}
+    with pytest.raises(SystemExit, match="PATTERN=V"):
+        learn_centroids.parse_layer_v("2.0")
+    args = learn_centroids.build_parser().parse_args(["--layer-v", "2.*=3"])
+    assert learn_centroids.tag_of(args).startswith(learn_centroids.default_tag() + "-lv")

@@ -16,8 +16,13 @@ For a KxK convolution whose subspace is one input channel's patch (V = KH*KW, LU
 then, per centroid, ``(score << 4) | k`` (``llvm.fshl``: one ``vpshldd`` on AVX512-VBMI2) and a 15-step
 ``vpminsd`` tree whose low 4 bits are the code, first minimum on ties. At 3x3: 3 + 48 + 16 + 15 = 82
 instructions against ~190, the counted bound's ``K/M`` against ``4K/M`` per output (``math.cost``).
-Four channels' codes combine into one int32 per pixel (``16j + code`` in byte ``j``) and store as one
+Four codebooks' codes combine into one int32 per pixel (``16j + code`` in byte ``j``) and store as one
 64-byte vector: the grouped layout's 16 rows x 4 codebooks.
+
+A subspace may also be one kernel row of one channel (V = KW, KH codebooks per channel: three times
+LUT-NN's codebooks at 3x3, for accuracy): the same loads and ``vpdpbusd`` (K per row), but each row gets
+its own keys and argmin tree, 3 + 48 + 48 + 45 = 144 instructions per (16 pixels, channel) at 3x3 (the
+fp32 encoder: 3 x (48 FMAs + 45) = 279), and three codes to look up instead of one.
 
 The input is quantized once per call into a zero-padded uint8 copy (``C*(H+2p)*(W+2p)`` bytes, the
 fp32 encoder's padded copy at a quarter of the size): ``clip(rint(x * inv_scale) + zero_point, 0,
@@ -57,13 +62,26 @@ def lane_offsets(conv: ConvInput) -> list[int] | None:
     return offs if span <= 64 else None
 
 
+def rows_per_codebook(kernel_hw: tuple[int, int], v: int) -> int | None:
+    """Kernel rows one codebook's subspace covers: ``KH`` for one input channel's patch (V = KH*KW,
+    LUT-NN's setting), 1 for one kernel row (V = KW: KH codebooks per channel), else None (this encoder
+    does not apply)."""
+    kh, kw = kernel_hw
+    if v == kh * kw:
+        return kh
+    if v == kw:
+        return 1
+    return None
+
+
 def eligible(conv: ConvInput, c: int, k: int, v: int) -> str | None:
-    """None when this encoder applies to the layer, else why not (the fp32 encoder is used then)."""
+    """None when this encoder applies to the layer (``c`` codebooks of ``v`` values), else why not (the
+    fp32 encoder is used then)."""
     kh, kw = conv.kernel_hw
     if k != 16:
         return f"K={k} (the int8 encoder packs K=16 codes)"
-    if v != kh * kw:
-        return f"V={v} is not one channel's {kh}x{kw} patch"
+    if rows_per_codebook(conv.kernel_hw, v) is None:
+        return f"V={v} is neither one channel's {kh}x{kw} patch nor one kernel row"
     if kw > 4:
         return f"kernel width {kw} > 4 (one int32 lane holds a kernel row)"
     if c % 4:
@@ -74,27 +92,38 @@ def eligible(conv: ConvInput, c: int, k: int, v: int) -> str | None:
 
 
 def centroid_operands(cq, kernel_hw: tuple[int, int]):
-    """Int8 centroids (C, K, V) -> (C, KH, K) int32: row ``ky``'s KW values of centroid k, negated (the
-    kernel adds ``vpdpbusd`` products to the offset), bytes 0..KW-1 of the word, the rest 0."""
+    """Int8 centroids (C, K, V) -> (C, R, K) int32, R = the kernel rows of one subspace
+    (``rows_per_codebook``): row ``r``'s KW values of centroid k, negated (the kernel adds ``vpdpbusd``
+    products to the offset), bytes 0..KW-1 of the word, the rest 0."""
     import numpy as np
 
-    kh, kw = kernel_hw
+    kw = kernel_hw[1]
     c, k, v = cq.shape
-    b = np.zeros((c, kh, k, 4), np.int8)
-    b[..., :kw] = (-np.asarray(cq, np.int16)).astype(np.int8).reshape(c, k, kh, kw).transpose(0, 2, 1, 3)
+    r = rows_per_codebook(kernel_hw, v)
+    if r is None:
+        raise ValueError(f"V={v} is neither one channel's {kernel_hw} patch nor one kernel row")
+    b = np.zeros((c, r, k, 4), np.int8)
+    b[..., :kw] = (-np.asarray(cq, np.int16)).astype(np.int8).reshape(c, k, r, kw).transpose(0, 2, 1, 3)
     return np.ascontiguousarray(b).view(np.int32)[..., 0]
 
 
-def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int) -> tirx.PrimFunc:
-    """The kernel (module docstring): x (B, C, H, W) float32, qparams (2,) float32 = (inv_scale,
-    zero_point), centroid words (C, KH, K) int32 (``centroid_operands``), offsets (C, K) int32 ->
-    grouped packed codes (ceil(N/L), C/4, 4L) uint8, L = ``pack_lanes`` (a multiple of 16)."""
-    why = eligible(conv, c, k, conv.kernel_hw[0] * conv.kernel_hw[1])
+def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int, v: int | None = None) -> tirx.PrimFunc:
+    """The kernel (module docstring): x (B, CI, H, W) float32, qparams (2,) float32 = (inv_scale,
+    zero_point), centroid words (C, R, K) int32 (``centroid_operands``), offsets (C, K) int32 ->
+    grouped packed codes (ceil(N/L), C/4, 4L) uint8, L = ``pack_lanes`` (a multiple of 16). ``c``
+    codebooks of ``v`` values (default one channel's patch: C = CI; one kernel row, V = KW: C = CI*KH,
+    codebook ``ci*KH + ky`` for input channel ``ci``'s row ``ky``)."""
+    v = conv.kernel_hw[0] * conv.kernel_hw[1] if v is None else v
+    why = eligible(conv, c, k, v)
     if why is not None:
         raise ValueError(f"the int8 encoder does not apply: {why}")
+    rpc = rows_per_codebook(conv.kernel_hw, v)
+    per_channel = conv.kernel_hw[0] // rpc  # codebooks per input channel
+    if c != conv.shape[1] * per_channel:
+        raise ValueError(f"{c} codebooks of V={v} do not cover {conv.shape[1]} channels of a {conv.kernel_hw} kernel")
     if pack_lanes % LANES:
         raise ValueError(f"pack_lanes must be a multiple of {LANES}, got {pack_lanes}")
-    bsz, _, h, w = conv.shape
+    bsz, ci_n, h, w = conv.shape
     kh, kw = conv.kernel_hw
     dh, dw = conv.dilation
     pt, pl = conv.padding[0], conv.padding[1]
@@ -103,7 +132,7 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int) -> tirx.P
     sh, sw = conv.strides
     n = conv.rows
     plane = hp * wp
-    flat = bsz * c * plane + SLACK
+    flat = bsz * ci_n * plane + SLACK
     flat = -(-flat // 64) * 64
     nb, groups, sub = -(-n // pack_lanes), c // 4, pack_lanes // LANES
     offs = lane_offsets(conv)
@@ -113,7 +142,7 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int) -> tirx.P
 
     def first_tap(r0):
         """Flat offset (channel 0) of output pixel ``r0``'s first tap in the padded copy."""
-        return (r0 // (oh * ow)) * c * plane + (r0 % (oh * ow)) // ow * sh * wp + r0 % ow * sw
+        return (r0 // (oh * ow)) * ci_n * plane + (r0 % (oh * ow)) // ow * sh * wp + r0 % ow * sw
 
     def shuffled(xq, base):
         """The 64 bytes ``vpdpbusd`` multiplies for one kernel row: lane j = taps 0..3 of pixel j."""
@@ -128,15 +157,19 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int) -> tirx.P
         """An int32 constant vector (``value`` taken modulo 2^32, as a bit pattern)."""
         return tirx.Broadcast(tirx.const((value + (1 << 31)) % (1 << 32) - (1 << 31), "int32"), LANES)
 
-    def channel_code(xq, cents, offsets, base, ci):
-        """Codes (int32x16, 0..15) of channel ``ci`` for the 16 pixels whose first tap is at ``base``
+    def channel_code(xq, cents, offsets, base, cb):
+        """Codes (int32x16, 0..15) of codebook ``cb`` for the 16 pixels whose first tap is at ``base``
         (statements: the bindings; returns the bound code)."""
-        xs = [T.bind(shuffled(xq, base + ci * plane + ky * dh * wp)) for ky in range(kh)]
+        if per_channel == 1:
+            first = base + cb * plane
+        else:  # codebook ci*KH + ky: input channel ci's kernel row ky
+            first = base + (cb // per_channel) * plane + (cb % per_channel) * (rpc * dh * wp)
+        xs = [T.bind(shuffled(xq, first + r * dh * wp)) for r in range(rpc)]
         keys = []
         for q in range(k):
-            acc = tirx.Broadcast(offsets[ci, q], LANES)
-            for ky in range(kh):
-                acc = dot(acc, xs[ky], cents[ci, ky, q])
+            acc = tirx.Broadcast(offsets[cb, q], LANES)
+            for r in range(rpc):
+                acc = dot(acc, xs[r], cents[cb, r, q])
             # (score << 4) | q: the minimum's low 4 bits are its centroid, the first on ties
             keys.append(T.bind(tirx.call_llvm_pure_intrin("int32x16", "llvm.fshl", acc, vec(q << 28), vec(4))))
         while len(keys) > 1:
@@ -144,7 +177,7 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int) -> tirx.P
         return T.bind(keys[0] & vec(15))
 
     def group_word(xq, cents, offsets, base, g):
-        """One int32 per pixel holding the 4 codes of channel group ``g``, byte j = 16j + code: the
+        """One int32 per pixel holding the 4 codes of codebook group ``g``, byte j = 16j + code: the
         grouped layout's 16 rows x 4 codebooks as one 64-byte vector."""
         codes = [channel_code(xq, cents, offsets, base, g * 4 + j) for j in range(4)]
         return (codes[0] | ((codes[1] | vec(16)) << vec(8)) | ((codes[2] | vec(32)) << vec(16))
@@ -152,19 +185,19 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int) -> tirx.P
 
     @T.prim_func(private=True)
     def func(
-        x: T.Buffer((bsz, c, h, w), "float32"),
+        x: T.Buffer((bsz, ci_n, h, w), "float32"),
         qparams: T.Buffer((2,), "float32"),
-        cents: T.Buffer((c, kh, k), "int32"),
+        cents: T.Buffer((c, rpc, k), "int32"),
         offsets: T.Buffer((c, k), "int32"),
         packed: T.Buffer((nb, groups, 4 * pack_lanes), "uint8"),
     ):
         xq = T.alloc_buffer((flat,), "uint8")
         for z in T.serial(flat // 64):  # padding at the zero point (the quantized 0.0)
             xq[T.Ramp(z * 64, 1, 64)] = T.Broadcast(T.Cast("uint8", T.Cast("int32", qparams[1])), 64)
-        for b_, ci, y, x0 in T.grid(bsz, c, h, w // inner):
+        for b_, ci, y, x0 in T.grid(bsz, ci_n, h, w // inner):
             # clipped in float before the conversion (so a value far outside int32 cannot overflow it),
             # then shifted by the zero point: clip(rint(x * inv_scale) + zero_point, 0, 255)
-            xq[T.Ramp(((b_ * c + ci) * hp + y + pt) * wp + pl + x0 * inner, 1, inner)] = T.Cast(
+            xq[T.Ramp(((b_ * ci_n + ci) * hp + y + pt) * wp + pl + x0 * inner, 1, inner)] = T.Cast(
                 f"uint8x{inner}", T.Cast(f"int32x{inner}", T.max(T.min(
                     T.nearbyint(x[b_, ci, y, T.Ramp(x0 * inner, 1, inner)] * T.Broadcast(qparams[0], inner)),
                     T.Broadcast(T.float32(255) - qparams[1], inner)), T.Broadcast(-qparams[1], inner)))

@@ -211,8 +211,8 @@ def _emit_shuffle(em: LookupEmitter, plan: Plan, x, as_output: bool):
     if q.int8 is not None:  # the VNNI encoder (``encoder="int8"``; only layers it applies to carry operands)
         conv = _conv_input(layer)
         enc = em.kernel(("encode-int8", isa.name, conv.shape, conv.kernel_hw, conv.strides, conv.padding, conv.dilation,
-                         c, k, lanes),
-                        f"lut_encode_{tag}", lambda: encode_int8.encode_conv_int8(conv, c, k, lanes))
+                         c, k, q.v, lanes),
+                        f"lut_encode_{tag}", lambda: encode_int8.encode_conv_int8(conv, c, k, lanes, q.v))
         qparams = np.array([q.int8.inv_scale, q.int8.zero_point], np.float32)
         words = encode_int8.centroid_operands(q.int8.centroids, conv.kernel_hw)
         packed = bb.emit(relax.call_tir(enc, [x, relax.const(qparams), relax.const(words), relax.const(q.int8.offsets)],

@@ -302,6 +302,7 @@ def convert(
     exclude: tuple[str, ...] | list[str] = (),
     k: int = pq.DEFAULT_K,
     v: int | None = None,
+    layer_v: dict[str, int] | None = None,
     distance: str = "l2",
     seed: int = 0,
     max_rows: int = 16384,
@@ -310,13 +311,18 @@ def convert(
 
     ``batches``: an iterable of input tensors (or ``(inputs, labels)`` pairs) whose layer inputs seed the
     k-means, like LUTify's calibration. ``layers`` picks layers by name (default: every convertible one)
-    and ``exclude`` keeps some exact (e.g. the first conv).
+    and ``exclude`` keeps some exact (e.g. the first conv). ``v`` is the subvector length of every layer
+    (default LUT-NN's: 9 for 3x3 convs, else 4); ``layer_v`` overrides it per layer name (e.g. V=3, one
+    kernel row, for the layers that lose the most accuracy at V=9), as LUTify's ``layers={name: {"v": V}}``.
     """
     _check_pq_options(k, v)
+    layer_v = dict(layer_v or {})
+    for val in layer_v.values():
+        _check_pq_options(k, val)
     model = copy.deepcopy(model).eval()
     found = convertible_layers(model)
     names = list(found) if layers is None else list(layers)
-    unknown = sorted(set(names) - set(found)) + sorted(set(exclude) - set(found))
+    unknown = sorted(set(names) - set(found)) + sorted(set(exclude) - set(found)) + sorted(set(layer_v) - set(found))
     if unknown:
         raise OptionError(f"unknown or unconvertible layer name(s) {unknown}; convertible layers: {sorted(found)}")
     names = [n for n in names if n not in set(exclude)]
@@ -339,7 +345,8 @@ def convert(
             r = r[np.sort(rng.choice(len(r), max_rows, replace=False))]
         mod = found[name]
         kh = tuple(mod.kernel_size) if isinstance(mod, nn.Conv2d) else None
-        vv = v if v is not None else pq.default_subvector_len("conv2d" if kh else "dense", kh)
+        vv = layer_v.get(name, v)
+        vv = vv if vv is not None else pq.default_subvector_len("conv2d" if kh else "dense", kh)
         d = mod.weight[0].numel()
         cents = pq.fit_codebooks(pq.pad_columns(r, pq.num_subspaces(d, vv) * vv), vv, k, distance, seed)
         temp = _initial_temperature(r, cents, distance)
@@ -466,6 +473,7 @@ def finetune(
     exclude: tuple[str, ...] | list[str] = (),
     k: int = pq.DEFAULT_K,
     v: int | None = None,
+    layer_v: dict[str, int] | None = None,
     distance: str = "l2",
     init_batches: int = 8,
     loss_fn=None,
@@ -483,7 +491,8 @@ def finetune(
     """Learn centroids (and fine-tune the weights) of ``model``'s conv/dense layers by backprop.
 
     ``loader`` yields ``(inputs, labels)`` batches (a ``torch.utils.data.DataLoader``; it is re-iterated
-    each epoch). The first ``init_batches`` seed the k-means initialisation (``convert``); an
+    each epoch). The first ``init_batches`` seed the k-means initialisation (``convert``, with its ``v`` and
+    ``layer_v``); an
     already-converted model (with lookup layers) is trained as it is. Adam on centroids and temperatures
     at ``lr`` and on all other parameters at ``weight_lr`` (default ``lr / 10``), cosine-decayed over the
     run; ``loss_fn(logits, labels)`` defaults to cross-entropy; ``transform`` (e.g. augmentation) is
@@ -524,7 +533,8 @@ def finetune(
             if i >= init_batches:
                 break
             init.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
-        model = convert(model, init, layers=layers, exclude=exclude, k=k, v=v, distance=distance, seed=seed)
+        model = convert(model, init, layers=layers, exclude=exclude, k=k, v=v, layer_v=layer_v, distance=distance,
+                        seed=seed)
     luts = lut_layers(model)
     if not luts:
         raise OptionError("no layer to learn centroids for: the model has no convertible conv/dense layer")
@@ -539,6 +549,8 @@ def finetune(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     config = {"epochs": epochs, "lr": lr, "weight_lr": weight_lr, "k": k, "v": v, "distance": distance,
               "seed": seed, "steps_per_epoch": steps_per_epoch, "layers": sorted(luts)}
+    if layer_v:  # (absent otherwise, so earlier runs' checkpoints still resume)
+        config["layer_v"] = dict(sorted(layer_v.items()))
     if teacher is not None:
         config["distill"] = [distill, distill_temperature]
     tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]

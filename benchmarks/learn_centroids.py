@@ -87,6 +87,22 @@ def resolve_layer_v(model: torch.nn.Module, spec: dict[str, int], kept: list[str
     return out
 
 
+class Batches:
+    """``steps`` batches of ``batch`` images in ``order``, sliced when iterated (a whole pass held as
+    slices would copy the training set: 600 MB for CIFAR-10)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, batch: int, steps: int):
+        self.x, self.y, self.order, self.batch, self.steps = x, y, order, batch, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for i in range(self.steps):
+            idx = self.order[i * self.batch:(i + 1) * self.batch]
+            yield self.x[idx], self.y[idx]
+
+
 def run_dir(model: str, v: int | None, tag: str) -> str:
     return train_cifar.cache_dir(model) + f"-lut-v{v or 'default'}-{tag}"
 
@@ -162,8 +178,7 @@ def main(argv=None) -> int:
     steps = int(args.epochs * len(tx)) // args.batch
     # one "epoch" of the driver is the whole run: ``steps`` batches in a fixed shuffled order
     order = torch.randperm(len(tx), generator=torch.Generator().manual_seed(7))
-    loader = [(tx[order[i * args.batch:(i + 1) * args.batch]], ty[order[i * args.batch:(i + 1) * args.batch]])
-              for i in range(steps)]
+    loader = Batches(tx, ty, order, args.batch, steps)
     t0 = time.time()
     res = lutnn.finetune(teacher, loader, epochs=1, lr=args.lr, weight_lr=args.weight_lr, v=args.v, layer_v=layer_v, exclude=exclude,
                          teacher=teacher if args.distill > 0 else None, distill=args.distill,

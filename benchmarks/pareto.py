@@ -60,6 +60,8 @@ CONFIGS = {
     # exact model), compiled with LUTify(codebooks=...) on the fine-tuned weights
     "learned V=9/4": {"learned": True},
     "learned V=9/4 fp32 encoder": {"learned": True, "encoder": "fp32"},  # the codes training computed
+    # the same for a run with per-layer V (``learn_centroids.py --layer-v``): each layer at its codebooks' V
+    "learned, per-layer V": {"learned": True},
 }
 QUICK = ("V=9/4 (LUT-NN)", "V=9/4 int8 encoder", "V=4", "mask max-drop=1")
 KEEP = {"conv1": "exact"}
@@ -252,6 +254,14 @@ def instruction_bound(layers: list[dict]) -> dict:
     return out
 
 
+def _layer_v_note(info: dict) -> str:
+    """``; V=3 in layers.4.conv1, ...`` for a learned run with per-layer V (``learn_centroids --layer-v``)."""
+    by_v: dict[int, list[str]] = {}
+    for name, v in sorted((info.get("layer_v") or {}).items()):
+        by_v.setdefault(v, []).append(name)
+    return "".join(f"; V={v} in {', '.join(names)}" for v, names in sorted(by_v.items()))
+
+
 def _parse_config(text: str) -> dict:
     """``v=4;k=16;distance=l1;budget=max-drop=1.0`` -> LUTify options (a configuration not in CONFIGS);
     ``v@layers.0=3`` gives the layers named ``layers.0`` or ``layers.0.*`` their own V, ``v@layers.*.conv?=3``
@@ -389,7 +399,8 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
             lines += ["", f"LUT {e['config']}: centroids and weights learned by `benchmarks/learn_centroids.py` "
                       f"({li['steps']} steps of {li['batch']} images{part}, {li['epochs']:g} of a pass over the training set, "
                       f"distillation weight {li['distill']:g}; PyTorch top-1 of the lookup model on "
-                      f"{li['eval_images']} test images {li['torch_lut_top1']:.2f}%), from {li['dir']}."]
+                      f"{li['eval_images']} test images {li['torch_lut_top1']:.2f}%){_layer_v_note(li)}, "
+                      f"from {li['dir']}."]
     lines += ["", "## The counted bound: instructions per sample vs ONNX Runtime int8 (VNNI)", "",
               "512-bit vector instructions the conv/dense layers must issue at best (tvm_lut.math.cost."
               "instruction_bound), as a ratio to the same layers as int8 VNNI GEMM (< 1: lookup can win). "

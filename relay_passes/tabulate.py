@@ -363,10 +363,13 @@ class _Replace(PyExprMutator):
         """``var``'s users read ``value`` from now on. A var that leaves the dataflow block (the model's
         output, when a table's result is what the model returns) stays a block output: remapped to a
         dataflow var, the block would return a value that does not exist outside it."""
-        if isinstance(var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
-            new = value if isinstance(value, relax.Var) and not name else self.builder_.emit(value, name)
-        else:
+        leaves_block = not isinstance(var, relax.DataflowVar) and self.builder_.current_block_is_dataflow()
+        if leaves_block:
             new = self.builder_.emit_output(value, name)
+        elif isinstance(value, relax.Var) and not name:
+            new = value  # already bound: no new binding needed
+        else:
+            new = self.builder_.emit(value, name)
         self.set_var_remap(var, new)
 
 

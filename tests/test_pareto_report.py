@@ -44,6 +44,9 @@ def test_a_learned_configuration_says_how_its_centroids_were_learned():
     _, md = pareto.summarize(plan, runs)
     assert "LUT V=9/4 (LUT-NN): centroids and weights learned by `benchmarks/learn_centroids.py` (300 steps of 64 " \
            "images, 0.4 of a pass" in md and "84.25%" in md
+    plan["configs"][1]["learned"]["layer_v"] = {"b.conv2": 3, "b.conv1": 3}
+    _, md = pareto.summarize(plan, runs)
+    assert "84.25%); V=3 in b.conv1, b.conv2, from /cache/resnet18-lut" in md
 
 
 def test_a_slower_build_does_not_pass_for_a_win():

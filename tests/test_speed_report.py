@@ -128,3 +128,19 @@ def test_measure_only_without_a_build_names_the_missing_plan_and_creates_nothing
     assert proc.returncode != 0
     assert f"no build for --out {tmp_path / name}" in proc.stderr and "plan.json is missing" in proc.stderr
     assert not os.path.exists(os.path.join(speed.CACHE, name))
+
+
+def test_layer_costs_table_reports_the_v3_price_and_fp32_fallbacks():
+    """``benchmarks/layer_costs.py``'s table: V=3 over V=9 (int8 encoders) and against ONNX Runtime int8; a
+    configuration that asked for int8 but got the fp32 encoder is named, not passed off as int8."""
+    layer_costs = pytest.importorskip("layer_costs")
+
+    def row(side, v3_encoder="int8"):
+        return {"shape": {"cin": 64, "cout": 64, "side": side, "stride": 1, "out_side": side},
+                "ORT fp32": {"ms": 0.7}, "ORT int8": {"ms": 0.3},
+                "V=9 int8": {"ms": 0.1, "encoder": "int8"}, "V=9 fp32": {"ms": 0.3, "encoder": "fp32"},
+                "V=3 int8": {"ms": 0.25, "encoder": v3_encoder}, "V=3 fp32": {"ms": 0.5, "encoder": "fp32"}}
+
+    md = layer_costs.summarize([row(32), row(4, "fp32")])
+    assert "| 64 -> 64, 32x32, 1 | 0.700 | 0.300 | 0.100 | 0.300 | 0.250 | 0.500 | 2.50 | 1.20 |" in md
+    assert "Kept the fp32 encoder" in md and "64->64@4: V=3 int8" in md and "64->64@32" not in md.split("Kept")[1]

@@ -96,6 +96,24 @@ def test_calibration_collects_real_layer_inputs(tmp_path, small_cnn, small_input
         np.testing.assert_allclose(np.sort(rows[layer.name], axis=0), np.sort(ref, axis=0), rtol=1e-4, atol=1e-4)
 
 
+def test_token_rows_folded_into_the_first_axis_are_all_collected():
+    """A transformer's dense layers imported at batch 1 multiply ``(tokens, d)``: every token of every
+    calibration sample is a row (not one row per sample), and a sample counts ``tokens`` rows."""
+    tokens, d = 12, 16
+    model = torch.nn.Sequential(torch.nn.Linear(d, 32), torch.nn.ReLU(), torch.nn.Linear(32, d)).eval()
+    x = np.random.default_rng(0).standard_normal((5, tokens, d)).astype(np.float32)
+    mod = tvm_lut.from_torch(model, torch.from_numpy(x[:1]))
+    layers = graph.find_layers(mod)
+    assert [(l.rows, l.rows_per_sample) for l in layers] == [(tokens, tokens), (tokens, tokens)]
+    inputs = calibrate.normalize_inputs(x, graph.input_signature(mod["main"]))
+    rows = calibrate.collect(mod, layers, inputs, max_rows=10**9, progress=False)
+    real = _hook_inputs(model, x)
+    for layer in layers:
+        ref = calibrate.layer_rows(layer, real[layer.name])
+        assert rows[layer.name].shape == ref.shape == (5 * tokens, layer.d)
+        np.testing.assert_allclose(np.sort(rows[layer.name], axis=0), np.sort(ref, axis=0), rtol=1e-4, atol=1e-4)
+
+
 def test_calibration_subsamples_rows(small_cnn, small_inputs):
     mod = tvm_lut.from_torch(small_cnn, torch.from_numpy(small_inputs[:4]))
     layers = graph.find_layers(mod)[:1]

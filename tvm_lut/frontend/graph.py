@@ -179,6 +179,7 @@ class Layer:
     weight_param: str | None = None  # source name of the weight parameter
     conv: dict | None = None  # kernel_hw, strides, padding, dilation
     unsupported: str | None = None  # why the lookup rewrite cannot apply (stays exact)
+    model_batch: int | None = None  # the model's batch (its first input's leading dim), when static
 
     @property
     def d(self) -> int:
@@ -194,14 +195,21 @@ class Layer:
 
     @property
     def rows_per_sample(self) -> int:
-        """Rows one input sample contributes to the layer's (rows x D) matrix."""
+        """Rows one input sample contributes to the layer's (rows x D) matrix. A dense layer's input may
+        hold a sample's tokens folded into its first axis (a transformer imported at batch 1 multiplies
+        ``(tokens, d)``): its rows are then counted against the model's batch, not that axis."""
         if self.kind == "conv2d":
             return int(self.output_shape[2] * self.output_shape[3])
+        if self.model_batch and self.rows % self.model_batch == 0 and self.rows > self.model_batch:
+            return self.rows // self.model_batch
         return int(math.prod(self.input_shape[1:-1])) if len(self.input_shape) > 2 else 1
 
     @property
     def rows(self) -> int:
-        return self.batch * self.rows_per_sample
+        """Rows of the layer's (rows x D) matrix at the compiled batch (the kernels' N)."""
+        if self.kind == "conv2d":
+            return self.batch * self.rows_per_sample
+        return int(math.prod(self.input_shape[:-1]))
 
 
 def uses(func: relax.Function) -> tuple[dict, dict]:
@@ -338,6 +346,8 @@ def find_layers(mod: tvm.IRModule, func_name: str = "main") -> list[Layer]:
     func = mod[func_name]
     bindings, consumers = uses(func)
     resolver = _Resolver(func, bindings)
+    signature = input_signature(func)
+    model_batch = signature[0][1][0] if signature and signature[0][1] and isinstance(signature[0][1][0], int) else None
     layers: list[Layer] = []
     seen: dict[str, int] = {}
     for var, value in bindings.items():
@@ -366,7 +376,7 @@ def find_layers(mod: tvm.IRModule, func_name: str = "main") -> list[Layer]:
         x = value.args[0]
         in_shape, out_shape = _static_shape(x.ty), _static_shape(value.ty)
         layer = Layer(name=name, kind=kind, call_var=var, output_var=var, input_expr=x,
-                      weight_param=None if src is None else src.name)
+                      weight_param=None if src is None else src.name, model_batch=model_batch)
         if in_shape is None or out_shape is None:
             layer.unsupported = "dynamic shape (the lookup kernels are shape-specialised)"
             layer.input_shape = tuple(str(d) for d in x.ty.shape) if x.ty.shape is not None else ()

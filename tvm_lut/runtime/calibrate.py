@@ -236,7 +236,10 @@ def collect(
     bar = tqdm(total=steps, desc="calibrating", unit="batch", disable=True if (not progress or steps < 4) else None, leave=False)
     for outs, valid in runner.run_batches(inputs):
         for layer, key, rng, x in zip(layers, keys, rngs, outs[1:]):
-            r = layer_rows(layer, x[:valid])
+            # the activation's first axis is the batch, or a sample's rows folded into it (a transformer's
+            # tokens at batch 1: (tokens, d)): keep the valid samples' rows either way
+            per = x.shape[0] // runner.batch if runner.batch and x.shape[0] % runner.batch == 0 else 1
+            r = layer_rows(layer, x[:valid * per])
             keep = min(len(r), max(1, int(np.ceil(max_rows * valid / n))))
             if keep < len(r):
                 r = r[np.sort(rng.choice(len(r), keep, replace=False))]

@@ -62,3 +62,35 @@ def test_exact_convolutions_are_register_tiled_and_compute_what_torch_does():
         with torch.no_grad():
             want = model(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_matmuls_are_register_tiled_and_sum_exactly_as_the_default_lowering():
+    """Attention's batched activation products and exact dense layers (with a fused bias) get the tiled
+    schedule; the reduction order is kept, so the outputs equal the unscheduled build's bit for bit. A
+    product too narrow for a vector keeps the default lowering, and still computes the same."""
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType((2, 24, 16), "float32"))
+    k = relax.Var("k", relax.TensorType((2, 16, 48), "float32"))
+    x = relax.Var("x", relax.TensorType((24, 32), "float32"))
+    w = relax.Var("w", relax.TensorType((32, 37), "float32"))  # 37 columns: no vector width divides them
+    with bb.function("main", [q, k, x, w]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.matmul(q, k))
+            d = bb.emit(relax.op.add(relax.op.matmul(x, relax.const(np.ones((32, 64), np.float32) / 7)),
+                                     relax.const(np.arange(64, dtype=np.float32))))
+            n = bb.emit(relax.op.matmul(x, w))
+            o = bb.emit_output(relax.Tuple([a, d, n]))
+        bb.emit_func_output(o)
+    mod = bb.get()
+    fused = fuse_and_vectorize(mod)
+    prims = [f for _, f in fused.functions_items() if isinstance(f, tvm.tirx.PrimFunc) and "matmul" in f.script()]
+    tiled = [f for f in prims if "tirx.is_scheduled" in (f.attrs or {})]
+    assert len(prims) == 3 and len(tiled) == 2 and all("T.vectorized" in f.script() for f in tiled)
+    rng = np.random.default_rng(1)
+    args = [tvm.runtime.tensor(rng.standard_normal(s).astype(np.float32)) for s in ((2, 24, 16), (2, 16, 48),
+                                                                                   (24, 32), (32, 37))]
+    target = tvm.target.Target("llvm")
+    got = relax.VirtualMachine(tvm.compile(fused, target), tvm.cpu())["main"](*args)
+    want = relax.VirtualMachine(tvm.compile(mod, target), tvm.cpu())["main"](*args)
+    for g, e in zip(got, want):
+        np.testing.assert_array_equal(g.numpy(), e.numpy())

@@ -144,3 +144,23 @@ def test_layer_costs_table_reports_the_v3_price_and_fp32_fallbacks():
     md = layer_costs.summarize([row(32), row(4, "fp32")])
     assert "| 64 -> 64, 32x32, 1 | 0.700 | 0.300 | 0.100 | 0.300 | 0.250 | 0.500 | 2.50 | 1.20 |" in md
     assert "Kept the fp32 encoder" in md and "64->64@4: V=3 int8" in md and "64->64@32" not in md.split("Kept")[1]
+
+
+def test_bert_time_breakdown_groups_calls_and_reports_ratios():
+    """``benchmarks/bert.py``: VM calls grouped by what they compute (a matmul with a weight operand is a dense
+    layer, one of two activations is attention), and the table's ratios against ONNX Runtime fp32."""
+    bert = pytest.importorskip("bert")
+    assert bert.group_of("lut_encode_0_q", False) == "lookup"
+    assert bert.group_of("lut_accumulate_0_ff1", False) == "lookup"
+    assert bert.group_of("fused_matmul_add", True) == "dense matmul"
+    assert bert.group_of("matmul3", False) == "attention matmul"
+    assert bert.group_of("fused_softmax_broadcast_to", False) == "softmax"
+    assert bert.group_of("layer_norm1", False) == "layer norm"
+    assert bert.group_of("vm.builtin.alloc_tensor", False) == "VM builtins"
+    assert bert.group_of("fused_reshape4_divide", False) == "elementwise/layout"
+    split = dict.fromkeys(bert.GROUPS, 0.0) | {"lookup": 2.0, "attention matmul": 1.0}
+    rows = [{"build": "LUT V=8", "ms": 4.0, "breakdown": split, "rel_err": 0.2, "build_s": 30.0},
+            {"build": "ONNX Runtime fp32", "ms": 8.0, "rel_err": 0.0}]
+    md = bert.summarize(rows, {"layers": 4, "d": 512, "heads": 8, "ffn": 2048, "tokens": 128})
+    assert "| LUT V=8 | 4.00 | 2.00 | 0.200 | 30 |" in md and "| ONNX Runtime fp32 | 8.00 | 1.00 |" in md
+    assert "| LUT V=8 | 2.00 | 0.00 | 1.00 |" in md

@@ -12,8 +12,9 @@ relu`` then took 10 us (8.7x). Measured on the ResNet-18-class LUT model (batch 
 with AVX-512): the elementwise ops took 0.61 ms of its 2.7 ms before.
 
 Exact convolutions (fused with what follows them) get the register-tiled schedule of
-``conv2d_schedule``. Functions already scheduled (the LUT kernels carry ``tirx.is_scheduled``), other
-reductions (pooling, a matmul, a mean) and anything the schedules cannot express are left as they were.
+``conv2d_schedule``, matmuls (attention's products, exact dense layers) that of ``matmul_schedule``.
+Functions already scheduled (the LUT kernels carry ``tirx.is_scheduled``), other reductions (pooling, a
+mean) and anything the schedules cannot express are left as they were.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import tvm
 from tvm import relax, tirx
 
 from tvm_lut.runtime.conv2d_schedule import schedule_conv2d, vectorize_block
+from tvm_lut.runtime.matmul_schedule import schedule_matmul
 
 LANES = 16  # float32 elements of one 512-bit vector; LLVM splits it in two on AVX2
 PARALLEL_MIN_ELEMENTS = 1 << 15  # below this a parallel launch costs more than it saves
@@ -60,7 +62,7 @@ def fuse_and_vectorize(mod: tvm.IRModule, lanes: int = LANES) -> tvm.IRModule:
         attrs = func.attrs or {}
         if "tirx.is_scheduled" in attrs or ("op_pattern" in attrs and int(attrs["op_pattern"]) > 4):
             continue
-        scheduled = schedule_conv2d(func, lanes) or _injective_schedule(func, lanes)
+        scheduled = schedule_conv2d(func, lanes) or schedule_matmul(func, lanes) or _injective_schedule(func, lanes)
         if scheduled is not None:
             out[gv] = scheduled
     return out

@@ -580,7 +580,11 @@ def finetune(
                disable=None if progress else True, leave=False)
     losses = []
     model.train()
-    while step < stop and not (deadline and time.time() > deadline):
+
+    def done() -> bool:
+        return step >= stop or (deadline is not None and time.time() > deadline)
+
+    while not done():
         epoch, skip = divmod(step, steps_per_epoch)
         torch.manual_seed(seed * 1000 + epoch)  # data order and augmentation of this epoch
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -588,7 +592,7 @@ def finetune(
         for i, (x, y) in enumerate(loader):
             if i < skip:
                 continue
-            if step >= stop or (deadline and time.time() > deadline):
+            if done():
                 break
             if transform is not None:
                 x = transform(x, gen)

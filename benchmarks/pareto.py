@@ -195,6 +195,9 @@ def build(args, cache: str) -> dict:
         entry.update(layers=len(res1.layers), lut_layers=len(pq), kernels=sorted({r.get("kernel", "") for r in pq}),
                      v=sorted({r["v"] for r in pq}), k=sorted({r["k"] for r in pq}))
         entry["bound"] = instruction_bound(res1.layers)
+        # what a batch-1 call streams: lookup tables (int8) beside the same layers' int8 weights (ONNX Runtime's)
+        entry["table_mb"] = sum(r.get("table_bytes", 0) for r in pq) / 2 ** 20
+        entry["int8_weight_mb"] = sum(r["d"] * r["m"] for r in res1.layers if r.get("d") and r.get("m")) / 2 ** 20
         if res1.priority:
             entry["mask"] = {k: res1.priority[k] for k in ("converted", "val_drop", "val_drop_margin")
                              if k in res1.priority}
@@ -344,7 +347,8 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
     rows = []
     for i, e in enumerate(plan["configs"]):
         row = {"build": f"LUT {e['config']}", "top1": e["top1"], "drop": exact - e["top1"], "build_s": e["build_s"],
-               "lut_layers": f"{e['lut_layers']}/{e['layers']}", "kernels": ", ".join(e["kernels"])}
+               "lut_layers": f"{e['lut_layers']}/{e['layers']}", "kernels": ", ".join(e["kernels"]),
+               "table_mb": e.get("table_mb")}
         for run in runs:
             for b in BATCHES:
                 row[f"t{run['threads']}_b{b}_ms"] = run["configs"][i][f"b{b}_ms"]
@@ -378,7 +382,7 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
         for b in BATCHES:
             cols.append((f"t{run['threads']}_b{b}_ms", f"ms b{b} {run['threads']}t"))
     cols += [("x_ort_int8", "× ORT int8"), ("x_ort_fp32", "× ORT fp32"), ("lut_layers", "LUT layers"),
-             ("kernels", "kernels")]
+             ("table_mb", "tables MB"), ("kernels", "kernels")]
 
     def fmt(v):
         return "" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
@@ -389,6 +393,10 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
              "Top-1 of every build is measured on the compiled model; latency is ms per batch (median).", "",
              "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c[0])) for c in cols) + " |" for r in rows]
+    weights_mb = next((e["int8_weight_mb"] for e in plan["configs"] if e.get("int8_weight_mb")), None)
+    if weights_mb:
+        lines += ["", f"Tables MB: the lookup layers' int8 tables, all read by every batch-1 call; the model's "
+                      f"conv/dense weights are {weights_mb:.1f} MB as int8 (what ONNX Runtime int8 reads)."]
     lines += ["", f"Best LUT build within 1.0 point of the exact top-1 ({exact:.2f}%), batch 1, {t} thread(s): "
               + (f"{best['build']}, {best[key]:.2f} ms, {best['x_ort_int8']:.2f}× ONNX Runtime int8, "
                  f"{best['x_ort_fp32']:.2f}× fp32" if best and best["x_ort_int8"] else "none")]

@@ -29,7 +29,10 @@ def _plan_and_runs(fast_ms: float):
 
 
 def test_the_verdict_takes_the_fastest_build_within_one_point():
-    summary, md = pareto.summarize(*_plan_and_runs(2.0))
+    plan, runs = _plan_and_runs(2.0)
+    plan["configs"][0].update(table_mb=24.5, int8_weight_mb=10.7)
+    summary, md = pareto.summarize(plan, runs)
+    assert "| 24.50 |" in md and "weights are 10.7 MB as int8" in md
     v = summary["verdict"]
     assert v["best_within_1pt"]["build"] == "LUT V=2"  # V=9/4 is faster but 8 points down
     assert v["best_within_1pt"]["x_ort_int8"] == pytest.approx(1.25) and v["beats_ort_int8"]

@@ -161,19 +161,21 @@ def build(args, cache: str) -> dict:
             base[kind]["top1"] = float((baselines.ort_top1(sess, {"x": test_x}, 32) == test_y).mean() * 100)
             _log(f"ONNX Runtime {kind[4:]}: top-1 {base[kind]['top1']:.2f}%")
 
-    learned = None
+    learned: dict[str, dict] = {}  # run directory -> its model, codebooks, record and imported modules
     names = QUICK if args.quick else [c.strip() for c in args.configs.split(",")] if args.configs else list(CONFIGS)
     for name in names:
         opts = dict(CONFIGS[name] if name in CONFIGS else _parse_config(name))
         entry = {"config": name, "options": dict(opts)}
         src = mods
-        if opts.pop("learned", False):
-            if learned is None:
-                learned = load_learned(args)
-                learned["mods"] = {b: tvm_lut.from_torch(learned["model"], torch.from_numpy(test_x[:b]))
-                                   for b in BATCHES}
-            opts["codebooks"], src = learned["codebooks"], learned["mods"]
-            entry["learned"] = learned["info"]
+        run = opts.pop("learned", False)
+        if run:
+            path = run if isinstance(run, str) else args.learned  # "learned@DIR" names its own run
+            if path not in learned:
+                learned[path] = load_learned(args, path)
+                learned[path]["mods"] = {b: tvm_lut.from_torch(learned[path]["model"], torch.from_numpy(test_x[:b]))
+                                         for b in BATCHES}
+            opts["codebooks"], src = learned[path]["codebooks"], learned[path]["mods"]
+            entry["learned"] = learned[path]["info"]
         _log(f"{name}: building")
         # the deployment build (batch 1), timed as a user's compile: LUTify (fit, mask) + TVM compile
         t0 = time.time()
@@ -207,15 +209,15 @@ def build(args, cache: str) -> dict:
     return plan
 
 
-def load_learned(args) -> dict:
-    """The fine-tuned model, its codebooks and its run's record from ``learn_centroids.py`` (``--learned``
-    names the run's directory; default: that script's default settings for ``--model``)."""
+def load_learned(args, path: str | None = None) -> dict:
+    """The fine-tuned model, its codebooks and its run's record from ``learn_centroids.py`` (``path``, else
+    ``--learned``, names the run's directory; default: that script's default settings for ``--model``)."""
     import learn_centroids
     import torch
 
     from tvm_lut.train import lutnn
 
-    path = args.learned or learn_centroids.run_dir(args.model, None, learn_centroids.default_tag())
+    path = path or args.learned or learn_centroids.run_dir(args.model, None, learn_centroids.default_tag())
     files = [os.path.join(path, f) for f in ("learned.pt", "codebooks.npz", "learned.json")]
     if not all(os.path.isfile(f) for f in files):
         raise SystemExit(f"no learned centroids in {path}: run 'python benchmarks/learn_centroids.py --model "
@@ -267,10 +269,14 @@ def _layer_v_note(info: dict) -> str:
 
 def _parse_config(text: str) -> dict:
     """``v=4;k=16;distance=l1;budget=max-drop=1.0`` -> LUTify options (a configuration not in CONFIGS);
+    ``learned@DIR`` (with LUTify options after it, ``;``-separated) compiles that learn_centroids run;
     ``v@layers.0=3`` gives the layers named ``layers.0`` or ``layers.0.*`` their own V, ``v@layers.*.conv?=3``
     the layers matching a shell pattern (``layer_v``)."""
     out: dict = {}
     for part in text.split(";"):
+        if part.strip().startswith("learned@"):
+            out["learned"] = part.strip()[len("learned@"):]
+            continue
         key, _, value = part.partition("=")
         key = key.strip()
         if not value:
@@ -460,8 +466,9 @@ def main() -> int:
     ap.add_argument("--learned", help="learn_centroids.py's run directory for the 'learned' configuration "
                                       "(default: its default settings)")
     ap.add_argument("--random", action="store_true", help="untrained weights (smoke runs only)")
-    ap.add_argument("--configs", help=f"comma-separated names of CONFIGS ({', '.join(CONFIGS)}) or one "
-                                      "'key=value;...' option set")
+    ap.add_argument("--configs", help=f"comma-separated names of CONFIGS ({', '.join(CONFIGS)}) or "
+                                      "'key=value;...' option sets: LUTify options, v@PATTERN=V (per-layer V), "
+                                      "learned@DIR (a learn_centroids.py run)")
     ap.add_argument("--quick", action="store_true", help=f"configurations {', '.join(QUICK)}; 2,000 test images; "
                                                          "no exact tuning")
     ap.add_argument("--test-limit", type=int, default=None, help="test images (default all 10,000)")

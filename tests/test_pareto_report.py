@@ -89,6 +89,7 @@ def test_per_layer_v_configurations_select_layers_by_name_prefix_or_pattern():
 
     assert pareto._parse_config("v@layers.0=3;k=16") == {"layer_v": {"layers.0": 3}, "k": 16}
     assert pareto._parse_config("budget=max-drop=1.0;v=4") == {"budget": "max-drop=1.0", "v": 4}
+    assert pareto._parse_config("learned@/runs/a=b;encoder=fp32") == {"learned": "/runs/a=b", "encoder": "fp32"}
     with pytest.raises(SystemExit, match="integer"):
         pareto._parse_config("v@layers.0=x")
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),

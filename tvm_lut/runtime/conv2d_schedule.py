@@ -27,7 +27,9 @@ CONV_BLOCK = "conv2d_nchw"
 MAX_ACCUMULATORS = 16  # vector registers the tile may hold (of 32 with AVX-512; AVX2 has 16 and spills some)
 
 
-def _vector_width(extent: int, lanes: int) -> int | None:
+def vector_width(extent: int, lanes: int) -> int | None:
+    """Lanes of one vector along a loop of ``extent``: ``lanes`` or half of it where it divides, the whole
+    loop where it is short (at most two vectors), else None."""
     for w in (lanes, lanes // 2):
         if extent % w == 0:
             return w
@@ -54,6 +56,16 @@ def vectorize_block(sch, block, lanes: int, parallel_min: int | None = None) -> 
     return True
 
 
+def vectorize_other_blocks(sch, main: str, lanes: int) -> None:
+    """Vectorize every data-parallel block beside the scheduled reduction ``main`` (its padding, the
+    elementwise ops fused after it: bias, ReLU, a residual add), each on its own; its ``_init`` stays."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        name = sch.get(block).name_hint
+        if name != main and not name.endswith("_init") and all(
+                iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
+            vectorize_block(sch, block, lanes)
+
+
 def schedule_conv2d(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | None:
     """``func`` (a legalized conv2d, possibly fused with elementwise ops after it) scheduled as in the
     module docstring, or None when it is not one this schedule handles."""
@@ -72,7 +84,7 @@ def schedule_conv2d(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | Non
         oc_ext, ow_ext = (sch.get(lp).extent for lp in (oc, ow))
         if not (isinstance(oc_ext, tirx.IntImm) and isinstance(ow_ext, tirx.IntImm)):
             return None
-        vw = _vector_width(int(ow_ext.value), lanes)
+        vw = vector_width(int(ow_ext.value), lanes)
         if vw is None:
             return None
         per_oc = -(-vw // lanes)
@@ -84,11 +96,7 @@ def schedule_conv2d(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | Non
         sch.unroll(oc_i)
         sch.parallel(sch.fuse(n, oc_o))
         sch.decompose_reduction(conv, ic)
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            name = sch.get(block).name_hint
-            if name != CONV_BLOCK and not name.endswith("_init") and all(
-                    iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
-                vectorize_block(sch, block, lanes)
+        vectorize_other_blocks(sch, CONV_BLOCK, lanes)
     except s_tir.ScheduleError:
         return None
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from tvm import tirx
 
-from tvm_lut.runtime.conv2d_schedule import MAX_ACCUMULATORS, _vector_width, vectorize_block
+from tvm_lut.runtime.conv2d_schedule import MAX_ACCUMULATORS, vector_width, vectorize_other_blocks
 
 MATMUL_BLOCK = "matmul"
 
@@ -51,7 +51,7 @@ def schedule_matmul(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | Non
         if not all(isinstance(e, tirx.IntImm) for e in extents):
             return None
         i_ext, j_ext = (int(e.value) for e in extents)
-        vw = _vector_width(j_ext, lanes)
+        vw = vector_width(j_ext, lanes)
         if vw is None or j_ext % vw:
             return None
         per_vec = -(-vw // lanes)
@@ -65,11 +65,7 @@ def schedule_matmul(func: tirx.PrimFunc, lanes: int = 16) -> tirx.PrimFunc | Non
         sch.unroll(i_i)
         sch.parallel(sch.fuse(*batch, i_o) if batch else i_o)
         sch.decompose_reduction(mm, k)
-        for block in sch.get_child_blocks(sch.get_sblock("root")):
-            name = sch.get(block).name_hint
-            if name != MATMUL_BLOCK and not name.endswith("_init") and all(
-                    iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
-                vectorize_block(sch, block, lanes)
+        vectorize_other_blocks(sch, MATMUL_BLOCK, lanes)
     except s_tir.ScheduleError:
         return None
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table readout kernel: byte shuffles (pshufb) or gathers (default auto: shuffles when they apply)")
     c.add_argument("--encoder", default="int8", choices=["fp32", "int8"],
                    help="PQ encoder arithmetic: int8 (default; VNNI vpdpbusd integer scores where they apply: "
-                        "convolutions with V = kernel area on AVX-512 VBMI + VNNI; other layers keep fp32) or "
+                        "convolutions with V = kernel area or one kernel row (--layer NAME:v=3 at 3x3) on AVX-512 VBMI + "
+                        "VNNI; other layers keep fp32) or "
                         "fp32 scores everywhere (the exact nearest centroid)")
     c.add_argument("--db", default=None, metavar="DIR", help="use kernels tuned by 'tvm-lut tune --db DIR'")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

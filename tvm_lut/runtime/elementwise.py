@@ -26,7 +26,9 @@ from tvm_lut.runtime.conv2d_schedule import schedule_conv2d, vectorize_block
 from tvm_lut.runtime.matmul_schedule import schedule_matmul
 
 LANES = 16  # float32 elements of one 512-bit vector; LLVM splits it in two on AVX2
+PARALLEL_MIN_ELEMENTS = 1 << 15  # below this a parallel launch costs more than it saves
 _SQRT1_2 = 0.7071067811865476
+_POLYNOMIAL_OPS = ("relax.nn.gelu", "relax.nn.softmax")
 
 
 @relax.expr_functor.mutator
@@ -40,9 +42,9 @@ class _FastNonlinear(relax.PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if call.op.name not in ("relax.nn.gelu", "relax.nn.softmax") if isinstance(call.op, tvm.ir.Op) else True:
+        if not isinstance(call.op, tvm.ir.Op) or call.op.name not in _POLYNOMIAL_OPS:
             return call
-        if str(getattr(call.args[0].ty, "dtype", "")) != "float32":
+        if str(getattr(call.args[0].ty, "dtype", "")) != "float32":  # fast_erf/fast_exp are float32 polynomials
             return call
         from tvm import topi
 
@@ -62,7 +64,6 @@ def fast_nonlinear(mod: tvm.IRModule) -> tvm.IRModule:
         if isinstance(func, relax.Function):
             mutator.builder_.update_func(gv, mutator.visit_expr(func))
     return mutator.builder_.get()
-PARALLEL_MIN_ELEMENTS = 1 << 15  # below this a parallel launch costs more than it saves
 
 
 def _injective_schedule(func: tirx.PrimFunc, lanes: int) -> tirx.PrimFunc | None:

@@ -4,8 +4,8 @@ resumable, cached.
 Post-training k-means at V=9 loses about 12 points of top-1 on the trained ResNet-18-class
 (benchmarks/README.md); LUT-NN learns the centroids for the task instead. This script takes
 ``train_cifar.py``'s trained model, converts its conv/dense layers (the first conv and narrow layers such as
-the classifier stay exact, as in ``pareto.py``) to lookup layers initialised by k-means, and fine-tunes centroids, temperatures and weights
-by backprop with the soft-PQ straight-through estimator (``tvm_lut.train.lutnn.finetune``), distilling the
+the classifier stay exact, as in ``pareto.py``) to lookup layers initialised by k-means, and fine-tunes
+centroids, temperatures and weights by backprop with the soft-PQ straight-through estimator (``tvm_lut.train.lutnn.finetune``), distilling the
 exact model's soft outputs:
 
     python benchmarks/learn_centroids.py --model resnet18                   # resumes where it stopped
@@ -19,8 +19,7 @@ and at the end of every call, also one stopped by ``--max-minutes``: ``learned.p
 plain convs, ``lutnn.to_exact``), ``codebooks.npz`` (``LUTify(codebooks=...)``) and ``learned.json`` (steps
 done of the schedule's, ``complete``, the lookup model's top-1 in PyTorch on the first 2,000 test images, CPU).
 ``pareto.py``'s ``learned`` configurations (and ``learned@DIR`` for any run) compile these with LUTify and
-measure the compiled model. The
-lookup layers compute the fp32 encoder's codes and the int8 tables; LUTify's default int8 encoder picks
+measure the compiled model. The lookup layers compute the fp32 encoder's codes and the int8 tables; LUTify's default int8 encoder picks
 another centroid for about 0.1 % of subvectors (``learned V=9/4 fp32 encoder`` compiles the codes training
 computed), so the PyTorch top-1 here is an estimate of the compiled one, not a substitute for it.
 """

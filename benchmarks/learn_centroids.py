@@ -5,8 +5,8 @@ Post-training k-means at V=9 loses about 12 points of top-1 on the trained ResNe
 (benchmarks/README.md); LUT-NN learns the centroids for the task instead. This script takes
 ``train_cifar.py``'s trained model, converts its conv/dense layers (the first conv and narrow layers such as
 the classifier stay exact, as in ``pareto.py``) to lookup layers initialised by k-means, and fine-tunes
-centroids, temperatures and weights by backprop with the soft-PQ straight-through estimator (``tvm_lut.train.lutnn.finetune``), distilling the
-exact model's soft outputs:
+centroids, temperatures and weights by backprop with the soft-PQ straight-through estimator
+(``tvm_lut.train.lutnn.finetune``), distilling the exact model's soft outputs:
 
     python benchmarks/learn_centroids.py --model resnet18                   # resumes where it stopped
     python benchmarks/learn_centroids.py --model resnet18 --max-minutes 30  # a slice of work
@@ -14,15 +14,15 @@ exact model's soft outputs:
     python benchmarks/learn_centroids.py --model resnet18 --layer-v "layers.[4-7].conv?=3"  # per-layer V
 
 Checkpoints live beside the trained model's, under ``$TVM_LUT_CACHE/train/<model>-lut-<tag>/`` (default
-``~/.cache/tvm-lut``; ``<tag>`` names V and the run's settings): ``lutnn_checkpoint.pt`` (every 50 steps),
-and at the end of every call, also one stopped by ``--max-minutes``: ``learned.pt`` (the fine-tuned model as
-plain convs, ``lutnn.to_exact``), ``codebooks.npz`` (``LUTify(codebooks=...)``) and ``learned.json`` (steps
-done of the schedule's, ``complete``, the lookup model's top-1 in PyTorch on the first 2,000 test images, CPU).
+``~/.cache/tvm-lut``; ``<tag>`` names V and the run's settings): ``lutnn_checkpoint.pt`` (every 50 steps), and
+at the end of every call, also one stopped by ``--max-minutes``: ``learned.pt`` (the fine-tuned model as plain
+convs, ``lutnn.to_exact``), ``codebooks.npz`` (``LUTify(codebooks=...)``) and ``learned.json`` (steps done of
+the schedule's, ``complete``, the lookup model's top-1 in PyTorch on the first 2,000 test images, CPU).
 ``pareto.py``'s ``learned`` configurations (and ``learned@DIR`` for any run) compile these with LUTify and
-measure the compiled model. The lookup layers compute the fp32 encoder's codes and the int8 tables; LUTify's default int8 encoder picks
-another centroid for about 0.1 % of subvectors (``learned V=9/4 fp32 encoder`` compiles the codes training
-computed), so the PyTorch top-1 here is an estimate of the compiled one, not a substitute for it.
-"""
+measure the compiled model. The lookup layers compute the fp32 encoder's codes and the int8 tables; LUTify's
+default int8 encoder picks another centroid for about 0.1 % of subvectors (``learned V=9/4 fp32 encoder``
+compiles the codes training computed), so the PyTorch top-1 here is an estimate of the compiled one, not a
+substitute for it."""
 
 from __future__ import annotations
 

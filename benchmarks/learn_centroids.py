@@ -78,12 +78,17 @@ def parse_layer_v(text: str | None) -> dict[str, int]:
 def resolve_layer_v(model: torch.nn.Module, spec: dict[str, int], kept: list[str]) -> dict[str, int]:
     """{layer name: V} of ``spec``'s patterns over the model's convertible layers (the longest pattern wins;
     layers kept exact are skipped); a pattern that selects no layer is an error."""
-    names = [n for n in lutnn.convertible_layers(model) if n not in kept]
+    return resolve_patterns([n for n in lutnn.convertible_layers(model) if n not in kept], spec, "--layer-v")
+
+
+def resolve_patterns(names: list[str], spec: dict[str, int], option: str) -> dict[str, int]:
+    """{name: V} of ``spec``'s patterns (``layers_matching``) over ``names``, the longest pattern winning; a
+    pattern that selects none is an error naming ``option`` and the layers (``--layer-v``, pareto's ``v@``)."""
     out: dict[str, int] = {}
     for pattern in sorted(spec, key=len):
         hit = layers_matching(names, pattern)
         if not hit:
-            raise SystemExit(f"--layer-v: {pattern!r} selects no converted layer; layers: {', '.join(names)}")
+            raise SystemExit(f"{option}: {pattern!r} names no layer; layers: {', '.join(names)}")
         out.update({n: spec[pattern] for n in hit})
     return out
 

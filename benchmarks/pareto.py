@@ -296,19 +296,15 @@ def _parse_config(text: str) -> dict:
 def layer_options(mod, layer_v: dict[str, int]) -> dict:
     """``KEEP`` plus ``{"v": V}`` for each conv/dense layer of ``mod`` under a ``layer_v`` prefix or shell
     pattern (the longest wins); one that names no layer is an error."""
-    from learn_centroids import layers_matching
+    from learn_centroids import resolve_patterns
 
     from tvm_lut.frontend import graph
 
     names = [layer.name for layer in graph.find_layers(mod)]
     out: dict = dict(KEEP)
-    for prefix in sorted(layer_v, key=len):
-        hit = layers_matching(names, prefix)
-        if not hit:
-            raise SystemExit(f"--configs: v@{prefix} names no layer; layers: {', '.join(names)}")
-        for n in hit:
-            if out.get(n) != "exact":
-                out[n] = {"v": layer_v[prefix]}
+    for n, v in resolve_patterns(names, layer_v, "--configs v@").items():
+        if out.get(n) != "exact":
+            out[n] = {"v": v}
     return out
 
 

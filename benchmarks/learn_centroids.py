@@ -12,6 +12,7 @@ centroids, temperatures and weights by backprop with the soft-PQ straight-throug
     python benchmarks/learn_centroids.py --model resnet18 --max-minutes 30  # a slice of work
     python benchmarks/learn_centroids.py --model resnet18 --status
     python benchmarks/learn_centroids.py --model resnet18 --layer-v "layers.[4-7].conv?=3"  # per-layer V
+    python benchmarks/learn_centroids.py --model resnet18 --layer-v "layers.[4-5].conv?=3" --init-from RUN_DIR
 
 Checkpoints live beside the trained model's, under ``$TVM_LUT_CACHE/train/<model>-lut-<tag>/`` (default
 ``~/.cache/tvm-lut``; ``<tag>`` names V and the run's settings): ``lutnn_checkpoint.pt`` (every 50 steps), and
@@ -123,7 +124,28 @@ def tag_of(args) -> str:
     spec = parse_layer_v(args.layer_v)
     if spec:  # per-layer V: a short digest of the patterns (they hold '*' and '?'); learned.json lists them
         tag += "-lv" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    if args.init_from:  # continued from another run: a digest of its directory's name
+        name = os.path.basename(os.path.normpath(args.init_from))
+        tag += "-from" + hashlib.sha256(name.encode()).hexdigest()[:8]
     return tag
+
+
+def load_start(model: str, run: str) -> tuple[torch.nn.Module, dict[str, dict], dict]:
+    """An earlier run's fine-tuned weights (``learned.pt``), its centroids (``codebooks.npz``) and its
+    ``learned.json``: where ``--init-from`` starts. Layers whose V this run changes restart from k-means."""
+    files = [os.path.join(run, f) for f in ("learned.pt", "codebooks.npz", "learned.json")]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise SystemExit(f"--init-from {run}: not a finished learn_centroids run directory (missing "
+                         f"{', '.join(os.path.basename(f) for f in missing)})")
+    net = train_cifar.MODELS[model]()
+    try:
+        net.load_state_dict(torch.load(files[0], map_location="cpu"))
+    except RuntimeError as exc:
+        raise SystemExit(f"--init-from {run}: learned.pt is not a {model} ({exc})") from exc
+    with open(files[2]) as f:
+        info = json.load(f)
+    return net.eval(), lutnn.load_codebooks(files[1]), info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-layer subvector lengths, PATTERN=V,...: a layer name, the layers under it or a shell "
                          "pattern (e.g. 'layers.0=3,layers.1=3': V=3, one kernel row per codebook, in the first "
                          "stage; LUTify's int8 encoder covers V=9 and V=3 at 3x3)")
+    ap.add_argument("--init-from", default="",
+                    help="start from an earlier run's directory (its fine-tuned weights and centroids) instead of the "
+                         "trained model and k-means; layers whose V differs there restart from k-means. The "
+                         "teacher stays the trained exact model. Consider a lower --lr/--weight-lr: the schedule "
+                         "restarts")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of centroids and temperatures")
     ap.add_argument("--weight-lr", type=float, default=1e-4, help="Adam learning rate of the other parameters")
@@ -179,15 +206,21 @@ def main(argv=None) -> int:
     teacher.eval()
     exclude = kept_exact(teacher)
     layer_v = resolve_layer_v(teacher, parse_layer_v(args.layer_v), exclude)
+    student, start, start_info = teacher, None, None
+    if args.init_from:
+        student, start, start_info = load_start(args.model, args.init_from)
     data = train_cifar.load_data(train_cifar.cache_dir(args.model))
     tx, ty = torch.from_numpy(data["train_x"]), torch.from_numpy(data["train_y"])
     steps = int(args.epochs * len(tx)) // args.batch
     # one "epoch" of the driver is the whole run: ``steps`` batches in a fixed shuffled order
     order = torch.randperm(len(tx), generator=torch.Generator().manual_seed(7))
+    if start_info:  # a continued run goes on where the earlier one stopped in the same order
+        order = torch.roll(order, -(start_info["steps"] * start_info["batch"]) % len(tx))
     loader = Batches(tx, ty, order, args.batch, steps)
     t0 = time.time()
-    res = lutnn.finetune(teacher, loader, epochs=1, lr=args.lr, weight_lr=args.weight_lr, v=args.v, layer_v=layer_v, exclude=exclude,
-                         teacher=teacher if args.distill > 0 else None, distill=args.distill,
+    res = lutnn.finetune(student, loader, epochs=1, lr=args.lr, weight_lr=args.weight_lr, v=args.v, layer_v=layer_v,
+                         exclude=exclude, codebooks=start, teacher=teacher if args.distill > 0 else None,
+                         distill=args.distill,
                          transform=lambda x, gen: models.random_crop_flip(x, gen), checkpoint_dir=out,
                          checkpoint_every=50, max_minutes=args.max_minutes or None, progress=sys.stderr.isatty())
     n_eval = min(args.eval_images, len(data["test_y"]))
@@ -198,7 +231,11 @@ def main(argv=None) -> int:
             "total_steps": steps, "batch": args.batch, "epochs": args.epochs,
             "lr": args.lr, "weight_lr": args.weight_lr, "distill": args.distill, "exclude": exclude,
             "layer_v": layer_v,
-            "torch_lut_top1": top1, "eval_images": n_eval, "last_call_minutes": (time.time() - t0) / 60, "cpu": host_cpu()["model"]}
+            "init_from": None if start_info is None else {"dir": os.path.abspath(args.init_from),
+                                                          "steps": start_info["steps"],
+                                                          "layer_v": start_info.get("layer_v", {})},
+            "torch_lut_top1": top1, "eval_images": n_eval, "last_call_minutes": (time.time() - t0) / 60,
+            "cpu": host_cpu()["model"]}
     tmp = done + ".tmp"
     with open(tmp, "w") as f:
         json.dump(info, f, indent=1)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import tvm_lut
 from relay_passes import LUTify
@@ -332,3 +333,40 @@ def test_layer_v_sets_one_layers_subvector_and_the_codebooks_carry_it_to_lutify(
     mod = tvm_lut.from_torch(lutnn.to_exact(res.model), x[:4])
     recs = {r["name"]: r for r in LUTify(codebooks=res.codebooks, progress=False).run(mod).layers}
     assert recs["c2"]["v"] == 3 and recs["c2"]["c"] == 24 and recs["c1"]["v"] == 9
+
+
+@pytest.mark.parametrize("geometry", [dict(stride=1, padding=1, v=9), dict(stride=2, padding=(1, 2), v=3),
+                                      dict(stride=1, padding=0, v=4)])
+def test_training_layout_is_the_rows_layout(geometry):
+    """The training path goes from ``unfold``'s columns straight to subspace-major subvectors and back
+    (``subspace_major``/``project``, one copy each way instead of three): the same subvectors and the same
+    smooth outputs as going through rows, with strides, asymmetric padding and a V that does not divide D."""
+    torch.manual_seed(3)
+    v = geometry.pop("v")
+    exact = nn.Conv2d(5, 7, 3, bias=True, **geometry)
+    c = -(-5 * 9 // v)
+    layer = lutnn.LUTConv2d(exact, np.random.default_rng(0).standard_normal((c, 16, v)).astype(np.float32), "l2", 1.0)
+    x = torch.randn(2, 5, 9, 11)
+    rows, ctx = layer.rows(x)
+    via_rows = F.pad(rows, (0, c * v - layer.d)).reshape(-1, c, v).transpose(0, 1)
+    sub_t, ctx2 = layer.subspace_major(x)
+    assert ctx == ctx2 and torch.equal(sub_t, via_rows)
+    recon = torch.randn_like(sub_t)
+    smooth = layer.unrows(recon.transpose(0, 1).reshape(-1, c * v) @ layer.weight_matrix() + layer.bias, ctx)
+    torch.testing.assert_close(layer.project(recon, ctx), smooth, rtol=1e-5, atol=1e-5)
+    assert layer.project(recon, ctx).is_contiguous()
+
+
+def test_convert_starts_from_given_codebooks_where_their_shape_fits():
+    """``codebooks=`` (a continued run): a layer whose centroids match its (C, K, V) starts from them; one
+    whose V changed (c2 now V=3, the given ones V=9) starts from k-means."""
+    x, _ = _data(64)
+    net = TinyNet()
+    first = lutnn.learned_codebooks(lutnn.convert(net, [x[:32]], seed=0))
+    moved = {n: {"centroids": cb["centroids"] + 1.0, "distance": "l2"} for n, cb in first.items()}
+    again = lutnn.learned_codebooks(lutnn.convert(net, [x[:32]], seed=0, layer_v={"c2": 3}, codebooks=moved))
+    np.testing.assert_array_equal(again["c1"]["centroids"], moved["c1"]["centroids"])
+    np.testing.assert_array_equal(again["fc"]["centroids"], moved["fc"]["centroids"])
+    assert again["c2"]["centroids"].shape == (24, 16, 3)
+    fresh = lutnn.learned_codebooks(lutnn.convert(net, [x[:32]], seed=0, layer_v={"c2": 3}))
+    np.testing.assert_array_equal(again["c2"]["centroids"], fresh["c2"]["centroids"])

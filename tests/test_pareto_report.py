@@ -105,3 +105,19 @@ def test_per_layer_v_configurations_select_layers_by_name_prefix_or_pattern():
         learn_centroids.parse_layer_v("2.0")
     args = learn_centroids.build_parser().parse_args(["--layer-v", "2.*=3"])
     assert learn_centroids.tag_of(args).startswith(learn_centroids.default_tag() + "-lv")
+
+
+def test_init_from_names_its_own_run_and_refuses_an_unfinished_directory(tmp_path):
+    """``learn_centroids --init-from DIR`` continues another run: its tag carries a digest of that run (so
+    its checkpoints never mix with a fresh run's), and a directory without the run's files is refused,
+    naming what is missing, before any training."""
+    import learn_centroids
+
+    run = tmp_path / "resnet18-lut-vdefault-e0.7"
+    run.mkdir()
+    (run / "codebooks.npz").write_bytes(b"")
+    args = learn_centroids.build_parser().parse_args(["--init-from", str(run)])
+    tag = learn_centroids.tag_of(args)
+    assert tag.startswith(learn_centroids.default_tag() + "-from") and tag != learn_centroids.default_tag()
+    with pytest.raises(SystemExit, match=r"missing learned\.pt, learned\.json"):
+        learn_centroids.load_start("resnet18", str(run))

@@ -193,41 +193,51 @@ class _LUTLayer(nn.Module):
         return x.reshape(-1, self.d), x.shape[:-1]
 
     def unrows(self, y: torch.Tensor, ctx) -> torch.Tensor:
+        """(n, M) outputs, one per row -> the layer's output layout."""
         return y.reshape(*ctx, y.shape[-1])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def subspace_major(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Input -> subvectors laid out subspace-major, (C, n, V) (zero-padded to C*V), and ``rows``' context:
+        the training path's layout (see ``logits``)."""
         rows, ctx = self.rows(x)
-        c, k, v = self.centroids.shape
-        n = rows.shape[0]
-        sub = F.pad(rows, (0, c * v - self.d)).reshape(n, c, v)
-        tq, scale = quantize_tables(self.tables())
-        smooth = None
-        if torch.is_grad_enabled():
-            # training: codes from the differentiable distances (equal to the kernel's up to float
-            # near-ties), soft assignment for the backward path, all subspace-major (C, n, .)
-            sub_t = sub.transpose(0, 1).contiguous()
-            recon, codes_t = _SoftAssign.apply(self.logits(sub_t), self.centroids)  # (C, n, V), (C, n)
-            smooth = recon.transpose(0, 1).reshape(n, c * v) @ self.weight_matrix()
-            codes = codes_t.t()
-        else:
-            codes = self.encode(sub)  # exactly the compiled kernel's scores and order
-        # lookup: int8-valued tables summed over codebooks (exact in float32: |sum| <= 127*C < 2^24),
-        # then one scale multiply (+ bias) per output, as the compiled epilogue does
-        idx = codes + torch.arange(c) * k
-        acc = F.embedding_bag(idx, tq.reshape(c * k, -1), mode="sum")
-        # acc * scale + bias rounded once, like the kernels' fused multiply-add (pq.dequantize)
-        hard = acc.detach().double() * scale.detach().double()
-        if self.bias is not None:
-            hard = hard + self.bias.detach().double()
-        hard = hard.float()
-        if smooth is None:  # inference
-            return self.unrows(hard, ctx)
-        if self.bias is not None:
-            smooth = smooth + self.bias
+        c, _k, v = self.centroids.shape
+        return F.pad(rows, (0, c * v - self.d)).reshape(-1, c, v).transpose(0, 1).contiguous(), ctx
+
+    def project(self, recon: torch.Tensor, ctx) -> torch.Tensor:
+        """Subspace-major reconstructed subvectors (C, n, V) times the weights plus the bias, in the output
+        layout: the smooth path whose gradient training follows."""
+        c, n, v = recon.shape
+        y = recon.transpose(0, 1).reshape(n, c * v) @ self.weight_matrix()
+        return self.unrows(y if self.bias is None else y + self.bias, ctx)
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (n, C) -> the compiled layer's outputs (n, M): int8-valued tables summed over codebooks
+        (exact in float32: |sum| <= 127*C < 2^24), then one scale multiply (+ bias) per output rounded once,
+        like the kernels' fused multiply-add (``pq.dequantize``). No gradient."""
+        c, k, _v = self.centroids.shape
+        with torch.no_grad():
+            tq, scale = quantize_tables(self.tables())
+            acc = F.embedding_bag(codes + torch.arange(c) * k, tq.reshape(c * k, -1), mode="sum")
+            hard = acc.double() * scale.double()
+            if self.bias is not None:
+                hard = hard + self.bias.double()
+            return hard.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: exactly the compiled kernel's scores, order and lookup
+            rows, ctx = self.rows(x)
+            c, _k, v = self.centroids.shape
+            sub = F.pad(rows, (0, c * v - self.d)).reshape(-1, c, v)
+            return self.unrows(self.lookup(self.encode(sub)), ctx)
+        # training: codes from the differentiable distances (equal to the kernel's up to float near-ties),
+        # soft assignment for the backward path, all subspace-major (C, n, .)
+        sub_t, ctx = self.subspace_major(x)
+        recon, codes_t = _SoftAssign.apply(self.logits(sub_t), self.centroids)  # (C, n, V), (C, n)
+        smooth = self.project(recon, ctx)
+        hard = self.unrows(self.lookup(codes_t.t()), ctx)
         # forward value: the lookup (bit for bit wherever hard and smooth are within 2x, Sterbenz);
-        # backward: straight through the smooth reconstruction
-        y = smooth + (hard - smooth).detach()
-        return self.unrows(y, ctx)
+        # backward: straight through the smooth reconstruction. ``smooth`` first keeps its memory layout.
+        return smooth - (smooth - hard).detach()
 
 
 class LUTLinear(_LUTLayer):
@@ -248,17 +258,37 @@ class LUTConv2d(_LUTLayer):
         self.kernel_size, self.stride = exact.kernel_size, exact.stride
         self.padding, self.dilation = exact.padding, exact.dilation
 
-    def rows(self, x):
+    def _geometry(self, x: torch.Tensor) -> tuple[int, int, int]:
         n, _, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return n, (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def rows(self, x):
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, D, L)
-        return cols.transpose(1, 2).reshape(-1, self.d), (n, oh, ow)
+        return cols.transpose(1, 2).reshape(-1, self.d), self._geometry(x)
 
     def unrows(self, y, ctx):
         n, oh, ow = ctx
         return y.reshape(n, oh, ow, -1).permute(0, 3, 1, 2)
+
+    def subspace_major(self, x):
+        """``unfold``'s (N, D, L) columns straight to (C, N*L, V): one copy of the layer's largest tensor
+        where going through rows took three (transpose, pad, transpose), each also in the backward pass."""
+        c, _k, v = self.centroids.shape
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        if c * v != self.d:
+            cols = F.pad(cols, (0, 0, 0, c * v - self.d))
+        n, _, l_ = cols.shape
+        return cols.view(n, c, v, l_).permute(1, 0, 3, 2).reshape(c, n * l_, v), self._geometry(x)
+
+    def project(self, recon, ctx):
+        """W (M, D) @ columns (N, D, L) gives (N, M, L), already NCHW: no output transpose."""
+        c, _, v = recon.shape
+        n, oh, ow = ctx
+        cols = recon.view(c, n, oh * ow, v).permute(1, 0, 3, 2).reshape(n, c * v, oh * ow)
+        w = F.pad(self.weight.reshape(self.weight.shape[0], -1), (0, c * v - self.d))
+        y = torch.matmul(w, cols).view(n, -1, oh, ow)
+        return y if self.bias is None else y + self.bias.view(-1, 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,6 +336,7 @@ def convert(
     distance: str = "l2",
     seed: int = 0,
     max_rows: int = 16384,
+    codebooks: dict[str, dict] | None = None,
 ) -> nn.Module:
     """A copy of ``model`` with its conv/dense layers replaced by lookup layers, centroids from k-means.
 
@@ -314,6 +345,10 @@ def convert(
     and ``exclude`` keeps some exact (e.g. the first conv). ``v`` is the subvector length of every layer
     (default LUT-NN's: 9 for 3x3 convs, else 4); ``layer_v`` overrides it per layer name (e.g. V=3, one
     kernel row, for the layers that lose the most accuracy at V=9), as LUTify's ``layers={name: {"v": V}}``.
+
+    ``codebooks`` (``learned_codebooks``' form, e.g. an earlier run's ``load_codebooks``) starts the layers it
+    names from those centroids instead of k-means, where their shape is the layer's (C, K, V): a run can
+    continue another's learning with some layers' V changed; the others start from k-means.
     """
     _check_pq_options(k, v)
     layer_v = dict(layer_v or {})
@@ -348,7 +383,11 @@ def convert(
         vv = layer_v.get(name, v)
         vv = vv if vv is not None else pq.default_subvector_len("conv2d" if kh else "dense", kh)
         d = mod.weight[0].numel()
-        cents = pq.fit_codebooks(pq.pad_columns(r, pq.num_subspaces(d, vv) * vv), vv, k, distance, seed)
+        given = (codebooks or {}).get(name)
+        if given is not None and np.shape(given["centroids"]) == (pq.num_subspaces(d, vv), k, vv):
+            cents = np.asarray(given["centroids"], np.float32)
+        else:
+            cents = pq.fit_codebooks(pq.pad_columns(r, pq.num_subspaces(d, vv) * vv), vv, k, distance, seed)
         temp = _initial_temperature(r, cents, distance)
         new = (LUTConv2d if kh else LUTLinear)(mod, cents, distance, temp)
         _set_submodule(model, name, new)
@@ -487,12 +526,13 @@ def finetune(
     teacher: nn.Module | None = None,
     distill: float = 0.5,
     distill_temperature: float = 4.0,
+    codebooks: dict[str, dict] | None = None,
 ) -> FinetuneResult:
     """Learn centroids (and fine-tune the weights) of ``model``'s conv/dense layers by backprop.
 
     ``loader`` yields ``(inputs, labels)`` batches (a ``torch.utils.data.DataLoader``; it is re-iterated
     each epoch). The first ``init_batches`` seed the k-means initialisation (``convert``, with its ``v`` and
-    ``layer_v``); an
+    ``layer_v``; ``codebooks`` start the layers whose shape they match from earlier centroids); an
     already-converted model (with lookup layers) is trained as it is. Adam on centroids and temperatures
     at ``lr`` and on all other parameters at ``weight_lr`` (default ``lr / 10``), cosine-decayed over the
     run; ``loss_fn(logits, labels)`` defaults to cross-entropy; ``transform`` (e.g. augmentation) is
@@ -534,7 +574,7 @@ def finetune(
                 break
             init.append(batch[0] if isinstance(batch, (tuple, list)) else batch)
         model = convert(model, init, layers=layers, exclude=exclude, k=k, v=v, layer_v=layer_v, distance=distance,
-                        seed=seed)
+                        seed=seed, codebooks=codebooks)
     luts = lut_layers(model)
     if not luts:
         raise OptionError("no layer to learn centroids for: the model has no convertible conv/dense layer")
@@ -553,6 +593,11 @@ def finetune(
         config["layer_v"] = dict(sorted(layer_v.items()))
     if teacher is not None:
         config["distill"] = [distill, distill_temperature]
+    if codebooks:  # a digest of the starting centroids (absent otherwise, as above)
+        digest = hashlib.sha256()
+        for name in sorted(codebooks):
+            digest.update(name.encode() + np.ascontiguousarray(codebooks[name]["centroids"], np.float32).tobytes())
+        config["codebooks"] = digest.hexdigest()[:16]
     tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     step = 0
     path = os.path.join(checkpoint_dir, _CKPT) if checkpoint_dir else None

@@ -56,6 +56,9 @@ CONFIGS = {
     "V=4 L1 (PECAN-D)": {"v": 4, "distance": "l1"},
     "mask max-drop=1": {"budget": "max-drop=1.0"},
     "mask max-drop=1, V=4": {"budget": "max-drop=1.0", "v": 4},
+    # the mask ranking layers by measured milliseconds saved per point lost (each layer timed exact and as
+    # lookups on this host), not by multiplies removed
+    "mask max-drop=1, by latency": {"budget": "max-drop=1.0", "mask_rank": "latency"},
     # LUT-NN's learned centroids (benchmarks/learn_centroids.py: soft-PQ fine-tuning distilled from the
     # exact model), compiled with LUTify(codebooks=...) on the fine-tuned weights
     "learned V=9/4": {"learned": True},
@@ -203,8 +206,8 @@ def build(args, cache: str) -> dict:
         entry["table_mb"] = sum(r.get("table_bytes", 0) for r in pq) / 2 ** 20
         entry["int8_weight_mb"] = sum(r["d"] * r["m"] for r in res1.layers if r.get("d") and r.get("m")) / 2 ** 20
         if res1.priority:
-            entry["mask"] = {k: res1.priority[k] for k in ("converted", "val_drop", "val_drop_margin")
-                             if k in res1.priority}
+            entry["mask"] = {k: res1.priority[k] for k in ("converted", "val_drop", "val_drop_margin", "rank",
+                                                           "ms_saved") if k in res1.priority}
         _log(f"{name}: top-1 {entry['top1']:.2f}%, {len(pq)}/{len(res1.layers)} layers as lookups, "
              f"built in {entry['build_s']:.0f} s")
         plan["configs"].append(entry)

@@ -336,8 +336,7 @@ def _chain_ms(art: dict) -> float | None:
     C++ harness like MADDNESS's calls its kernels), from the layer's own ``.so``; checked against the VM."""
     import tvm
 
-    from relay_passes import rewrite
-    from tvm_lut.app import profile
+    from relay_passes import latency, rewrite
 
     chain = art.get("chain")
     if not chain:
@@ -350,7 +349,7 @@ def _chain_ms(art: dict) -> float | None:
                                                  if a[0] == "call" else tvm.runtime.tensor(consts[a[1]], dev)
                                                  for a in c["args"]), tuple(c["shape"]), c["dtype"])
              for c in chain["calls"]]
-    steps = [(m.get_function(name), args) for m, name, args in profile.kernel_steps(lib, calls, x)]
+    steps = [(m.get_function(name), args) for m, name, args in latency.kernel_steps(lib, calls, x)]
 
     def run():
         for f, args in steps:

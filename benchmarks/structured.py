@@ -8,7 +8,7 @@ channel pruning and PQ lookups, on LeNet-5 / MNIST and VGG-small / CIFAR-10 (JPE
 Per model and method: parameters and multiplies of the conv/dense layers (``tvm_lut.math.cost`` counting,
 per input sample), top-1 accuracy of the **compiled TVM model** on the full test set, whole-model
 latency at batch 1 (exact TVM build and rewritten build, same process, one after the other), and how
-many rewritten layers run slower than the exact layer they replace (``tvm_lut.app.profile``: each layer
+many rewritten layers run slower than the exact layer they replace (``relay_passes.latency``: each layer
 compiled alone, exact vs rewritten). Exact TVM builds are untuned (TVM's default CPU lowering); issue 5
 brings tuned baselines, so latency ratios here are indicative only.
 
@@ -42,8 +42,8 @@ sys.path.insert(0, HERE)
 from accuracy import CACHE, RESULTS, loader, log, shared_data_present, trained  # noqa: E402
 
 import tvm_lut  # noqa: E402
-from relay_passes import EZCrop, LUTify, ezcrop  # noqa: E402
-from tvm_lut.app import pipeline, profile
+from relay_passes import EZCrop, LUTify, ezcrop, latency  # noqa: E402
+from tvm_lut.app import pipeline
 from tvm_lut.math import channel_energy  # noqa: E402
 from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target  # noqa: E402
 from tvm_lut.train import datasets, models, structured_nn as sn  # noqa: E402
@@ -59,7 +59,7 @@ def compiled_eval(mod, test_x, test_y, batch: int, **lutify_kw) -> dict:
     ex, params = compile_with_params(out, tgt)
     sig = [("x", (batch, *test_x.shape[1:]), "float32")]
     logits = BatchRunner(ex, [v for _, v in params], sig).run({"x": test_x})[0]
-    profile.measure_layers(p_res.plans, tgt)
+    latency.measure_layers(p_res.plans, tgt)
     t = pipeline.totals(p_res.layers)
     slower = [r["name"] for r in p_res.layers if r.get("slower_than_exact")]
     return {"acc": models.accuracy(logits, test_y), "params": t["params"], "exact_params": t["exact_params"],

@@ -100,6 +100,8 @@ class LUTify:
         choose which layers stay exact (``labels``, or a ``labels`` entry in ``calibration``, for max-drop;
         max-disagree measures top-1 agreement with the exact model and needs none). Without
         it, a mask left on the module by an earlier ``PriorityMask`` pass is obeyed.
+    mask_rank : how the mask ranks layers: ``"multiplies"`` (default) removed, or ``"latency"``: the time
+        each layer's lookup saves, measured on the host (``PriorityMask(rank=)``).
     options : all of the above as one ``LUTifyOptions`` (validated when made); keyword arguments given
         with it replace its fields.
 
@@ -129,7 +131,7 @@ class LUTify:
         if o.budget is not None:
             local = targets.resolve(o.target).local().tvm  # the mask measures accuracy here
             pm = PriorityMask(self.calibration, o.budget, labels=o.labels, seed=o.seed, target=local,
-                              progress=o.progress, k=o.k, v=o.v, distance=o.distance, layers=o.layers,
+                              progress=o.progress, rank=o.mask_rank, k=o.k, v=o.v, distance=o.distance, layers=o.layers,
                               codebooks=o.codebooks, max_calibration_rows=o.max_calibration_rows)
             masked = pm.run(mod)
             mod = masked.module

@@ -61,6 +61,7 @@ class LUTifyOptions:
     progress: bool = True
     budget: object = None
     labels: object = None
+    mask_rank: str = "multiplies"
     database: str | None = None
 
     def __post_init__(self):
@@ -82,6 +83,8 @@ class LUTifyOptions:
                     registry.get(o.method)
                 except OptionError as e:
                     raise OptionError(f"layer {n!r}: {e}" if n else str(e)) from None
+        if self.mask_rank not in ("latency", "multiplies"):
+            raise OptionError(f"mask_rank={self.mask_rank!r}; choose 'latency' or 'multiplies'")
         if self.budget is not None and self.method != "pq":
             raise OptionError(f"budget={self.budget!r} chooses which layers become PQ lookups; it needs "
                               f"method='pq' (got method={self.method!r})")

@@ -12,9 +12,13 @@ of layers to convert:
    when labels are given, the **accuracy drop when that layer alone is converted**. Every such
    evaluation runs one build (``lutify.switchable``) holding each candidate's lookup and exact paths,
    with a run-time switch per layer: one compile for the whole analysis, not one per evaluation.
-   Its **gain** is the multiplies it removes (exact minus lookup count, ``tvm_lut.math.cost``); layers whose
-   lookup would not remove multiplies are never candidates.
-3. Layers are ranked by sensitivity per multiply removed (accuracy drop alone, clamped at zero, plus
+   Its **gain** (``rank="latency"``) is the time its lookup saves, measured on the target:
+   the layer alone, exact, compiled as the model compiles it, against its lookup kernels timed in that
+   same switchable build (``latency``); layers whose lookup runs no faster are never candidates, whatever
+   multiplies it removes (a lookup's tables can outweigh the weights it replaces). With
+   ``rank="multiplies"`` (the default) the gain is the multiplies it removes (exact minus lookup count,
+   ``tvm_lut.math.cost``), nothing is timed, and layers whose lookup removes none are never candidates.
+3. Layers are ranked by sensitivity per unit of gain (accuracy drop alone, clamped at zero, plus
    ``1 - similarity`` as a tie-breaker; without labels, ``1 - similarity``), least sensitive first, and a
    prefix of that ranking is converted:
 
@@ -48,6 +52,7 @@ from tvm_lut.frontend import graph
 from tvm_lut.runtime import calibrate
 from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target
 
+from . import latency
 from .planning import Planner
 from .rewrite import MASK_ATTR, switchable
 
@@ -118,11 +123,19 @@ class PriorityMask:
     labels : class labels of the calibration samples (instead of a ``labels`` entry).
     validation : fraction of the calibration samples held out for the measurements, at most
         ``max_validation`` (each accuracy measurement runs the compiled model on all of them).
+    rank : ``"latency"``: gain is the measured time a layer's lookup saves on ``target`` (a few seconds of
+        compiling and timing per distinct layer shape); ``"multiplies"`` (default): the multiplies it
+        removes (nothing timed; blind to table traffic and encoder cost).
     lutify_options : passed to the ``planning.Planner`` fit (``k``, ``v``, ``distance``, ``layers``, ``codebooks``...).
     """
 
+    RANKS = ("latency", "multiplies")
+
     def __init__(self, calibration, budget, *, labels=None, validation: float = 0.3, max_validation: int = 512,
-                 seed: int = 0, target="x86", progress: bool = True, **lutify_options):
+                 seed: int = 0, target="x86", progress: bool = True, rank: str = "multiplies", **lutify_options):
+        if rank not in self.RANKS:
+            raise OptionError(f"rank {rank!r}: expected one of {', '.join(self.RANKS)}")
+        self.rank = rank
         self.calibration = calibration
         self.budget = Budget.parse(budget)
         self.labels = labels
@@ -182,7 +195,7 @@ class PriorityMask:
         plans = {p.layer.name: p for p in fitted if p.method == "pq"}
         records = {p.layer.name: p.record for p in fitted}
         total_mul = sum(r["exact_ops"]["mul"] for r in records.values() if "exact_ops" in r)
-        gain = {name: records[name]["exact_ops"]["mul"] - records[name]["lut_ops"]["mul"] for name in plans}
+        mul_gain = {name: records[name]["exact_ops"]["mul"] - records[name]["lut_ops"]["mul"] for name in plans}
 
         # 2. per-layer sensitivity on the validation part
         val_rows = calibrate.collect(mod, [p.layer for p in plans.values()], val_in, target=tgt,
@@ -197,23 +210,38 @@ class PriorityMask:
             denom = np.linalg.norm(exact) or 1.0
             cos = float((exact * lut).sum() / (denom * (np.linalg.norm(lut) or 1.0)))
             scores[name] = {"similarity": cos, "rel_error": float(np.linalg.norm(lut - exact) / denom),
-                            "mul_removed": int(gain[name]), "mul_removed_frac": gain[name] / total_mul}
+                            "mul_removed": int(mul_gain[name]), "mul_removed_frac": mul_gain[name] / total_mul}
+        timed = self.rank == "latency"
+        labelled = val_y is not None or self.budget.kind == "max-disagree"
+        calls: dict = {}
+        runner = ex = None
+        if plans and (labelled or timed):
+            # one compile: every fitted layer's lookup and exact paths, picked per run by the switch parameter
+            order_all = list(plans)
+            slot = {nm: i for i, nm in enumerate(order_all)}
+            ex, params = compile_with_params(switchable(mod, [plans[nm] for nm in order_all], calls), tgt)
+            runner = BatchRunner(ex, [v for _, v in params], signature)
+        if timed:
+            gain = self._time_saved(plans, scores, ex, calls, tgt)
+            total = sum(scores[nm]["exact_ms"] for nm in plans) or 1.0
+            for nm in plans:
+                scores[nm]["ms_saved_frac"] = gain[nm] / total
+            frac = {nm: scores[nm]["ms_saved_frac"] for nm in plans}
+        else:
+            gain, frac = mul_gain, {nm: scores[nm]["mul_removed_frac"] for nm in plans}
         candidates = [nm for nm in plans if gain[nm] > 0]
         base_pred = None
         cache: dict[tuple, tuple[float, int]] = {}
-        if val_y is not None or self.budget.kind == "max-disagree":
-            # one compile: every candidate's lookup and exact paths, picked per run by the switch parameter
-            slot = {nm: i for i, nm in enumerate(candidates)}
-            ex, params = compile_with_params(switchable(mod, [plans[nm] for nm in candidates]) if candidates
-                                             else mod, tgt)
-            runner = BatchRunner(ex, [v for _, v in params], signature)
+        if labelled:
 
             def predict(names: tuple[str, ...]) -> np.ndarray:
-                if candidates:
-                    on = np.zeros(len(candidates), bool)
+                if runner is not None:
+                    on = np.zeros(len(slot), bool)
                     on[[slot[nm] for nm in names]] = True
                     runner.params[-1] = tvm.runtime.tensor(on, runner.device)
-                return _top1(runner, val_in)
+                    return _top1(runner, val_in)
+                ex0, params0 = compile_with_params(mod, tgt)  # nothing fitted: the exact model
+                return _top1(BatchRunner(ex0, [v for _, v in params0], signature), val_in)
 
             base_pred = predict(())
             if self.budget.kind == "max-disagree":  # the exact model's top-1 is the reference
@@ -237,16 +265,31 @@ class PriorityMask:
             s = 1.0 - scores[nm]["similarity"]
             if "drop_alone" in scores[nm]:
                 s += max(scores[nm]["drop_alone"], 0.0)
-            return s / max(scores[nm]["mul_removed_frac"], 1e-12)
+            return s / max(frac[nm], 1e-12)
 
         order = sorted(candidates, key=sensitivity)
         for rank, nm in enumerate(order):
             scores[nm]["rank"] = rank
-        removed = np.cumsum([0] + [gain[nm] for nm in order]) / total_mul  # removed[i]: first i layers
+        removed = np.cumsum([0] + [mul_gain[nm] for nm in order]) / total_mul  # removed[i]: first i layers
         return {"plans": plans, "records": records, "scores": scores, "order": order, "removed": removed,
-                "gain": gain, "evaluate": evaluate, "cache": cache, "labelled": val_y is not None,
+                "gain": gain, "timed": timed, "evaluate": evaluate, "cache": cache, "labelled": val_y is not None,
                 "base_acc": base_acc if val_y is not None else None, "val_n": len(val_idx), "fit_n": len(fit_idx),
                 "reference": "exact-top1" if self.budget.kind == "max-disagree" else "labels"}
+
+    def _time_saved(self, plans: dict, scores: dict, executable, calls: dict, tgt) -> dict[str, float]:
+        """Per fitted layer: the exact layer's time alone (compiled as the model is; one measurement per
+        shape) minus its lookup kernels' time in the switchable build (ms), into ``scores`` too."""
+        from tqdm import tqdm
+
+        exact_cache: dict = {}
+        saved = {}
+        for nm, p in tqdm(plans.items(), desc="layer latency", unit="layer",
+                          disable=None if self.progress else True, leave=False):
+            exact_ms = latency.exact_latency_ms(p.layer, tgt, exact_cache)
+            lookup_ms, _ = latency.rewrite_latency_ms(p, tgt, executable, calls.get(nm))
+            scores[nm].update(exact_ms=exact_ms, lookup_ms=lookup_ms, ms_saved=exact_ms - lookup_ms)
+            saved[nm] = exact_ms - lookup_ms
+        return saved
 
     def _choose(self, state: dict, budget: Budget) -> dict:
         """The prefix of the ranking to convert under ``budget`` (see the module docstring)."""
@@ -280,15 +323,18 @@ class PriorityMask:
             chosen = lo
         convert = set(order[:chosen])
         result = {"budget": str(budget), "validation_samples": int(val_n), "fit_samples": int(state["fit_n"]),
+                  "rank": "latency" if state["timed"] else "multiplies",
                   "candidates": order, "converted": [nm for nm in order if nm in convert],
                   "mul_removed_frac": float(removed[chosen])}
+        if state["timed"]:  # the layers' measured savings, summed: an estimate of the model's
+            result["ms_saved"] = float(sum(gain[nm] for nm in convert))
         if state["labelled"]:
             drop, flips = evaluate(tuple(order[:chosen])) if chosen else (0.0, 0)
             result.update(val_exact_acc=state["base_acc"], val_drop=drop,
                           val_drop_margin=100.0 * math.sqrt(flips) / val_n)
             if state["reference"] == "exact-top1":
                 result["val_reference"] = "exact model's top-1"
-        result["compiles"] = int(state["labelled"])  # one switchable build serves every evaluation
+        result["compiles"] = int(state["labelled"] or state["timed"])  # one switchable build serves all runs
         result["evaluations"] = len(state["cache"]) + state["labelled"]
         decision = {}
         for name in state["records"]:
@@ -296,8 +342,14 @@ class PriorityMask:
                 decision[name] = "pq"
             elif name in plans:
                 decision[name] = "exact"
-                scores[name]["why"] = ("lookup removes no multiplies" if gain[name] <= 0 else
-                                       f"kept exact to meet {budget}")
+                if gain[name] > 0:
+                    scores[name]["why"] = f"kept exact to meet {budget}"
+                elif state["timed"]:
+                    sc = scores[name]
+                    sc["why"] = (f"lookup runs no faster than the exact layer ({sc['lookup_ms']:.3f} vs "
+                                 f"{sc['exact_ms']:.3f} ms)")
+                else:
+                    scores[name]["why"] = "lookup removes no multiplies"
         result["decision"] = decision
         result["scores"] = scores
         log.info("priority mask (%s): converting %d of %d candidate layers, %.1f%% multiplies removed",

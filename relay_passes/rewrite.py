@@ -272,13 +272,14 @@ class LookupEmitter(PyExprMutator):
 SWITCH_PARAM = "tvm_lut.switch"
 
 
-def switchable(mod: tvm.IRModule, plans: list[Plan]) -> tvm.IRModule:
+def switchable(mod: tvm.IRModule, plans: list[Plan], calls: dict | None = None) -> tvm.IRModule:
     """``mod`` with every plan's lookup *and* exact path, and a last weight parameter ``tvm_lut.switch``
     (bool, one per plan, in ``plans`` order; all False: the exact model) that picks each layer's output.
 
     Set at run time, the switch evaluates any subset of converted layers with one compile: what the
     priority mask needs for each layer alone and each prefix of its ranking. A selected layer's output is
-    the lookup kernels' output bit for bit (``where`` selects, it does not blend)."""
+    the lookup kernels' output bit for bit (``where`` selects, it does not blend). ``calls`` receives each
+    layer's kernels (``KernelCall``), as ``rewrite`` records them, to time them in the built module."""
     func = mod["main"]
     switch = relax.Var(SWITCH_PARAM, relax.TensorType((len(plans),), "bool"))
     values = list(func.attrs["params"]) if func.attrs is not None and "params" in func.attrs else None
@@ -287,7 +288,7 @@ def switchable(mod: tvm.IRModule, plans: list[Plan]) -> tvm.IRModule:
         func = func.with_attr("params", values + [tvm.runtime.tensor(np.zeros(len(plans), bool))])
     base = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
     base["main"] = func
-    return rewrite(base, plans, True, switch=switch)
+    return rewrite(base, plans, True, switch=switch, calls=calls)
 
 
 def rewrite(mod: tvm.IRModule, plans: list[Plan], schedule: bool, database: str | None = None, target=None,

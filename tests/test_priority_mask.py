@@ -152,3 +152,32 @@ def test_switchable_build_is_the_rewritten_model_bit_for_bit(lenet):
         ex_r, params_r = compile_with_params(rewrite(mod, [plans[i] for i in chosen], True), "x86")
         want = BatchRunner(ex_r, [v for _, v in params_r], sig).run(x)[0]
         np.testing.assert_array_equal(got, want, err_msg=str(chosen))
+
+
+def test_latency_rank_follows_milliseconds_saved_and_drops_layers_no_faster(lenet, monkeypatch):
+    """``rank="latency"``: the gain is each layer's measured exact time minus its lookup's (here set by
+    hand, so the ranking is known): a layer whose lookup is no faster is never a candidate however many
+    multiplies it removes (features.3 removes the most), the others are ranked by accuracy lost per
+    millisecond saved, and the decision reports the milliseconds its conversions save."""
+    from relay_passes import latency
+
+    mod, calib, _ = lenet
+    exact = {"features.0": 1.0, "features.3": 0.5, "classifier.0": 0.4, "classifier.2": 0.2, "classifier.4": 0.05}
+    lookup = {"features.0": 0.1, "features.3": 0.9, "classifier.0": 0.1, "classifier.2": 0.1, "classifier.4": 0.04}
+    monkeypatch.setattr(latency, "exact_latency_ms", lambda layer, *a, **k: exact[layer.name])
+    monkeypatch.setattr(latency, "rewrite_latency_ms", lambda plan, *a, **k: (lookup[plan.layer.name], "model"))
+    res = PriorityMask(calib, "max-drop=100", distance="l1", progress=False, rank="latency").run(mod).result
+    sc = res["scores"]
+    assert res["rank"] == "latency" and "features.3" not in res["candidates"]
+    assert "no faster than the exact layer (0.900 vs 0.500 ms)" in sc["features.3"]["why"]
+    assert set(res["candidates"]) == set(exact) - {"features.3"} == set(res["converted"])
+    total = sum(exact.values())
+
+    def per_ms(nm):
+        return (1 - sc[nm]["similarity"] + max(sc[nm]["drop_alone"], 0.0)) / ((exact[nm] - lookup[nm]) / total)
+
+    assert res["candidates"] == sorted(res["candidates"], key=per_ms)
+    assert res["ms_saved"] == pytest.approx(sum(exact[nm] - lookup[nm] for nm in res["converted"]))
+    assert sc["features.0"]["ms_saved"] == pytest.approx(0.9)
+    with pytest.raises(OptionError, match="rank 'speed'"):
+        PriorityMask(calib, "max-drop=1", rank="speed")

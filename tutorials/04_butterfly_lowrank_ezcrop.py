@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 import tvm_lut
-from relay_passes import EZCrop, LUTify
-from tvm_lut.app import pipeline, profile
+from relay_passes import EZCrop, LUTify, latency
+from tvm_lut.app import pipeline
 from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target
 from tvm_lut.train import models, structured_nn as sn
 
@@ -70,7 +70,7 @@ def main(tiny: bool = False, out: str | None = None) -> dict:  # noqa: ARG001 (s
     res["ezcrop_post"] = accuracy_of(pruned, vx, vy, batch)
 
     # 5. measured per layer: is each rewrite faster than the exact layer?
-    profile.measure_layers(fine_res.plans)
+    latency.measure_layers(fine_res.plans)
     res["slower_than_exact"] = [r["name"] for r in fine_res.layers if r.get("slower_than_exact")]
 
     print(f"exact {exact:.2f}%")

@@ -80,6 +80,7 @@ def cmd_compile(args) -> int:
         if kwargs["budget"].startswith("max-drop") and "labels" not in calib:
             raise CalibrationError(f"--budget {args.budget} needs a 'labels' array in {args.calib} "
                                    "(or use --budget max-disagree=POINTS or min-removed=FRACTION)")
+    kwargs["mask_rank"] = args.mask_rank
     kwargs["lookup"] = args.lookup
     kwargs["encoder"] = args.encoder
     if args.db:
@@ -270,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "points (needs 'labels' in --calib), the top-1 disagreement with the exact model within P "
                         "points, or at least a fraction F of multiplies is removed. Default: max-drop=1 with labels, "
                         "else max-disagree=1 (none with --all-layers or a method other than pq); 'none': no mask")
+    c.add_argument("--mask-rank", default="multiplies", choices=["multiplies", "latency"],
+                   help="how the priority mask ranks layers for --budget: accuracy lost per multiply removed "
+                        "(default), or per millisecond saved, each layer's lookup and exact form timed on this host "
+                        "(a layer whose lookup is no faster stays exact)")
     c.add_argument("--codebooks", default=None, metavar="FILE.npz",
                    help="learned centroids by layer name (tvm_lut.train.lutnn.save_codebooks)")
     c.add_argument("--batch", type=int, default=1, help="batch size for a symbolic leading input dim (ONNX, dynamic .pt2)")

@@ -241,10 +241,10 @@ def compile_and_measure(
     if measure_latency and build_for.latency_note() is not None:
         report["latency_note"] = build_for.latency_note()
     elif measure_latency:
-        from tvm_lut.app import profile
+        from relay_passes import latency
 
         # the rewritten layers' kernels are timed from the model's own build (run_ex is lut_ex here)
-        profile.measure_layers(result.plans, tgt, executable=run_ex, kernel_calls=result.kernel_calls)
+        latency.measure_layers(result.plans, tgt, executable=run_ex, kernel_calls=result.kernel_calls)
         e_ms, l_ms = exact_run.latency_ms(), lut_run.latency_ms()
         report["latency"] = {"exact_ms": e_ms, "lut_ms": l_ms, "speedup": e_ms / l_ms, "batch": lut_run.batch,
                              "threads": default_threads(), "note": "per batch; LUT kernels hand-scheduled "

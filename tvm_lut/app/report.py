@@ -6,8 +6,8 @@ table), so each figure can be checked by hand.
 
 from __future__ import annotations
 
+from relay_passes.latency import layer_time
 from tvm_lut.app.pipeline import layer_params
-from tvm_lut.app.profile import layer_time
 from tvm_lut.errors import LUTError
 
 
@@ -184,19 +184,23 @@ def kept_lines(report: dict) -> list[str]:
 
 def _priority_table(report: dict, pm: dict) -> str:
     """The priority-mask decision: per-layer sensitivity scores and the budget outcome."""
-    head = ("layer", "rank", "similarity", "rel err", "drop alone", "mul removed", "decision")
+    timed = pm.get("rank") == "latency"
+    head = ("layer", "rank", "similarity", "rel err", "drop alone", "mul removed",
+            *(("exact ms", "lookup ms") if timed else ()), "decision")
     rows = []
     for r in report["layers"]:
         sc = r.get("priority")
         if sc is None:
             continue
+        ms = (f"{sc['exact_ms']:.3f}", f"{sc['lookup_ms']:.3f}") if timed else ()
         rows.append((r["name"], str(sc.get("rank", "-")), f"{sc['similarity']:.4f}", f"{sc['rel_error']:.3f}",
-                     f"{sc['drop_alone']:+.2f}" if "drop_alone" in sc else "-", f"{sc['mul_removed_frac']:+.1%}",
+                     f"{sc['drop_alone']:+.2f}" if "drop_alone" in sc else "-", f"{sc['mul_removed_frac']:+.1%}", *ms,
                      "LUT" if r["method"] == "pq" else "exact" + (f" ({sc['why']})" if sc.get("why") else "")))
     widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    saved = f", {pm['ms_saved']:.3f} ms saved by the layers' own timings" if timed else ""
     lines = [f"priority mask, budget {pm['budget']}: {len(pm['converted'])} of {len(pm['candidates'])} candidate "
-             f"layers converted, {pm['mul_removed_frac']:.1%} of multiplies removed; measured on "
+             f"layers converted, {pm['mul_removed_frac']:.1%} of multiplies removed{saved}; measured on "
              f"{pm['validation_samples']} validation samples held out of the {pm['fit_samples'] + pm['validation_samples']}"
              " used for the mask"]
     if "val_drop" in pm and pm.get("val_reference"):  # max-disagree: measured against the exact model
@@ -207,7 +211,8 @@ def _priority_table(report: dict, pm: dict) -> str:
                      f"(+{pm['val_drop_margin']:.2f} one standard error, which the budget includes)")
     lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     lines.append("  similarity: cosine of LUT vs exact layer output; drop alone: validation accuracy drop with only "
-                 "that layer converted; rank: order of conversion (least sensitive per multiply removed first)")
+                 "that layer converted; rank: order of conversion (least sensitive per "
+                 + ("millisecond saved" if timed else "multiply removed") + " first)")
     return "\n".join(lines)
 
 

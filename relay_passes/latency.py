@@ -1,10 +1,14 @@
 """Per-layer latency, measured: each layer is compiled on its own, exact and as rewritten, and timed.
 
+Shared machinery of the passes and the application: the priority mask ranks layers by the milliseconds
+their lookup saves (``PriorityMask(rank="latency")``), ``tvm-lut compile --profile`` reports every layer's.
+
 A rewrite that removes multiplies can still run slower than the dense layer it replaces (the top
 complaint about factorised layers); counts do not show that, a clock does. For every conv/dense layer
 of a LUTify run this builds two one-layer Relax modules on the layer's real input shape:
 
-- exact: ``conv2d``/``matmul`` with the folded weight (+ bias), as the compiler would run it;
+- exact: ``conv2d``/``matmul`` with the folded weight (+ bias), through the same pipeline and schedules
+  as the model's build (``compile_with_params``); layers of one shape share one measurement;
 - rewritten: the same module passed through the same rewrite (PQ, butterfly or low rank) with the
   already fitted tables / factors,
 
@@ -32,9 +36,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from relay_passes.rewrite import KernelCall, LayerInput, rewrite
 from tvm_lut.frontend import graph
-from tvm_lut.runtime.build import BatchRunner, median_ms, resolve_target
+from tvm_lut.runtime.build import BatchRunner, compile_with_params, median_ms, resolve_target
+
+from .rewrite import KernelCall, LayerInput, rewrite
 
 log = logging.getLogger("tvm_lut")
 
@@ -119,6 +124,43 @@ def single_layer_module(layer: graph.Layer) -> tvm.IRModule:
     return bb.get()
 
 
+def _signature(layer: graph.Layer) -> tuple:
+    """What an exact layer's time depends on: kind, shapes, conv geometry, bias (not the weight values)."""
+    conv = tuple(sorted((k, str(v)) for k, v in (layer.conv or {}).items())) if layer.kind == "conv2d" else ()
+    return layer.kind, tuple(layer.input_shape), tuple(np.shape(layer.weight)), conv, layer.bias is None
+
+
+def exact_latency_ms(layer: graph.Layer, target="x86", cache: dict | None = None) -> float:
+    """The layer alone, exact, compiled as the model's build compiles it (``compile_with_params``: the same
+    fusion and conv/matmul schedules), timed (ms). ``cache`` shares one measurement between layers of one
+    shape (a ResNet's repeated blocks)."""
+    key = (_signature(layer), str(resolve_target(target)))
+    if cache is not None and key in cache:
+        return cache[key]
+    ex, params = compile_with_params(single_layer_module(layer), target)
+    ms = BatchRunner(ex, [v for _, v in params], [("x", tuple(layer.input_shape), "float32")]).latency_ms()
+    if cache is not None:
+        cache[key] = ms
+    return ms
+
+
+def rewrite_latency_ms(plan, target="x86", executable=None, calls: list[KernelCall] | None = None,
+                       schedule: bool = True) -> tuple[float, str]:
+    """The rewritten layer's time (ms) and where it was measured: its kernels in ``executable`` (a build
+    holding them, ``calls`` as the rewrite recorded them; ``"model"``), else the rewrite compiled alone on
+    a one-layer module through the model's pipeline (``"layer"``)."""
+    if executable is not None and calls:
+        ms = kernels_latency_ms(executable, calls, tuple(plan.layer.input_shape))
+        if ms is not None:
+            return ms, "model"
+    exact_mod = single_layer_module(plan.layer)
+    (one,) = graph.find_layers(exact_mod)
+    twin = dataclasses.replace(plan, layer=one)  # the same fitted rewrite on the one-layer module
+    ex, params = compile_with_params(rewrite(exact_mod, [twin], schedule), target)
+    sig = [("x", tuple(plan.layer.input_shape), "float32")]
+    return BatchRunner(ex, [v for _, v in params], sig).latency_ms(), "layer"
+
+
 def measure_layers(plans: list, target="x86", schedule: bool = True, executable=None,
                    kernel_calls: dict[str, list[KernelCall] | None] | None = None) -> None:
     """Time every layer of a LUTify run (``LUTResult.plans``) exact and rewritten; fills the records.
@@ -126,26 +168,17 @@ def measure_layers(plans: list, target="x86", schedule: bool = True, executable=
     With ``executable`` (the LUTify'd model compiled for ``target``) and ``kernel_calls``
     (``LUTResult.kernel_calls`` of that run), layers that run only kernels are timed from that build."""
     tgt = resolve_target(target)
+    exact_cache: dict = {}
     for plan in plans:
         layer, rec = plan.layer, plan.record
         if layer.weight is None or layer.unsupported:
             continue
-        exact_mod = single_layer_module(layer)
-        sig = [("x", tuple(layer.input_shape), "float32")]
-        exact_ms = BatchRunner(tvm.compile(exact_mod, tgt), [], sig).latency_ms()
+        exact_ms = exact_latency_ms(layer, tgt, exact_cache)
         rec["latency"] = {"exact_ms": exact_ms}
         if rec["method"] == "exact":
             continue
-        calls = (kernel_calls or {}).get(layer.name)
-        rewrite_ms = None
-        if executable is not None and calls:
-            rewrite_ms = kernels_latency_ms(executable, calls, tuple(layer.input_shape))
-        source = "model"
-        if rewrite_ms is None:
-            (one,) = graph.find_layers(exact_mod)
-            twin = dataclasses.replace(plan, layer=one)  # the same fitted rewrite on the one-layer module
-            rewritten = rewrite(exact_mod, [twin], schedule)
-            rewrite_ms, source = BatchRunner(tvm.compile(rewritten, tgt), [], sig).latency_ms(), "layer"
+        rewrite_ms, source = rewrite_latency_ms(plan, tgt, executable, (kernel_calls or {}).get(layer.name),
+                                                schedule)
         rec["latency"].update(rewrite_ms=rewrite_ms, rewrite_from=source)
         rec["slower_than_exact"] = bool(rewrite_ms > exact_ms)
         if rewrite_ms > exact_ms:

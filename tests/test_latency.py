@@ -1,4 +1,4 @@
-"""Per-layer latency (``tvm_lut.app.profile``): rewritten layers timed from the model's own build."""
+"""Per-layer latency (``relay_passes.latency``): rewritten layers timed from the model's own build."""
 
 import dataclasses
 
@@ -9,9 +9,9 @@ import tvm
 from torch import nn
 
 import tvm_lut
+from relay_passes import latency
 from relay_passes.rewrite import LayerInput
 from tvm_lut import targets
-from tvm_lut.app import profile
 from tvm_lut.math import pq
 
 
@@ -48,7 +48,7 @@ def test_layer_kernels_from_the_model_build_reproduce_the_layer(kind):
         ["lut_encode_0", "lut_accumulate_0", "lut_dequantize_0"]
     assert [c.name for c in calls] == want
     assert isinstance(calls[0].args[0], LayerInput) and calls[1].args[0] == 0
-    got = profile.run_kernels(ex, calls, example)
+    got = latency.run_kernels(ex, calls, example)
     if kind == "dense":
         ref = res.pq_layers["0"].emulate(example)
     else:
@@ -59,7 +59,7 @@ def test_layer_kernels_from_the_model_build_reproduce_the_layer(kind):
     np.testing.assert_array_equal(got.reshape(example.shape[0], -1),
                                   vm["main"](tvm.runtime.tensor(example)).numpy().reshape(example.shape[0], -1))
 
-    profile.measure_layers(res.plans, "x86", executable=ex, kernel_calls=res.kernel_calls)
+    latency.measure_layers(res.plans, "x86", executable=ex, kernel_calls=res.kernel_calls)
     lat = res.layers[0]["latency"]
     assert lat["rewrite_from"] == "model" and lat["rewrite_ms"] > 0 and lat["exact_ms"] > 0
     assert res.layers[0]["slower_than_exact"] == (lat["rewrite_ms"] > lat["exact_ms"])
@@ -73,17 +73,17 @@ def test_layers_with_other_ops_or_missing_kernels_are_compiled_alone():
     x = np.random.default_rng(1).standard_normal((256, 30)).astype(np.float32)
     res, _, ex = _lutify(nn.Sequential(nn.Linear(30, 48)).eval(), x, x[:16])
     assert res.layers[0]["method"] == "pq" and res.kernel_calls["0"] is None
-    profile.measure_layers(res.plans, "x86", executable=ex, kernel_calls=res.kernel_calls)
+    latency.measure_layers(res.plans, "x86", executable=ex, kernel_calls=res.kernel_calls)
     assert res.layers[0]["latency"]["rewrite_from"] == "layer" and res.layers[0]["latency"]["rewrite_ms"] > 0
 
     y = np.random.default_rng(2).standard_normal((256, 32)).astype(np.float32)
     q, _, ex = _lutify(nn.Sequential(nn.Linear(32, 48)).eval(), y, y[:16])  # q: that run's LUTResult
     renamed = {"0": [dataclasses.replace(c, name=c.name + "_gone") for c in q.kernel_calls["0"]]}
-    assert profile.kernels_latency_ms(ex, renamed["0"], (16, 32)) is None
-    assert profile.run_kernels(ex, renamed["0"], y[:16]) is None
-    profile.measure_layers(q.plans, "x86", executable=ex, kernel_calls=renamed)
+    assert latency.kernels_latency_ms(ex, renamed["0"], (16, 32)) is None
+    assert latency.run_kernels(ex, renamed["0"], y[:16]) is None
+    latency.measure_layers(q.plans, "x86", executable=ex, kernel_calls=renamed)
     assert q.layers[0]["latency"]["rewrite_from"] == "layer"
-    profile.measure_layers(q.plans, "x86", executable=ex, kernel_calls=q.kernel_calls)
+    latency.measure_layers(q.plans, "x86", executable=ex, kernel_calls=q.kernel_calls)
     assert q.layers[0]["latency"]["rewrite_from"] == "model"
 
 
@@ -97,3 +97,22 @@ def test_butterfly_and_lowrank_rewrites_record_no_kernel_chain():
         res = p.run(mod)
         assert res.layers[0]["method"] == method and res.kernel_calls["0"] is None
 
+
+
+def test_exact_layers_of_one_shape_share_one_measurement_compiled_like_the_model(monkeypatch):
+    """``exact_latency_ms`` compiles a layer alone through the model's pipeline (``compile_with_params``,
+    so the conv gets the model's schedules) and times it; two layers of one shape (different weights) share
+    the measurement through the cache, a layer of another shape gets its own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.Conv2d(8, 16, 3, padding=1)).eval()
+    mod = tvm_lut.from_torch(model, torch.zeros(1, 8, 8, 8))
+    from tvm_lut.frontend import graph
+
+    layers = graph.find_layers(mod)
+    compiled = []
+    real = latency.compile_with_params
+    monkeypatch.setattr(latency, "compile_with_params", lambda m, t: compiled.append(1) or real(m, t))
+    cache: dict = {}
+    times = [latency.exact_latency_ms(layer, "x86", cache) for layer in layers]
+    assert len(compiled) == 2 and times[0] == times[1] and all(t > 0 for t in times)

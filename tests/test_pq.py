@@ -111,6 +111,30 @@ def test_batched_kmeans_matches_scikit_learn_quality(rng):
     np.testing.assert_array_equal(cents, again)
 
 
+def test_coarse_to_fine_kmeans_keeps_the_all_rows_quality(rng, monkeypatch):
+    """Above ``KMEANS_COARSE_ROWS`` rows, ``fit_codebooks`` converges on a subsample and finishes with a few
+    Lloyd iterations on every row (``kmeans(init=)``): its reconstruction error on all rows is within 1 %
+    of k-means run to convergence on all of them. Lloyd from ``init`` never raises the inertia it starts at."""
+    rows = (np.maximum(rng.standard_normal((4000, 32)), 0) * rng.gamma(1.0, 1.0, (4000, 1))).astype(np.float32)
+
+    def error(cents):
+        codes = pq.encode(rows, *pq.encoder_operands(cents, "l2"), "l2")
+        recon = np.take_along_axis(cents[None], codes[:, :, None, None].astype(np.int64), axis=2)[:, :, 0]
+        return np.linalg.norm(recon.reshape(len(rows), -1) - rows)
+
+    fast = pq.fit_codebooks(rows, 4, 16, seed=0)
+    monkeypatch.setattr(pq, "KMEANS_COARSE_ROWS", 10 ** 9)  # off: Lloyd to convergence on every row
+    full = pq.fit_codebooks(rows, 4, 16, seed=0)
+    assert not np.array_equal(fast, full) and error(fast) <= 1.01 * error(full)
+    data = rows.reshape(-1, 8, 4).transpose(1, 0, 2).astype(np.float64)
+    start, _ = pq.kmeans(data, 16, seed=0, max_iter=2)
+
+    def inertia(cents):
+        return (((data[:, :, None] - cents[:, None]) ** 2).sum(-1).min(-1)).sum()
+
+    assert inertia(pq.kmeans(data, 16, init=start, max_iter=3)[0]) <= inertia(start) + 1e-9
+
+
 def test_fit_codebooks_needs_k_vectors(rng):
     with pytest.raises(ValueError, match="at least 16 calibration vectors"):
         pq.fit_codebooks(rng.standard_normal((10, 8)).astype(np.float32), 4, 16)

@@ -58,7 +58,7 @@ CONFIGS = {
     "mask max-drop=1, V=4": {"budget": "max-drop=1.0", "v": 4},
     # the mask ranking layers by measured milliseconds saved per point lost (each layer timed exact and as
     # lookups on this host), not by multiplies removed
-    "mask max-drop=1, by latency": {"budget": "max-drop=1.0", "mask_rank": "latency"},
+    "mask max-drop=1 by latency": {"budget": "max-drop=1.0", "mask_rank": "latency"},
     # LUT-NN's learned centroids (benchmarks/learn_centroids.py: soft-PQ fine-tuning distilled from the
     # exact model), compiled with LUTify(codebooks=...) on the fine-tuned weights
     "learned V=9/4": {"learned": True},

@@ -181,3 +181,5 @@ def test_latency_rank_follows_milliseconds_saved_and_drops_layers_no_faster(lene
     assert sc["features.0"]["ms_saved"] == pytest.approx(0.9)
     with pytest.raises(OptionError, match="rank 'speed'"):
         PriorityMask(calib, "max-drop=1", rank="speed")
+    with pytest.raises(OptionError, match="mask_rank='speed'"):
+        LUTify(calib, budget="max-drop=1", mask_rank="speed")

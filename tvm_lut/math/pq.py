@@ -96,7 +96,7 @@ def im2col(
 KMEANS_MAX_ROWS = 4096
 #: Above this many rows k-means first converges on a seeded subsample of this size, then runs at most
 #: ``KMEANS_FINE_ITERS`` Lloyd iterations on all rows from there: Lloyd's late iterations move centroids
-#: little, and on the subsample they cost half as much (the trained ResNet-18's layers: 3-4x faster,
+#: little, and on the subsample they cost half as much (the trained ResNet-18's layers: 1.6-1.9x faster,
 #: error of the reconstruction within 0.1 % of the all-rows run; benchmarks/README.md).
 KMEANS_COARSE_ROWS = 2048
 KMEANS_FINE_ITERS = 10
@@ -129,7 +129,7 @@ def kmeans(data: np.ndarray, k: int, seed: int = 0, max_iter: int = 100,
     lanes = np.arange(v)
     for _ in range(max_iter):
         whole = len(active) == c  # no copy of the data while every subspace still moves
-        xa, ca = (data, cents.copy()) if whole else (data[active], cents[active])
+        xa, ca = (data, cents) if whole else (data[active], cents[active])  # ca is read before cents is set
         labels = _nearest(xa, ca)
         idx = (labels + (np.arange(len(active)) * k)[:, None]).ravel()
         counts = np.bincount(idx, minlength=len(active) * k).reshape(-1, k)

@@ -199,9 +199,14 @@ class _LUTLayer(nn.Module):
     def subspace_major(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         """Input -> subvectors laid out subspace-major, (C, n, V) (zero-padded to C*V), and ``rows``' context:
         the training path's layout (see ``logits``)."""
+        sub, ctx = self._subvectors(x)
+        return sub.transpose(0, 1).contiguous(), ctx
+
+    def _subvectors(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """Input -> (n, C, V) subvectors, zero-padded to C*V, and ``rows``' context."""
         rows, ctx = self.rows(x)
         c, _k, v = self.centroids.shape
-        return F.pad(rows, (0, c * v - self.d)).reshape(-1, c, v).transpose(0, 1).contiguous(), ctx
+        return F.pad(rows, (0, c * v - self.d)).reshape(-1, c, v), ctx
 
     def project(self, recon: torch.Tensor, ctx) -> torch.Tensor:
         """Subspace-major reconstructed subvectors (C, n, V) times the weights plus the bias, in the output
@@ -225,9 +230,7 @@ class _LUTLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():  # inference: exactly the compiled kernel's scores, order and lookup
-            rows, ctx = self.rows(x)
-            c, _k, v = self.centroids.shape
-            sub = F.pad(rows, (0, c * v - self.d)).reshape(-1, c, v)
+            sub, ctx = self._subvectors(x)
             return self.unrows(self.lookup(self.encode(sub)), ctx)
         # training: codes from the differentiable distances (equal to the kernel's up to float near-ties),
         # soft assignment for the backward path, all subspace-major (C, n, .)

@@ -76,6 +76,11 @@ def parse_layer_v(text: str | None) -> dict[str, int]:
     return out
 
 
+def parse_exact(text: str | None) -> list[str]:
+    """``"layers.4,layers.5"`` -> the patterns of the layers ``--exact`` keeps exact (sorted, deduplicated)."""
+    return sorted({p.strip() for p in (text or "").split(",") if p.strip()})
+
+
 def resolve_layer_v(model: torch.nn.Module, spec: dict[str, int], kept: list[str]) -> dict[str, int]:
     """{layer name: V} of ``spec``'s patterns over the model's convertible layers (the longest pattern wins;
     layers kept exact are skipped); a pattern that selects no layer is an error."""
@@ -124,6 +129,9 @@ def tag_of(args) -> str:
     spec = parse_layer_v(args.layer_v)
     if spec:  # per-layer V: a short digest of the patterns (they hold '*' and '?'); learned.json lists them
         tag += "-lv" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
+    exact = parse_exact(args.exact)
+    if exact:
+        tag += "-ex" + hashlib.sha256(json.dumps(exact).encode()).hexdigest()[:8]
     if args.init_from:  # continued from another run: a digest of its directory's name
         name = os.path.basename(os.path.normpath(args.init_from))
         tag += "-from" + hashlib.sha256(name.encode()).hexdigest()[:8]
@@ -160,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-layer subvector lengths, PATTERN=V,...: a layer name, the layers under it or a shell "
                          "pattern (e.g. 'layers.0=3,layers.1=3': V=3, one kernel row per codebook, in the first "
                          "stage; LUTify's int8 encoder covers V=9 and V=3 at 3x3)")
+    ap.add_argument("--exact", default="",
+                    help="layers kept exact (trained as they are, not looked up), PATTERN,...: as --layer-v's "
+                         "patterns (e.g. 'layers.4,layers.5,layers.7': the stages whose tables outgrow the cache, "
+                         "run in int8 by LUTify(exact='int8'))")
     ap.add_argument("--init-from", default="",
                     help="start from an earlier run's directory (its fine-tuned weights and centroids) instead of the "
                          "trained model and k-means; layers whose V differs there restart from k-means. The "
@@ -205,6 +217,10 @@ def main(argv=None) -> int:
     teacher.load_state_dict(torch.load(trained, map_location="cpu"))
     teacher.eval()
     exclude = kept_exact(teacher)
+    if args.exact:  # more layers kept exact: the compiled model runs them exact (in int8 with exact="int8")
+        convertible = [n for n in lutnn.convertible_layers(teacher) if n not in exclude]
+        exclude = sorted(set(exclude) | set(resolve_patterns(convertible, dict.fromkeys(parse_exact(args.exact), 0),
+                                                             "--exact")))
     layer_v = resolve_layer_v(teacher, parse_layer_v(args.layer_v), exclude)
     student, start, start_info = teacher, None, None
     if args.init_from:

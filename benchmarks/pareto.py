@@ -65,6 +65,10 @@ CONFIGS = {
     "learned V=9/4 fp32 encoder": {"learned": True, "encoder": "fp32"},  # the codes training computed
     # the same for a run with per-layer V (``learn_centroids.py --layer-v``): each layer at its codebooks' V
     "learned, per-layer V": {"learned": True},
+    # layers kept exact run as int8 convs (``LUTify(exact="int8")``, the VNNI kernel ``conv_int8``) instead of
+    # fp32: with no lookup at all it is our own int8 build, the reference for what the lookups add
+    "int8 exact, no lookups": {"method": "exact", "exact": "int8"},
+    "mask max-drop=1 by latency, int8 exact": {"budget": "max-drop=1.0", "mask_rank": "latency", "exact": "int8"},
 }
 QUICK = ("V=9/4 (LUT-NN)", "V=9/4 int8 encoder", "V=4", "mask max-drop=1")
 KEEP = {"conv1": "exact"}
@@ -187,6 +191,8 @@ def build(args, cache: str) -> dict:
         # the mask measures accuracy on held-out labelled calibration rows; the others need the inputs only
         calib = {"x": train_x, "labels": train_y} if "budget" in opts else {"x": train_x}
         layers = layer_options(src[1], opts.pop("layer_v", {}))
+        if run:  # the layers the run trained exact (learn_centroids.py --exact) stay exact, not k-means lookups
+            layers.update({n: "exact" for n in entry["learned"].get("exclude", []) if n not in opts["codebooks"]})
         res1 = LUTify(calib, layers=layers, target=target, progress=False, **opts).run(src[1])
         ex1, p1 = compile_with_params(res1.module, target)
         entry["build_s"] = time.time() - t0
@@ -237,11 +243,12 @@ def load_learned(args, path: str | None = None) -> dict:
 def instruction_bound(layers: list[dict]) -> dict:
     """The counted bound of a build (``tvm_lut.math.cost.instruction_bound``), per sample: 512-bit vector
     instructions of its conv/dense layers (lookup layers with today's fp32 encoder and with int8 encoder
-    scores; exact layers as fp32 FMAs, 16 lanes) against the same layers as ONNX Runtime's int8 VNNI GEMM."""
+    scores; exact layers as fp32 FMAs, 16 lanes, or, as the ``int8`` method builds them, ``vpdpbusd`` on a
+    kernel row's KW taps in 4 bytes) against the same layers as ONNX Runtime's int8 VNNI GEMM."""
     from tvm_lut.math import cost
 
     out = {"int8_gemm": 0.0, "lut_fp32_encoder": 0.0, "lut_int8_encoder": 0.0, "lut_as_built": 0.0, "exact_fp32": 0.0,
-           "layers": []}
+           "exact_int8": 0.0, "layers": []}
     for r in layers:
         if not r.get("d") or not r.get("m"):
             continue
@@ -256,11 +263,14 @@ def instruction_bound(layers: list[dict]) -> dict:
             out["lut_as_built"] += (q if r.get("encoder") == "int8" else f)["lut_total"]  # each layer's encoder
             out["layers"].append({"name": r["name"], "m": m, "v": r["v"], "encoder": r.get("encoder", "fp32"),
                                   "ratio_fp32_encoder": f["ratio"], "ratio_int8_encoder": q["ratio"]})
+        elif r["method"] == "int8":  # 4 bytes per kernel row of KW taps: 4/KW of the GEMM's instructions
+            out["exact_int8"] += gemm * 4 / (r["conv"]["kernel_hw"][1] if r.get("conv") else 4)
         else:
             out["exact_fp32"] += 4 * gemm  # fp32 FMAs: 16 lanes, not 64
+    exact = out["exact_fp32"] + out["exact_int8"]
     for enc in ("fp32", "int8"):
-        out[f"ratio_{enc}_encoder"] = (out[f"lut_{enc}_encoder"] + out["exact_fp32"]) / out["int8_gemm"]
-    out["ratio_as_built"] = (out["lut_as_built"] + out["exact_fp32"]) / out["int8_gemm"]
+        out[f"ratio_{enc}_encoder"] = (out[f"lut_{enc}_encoder"] + exact) / out["int8_gemm"]
+    out["ratio_as_built"] = (out["lut_as_built"] + exact) / out["int8_gemm"]
     return out
 
 
@@ -420,7 +430,8 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
               "512-bit vector instructions the conv/dense layers must issue at best (tvm_lut.math.cost."
               "instruction_bound), as a ratio to the same layers as int8 VNNI GEMM (< 1: lookup can win). "
               "Lookup layers all with the fp32 encoder, all with int8 encoder scores, and as built (each "
-              "layer's own encoder); exact layers as fp32.", "",
+              "layer's own encoder); exact layers as fp32 FMAs, or, where built as int8 convs, 4/KW of the "
+              "GEMM's instructions (one 4-byte word per kernel row of KW taps).", "",
               "| build | lookup+exact / int8, fp32 encoder | int8 encoder | as built | widest lookup layer ratio | "
               "narrowest |", "|---|---|---|---|---|---|"]
     for e in plan["configs"]:

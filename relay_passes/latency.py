@@ -39,7 +39,10 @@ from tvm import relax
 from tvm_lut.frontend import graph
 from tvm_lut.runtime.build import BatchRunner, compile_with_params, median_ms, resolve_target
 
-from .rewrite import KernelCall, LayerInput, rewrite
+from . import methods  # noqa: F401  (registers the built-in methods: the int8 one times exact layers)
+from . import registry
+from .registry import KeepExact
+from .rewrite import KernelCall, LayerInput, Plan, rewrite
 
 log = logging.getLogger("tvm_lut")
 
@@ -130,18 +133,35 @@ def _signature(layer: graph.Layer) -> tuple:
     return layer.kind, tuple(layer.input_shape), tuple(np.shape(layer.weight)), conv, layer.bias is None
 
 
-def exact_latency_ms(layer: graph.Layer, target="x86", cache: dict | None = None) -> float:
+def exact_latency_ms(layer: graph.Layer, target="x86", cache: dict | None = None, exact: str = "fp32") -> float:
     """The layer alone, exact, compiled as the model's build compiles it (``compile_with_params``: the same
     fusion and conv/matmul schedules), timed (ms). ``cache`` shares one measurement between layers of one
-    shape (a ResNet's repeated blocks)."""
-    key = (_signature(layer), str(resolve_target(target)))
+    shape (a ResNet's repeated blocks). ``exact="int8"``: as ``LUTify(exact="int8")`` builds a layer kept
+    exact, the ``int8`` method where it applies (else fp32)."""
+    key = (_signature(layer), str(resolve_target(target)), exact)
     if cache is not None and key in cache:
         return cache[key]
-    ex, params = compile_with_params(single_layer_module(layer), target)
-    ms = BatchRunner(ex, [v for _, v in params], [("x", tuple(layer.input_shape), "float32")]).latency_ms()
+    plan = _int8_plan(layer, target) if exact == "int8" else None
+    if plan is not None:
+        ms, _ = rewrite_latency_ms(plan, target)
+    else:
+        ex, params = compile_with_params(single_layer_module(layer), target)
+        ms = BatchRunner(ex, [v for _, v in params], [("x", tuple(layer.input_shape), "float32")]).latency_ms()
     if cache is not None:
         cache[key] = ms
     return ms
+
+
+def _int8_plan(layer: graph.Layer, target) -> Plan | None:
+    """The layer as the ``int8`` method runs it (its time does not depend on the input scale: fitted on a
+    unit range), or None where that method does not apply."""
+    method = registry.get("int8")
+    plan = Plan(layer, {"name": layer.name, "method": "int8"})
+    try:
+        method.fit_layer(plan, target, np.ones(1, np.float32))
+    except KeepExact:
+        return None
+    return plan
 
 
 def rewrite_latency_ms(plan, target="x86", executable=None, calls: list[KernelCall] | None = None,

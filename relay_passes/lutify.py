@@ -102,6 +102,11 @@ class LUTify:
         it, a mask left on the module by an earlier ``PriorityMask`` pass is obeyed.
     mask_rank : how the mask ranks layers: ``"multiplies"`` (default) removed, or ``"latency"``: the time
         each layer's lookup saves, measured on the host (``PriorityMask(rank=)``).
+    exact : the arithmetic of the conv layers that stay exact (by the mask, by request, or because lookup
+        would not pay): ``"fp32"`` (default) or ``"int8"``, the ``int8`` method (ONNX Runtime's static
+        int8 quantization of the layer, on the VNNI kernel ``tir_schedules.conv_int8``) where it applies;
+        a layer it does not apply to stays fp32 and its record says why. Any layer can also be named
+        ``{"method": "int8"}`` in ``layers``.
     options : all of the above as one ``LUTifyOptions`` (validated when made); keyword arguments given
         with it replace its fields.
 
@@ -131,8 +136,9 @@ class LUTify:
         if o.budget is not None:
             local = targets.resolve(o.target).local().tvm  # the mask measures accuracy here
             pm = PriorityMask(self.calibration, o.budget, labels=o.labels, seed=o.seed, target=local,
-                              progress=o.progress, rank=o.mask_rank, k=o.k, v=o.v, distance=o.distance, layers=o.layers,
-                              codebooks=o.codebooks, max_calibration_rows=o.max_calibration_rows)
+                              progress=o.progress, rank=o.mask_rank, exact=o.exact, k=o.k, v=o.v,
+                              distance=o.distance, layers=o.layers, codebooks=o.codebooks,
+                              max_calibration_rows=o.max_calibration_rows)
             masked = pm.run(mod)
             mod = masked.module
             fitted.update(masked.pq_layers)

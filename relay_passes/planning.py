@@ -62,6 +62,7 @@ class LUTifyOptions:
     budget: object = None
     labels: object = None
     mask_rank: str = "multiplies"
+    exact: str = "fp32"
     database: str | None = None
 
     def __post_init__(self):
@@ -83,6 +84,8 @@ class LUTifyOptions:
                     registry.get(o.method)
                 except OptionError as e:
                     raise OptionError(f"layer {n!r}: {e}" if n else str(e)) from None
+        if self.exact not in ("fp32", "int8"):
+            raise OptionError(f"exact={self.exact!r}; choose 'fp32' or 'int8'")
         if self.mask_rank not in ("latency", "multiplies"):
             raise OptionError(f"mask_rank={self.mask_rank!r}; choose 'latency' or 'multiplies'")
         if self.budget is not None and self.method != "pq":
@@ -237,9 +240,25 @@ class Planner:
                              f"multiplies per row vs D*M={layer.d * layer.m} exact; force with all_layers")
         else:
             rec["method"] = "pq"
+        if rec["method"] == "exact" and self.options.exact == "int8":
+            return self._int8(layer, rec)
         if rec["method"] == "exact":
             log.info("layer %s stays exact: %s", layer.name, rec["reason"])
         return Plan(layer, rec)
+
+    def _int8(self, layer: graph.Layer, rec: dict) -> Plan:
+        """A layer that stays exact, with ``exact="int8"``: the ``int8`` method when it applies to the layer
+        on the target (its fit may still keep it in fp32, with the reason), else fp32 with the reason."""
+        plan = Plan(layer, rec)
+        why = registry.get("int8").refusal(plan, self.target)
+        if why is not None:
+            rec["reason"] = f"{rec['reason']}; fp32, not int8: {why}"
+            log.info("layer %s stays exact: %s", layer.name, rec["reason"])
+            return plan
+        for key in ("k", "v", "c", "distance"):
+            rec.pop(key, None)
+        rec.update(method="int8", exact_reason=rec.pop("reason"))
+        return plan
 
     def _fit_sequential(self, mod, found: list, todo: list[Plan], inputs) -> None:
         """Fit layers in program order, each on its inputs in the model with earlier layers converted.

@@ -126,16 +126,22 @@ class PriorityMask:
     rank : ``"latency"``: gain is the measured time a layer's lookup saves on ``target`` (a few seconds of
         compiling and timing per distinct layer shape); ``"multiplies"`` (default): the multiplies it
         removes (nothing timed; blind to table traffic and encoder cost).
+    exact : how the layers kept exact will run (``LUTify(exact=)``): with ``"int8"`` a lookup's gain is
+        measured against the layer's int8 kernel where it applies, not its fp32 conv.
     lutify_options : passed to the ``planning.Planner`` fit (``k``, ``v``, ``distance``, ``layers``, ``codebooks``...).
     """
 
     RANKS = ("latency", "multiplies")
 
     def __init__(self, calibration, budget, *, labels=None, validation: float = 0.3, max_validation: int = 512,
-                 seed: int = 0, target="x86", progress: bool = True, rank: str = "multiplies", **lutify_options):
+                 seed: int = 0, target="x86", progress: bool = True, rank: str = "multiplies", exact: str = "fp32",
+                 **lutify_options):
         if rank not in self.RANKS:
             raise OptionError(f"rank {rank!r}: expected one of {', '.join(self.RANKS)}")
+        if exact not in ("fp32", "int8"):
+            raise OptionError(f"exact={exact!r}; choose 'fp32' or 'int8'")
         self.rank = rank
+        self.exact = exact
         self.calibration = calibration
         self.budget = Budget.parse(budget)
         self.labels = labels
@@ -285,7 +291,7 @@ class PriorityMask:
         saved = {}
         for nm, p in tqdm(plans.items(), desc="layer latency", unit="layer",
                           disable=None if self.progress else True, leave=False):
-            exact_ms = latency.exact_latency_ms(p.layer, tgt, exact_cache)
+            exact_ms = latency.exact_latency_ms(p.layer, tgt, exact_cache, self.exact)
             lookup_ms, _ = latency.rewrite_latency_ms(p, tgt, executable, calls.get(nm))
             scores[nm].update(exact_ms=exact_ms, lookup_ms=lookup_ms, ms_saved=exact_ms - lookup_ms)
             saved[nm] = exact_ms - lookup_ms

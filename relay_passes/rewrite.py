@@ -23,7 +23,7 @@ import tir_schedules
 from tir_schedules import kernels, tuning
 from tvm_lut import targets
 from tvm_lut.frontend import graph
-from tvm_lut.math import butterfly as bf, cost, distances, lowrank as lr, pq
+from tvm_lut.math import butterfly as bf, cost, lowrank as lr, pq
 
 from . import registry
 
@@ -130,6 +130,13 @@ def account(p: Plan) -> None:
     r["exact_params"] = layer.d * layer.m + (layer.m if has_bias else 0)
     if r["method"] != "exact":
         registry.get(r["method"]).account(p)
+
+
+def conv_input(layer: graph.Layer) -> kernels.ConvInput:
+    """A conv layer's input as the kernels that read it in place see it (shape, kernel, stride, padding)."""
+    cv = layer.conv
+    return kernels.ConvInput(tuple(layer.input_shape), tuple(cv["kernel_hw"]), tuple(cv["strides"]),
+                             tuple(cv["padding"]), tuple(cv["dilation"]))
 
 
 def ident(name: str) -> str:

@@ -116,3 +116,26 @@ def test_exact_layers_of_one_shape_share_one_measurement_compiled_like_the_model
     cache: dict = {}
     times = [latency.exact_latency_ms(layer, "x86", cache) for layer in layers]
     assert len(compiled) == 2 and times[0] == times[1] and all(t > 0 for t in times)
+
+
+def test_exact_int8_times_the_int8_kernel_where_it_applies(monkeypatch):
+    """``exact="int8"`` (``LUTify(exact="int8")``'s kept layers, what the latency-ranked mask measures a
+    lookup against): an eligible conv is timed as the ``int8`` method's kernel, compiled alone; a conv the
+    kernel cannot run (M=24 is not a multiple of 16) is timed as the fp32 conv; int8 and fp32 timings of
+    one shape are cached apart."""
+    from relay_passes.methods.int8 import REQUIRED_ISA
+    from tvm_lut.frontend import graph
+
+    if not set(REQUIRED_ISA) <= set(targets.resolve("x86").instruction_sets()):
+        pytest.skip("host has no AVX-512 VBMI + VNNI (the int8 conv's target)")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.Conv2d(32, 24, 3, padding=1)).eval()
+    eligible, other = graph.find_layers(tvm_lut.from_torch(model, torch.zeros(1, 8, 16, 16)))
+    rewritten = []
+    real = latency.rewrite_latency_ms
+    monkeypatch.setattr(latency, "rewrite_latency_ms", lambda p, t: rewritten.append(p.method) or real(p, t))
+    cache: dict = {}
+    t8 = latency.exact_latency_ms(eligible, "x86", cache, "int8")
+    assert rewritten == ["int8"] and t8 > 0
+    assert latency.exact_latency_ms(other, "x86", cache, "int8") > 0 and rewritten == ["int8"]
+    assert latency.exact_latency_ms(eligible, "x86", cache) > 0 and len(cache) == 3

@@ -27,7 +27,7 @@ from tvm_lut.frontend import graph
 from tvm_lut.math import cost, distances, pq
 
 from ..registry import RewriteMethod, register
-from ..rewrite import LookupEmitter, Plan, ident
+from ..rewrite import LookupEmitter, Plan, conv_input, ident
 
 log = logging.getLogger("tvm_lut")
 
@@ -94,12 +94,6 @@ class PQMethod(RewriteMethod):
 register(PQMethod())
 
 
-def _conv_input(layer: graph.Layer) -> kernels.ConvInput:
-    cv = layer.conv
-    return kernels.ConvInput(tuple(layer.input_shape), tuple(cv["kernel_hw"]), tuple(cv["strides"]),
-                             tuple(cv["padding"]), tuple(cv["dilation"]))
-
-
 def _int8_refusal(plan: Plan, planner) -> str | None:
     """None when the layer gets the int8 encoder (``encoder="int8"`` asked, and it applies), else why not."""
     if planner.options.encoder != "int8":
@@ -114,7 +108,7 @@ def _int8_refusal(plan: Plan, planner) -> str | None:
     isa = next((i for i in shuffle.ISAS if kernel == f"shuffle-{i.name}"), None)
     if isa is None or not isa.grouped:
         return f"the {kernel} lookup (the int8 encoder writes the AVX-512 VBMI + VNNI grouped layout)"
-    return encode_int8.eligible(_conv_input(layer), pq.num_subspaces(layer.d, r["v"]), r["k"], r["v"])
+    return encode_int8.eligible(conv_input(layer), pq.num_subspaces(layer.d, r["v"]), r["k"], r["v"])
 
 
 def codebook_entry(name: str, entry, default_distance: str) -> tuple[np.ndarray, str]:
@@ -209,7 +203,7 @@ def _emit_shuffle(em: LookupEmitter, plan: Plan, x, as_output: bool):
     # the grouped kernel transposes 4 outputs at a time in registers; the nibble kernel stores from a tile
     pairs, mb = shuffle.padded_pairs(c), shuffle.tile_for(isa, rows_major)
     if q.int8 is not None:  # the VNNI encoder (``encoder="int8"``; only layers it applies to carry operands)
-        conv = _conv_input(layer)
+        conv = conv_input(layer)
         enc = em.kernel(("encode-int8", isa.name, conv.shape, conv.kernel_hw, conv.strides, conv.padding, conv.dilation,
                          c, k, q.v, lanes),
                         f"lut_encode_{tag}", lambda: encode_int8.encode_conv_int8(conv, c, k, lanes, q.v))
@@ -256,7 +250,7 @@ def _emit_fp32_encoder(em: LookupEmitter, plan: Plan, x, isa, lanes: int, pairs:
     c, k, v = q.num_codebooks, q.k, q.v
     cents, offsets = q.encoder_operands()
     if layer.kind == "conv2d" and not distances.get(q.distance).multiplier_free:
-        conv = _conv_input(layer)
+        conv = conv_input(layer)
         src = x
     else:
         conv, src = None, em.rows(plan, x, c * v)

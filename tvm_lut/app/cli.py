@@ -81,6 +81,7 @@ def cmd_compile(args) -> int:
             raise CalibrationError(f"--budget {args.budget} needs a 'labels' array in {args.calib} "
                                    "(or use --budget max-disagree=POINTS or min-removed=FRACTION)")
     kwargs["mask_rank"] = args.mask_rank
+    kwargs["exact"] = args.exact
     kwargs["lookup"] = args.lookup
     kwargs["encoder"] = args.encoder
     if args.db:
@@ -275,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the priority mask ranks layers for --budget: accuracy lost per multiply removed "
                         "(default), or per millisecond saved, each layer's lookup and exact form timed on this host "
                         "(a layer whose lookup is no faster stays exact)")
+    c.add_argument("--exact", default="fp32", choices=["fp32", "int8"],
+                   help="arithmetic of the conv layers that stay exact (kept by the mask, requested, or too narrow to "
+                        "pay): fp32 (default) or int8, ONNX Runtime's static int8 quantization of the layer on a VNNI "
+                        "kernel (AVX-512 VBMI + VNNI; elsewhere, and for dense layers, fp32 with the reason)")
     c.add_argument("--codebooks", default=None, metavar="FILE.npz",
                    help="learned centroids by layer name (tvm_lut.train.lutnn.save_codebooks)")
     c.add_argument("--batch", type=int, default=1, help="batch size for a symbolic leading input dim (ONNX, dynamic .pt2)")

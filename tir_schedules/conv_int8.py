@@ -24,7 +24,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from tir_schedules.encode_int8 import LANES, SLACK, lane_offsets
+from tir_schedules.encode_int8 import LANES, lane_offsets, padded_bytes, quantize_padded
 from tir_schedules.kernels import ConvInput, opaque_kernel
 from tvm_lut.targets.isa import DOT_INTRINSIC
 
@@ -66,16 +66,15 @@ def conv2d_int8(conv: ConvInput, m: int) -> tirx.PrimFunc:
     bsz, ci_n, h, w = conv.shape
     kh, kw = conv.kernel_hw
     dh, dw = conv.dilation
-    pt, pl = conv.padding[0], conv.padding[1]
     hp, wp = conv.padded_hw
     oh, ow = conv.out_hw
     sh, sw = conv.strides
     pixels = oh * ow  # per image: a multiple of 16 (lane_offsets)
     plane = hp * wp
-    flat = -(-(bsz * ci_n * plane + SLACK) // 64) * 64
+    flat = padded_bytes(conv)
+    quantize = quantize_padded(conv)
     offs = lane_offsets(conv)
     idx = [offs[j] + e * dw for j in range(LANES) for e in range(4)]
-    inner = 16 if w % 16 == 0 else w
     nb, mb = bsz * pixels // LANES, m // BLOCK
 
     def first_tap(p0):
@@ -100,15 +99,7 @@ def conv2d_int8(conv: ConvInput, m: int) -> tirx.PrimFunc:
         y: T.Buffer((bsz, m, pixels), "float32"),
     ):
         xq = T.alloc_buffer((flat,), "uint8")
-        for z in T.serial(flat // 64):  # padding at the zero point (the quantized 0.0)
-            xq[T.Ramp(z * 64, 1, 64)] = T.Broadcast(T.Cast("uint8", T.Cast("int32", qparams[1])), 64)
-        for b_, ci, yy, x0 in T.grid(bsz, ci_n, h, w // inner):
-            # clip(rint(x * inv_scale) + zero_point, 0, 255), clipped in float first (int8_scores)
-            xq[T.Ramp(((b_ * ci_n + ci) * hp + yy + pt) * wp + pl + x0 * inner, 1, inner)] = T.Cast(
-                f"uint8x{inner}", T.Cast(f"int32x{inner}", T.max(T.min(
-                    T.nearbyint(x[b_, ci, yy, T.Ramp(x0 * inner, 1, inner)] * T.Broadcast(qparams[0], inner)),
-                    T.Broadcast(T.float32(255) - qparams[1], inner)), T.Broadcast(-qparams[1], inner)))
-                + T.Broadcast(T.Cast("int32", qparams[1]), inner))
+        quantize(x, qparams, xq)
         for pb in T.parallel(nb):
             for ob in T.serial(mb):
                 acc = T.alloc_buffer((BLOCK * LANES,), "int32", scope="local")

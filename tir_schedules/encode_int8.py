@@ -107,6 +107,40 @@ def centroid_operands(cq, kernel_hw: tuple[int, int]):
     return np.ascontiguousarray(b).view(np.int32)[..., 0]
 
 
+def padded_bytes(conv: ConvInput) -> int:
+    """Bytes of the quantized, zero-point-padded copy of ``conv``'s input (``quantize_padded``), with the
+    slack a last 64-byte load may read past it, rounded up to 64."""
+    hp, wp = conv.padded_hw
+    return -(-(conv.shape[0] * conv.shape[1] * hp * wp + SLACK) // 64) * 64
+
+
+def quantize_padded(conv: ConvInput):
+    """A TVMScript macro ``quantize(x, qparams, xq)``: ``conv``'s float32 input ``x`` (B, C, H, W) into the flat
+    uint8 buffer ``xq`` (``padded_bytes``), planes of the padded map, padding at the zero point (the
+    quantized 0.0): ``clip(rint(x * inv_scale) + zero_point, 0, 255)``, ``qparams = (inv_scale,
+    zero_point)``. The kernels that read a quantized input in place (this encoder, ``conv_int8``) share it."""
+    bsz, ci_n, h, w = conv.shape
+    pt, pl = conv.padding[0], conv.padding[1]
+    hp, wp = conv.padded_hw
+    flat = padded_bytes(conv)
+    inner = 16 if w % 16 == 0 else w  # quantize a row in vectors of this many pixels
+
+    @T.macro
+    def quantize(x, qparams, xq):
+        for z in T.serial(flat // 64):  # padding at the zero point (the quantized 0.0)
+            xq[T.Ramp(z * 64, 1, 64)] = T.Broadcast(T.Cast("uint8", T.Cast("int32", qparams[1])), 64)
+        for b_, ci, y, x0 in T.grid(bsz, ci_n, h, w // inner):
+            # clipped in float before the conversion (so a value far outside int32 cannot overflow it),
+            # then shifted by the zero point: clip(rint(x * inv_scale) + zero_point, 0, 255)
+            xq[T.Ramp(((b_ * ci_n + ci) * hp + y + pt) * wp + pl + x0 * inner, 1, inner)] = T.Cast(
+                f"uint8x{inner}", T.Cast(f"int32x{inner}", T.max(T.min(
+                    T.nearbyint(x[b_, ci, y, T.Ramp(x0 * inner, 1, inner)] * T.Broadcast(qparams[0], inner)),
+                    T.Broadcast(T.float32(255) - qparams[1], inner)), T.Broadcast(-qparams[1], inner)))
+                + T.Broadcast(T.Cast("int32", qparams[1]), inner))
+
+    return quantize
+
+
 def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int, v: int | None = None) -> tirx.PrimFunc:
     """The kernel (module docstring): x (B, CI, H, W) float32, qparams (2,) float32 = (inv_scale,
     zero_point), centroid words (C, R, K) int32 (``centroid_operands``), offsets (C, K) int32 ->
@@ -126,19 +160,17 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int, v: int | 
     bsz, ci_n, h, w = conv.shape
     kh, kw = conv.kernel_hw
     dh, dw = conv.dilation
-    pt, pl = conv.padding[0], conv.padding[1]
     hp, wp = conv.padded_hw
     oh, ow = conv.out_hw
     sh, sw = conv.strides
     n = conv.rows
     plane = hp * wp
-    flat = bsz * ci_n * plane + SLACK
-    flat = -(-flat // 64) * 64
+    flat = padded_bytes(conv)
+    quantize = quantize_padded(conv)
     nb, groups, sub = -(-n // pack_lanes), c // 4, pack_lanes // LANES
     offs = lane_offsets(conv)
     # vpermb index: lane j's 4 bytes are the 4 taps of its pixel's kernel row
     idx = [offs[j] + e * dw for j in range(LANES) for e in range(4)]
-    inner = 16 if w % 16 == 0 else w  # quantize a row in vectors of this many pixels
 
     def first_tap(r0):
         """Flat offset (channel 0) of output pixel ``r0``'s first tap in the padded copy."""
@@ -192,16 +224,7 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int, v: int | 
         packed: T.Buffer((nb, groups, 4 * pack_lanes), "uint8"),
     ):
         xq = T.alloc_buffer((flat,), "uint8")
-        for z in T.serial(flat // 64):  # padding at the zero point (the quantized 0.0)
-            xq[T.Ramp(z * 64, 1, 64)] = T.Broadcast(T.Cast("uint8", T.Cast("int32", qparams[1])), 64)
-        for b_, ci, y, x0 in T.grid(bsz, ci_n, h, w // inner):
-            # clipped in float before the conversion (so a value far outside int32 cannot overflow it),
-            # then shifted by the zero point: clip(rint(x * inv_scale) + zero_point, 0, 255)
-            xq[T.Ramp(((b_ * ci_n + ci) * hp + y + pt) * wp + pl + x0 * inner, 1, inner)] = T.Cast(
-                f"uint8x{inner}", T.Cast(f"int32x{inner}", T.max(T.min(
-                    T.nearbyint(x[b_, ci, y, T.Ramp(x0 * inner, 1, inner)] * T.Broadcast(qparams[0], inner)),
-                    T.Broadcast(T.float32(255) - qparams[1], inner)), T.Broadcast(-qparams[1], inner)))
-                + T.Broadcast(T.Cast("int32", qparams[1]), inner))
+        quantize(x, qparams, xq)
         for rb in T.parallel(nb):
             for s in T.serial(sub):
                 if rb * pack_lanes + s * LANES < n:

@@ -24,9 +24,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from tir_schedules.encode_int8 import LANES, lane_offsets, padded_bytes, quantize_padded
+from tir_schedules.encode_int8 import LANES, QuantizedInput, lane_offsets
 from tir_schedules.kernels import ConvInput, opaque_kernel
-from tvm_lut.targets.isa import DOT_INTRINSIC
 
 BLOCK = 16  # output channels whose accumulators stay in registers over the input channels
 
@@ -64,30 +63,12 @@ def conv2d_int8(conv: ConvInput, m: int) -> tirx.PrimFunc:
     if why is not None:
         raise ValueError(f"the int8 conv does not apply: {why}")
     bsz, ci_n, h, w = conv.shape
-    kh, kw = conv.kernel_hw
-    dh, dw = conv.dilation
-    hp, wp = conv.padded_hw
+    kh = conv.kernel_hw[0]
     oh, ow = conv.out_hw
-    sh, sw = conv.strides
     pixels = oh * ow  # per image: a multiple of 16 (lane_offsets)
-    plane = hp * wp
-    flat = padded_bytes(conv)
-    quantize = quantize_padded(conv)
-    offs = lane_offsets(conv)
-    idx = [offs[j] + e * dw for j in range(LANES) for e in range(4)]
     nb, mb = bsz * pixels // LANES, m // BLOCK
-
-    def first_tap(p0):
-        """Flat offset (channel 0) of output pixel ``p0``'s first tap in the padded copy."""
-        return (p0 // pixels) * ci_n * plane + (p0 % pixels) // ow * sh * wp + p0 % ow * sw
-
-    def shuffled(xq, base):
-        raw = xq[tirx.Ramp(base, 1, 64)]
-        return tirx.Shuffle([raw], [tirx.const(i, "int32") for i in idx])
-
-    def dot(acc, xs, word):
-        return tirx.call_llvm_pure_intrin("int32x16", DOT_INTRINSIC, acc, tirx.reinterpret("int8x64", xs),
-                                          tirx.reinterpret("int8x64", tirx.Broadcast(word, LANES)))
+    reader = QuantizedInput(conv)
+    flat, quantize, dot = reader.nbytes, reader.quantize, reader.dot
 
     @T.prim_func(private=True)
     def func(
@@ -101,13 +82,14 @@ def conv2d_int8(conv: ConvInput, m: int) -> tirx.PrimFunc:
         xq = T.alloc_buffer((flat,), "uint8")
         quantize(x, qparams, xq)
         for pb in T.parallel(nb):
+            first = T.bind(reader.first_tap(pb * LANES))
             for ob in T.serial(mb):
                 acc = T.alloc_buffer((BLOCK * LANES,), "int32", scope="local")
                 for j in T.unroll(BLOCK):
                     acc[T.Ramp(j * LANES, 1, LANES)] = T.Broadcast(T.int32(0), LANES)
                 for ci in T.serial(ci_n):
                     for r in T.unroll(kh):
-                        xs = T.bind(shuffled(xq, first_tap(pb * LANES) + ci * plane + r * dh * wp))
+                        xs = T.bind(reader.row(xq, first + ci * reader.plane + r * reader.row_stride))
                         for j in T.unroll(BLOCK):
                             acc[T.Ramp(j * LANES, 1, LANES)] = dot(acc[T.Ramp(j * LANES, 1, LANES)], xs,
                                                                    wts[ob, ci, r, j])

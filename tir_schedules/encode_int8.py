@@ -141,6 +141,44 @@ def quantize_padded(conv: ConvInput):
     return quantize
 
 
+class QuantizedInput:
+    """How the int8 kernels read a conv's input in place (this encoder and ``conv_int8``): the padded uint8
+    copy (``nbytes``, filled by the ``quantize`` macro), 16 output pixels' first taps (``first_tap``), one
+    kernel row's taps of them in the int32 lanes (``row``) and the ``vpdpbusd`` that multiplies those bytes
+    by a broadcast 4-byte word (``dot``)."""
+
+    def __init__(self, conv: ConvInput):
+        self.conv = conv
+        self.nbytes = padded_bytes(conv)
+        self.quantize = quantize_padded(conv)
+        hp, wp = conv.padded_hw
+        self.plane = hp * wp  # bytes per channel
+        self.row_stride = conv.dilation[0] * wp  # bytes from one kernel row's taps to the next's
+        # vpermb index: lane j's 4 bytes are the 4 taps of its pixel's kernel row
+        offs = lane_offsets(conv)
+        self._index = [tirx.const(offs[j] + e * conv.dilation[1], "int32") for j in range(LANES) for e in range(4)]
+
+    def first_tap(self, p0):
+        """Offset of output pixel ``p0``'s first tap (channel 0) in the padded copy; ``p0`` counts the
+        pixels of all images."""
+        _, ci_n, _, _ = self.conv.shape
+        oh, ow = self.conv.out_hw
+        sh, sw = self.conv.strides
+        wp = self.conv.padded_hw[1]
+        return (p0 // (oh * ow)) * ci_n * self.plane + (p0 % (oh * ow)) // ow * sh * wp + p0 % ow * sw
+
+    def row(self, xq, base):
+        """The 64 bytes ``vpdpbusd`` multiplies for one kernel row whose first taps start at ``base``: lane j =
+        taps 0..3 of pixel j (one 64-byte load, one ``vpermb``)."""
+        return tirx.Shuffle([xq[tirx.Ramp(base, 1, 64)]], self._index)
+
+    @staticmethod
+    def dot(acc, xs, word):
+        """``acc`` (int32x16) plus, per lane, the 4 products of its bytes of ``xs`` with the 4 bytes of ``word``."""
+        return tirx.call_llvm_pure_intrin("int32x16", DOT_INTRINSIC, acc, tirx.reinterpret("int8x64", xs),
+                                          tirx.reinterpret("int8x64", tirx.Broadcast(word, LANES)))
+
+
 def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int, v: int | None = None) -> tirx.PrimFunc:
     """The kernel (module docstring): x (B, CI, H, W) float32, qparams (2,) float32 = (inv_scale,
     zero_point), centroid words (C, R, K) int32 (``centroid_operands``), offsets (C, K) int32 ->
@@ -158,32 +196,10 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int, v: int | 
     if pack_lanes % LANES:
         raise ValueError(f"pack_lanes must be a multiple of {LANES}, got {pack_lanes}")
     bsz, ci_n, h, w = conv.shape
-    kh, kw = conv.kernel_hw
-    dh, dw = conv.dilation
-    hp, wp = conv.padded_hw
-    oh, ow = conv.out_hw
-    sh, sw = conv.strides
     n = conv.rows
-    plane = hp * wp
-    flat = padded_bytes(conv)
-    quantize = quantize_padded(conv)
+    reader = QuantizedInput(conv)
+    plane, flat, quantize, dot = reader.plane, reader.nbytes, reader.quantize, reader.dot
     nb, groups, sub = -(-n // pack_lanes), c // 4, pack_lanes // LANES
-    offs = lane_offsets(conv)
-    # vpermb index: lane j's 4 bytes are the 4 taps of its pixel's kernel row
-    idx = [offs[j] + e * dw for j in range(LANES) for e in range(4)]
-
-    def first_tap(r0):
-        """Flat offset (channel 0) of output pixel ``r0``'s first tap in the padded copy."""
-        return (r0 // (oh * ow)) * ci_n * plane + (r0 % (oh * ow)) // ow * sh * wp + r0 % ow * sw
-
-    def shuffled(xq, base):
-        """The 64 bytes ``vpdpbusd`` multiplies for one kernel row: lane j = taps 0..3 of pixel j."""
-        raw = xq[tirx.Ramp(base, 1, 64)]
-        return tirx.Shuffle([raw], [tirx.const(i, "int32") for i in idx])
-
-    def dot(acc, xs, word):
-        return tirx.call_llvm_pure_intrin("int32x16", DOT_INTRINSIC, acc, tirx.reinterpret("int8x64", xs),
-                                          tirx.reinterpret("int8x64", tirx.Broadcast(word, LANES)))
 
     def vec(value: int):
         """An int32 constant vector (``value`` taken modulo 2^32, as a bit pattern)."""
@@ -195,8 +211,8 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int, v: int | 
         if per_channel == 1:
             first = base + cb * plane
         else:  # codebook ci*KH + ky: input channel ci's kernel row ky
-            first = base + (cb // per_channel) * plane + (cb % per_channel) * (rpc * dh * wp)
-        xs = [T.bind(shuffled(xq, first + r * dh * wp)) for r in range(rpc)]
+            first = base + (cb // per_channel) * plane + (cb % per_channel) * (rpc * reader.row_stride)
+        xs = [T.bind(reader.row(xq, first + r * reader.row_stride)) for r in range(rpc)]
         keys = []
         for q in range(k):
             acc = tirx.Broadcast(offsets[cb, q], LANES)
@@ -230,7 +246,7 @@ def encode_conv_int8(conv: ConvInput, c: int, k: int, pack_lanes: int, v: int | 
                 if rb * pack_lanes + s * LANES < n:
                     for g in T.serial(groups):
                         packed[rb, g, T.Ramp(s * 64, 1, 64)] = T.reinterpret("uint8x64", group_word(
-                            xq, cents, offsets, first_tap(rb * pack_lanes + s * LANES), g))
+                            xq, cents, offsets, reader.first_tap(rb * pack_lanes + s * LANES), g))
                 else:  # rows past the layer's: code 0 of each codebook, byte j = 16j
                     for g in T.serial(groups):
                         packed[rb, g, T.Ramp(s * 64, 1, 64)] = T.reinterpret("uint8x64", vec(0x30201000))

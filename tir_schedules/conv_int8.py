@@ -67,6 +67,7 @@ def conv2d_int8(conv: ConvInput, m: int) -> tirx.PrimFunc:
     oh, ow = conv.out_hw
     pixels = oh * ow  # per image: a multiple of 16 (lane_offsets)
     nb, mb = bsz * pixels // LANES, m // BLOCK
+    split = 1 if nb > 1 else mb  # parallel tasks per pixel block
     reader = QuantizedInput(conv)
     flat, quantize, dot = reader.nbytes, reader.quantize, reader.dot
 
@@ -81,9 +82,12 @@ def conv2d_int8(conv: ConvInput, m: int) -> tirx.PrimFunc:
     ):
         xq = T.alloc_buffer((flat,), "uint8")
         quantize(x, qparams, xq)
-        for pb in T.parallel(nb):
+        # tasks: pixel blocks; a single block (a 4x4 map) is split by channel blocks so the cores share it
+        for t in T.parallel(nb * split):
+            pb = T.bind(t // split)
             first = T.bind(reader.first_tap(pb * LANES))
-            for ob in T.serial(mb):
+            for o2 in T.serial(mb // split):
+                ob = T.bind((t % split) * (mb // split) + o2)
                 acc = T.alloc_buffer((BLOCK * LANES,), "int32", scope="local")
                 for j in T.unroll(BLOCK):
                     acc[T.Ramp(j * LANES, 1, LANES)] = T.Broadcast(T.int32(0), LANES)

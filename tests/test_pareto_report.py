@@ -52,6 +52,15 @@ def test_a_learned_configuration_says_how_its_centroids_were_learned():
     assert "84.25%); V=3 in b.conv1, b.conv2, from /cache/resnet18-lut" in md
 
 
+def test_a_build_without_lookups_is_a_reference_not_the_verdict():
+    """Our int8 convs alone (``exact=int8``, every layer kept exact): shown as ours, never the best LUT build."""
+    plan, runs = _plan_and_runs(2.0)
+    plan["configs"][1].update(config="int8 exact (no lookups)", top1=92.9, lut_layers=0)
+    summary, md = pareto.summarize(plan, runs)
+    assert summary["verdict"]["best_within_1pt"]["build"] == "LUT V=2"  # the int8 build is faster and closer
+    assert "| ours, int8 exact (no lookups) | 92.90 |" in md
+
+
 def test_a_slower_build_does_not_pass_for_a_win():
     summary, _ = pareto.summarize(*_plan_and_runs(5.0))
     assert not summary["verdict"]["beats_ort_int8"] and not summary["verdict"]["beats_3x_ort_fp32"]

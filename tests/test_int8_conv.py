@@ -47,7 +47,9 @@ def test_eligibility_says_why_not():
     conv = ConvInput((1, 64, 32, 32), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
     assert conv_int8.eligible(conv, 64) is None
     assert "multiple of 16" in conv_int8.eligible(conv, 40)
-    assert "64-byte" in conv_int8.eligible(ConvInput((1, 64, 8, 8), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), 64)
+    # stride 2 to a 4x4 map: 70 bytes of taps, two loads (the int8 encoder reads one and does not apply)
+    assert conv_int8.eligible(ConvInput((1, 64, 8, 8), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), 64) is None
+    assert "64-byte" in conv_int8.eligible(ConvInput((1, 8, 7, 7), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), 16)
     assert "width" in conv_int8.eligible(ConvInput((1, 8, 16, 16), (5, 5), (1, 1), (2, 2, 2, 2), (1, 1)), 16)
     with pytest.raises(ValueError, match="does not apply"):
         conv_int8.conv2d_int8(conv, 40)
@@ -61,6 +63,7 @@ def test_eligibility_says_why_not():
     ((1, 3, 8, 8), 16, (3, 3), 1, 1, True),  # 3 input channels (a network's first conv)
     ((1, 12, 4, 4), 32, (3, 3), 1, 1, False),  # a 4x4 map: 16 pixels from four output rows
     ((2, 24, 8, 8), 16, (1, 1), 0, 2, False),  # a strided 1x1 shortcut to 4x4
+    ((2, 32, 8, 8), 32, (3, 3), 1, 2, False),  # stride 2 to 4x4: two loads and a two-source shuffle per row
 ])
 def test_kernel_is_bit_exact_against_the_reference(shape, m, kernel, pad, stride, signed):
     rng = np.random.default_rng(sum(shape) + m)

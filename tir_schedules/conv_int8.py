@@ -15,8 +15,9 @@ im2col). Then per channel: one conversion, one add and one multiply (``(acc + of
 then a multiply, which LLVM cannot contract into an FMA the emulator would not reproduce) and a
 64-byte store of 16 consecutive output pixels.
 
-Which layers qualify (``eligible``): the int8 encoder's map sizes (``encode_int8.lane_offsets``), kernel
-width <= 4 and an output channel count that is a multiple of 16.
+Which layers qualify (``eligible``): the int8 encoder's map sizes (``encode_int8.lane_offsets``) and also
+those whose 16 pixels' taps span up to 128 bytes (a 4x4 map at stride 2: two loads and one two-source
+``vpermt2b`` per kernel row), kernel width <= 4 and an output channel count that is a multiple of 16.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tir_schedules.encode_int8 import LANES, QuantizedInput, lane_offsets
 from tir_schedules.kernels import ConvInput, opaque_kernel
 
 BLOCK = 16  # output channels whose accumulators stay in registers over the input channels
+LOADS = 2  # 64-byte loads a kernel row may need: 16 pixels of a 4x4 map at stride 2 span up to 128 bytes
 
 
 def eligible(conv: ConvInput, m: int) -> str | None:
@@ -37,8 +39,8 @@ def eligible(conv: ConvInput, m: int) -> str | None:
         return f"kernel width {kw} > 4 (one int32 lane holds a kernel row)"
     if m % BLOCK:
         return f"M={m} output channels is not a multiple of {BLOCK}"
-    if lane_offsets(conv) is None:
-        return f"output map {conv.out_hw}: 16 pixels do not fit one 64-byte load"
+    if lane_offsets(conv, LOADS) is None:
+        return f"output map {conv.out_hw}: 16 pixels do not fit two 64-byte loads"
     if conv.d >= 66_000:
         return f"D={conv.d}: an int32 sum may overflow"
     return None
@@ -68,7 +70,7 @@ def conv2d_int8(conv: ConvInput, m: int) -> tirx.PrimFunc:
     pixels = oh * ow  # per image: a multiple of 16 (lane_offsets)
     nb, mb = bsz * pixels // LANES, m // BLOCK
     split = 1 if nb > 1 else mb  # parallel tasks per pixel block
-    reader = QuantizedInput(conv)
+    reader = QuantizedInput(conv, 1 if lane_offsets(conv) is not None else LOADS)
     flat, quantize, dot = reader.nbytes, reader.quantize, reader.dot
 
     @T.prim_func(private=True)

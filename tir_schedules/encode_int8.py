@@ -46,9 +46,10 @@ LANES = 16  # output pixels per vector: int32 lanes of a 512-bit register
 SLACK = 64  # bytes past the padded input that a last 64-byte load may touch
 
 
-def lane_offsets(conv: ConvInput) -> list[int] | None:
+def lane_offsets(conv: ConvInput, loads: int = 1) -> list[int] | None:
     """Offset of each lane's first tap from lane 0's in the padded plane (16 consecutive output pixels), or
-    None when they do not fit one 64-byte load with the kernel row's 4 taps."""
+    None when they do not fit ``loads`` consecutive 64-byte loads with the kernel row's 4 taps (two: a
+    two-source ``vpermt2b`` picks from 128 bytes)."""
     oh, ow = conv.out_hw
     wp = conv.padded_hw[1]
     sh, sw = conv.strides
@@ -59,7 +60,7 @@ def lane_offsets(conv: ConvInput) -> list[int] | None:
     else:
         return None
     span = offs[-1] + 3 * conv.dilation[1] + 1
-    return offs if span <= 64 else None
+    return offs if span <= 64 * loads else None
 
 
 def rows_per_codebook(kernel_hw: tuple[int, int], v: int) -> int | None:
@@ -107,22 +108,22 @@ def centroid_operands(cq, kernel_hw: tuple[int, int]):
     return np.ascontiguousarray(b).view(np.int32)[..., 0]
 
 
-def padded_bytes(conv: ConvInput) -> int:
+def padded_bytes(conv: ConvInput, loads: int = 1) -> int:
     """Bytes of the quantized, zero-point-padded copy of ``conv``'s input (``quantize_padded``), with the
-    slack a last 64-byte load may read past it, rounded up to 64."""
+    slack the last ``loads`` 64-byte loads may read past it, rounded up to 64."""
     hp, wp = conv.padded_hw
-    return -(-(conv.shape[0] * conv.shape[1] * hp * wp + SLACK) // 64) * 64
+    return -(-(conv.shape[0] * conv.shape[1] * hp * wp + SLACK * loads) // 64) * 64
 
 
-def quantize_padded(conv: ConvInput):
+def quantize_padded(conv: ConvInput, loads: int = 1):
     """A TVMScript macro ``quantize(x, qparams, xq)``: ``conv``'s float32 input ``x`` (B, C, H, W) into the flat
-    uint8 buffer ``xq`` (``padded_bytes``), planes of the padded map, padding at the zero point (the
+    uint8 buffer ``xq`` (``padded_bytes(conv, loads)``), planes of the padded map, padding at the zero point (the
     quantized 0.0): ``clip(rint(x * inv_scale) + zero_point, 0, 255)``, ``qparams = (inv_scale,
     zero_point)``. The kernels that read a quantized input in place (this encoder, ``conv_int8``) share it."""
     bsz, ci_n, h, w = conv.shape
     pt, pl = conv.padding[0], conv.padding[1]
     hp, wp = conv.padded_hw
-    flat = padded_bytes(conv)
+    flat = padded_bytes(conv, loads)
     inner = 16 if w % 16 == 0 else w  # quantize a row in vectors of this many pixels
 
     @T.macro
@@ -145,17 +146,20 @@ class QuantizedInput:
     """How the int8 kernels read a conv's input in place (this encoder and ``conv_int8``): the padded uint8
     copy (``nbytes``, filled by the ``quantize`` macro), 16 output pixels' first taps (``first_tap``), one
     kernel row's taps of them in the int32 lanes (``row``) and the ``vpdpbusd`` that multiplies those bytes
-    by a broadcast 4-byte word (``dot``)."""
+    by a broadcast 4-byte word (``dot``). ``loads``: 64-byte loads per kernel row (``lane_offsets``): 1, or 2
+    where 16 pixels' taps span up to 128 bytes (a 4x4 map at stride 2)."""
 
-    def __init__(self, conv: ConvInput):
-        self.conv = conv
-        self.nbytes = padded_bytes(conv)
-        self.quantize = quantize_padded(conv)
+    def __init__(self, conv: ConvInput, loads: int = 1):
+        if lane_offsets(conv, loads) is None:
+            raise ValueError(f"output map {conv.out_hw}: 16 pixels' taps do not fit {64 * loads} bytes")
+        self.conv, self.loads = conv, loads
+        self.nbytes = padded_bytes(conv, loads)
+        self.quantize = quantize_padded(conv, loads)
         hp, wp = conv.padded_hw
         self.plane = hp * wp  # bytes per channel
         self.row_stride = conv.dilation[0] * wp  # bytes from one kernel row's taps to the next's
         # vpermb index: lane j's 4 bytes are the 4 taps of its pixel's kernel row
-        offs = lane_offsets(conv)
+        offs = lane_offsets(conv, loads)
         self._index = [tirx.const(offs[j] + e * conv.dilation[1], "int32") for j in range(LANES) for e in range(4)]
 
     def first_tap(self, p0):
@@ -169,8 +173,8 @@ class QuantizedInput:
 
     def row(self, xq, base):
         """The 64 bytes ``vpdpbusd`` multiplies for one kernel row whose first taps start at ``base``: lane j =
-        taps 0..3 of pixel j (one 64-byte load, one ``vpermb``)."""
-        return tirx.Shuffle([xq[tirx.Ramp(base, 1, 64)]], self._index)
+        taps 0..3 of pixel j (one 64-byte load and one ``vpermb``; two loads and one ``vpermt2b``)."""
+        return tirx.Shuffle([xq[tirx.Ramp(base + 64 * i, 1, 64)] for i in range(self.loads)], self._index)
 
     @staticmethod
     def dot(acc, xs, word):

@@ -8,7 +8,7 @@ import tvm
 from torch import nn
 
 import tvm_lut
-from relay_passes import LUTify
+from relay_passes import LUTify, PriorityMask
 from tir_schedules import conv_int8, shuffle
 from tir_schedules.kernels import ConvInput
 from tvm_lut.errors import OptionError
@@ -126,6 +126,8 @@ def test_lutify_exact_int8_runs_kept_layers_in_int8_and_matches_the_emulator():
 def test_exact_int8_is_refused_by_name_and_falls_back_to_fp32_where_it_cannot_run():
     with pytest.raises(OptionError, match="exact='int16'"):
         LUTify(calibration=None, exact="int16")
+    with pytest.raises(OptionError, match="exact='int16'"):
+        PriorityMask(None, "max-drop=1", exact="int16")
     model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1)).eval()
     x = np.random.default_rng(4).standard_normal((16, 8, 8, 8)).astype(np.float32)
     mod = tvm_lut.from_torch(model, torch.from_numpy(x[:1]))

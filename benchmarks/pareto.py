@@ -183,8 +183,9 @@ def build(args, cache: str) -> dict:
                                          for b in BATCHES}
             opts["codebooks"], src = learned[path]["codebooks"], learned[path]["mods"]
             entry["learned"] = learned[path]["info"]
-            if isinstance(run, str):  # the row says which run, by its directory's name
-                entry["config"] = f"learned {os.path.basename(os.path.normpath(run))}"
+            if isinstance(run, str):  # the row says which run, by its directory's name, and the other options
+                rest = "".join(f"; {k}={v}" for k, v in sorted(opts.items()) if k not in ("codebooks", "layer_v"))
+                entry["config"] = f"learned {os.path.basename(os.path.normpath(run))}{rest}"
         _log(f"{name}: building")
         # the deployment build (batch 1), timed as a user's compile: LUTify (fit, mask) + TVM compile
         t0 = time.time()

@@ -50,22 +50,24 @@ def test_eligibility_says_why_not():
     # stride 2 to a 4x4 map: 70 bytes of taps, two loads (the int8 encoder reads one and does not apply)
     assert conv_int8.eligible(ConvInput((1, 64, 8, 8), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), 64) is None
     assert "64-byte" in conv_int8.eligible(ConvInput((1, 8, 7, 7), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), 16)
-    assert "width" in conv_int8.eligible(ConvInput((1, 8, 16, 16), (5, 5), (1, 1), (2, 2, 2, 2), (1, 1)), 16)
+    assert "width" in conv_int8.eligible(ConvInput((1, 6, 16, 16), (5, 5), (1, 1), (2, 2, 2, 2), (1, 1)), 16)
     with pytest.raises(ValueError, match="does not apply"):
         conv_int8.conv2d_int8(conv, 40)
 
 
 @needs_vnni
-@pytest.mark.parametrize("shape,m,kernel,pad,stride,signed", [
-    ((1, 64, 32, 32), 64, (3, 3), 1, 1, False),
-    ((1, 16, 32, 32), 32, (3, 3), 1, 2, False),  # stride 2 to 16x16
-    ((2, 8, 16, 16), 16, (3, 3), 1, 2, True),  # two images, stride 2 to 8x8: lanes from two output rows
-    ((1, 3, 8, 8), 16, (3, 3), 1, 1, True),  # 3 input channels (a network's first conv)
-    ((1, 12, 4, 4), 32, (3, 3), 1, 1, False),  # a 4x4 map: 16 pixels from four output rows
-    ((2, 24, 8, 8), 16, (1, 1), 0, 2, False),  # a strided 1x1 shortcut to 4x4
-    ((2, 32, 8, 8), 32, (3, 3), 1, 2, False),  # stride 2 to 4x4: two loads and a two-source shuffle per row
+@pytest.mark.parametrize("shape,m,kernel,pad,stride,signed,form", [
+    ((1, 64, 32, 32), 64, (3, 3), 1, 1, False, "channels"),  # 16 pixels' words: one load per tap
+    ((1, 16, 32, 32), 32, (3, 3), 1, 2, False, "channels"),  # stride 2 to 16x16: two loads and a vpermt2d
+    ((2, 8, 16, 16), 16, (3, 3), 1, 2, True, "rows"),  # two images, stride 2 to 8x8: lanes from two output rows
+    ((1, 3, 8, 8), 16, (3, 3), 1, 1, True, "rows"),  # 3 input channels (a network's first conv)
+    ((1, 12, 4, 4), 32, (3, 3), 1, 1, False, "channels"),  # a 4x4 map: 16 pixels from four output rows
+    ((2, 6, 4, 4), 16, (3, 3), 1, 1, True, "rows"),  # the same map with channels not in fours
+    ((2, 24, 8, 8), 16, (1, 1), 0, 2, False, "rows"),  # a strided 1x1 shortcut to 4x4
+    ((2, 32, 8, 8), 32, (3, 3), 1, 2, False, "rows"),  # stride 2 to 4x4: two loads and a two-source shuffle
+    ((1, 8, 16, 16), 16, (5, 5), 2, 1, False, "channels"),  # a 5x5 kernel: 25 taps, no row word
 ])
-def test_kernel_is_bit_exact_against_the_reference(shape, m, kernel, pad, stride, signed):
+def test_kernel_is_bit_exact_against_the_reference(shape, m, kernel, pad, stride, signed, form):
     rng = np.random.default_rng(sum(shape) + m)
     x = rng.standard_normal(shape).astype(np.float32)
     x = x if signed else np.maximum(x, 0)
@@ -73,13 +75,13 @@ def test_kernel_is_bit_exact_against_the_reference(shape, m, kernel, pad, stride
     op = ic.fit(w, rng.standard_normal(m), x)
     x.flat[::97] *= 1e30  # far outside the calibrated range (and int32): clipped, as numpy clips
     conv = ConvInput(shape, kernel, (stride, stride), (pad, pad, pad, pad), (1, 1))
-    assert conv_int8.eligible(conv, m) is None
+    assert conv_int8.eligible(conv, m) is None and conv_int8.layout(conv) == form
     ref = ic.reference(x, op, conv.strides, conv.padding, conv.dilation)
     f = conv_int8.conv2d_int8(conv, m)
     ex = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), TARGET)
     out = tvm.runtime.tensor(np.zeros((shape[0], m, ref.shape[2] * ref.shape[3]), np.float32))
     ex["main"](*[tvm.runtime.tensor(a) for a in (x, np.array([op.inv_scale, op.zero_point], np.float32),
-                                                 conv_int8.weight_operands(op.weight), op.offset, op.scale)], out)
+                                                 conv_int8.weight_operands(op.weight, form), op.offset, op.scale)], out)
     np.testing.assert_array_equal(out.numpy().reshape(ref.shape), ref)
 
 

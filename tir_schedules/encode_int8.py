@@ -46,18 +46,25 @@ LANES = 16  # output pixels per vector: int32 lanes of a 512-bit register
 SLACK = 64  # bytes past the padded input that a last 64-byte load may touch
 
 
-def lane_offsets(conv: ConvInput, loads: int = 1) -> list[int] | None:
-    """Offset of each lane's first tap from lane 0's in the padded plane (16 consecutive output pixels), or
-    None when they do not fit ``loads`` consecutive 64-byte loads with the kernel row's 4 taps (two: a
-    two-source ``vpermt2b`` picks from 128 bytes)."""
+def pixel_offsets(conv: ConvInput) -> list[int] | None:
+    """Offset of each of 16 consecutive output pixels' first tap from pixel 0's in the padded plane (in
+    elements), or None when the 16 are not rows of one image (an output width that is a multiple of 16, or
+    divides 16 and the map)."""
     oh, ow = conv.out_hw
     wp = conv.padded_hw[1]
     sh, sw = conv.strides
     if ow % LANES == 0:
-        offs = [j * sw for j in range(LANES)]
-    elif LANES % ow == 0 and (oh * ow) % LANES == 0:
-        offs = [(j // ow) * sh * wp + (j % ow) * sw for j in range(LANES)]
-    else:
+        return [j * sw for j in range(LANES)]
+    if LANES % ow == 0 and (oh * ow) % LANES == 0:
+        return [(j // ow) * sh * wp + (j % ow) * sw for j in range(LANES)]
+    return None
+
+
+def lane_offsets(conv: ConvInput, loads: int = 1) -> list[int] | None:
+    """``pixel_offsets`` in bytes of the padded uint8 copy, or None when they do not fit ``loads`` consecutive
+    64-byte loads with the kernel row's 4 taps (two: a two-source ``vpermt2b`` picks from 128 bytes)."""
+    offs = pixel_offsets(conv)
+    if offs is None:
         return None
     span = offs[-1] + 3 * conv.dilation[1] + 1
     return offs if span <= 64 * loads else None
@@ -170,6 +177,16 @@ class QuantizedInput:
         sh, sw = self.conv.strides
         wp = self.conv.padded_hw[1]
         return (p0 // (oh * ow)) * ci_n * self.plane + (p0 % (oh * ow)) // ow * sh * wp + p0 % ow * sw
+
+    dtype = "uint8"
+
+    def steps(self) -> tuple[int, int]:
+        """(input channels, kernel rows): the words a pixel's sum takes, as an outer and an unrolled loop."""
+        return self.conv.shape[1], self.conv.kernel_hw[0]
+
+    def step(self, r):
+        """Offset of unrolled step ``r`` (kernel row r) from a pixel's first tap."""
+        return r * self.row_stride
 
     def row(self, xq, base):
         """The 64 bytes ``vpdpbusd`` multiplies for one kernel row whose first taps start at ``base``: lane j =

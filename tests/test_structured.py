@@ -188,7 +188,7 @@ def test_structured_options_are_checked():
                      ({"method": "butterfly", "budget": -1}, "budget")]:
         with pytest.raises(OptionError, match=msg):
             coerce("layer", bad)
-    with pytest.raises(OptionError, match="unknown method 'magic'; choose one of pq, butterfly, lowrank, exact"):
+    with pytest.raises(OptionError, match="unknown method 'magic'; choose one of pq, butterfly, lowrank, int8, exact"):
         LUTify(layers={"layer": {"method": "magic"}})  # names are checked against the method registry
     with pytest.raises(OptionError, match="unknown method 'magic'"):
         LUTify(method="magic")

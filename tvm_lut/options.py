@@ -30,7 +30,7 @@ class LayerOptions:
 
     def __post_init__(self):
         if self.method is not None and not (isinstance(self.method, str) and self.method):
-            raise OptionError(f"method {self.method!r} must be a method name (pq, butterfly, lowrank, exact or "
+            raise OptionError(f"method {self.method!r} must be a method name (pq, butterfly, lowrank, int8, exact or "
                               "one registered with relay_passes.registry)")
         if self.k is not None and not (2 <= self.k <= 256):
             raise OptionError(f"K={self.k} out of range: 2..256 centroids per codebook (int8 tables, int32 codes)")

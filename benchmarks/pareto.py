@@ -244,8 +244,9 @@ def load_learned(args, path: str | None = None) -> dict:
 def instruction_bound(layers: list[dict]) -> dict:
     """The counted bound of a build (``tvm_lut.math.cost.instruction_bound``), per sample: 512-bit vector
     instructions of its conv/dense layers (lookup layers with today's fp32 encoder and with int8 encoder
-    scores; exact layers as fp32 FMAs, 16 lanes, or, as the ``int8`` method builds them, ``vpdpbusd`` on a
-    kernel row's KW taps in 4 bytes) against the same layers as ONNX Runtime's int8 VNNI GEMM."""
+    scores; exact layers as fp32 FMAs, 16 lanes, or as the ``int8`` method builds them: the GEMM's count in
+    its ``"channels"`` layout, 4/KW of it in the ``"rows"`` one) against the same layers as ONNX Runtime's
+    int8 VNNI GEMM."""
     from tvm_lut.math import cost
 
     out = {"int8_gemm": 0.0, "lut_fp32_encoder": 0.0, "lut_int8_encoder": 0.0, "lut_as_built": 0.0, "exact_fp32": 0.0,
@@ -264,8 +265,9 @@ def instruction_bound(layers: list[dict]) -> dict:
             out["lut_as_built"] += (q if r.get("encoder") == "int8" else f)["lut_total"]  # each layer's encoder
             out["layers"].append({"name": r["name"], "m": m, "v": r["v"], "encoder": r.get("encoder", "fp32"),
                                   "ratio_fp32_encoder": f["ratio"], "ratio_int8_encoder": q["ratio"]})
-        elif r["method"] == "int8":  # 4 bytes per kernel row of KW taps: 4/KW of the GEMM's instructions
-            out["exact_int8"] += gemm * 4 / (r["conv"]["kernel_hw"][1] if r.get("conv") else 4)
+        elif r["method"] == "int8":  # "rows" layout: 4 bytes per kernel row of KW taps, 4/KW of the GEMM's
+            rows_layout = r.get("layout") == "rows" and r.get("conv")
+            out["exact_int8"] += gemm * (4 / r["conv"]["kernel_hw"][1] if rows_layout else 1)
         else:
             out["exact_fp32"] += 4 * gemm  # fp32 FMAs: 16 lanes, not 64
     exact = out["exact_fp32"] + out["exact_int8"]
@@ -433,8 +435,9 @@ def summarize(plan: dict, runs: list[dict]) -> tuple[dict, str]:
               "512-bit vector instructions the conv/dense layers must issue at best (tvm_lut.math.cost."
               "instruction_bound), as a ratio to the same layers as int8 VNNI GEMM (< 1: lookup can win). "
               "Lookup layers all with the fp32 encoder, all with int8 encoder scores, and as built (each "
-              "layer's own encoder); exact layers as fp32 FMAs, or, where built as int8 convs, 4/KW of the "
-              "GEMM's instructions (one 4-byte word per kernel row of KW taps).", "",
+              "layer's own encoder); exact layers as fp32 FMAs, or, where built as int8 convs, the GEMM's "
+              "count (4 input channels per word) or 4/KW of it (one word per kernel row of KW taps, where the "
+              "channels do not come in fours).", "",
               "| build | lookup+exact / int8, fp32 encoder | int8 encoder | as built | widest lookup layer ratio | "
               "narrowest |", "|---|---|---|---|---|---|"]
     for e in plan["configs"]:

@@ -50,6 +50,7 @@ class Int8Method(RewriteMethod):
         plan.state = int8_conv.fit(weight, layer.bias, rows)
         w_hat = plan.state.weight.astype(np.float64) * (plan.state.scale * plan.state.inv_scale)[:, None, None, None]
         r.update(input_scale=float(1.0 / plan.state.inv_scale), zero_point=plan.state.zero_point,
+                 layout=conv_int8.layout(conv_input(layer)),
                  weight_error=float(np.linalg.norm(w_hat - weight) / max(np.linalg.norm(weight), 1e-30)))
 
     def account(self, plan: Plan) -> None:

@@ -81,6 +81,15 @@ def parse_exact(text: str | None) -> list[str]:
     return sorted({p.strip() for p in (text or "").split(",") if p.strip()})
 
 
+def exact_layers(model: torch.nn.Module, text: str | None) -> list[str]:
+    """The layers training keeps exact: ``kept_exact``'s and those ``--exact`` names (``parse_exact``; the
+    compiled model runs them exact too, in int8 with ``exact=int8``); a pattern naming no layer is an error."""
+    kept = kept_exact(model)
+    convertible = [n for n in lutnn.convertible_layers(model) if n not in kept]
+    named = resolve_patterns(convertible, dict.fromkeys(parse_exact(text), 0), "--exact")
+    return sorted(set(kept) | set(named))
+
+
 def resolve_layer_v(model: torch.nn.Module, spec: dict[str, int], kept: list[str]) -> dict[str, int]:
     """{layer name: V} of ``spec``'s patterns over the model's convertible layers (the longest pattern wins;
     layers kept exact are skipped); a pattern that selects no layer is an error."""
@@ -216,11 +225,7 @@ def main(argv=None) -> int:
     teacher = train_cifar.MODELS[args.model]()
     teacher.load_state_dict(torch.load(trained, map_location="cpu"))
     teacher.eval()
-    exclude = kept_exact(teacher)
-    if args.exact:  # more layers kept exact: the compiled model runs them exact (in int8 with exact="int8")
-        convertible = [n for n in lutnn.convertible_layers(teacher) if n not in exclude]
-        exclude = sorted(set(exclude) | set(resolve_patterns(convertible, dict.fromkeys(parse_exact(args.exact), 0),
-                                                             "--exact")))
+    exclude = exact_layers(teacher, args.exact)
     layer_v = resolve_layer_v(teacher, parse_layer_v(args.layer_v), exclude)
     student, start, start_info = teacher, None, None
     if args.init_from:

@@ -114,6 +114,17 @@ def test_per_layer_v_configurations_select_layers_by_name_prefix_or_pattern():
         learn_centroids.parse_layer_v("2.0")
     args = learn_centroids.build_parser().parse_args(["--layer-v", "2.*=3"])
     assert learn_centroids.tag_of(args).startswith(learn_centroids.default_tag() + "-lv")
+    # --exact: more layers trained (and compiled) exact, by the same patterns; the tag says so
+    wide = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(),
+                               torch.nn.Sequential(torch.nn.Conv2d(32, 32, 3), torch.nn.Conv2d(32, 8, 1)))
+    # conv1 (EXCLUDE) and the narrow 2.1 (M=8 <= K) are exact anyway; 2.0 because --exact names it
+    assert learn_centroids.exact_layers(wide, "2.0, 2.0") == ["2.0", "2.1", "conv1"]
+    assert learn_centroids.exact_layers(wide, "") == ["2.1", "conv1"]
+    with pytest.raises(SystemExit, match="--exact: 'nope' names no layer"):
+        learn_centroids.exact_layers(wide, "nope")
+    args = learn_centroids.build_parser().parse_args(["--exact", "2.1,2.0"])
+    assert learn_centroids.tag_of(args) == learn_centroids.tag_of(
+        learn_centroids.build_parser().parse_args(["--exact", "2.0,2.1"])) != learn_centroids.default_tag()
 
 
 def test_init_from_names_its_own_run_and_refuses_an_unfinished_directory(tmp_path):

@@ -64,9 +64,9 @@ class Int8Method(RewriteMethod):
         gv = emitter.kernel(("conv-int8", conv.shape, conv.kernel_hw, conv.strides, conv.padding, conv.dilation,
                              layer.m), f"int8_conv_{ident(layer.name)}", lambda: conv_int8.conv2d_int8(conv, layer.m))
         n_, m, oh, ow = layer.output_shape
+        words = conv_int8.weight_operands(op.weight, conv_int8.layout(conv))
         y = bb.emit(relax.call_tir(gv, [x, relax.const(np.array([op.inv_scale, op.zero_point], np.float32)),
-                                        relax.const(conv_int8.weight_operands(op.weight, conv_int8.layout(conv))), relax.const(op.offset),
-                                        relax.const(op.scale)],
+                                        relax.const(words), relax.const(op.offset), relax.const(op.scale)],
                                    relax.TensorType((n_, m, oh * ow), "float32")))
         return emitter.epilogue(layer, y, [lambda t: relax.op.reshape(t, (n_, m, oh, ow))], None, as_output,
                                 rows_layout=False)

@@ -32,6 +32,15 @@ from .rewrite import Plan, account, rewrite
 log = logging.getLogger("tvm_lut")
 
 
+EXACT_ARITHMETIC = ("fp32", "int8")  # how layers that stay exact run (``LUTify(exact=)``)
+
+
+def check_exact(exact: str) -> None:
+    """An ``OptionError`` naming the choices unless ``exact`` is one of ``EXACT_ARITHMETIC``."""
+    if exact not in EXACT_ARITHMETIC:
+        raise OptionError(f"exact={exact!r}; choose " + " or ".join(repr(a) for a in EXACT_ARITHMETIC))
+
+
 @dataclass(frozen=True)
 class LUTifyOptions:
     """Every option of a LUTify run, validated once when made (see ``LUTify``'s docstring for each).
@@ -84,8 +93,7 @@ class LUTifyOptions:
                     registry.get(o.method)
                 except OptionError as e:
                     raise OptionError(f"layer {n!r}: {e}" if n else str(e)) from None
-        if self.exact not in ("fp32", "int8"):
-            raise OptionError(f"exact={self.exact!r}; choose 'fp32' or 'int8'")
+        check_exact(self.exact)
         if self.mask_rank not in ("latency", "multiplies"):
             raise OptionError(f"mask_rank={self.mask_rank!r}; choose 'latency' or 'multiplies'")
         if self.budget is not None and self.method != "pq":

@@ -53,7 +53,7 @@ from tvm_lut.runtime import calibrate
 from tvm_lut.runtime.build import BatchRunner, compile_with_params, resolve_target
 
 from . import latency
-from .planning import Planner
+from .planning import Planner, check_exact
 from .rewrite import MASK_ATTR, switchable
 
 log = logging.getLogger("tvm_lut")
@@ -138,8 +138,7 @@ class PriorityMask:
                  **lutify_options):
         if rank not in self.RANKS:
             raise OptionError(f"rank {rank!r}: expected one of {', '.join(self.RANKS)}")
-        if exact not in ("fp32", "int8"):
-            raise OptionError(f"exact={exact!r}; choose 'fp32' or 'int8'")
+        check_exact(exact)
         self.rank = rank
         self.exact = exact
         self.calibration = calibration

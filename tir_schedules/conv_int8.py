@@ -100,18 +100,19 @@ def conv2d_int8(conv: ConvInput, m: int) -> tirx.PrimFunc:
     return _kernel(conv, m, QuantizedInput(conv, 1 if lane_offsets(conv) is not None else LOADS))
 
 
-class ChannelWords:
-    """The ``"channels"`` layout's reader (``encode_int8.QuantizedInput``'s interface): the quantized copy as
+class ChannelWords(QuantizedInput):
+    """The ``"channels"`` layout's reader (``encode_int8.QuantizedInput``'s interface, its ``first_tap`` and
+    ``dot``): the quantized copy as
     one uint32 word per pixel and group of 4 input channels (channel ``4g + e`` in byte ``e``), planes of
     the padded map, padding at the zero point in every byte; 16 pixels' words at one tap."""
 
     dtype = "uint32"
-    dot = staticmethod(QuantizedInput.dot)
 
     def __init__(self, conv: ConvInput):
         self.conv = conv
         hp, wp = conv.padded_hw
         self.plane = hp * wp  # words per channel group
+        self.planes = conv.shape[1] // 4  # planes per image
         offs = word_offsets(conv)
         self._loads = 1 if offs[-1] < LANES else LOADS
         self._contiguous = offs == list(range(LANES))
@@ -128,13 +129,6 @@ class ChannelWords:
         """Offset of tap ``tp`` (row-major over the kernel) from a pixel's first tap."""
         kw = self.conv.kernel_hw[1]
         return (tp // kw) * self.conv.dilation[0] * self.conv.padded_hw[1] + (tp % kw) * self.conv.dilation[1]
-
-    def first_tap(self, p0):
-        _, ci_n, _, _ = self.conv.shape
-        oh, ow = self.conv.out_hw
-        sh, sw = self.conv.strides
-        wp = self.conv.padded_hw[1]
-        return (p0 // (oh * ow)) * (ci_n // 4) * self.plane + (p0 % (oh * ow)) // ow * sh * wp + p0 % ow * sw
 
     def row(self, xq, base):
         """16 pixels' words (4 channels each) at one tap: one load, or two and a ``vpermt2d``."""

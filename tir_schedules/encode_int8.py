@@ -156,6 +156,8 @@ class QuantizedInput:
     by a broadcast 4-byte word (``dot``). ``loads``: 64-byte loads per kernel row (``lane_offsets``): 1, or 2
     where 16 pixels' taps span up to 128 bytes (a 4x4 map at stride 2)."""
 
+    dtype = "uint8"  # the padded copy's element
+
     def __init__(self, conv: ConvInput, loads: int = 1):
         if lane_offsets(conv, loads) is None:
             raise ValueError(f"output map {conv.out_hw}: 16 pixels' taps do not fit {64 * loads} bytes")
@@ -164,6 +166,7 @@ class QuantizedInput:
         self.quantize = quantize_padded(conv, loads)
         hp, wp = conv.padded_hw
         self.plane = hp * wp  # bytes per channel
+        self.planes = conv.shape[1]  # planes per image
         self.row_stride = conv.dilation[0] * wp  # bytes from one kernel row's taps to the next's
         # vpermb index: lane j's 4 bytes are the 4 taps of its pixel's kernel row
         offs = lane_offsets(conv, loads)
@@ -172,13 +175,10 @@ class QuantizedInput:
     def first_tap(self, p0):
         """Offset of output pixel ``p0``'s first tap (channel 0) in the padded copy; ``p0`` counts the
         pixels of all images."""
-        _, ci_n, _, _ = self.conv.shape
         oh, ow = self.conv.out_hw
         sh, sw = self.conv.strides
         wp = self.conv.padded_hw[1]
-        return (p0 // (oh * ow)) * ci_n * self.plane + (p0 % (oh * ow)) // ow * sh * wp + p0 % ow * sw
-
-    dtype = "uint8"
+        return (p0 // (oh * ow)) * self.planes * self.plane + (p0 % (oh * ow)) // ow * sh * wp + p0 % ow * sw
 
     def steps(self) -> tuple[int, int]:
         """(input channels, kernel rows): the words a pixel's sum takes, as an outer and an unrolled loop."""

@@ -139,3 +139,30 @@ def test_exact_int8_times_the_int8_kernel_where_it_applies(monkeypatch):
     assert rewritten == ["int8"] and t8 > 0
     assert latency.exact_latency_ms(other, "x86", cache, "int8") > 0 and rewritten == ["int8"]
     assert latency.exact_latency_ms(eligible, "x86", cache) > 0 and len(cache) == 3
+
+
+def test_every_layer_timing_is_cold(monkeypatch):
+    """Per-layer times are taken with the layer's constants flushed before every call (TVM's
+    ``cache_flush_cpu_non_first_arg``), as the whole model finds them: the exact layer compiled alone and
+    the lookup kernels taken from the model's build alike; one call per flush."""
+    from tvm.relax import VirtualMachine
+
+    timed = []
+    for cls in (tvm.runtime.Module, VirtualMachine):
+        real = cls.time_evaluator
+
+        def spy(self, name, dev, *a, _real=real, **kw):
+            timed.append((kw.get("f_preproc", ""), kw.get("number")))
+            return _real(self, name, dev, *a, **kw)
+
+        monkeypatch.setattr(cls, "time_evaluator", spy)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    model = nn.Sequential(nn.Linear(32, 64)).eval()
+    res, _, built = _lutify(model, x, x[:1])
+    (plan,) = res.plans
+    latency.measure_layers(res.plans, "x86", executable=built, kernel_calls=res.kernel_calls)
+    rec = plan.record
+    assert rec["latency"]["rewrite_from"] == "model" and rec["latency"]["exact_ms"] > 0
+    measured = [t for t in timed if t[1] != 1 or t[0]]  # the warm-up calls aside (number=1, no flush)
+    assert measured and all(t == ("cache_flush_cpu_non_first_arg", 1) for t in measured)

@@ -22,14 +22,18 @@ of layers to convert:
    ``1 - similarity`` as a tie-breaker; without labels, ``1 - similarity``), least sensitive first, and a
    prefix of that ranking is converted:
 
-   * ``max-drop=P`` (needs labels): the longest prefix whose measured validation drop, plus one standard
-     error of that paired difference (``100 * sqrt(flips) / n``, flips = validation samples whose
-     correctness changes), stays within P points; found by binary search over the prefix length.
+   * ``max-drop=P`` (needs labels): the longest prefix whose measured validation drop, plus a margin of
+     ``MARGIN_Z`` = 2 standard errors of that paired difference (``drop_margin``: ``2 * 100 * sqrt(flips)
+     / n``, flips = validation samples whose correctness changes), stays within P points; found by binary
+     search over the prefix length. Two, not one: the search tries several prefixes of a ranking learned
+     on the same rows and keeps the longest that passes, so it picks the lucky ones. With one standard
+     error a ResNet-18 mask validated on 307 images promised -0.33 (+1.08) and lost 2.06 points on the
+     10,000 test images.
    * ``min-removed=F``: the shortest prefix removing at least a fraction F of the model's multiplies
      (an error names the reachable maximum when F is out of reach); its validation drop is reported.
    * ``max-disagree=P`` (no labels needed): as ``max-drop``, with the exact model's own top-1 on the
      validation part as the labels, so the "drop" is the share of samples whose top-1 the LUT model
-     changes: at least ``100 - P`` % top-1 agreement with the exact model (less one standard error).
+     changes: at least ``100 - P`` % top-1 agreement with the exact model (less the same margin).
 
 The decision and the scores go into the module attribute ``"tvm_lut.priority_mask"`` (JSON), which
 ``LUTify`` obeys (masked layers stay exact, the others are converted even when narrow); per-layer scores
@@ -58,6 +62,13 @@ from .rewrite import MASK_ATTR, switchable
 
 log = logging.getLogger("tvm_lut")
 
+MARGIN_Z = 2.0  # standard errors of the validation drop that a max-drop budget must also hold
+
+
+def drop_margin(flips: int, n: int) -> float:
+    """What a budget adds to a validation drop measured on ``n`` samples of which ``flips`` changed
+    correctness: ``MARGIN_Z`` standard errors of the paired difference, in points."""
+    return MARGIN_Z * 100.0 * math.sqrt(flips) / n
 
 
 @dataclass(frozen=True)
@@ -314,7 +325,7 @@ class PriorityMask:
                 if i == 0:
                     return True
                 drop, flips = evaluate(tuple(order[:i]))
-                return drop + 100.0 * math.sqrt(flips) / val_n <= budget.value
+                return drop + drop_margin(flips, val_n) <= budget.value
 
             lo, hi = 0, len(order)  # invariant: fits(lo); find the largest fitting prefix
             if fits(hi):
@@ -336,7 +347,7 @@ class PriorityMask:
         if state["labelled"]:
             drop, flips = evaluate(tuple(order[:chosen])) if chosen else (0.0, 0)
             result.update(val_exact_acc=state["base_acc"], val_drop=drop,
-                          val_drop_margin=100.0 * math.sqrt(flips) / val_n)
+                          val_drop_margin=drop_margin(flips, val_n))
             if state["reference"] == "exact-top1":
                 result["val_reference"] = "exact model's top-1"
         result["compiles"] = int(state["labelled"] or state["timed"])  # one switchable build serves all runs

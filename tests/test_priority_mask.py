@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import torch
 
 import tvm_lut
 from relay_passes import Budget, LUTify, PriorityMask
+from relay_passes.priority_mask import drop_margin
 from tvm_lut.app import pipeline
 from tvm_lut.errors import CalibrationError, OptionError
 from tvm_lut.train import models
@@ -43,7 +43,7 @@ def test_max_drop_needs_labels(lenet):
 
 def _alone_needs(sc: dict, val_n: int) -> float:
     """The budget the layer with priority scores ``sc`` needs to be converted on its own."""
-    return sc["drop_alone"] + 100.0 * math.sqrt(sc["flips_alone"]) / val_n
+    return sc["drop_alone"] + drop_margin(sc["flips_alone"], val_n)
 
 
 def test_max_drop_is_met_on_unseen_data(lenet):

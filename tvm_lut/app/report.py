@@ -205,10 +205,10 @@ def _priority_table(report: dict, pm: dict) -> str:
              " used for the mask"]
     if "val_drop" in pm and pm.get("val_reference"):  # max-disagree: measured against the exact model
         lines.append(f"  validation: top-1 agreement with the exact model {100 - pm['val_drop']:.2f}% "
-                     f"(-{pm['val_drop_margin']:.2f} one standard error, which the budget includes)")
+                     f"(-{pm['val_drop_margin']:.2f} two standard errors, which the budget includes)")
     elif "val_drop" in pm:
         lines.append(f"  validation: exact {pm['val_exact_acc']:.2f}%, drop {pm['val_drop']:+.2f} points "
-                     f"(+{pm['val_drop_margin']:.2f} one standard error, which the budget includes)")
+                     f"(+{pm['val_drop_margin']:.2f} two standard errors, which the budget includes)")
     lines += [fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
     lines.append("  similarity: cosine of LUT vs exact layer output; drop alone: validation accuracy drop with only "
                  "that layer converted; rank: order of conversion (least sensitive per "

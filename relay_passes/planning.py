@@ -171,17 +171,10 @@ class Planner:
             for p in todo:
                 self._fit(p, rows.get(p.layer.name))
             return
-        import torch  # k-means' products run in torch (``pq._nearest``): one thread per fit, a fit per core
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="lutify-fit") as pool:
-                futures = [pool.submit(self._fit, p, rows.get(p.layer.name)) for p in todo]
-                for f in futures:
-                    f.result()
-        finally:
-            torch.set_num_threads(before)
+        with ThreadPoolExecutor(workers, thread_name_prefix="lutify-fit") as pool:
+            futures = [pool.submit(self._fit, p, rows.get(p.layer.name)) for p in todo]
+            for f in futures:
+                f.result()
 
     def _fit(self, p: Plan, rows=None, targets=None) -> None:
         """The layer's method fits it; ``KeepExact`` from the method keeps the layer exact, with the reason."""
